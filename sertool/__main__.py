@@ -1,0 +1,3 @@
+from sertool.cli import main
+
+main()

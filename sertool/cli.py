@@ -1,0 +1,219 @@
+"""The `sertool` command: one thin click command per stage over the library functions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sertool import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class SertoolError(click.ClickException):
+    """A user-facing error: printed without a traceback, exit status 1."""
+
+
+def _fail_cleanly(func):
+    """Turn the library's validation errors into one clear line instead of a traceback."""
+    import functools
+
+    from sertool.audio import AudioError
+    from sertool.corpora.base import CorpusError
+    from sertool.features.base import ExtractorError
+    from sertool.store import StoreError
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (CorpusError, StoreError, ExtractorError, AudioError, ValueError, FileNotFoundError) as e:
+            raise SertoolError(str(e)) from None
+
+    return wrapper
+
+
+class PipelineGroup(click.Group):
+    """Lists commands in pipeline order, not alphabetically."""
+
+    ORDER = ("extract", "align", "train", "distill", "evaluate", "predict")
+
+    def list_commands(self, ctx):
+        names = list(self.commands)
+        return [n for n in self.ORDER if n in names] + sorted(n for n in names if n not in self.ORDER)
+
+
+@click.group(cls=PipelineGroup, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="sertool")
+def cli() -> None:
+    """sertool: multimodal speech emotion recognition, from a corpus folder to predictions.
+
+    Stages: extract -> align -> train -> distill -> evaluate -> predict.
+    """
+
+
+# ----------------------------------------------------------------------------------- extract
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not i/N (e.g. 0/4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise click.BadParameter(f"{value!r}: need 0 <= i < N")
+    return i, n
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("corpus_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Features folder to write (manifest.jsonl, NAME.h5 per feature, errors.tsv).")
+@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[:k=v,...]",
+              help="Feature set to extract (repeatable); `--list` shows them. Without any, only the manifest is written.")
+@click.option("--corpus", type=click.Choice(["folder", "ravdess", "iemocap", "meld", "mosei", "mosi"]),
+              help="Corpus layout (detected when omitted).")
+@click.option("--corpus-opt", "corpus_opts", multiple=True, metavar="KEY=VALUE",
+              help="Reader option, e.g. labels=4class (iemocap), vocal=both (ravdess), audio=false (meld).")
+@click.option("--set", "sets", multiple=True, metavar="FEATURE.PARAM=VALUE", help="Extractor parameter, e.g. mfcc.n_mfcc=20.")
+@click.option("--text-model", help="BERT-family model for -f bert: hub id, local directory or alias (minilm).")
+@click.option("--ssl-model", help="wav2vec2-family model for -f wav2vec2: hub id or local directory.")
+@click.option("--whisper-model", help="Whisper model for -f whisper: hub id, local directory or alias (tiny.en).")
+@click.option("--asr", metavar="MODEL", help="Transcribe audio that has no text (e.g. tiny.en); sets text_source=asr.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for model-based features.")
+@click.option("--nj", default=1, show_default=True, type=click.IntRange(1), help="Worker processes for CPU features.")
+@click.option("--shard", metavar="i/N", help="Process every N-th utterance starting at i (cluster array jobs).")
+@click.option("--merge", is_flag=True, help="Merge the shards in OUT into one store per feature and exit.")
+@click.option("--overwrite", is_flag=True, help="Recompute stores from scratch instead of resuming.")
+@click.option("--float16", is_flag=True, help="Store features as float16 (half the disk).")
+@click.option("--list", "list_features", is_flag=True, help="List the available feature sets and exit.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model, ssl_model, whisper_model, asr,
+            device, nj, shard, merge, overwrite, float16, list_features, quiet):
+    """Read CORPUS_DIR; write OUT/manifest.jsonl and one HDF5 feature store per -f.
+
+    Re-running resumes: utterances already stored are skipped. A file that cannot be processed
+    is listed in OUT/errors.tsv and the run goes on; the exit status is 3 when any failed.
+    """
+    import yaml
+
+    from sertool.extract import EXIT_SOME_FAILED, parse_overrides, run_extract
+    from sertool.features import list_extractors
+
+    if list_features:
+        for name, description in list_extractors().items():
+            click.echo(f"{name}\t{description}")
+        return
+    if out_dir is None:
+        raise click.UsageError("missing -o/--out FEATS")
+    if merge:
+        from sertool.store import list_stores, merge_shards
+
+        for name in list_stores(out_dir):
+            path = out_dir / f"{name}.h5"
+            if not path.exists():
+                click.echo(f"merged {merge_shards(path)}")
+        return
+    if corpus_dir is None:
+        raise click.UsageError("missing CORPUS_DIR")
+    corpus_options = {}
+    for item in corpus_opts:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--corpus-opt")
+        corpus_options[key] = yaml.safe_load(value)
+    report = run_extract(
+        corpus_dir, out_dir, list(features), corpus=corpus, corpus_options=corpus_options,
+        overrides=parse_overrides(sets),
+        cli_options={"text_model": text_model, "ssl_model": ssl_model, "whisper_model": whisper_model,
+                     "device": device},
+        nj=nj, shard=_parse_shard(shard), overwrite=overwrite, asr=asr,
+        dtype="float16" if float16 else "float32", progress=not quiet, log=click.echo,
+    )
+    for store, path in report.stores.items():
+        click.echo(f"{store}: {path} (computed {report.computed[store]}, already done {report.skipped_done[store]}, "
+                   f"no input {report.skipped_no_input[store]})")
+    click.echo(f"done in {report.seconds:.1f} s")
+    if report.errors:
+        click.echo(f"{report.n_failed} file(s) failed: see {out_dir / 'errors.tsv'}", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+
+
+# ----------------------------------------------------------------------------------- store
+@cli.group(context_settings=CONTEXT)
+def store() -> None:
+    """Inspect and merge feature stores."""
+
+
+@store.command("info", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(path_type=Path))
+@_fail_cleanly
+def store_info(path):
+    """Print a store's attributes and size (PATH: FEATS/NAME.h5, or a features folder)."""
+    import json
+
+    from sertool.store import list_stores, open_store
+
+    paths = [path / f"{n}.h5" for n in list_stores(path)] if path.is_dir() else [path]
+    for p in paths:
+        with open_store(p) as s:
+            frames = sum(s.shape(u)[0] for u in s.ids)
+            click.echo(f"{p}: {len(s)} utterances, {frames} frames, dim {s.attrs.get('dim')}")
+            for key, value in sorted(s.attrs.items()):
+                text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+                click.echo(f"  {key}: {text if len(text) < 300 else text[:300] + ' …'}")
+
+
+@store.command("merge", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--keep", is_flag=True, help="Keep the shard files.")
+@_fail_cleanly
+def store_merge(path, keep):
+    """Merge NAME.shard-i-of-N.h5 files into NAME.h5 (PATH: FEATS/NAME.h5)."""
+    from sertool.store import merge_shards
+
+    click.echo(f"merged {merge_shards(path, remove=not keep)}")
+
+
+# ----------------------------------------------------------------------------------- models
+@cli.command(context_settings=CONTEXT)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.gates=false.")
+@_fail_cleanly
+def models(sets):
+    """List the registered models with their parameter counts: KEY<TAB>PARAMS."""
+    from sertool.models import describe_models
+
+    for key, params in describe_models(list(sets)):
+        click.echo(f"{key}\t{params}")
+
+
+# ------------------------------------------------------------------- stages still to come
+def _pending(stage: str, issue: int):
+    @cli.command(stage, context_settings={**CONTEXT, "ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args):
+        raise SertoolError(f"`sertool {stage}` is not available in sertool {__version__} yet (tracked in issue {issue}).")
+
+    command.help = f"(not available yet, issue {issue}) " + {
+        "align": "Word-level alignment: audio frames averaged per word, CMU-MOSEI style.",
+        "train": "Train a model on feature stores with a protocol (splits, folds, seeds).",
+        "distill": "Cross-modal distillation (CMD) from speech and text teachers into students.",
+        "evaluate": "Metrics, statistics, reports and plots for an experiment.",
+        "predict": "Predict emotions for a folder of recordings with a trained experiment.",
+    }[stage]
+    command.short_help = f"(not available yet, issue {issue})"
+
+
+for _stage, _issue in (("align", 7), ("train", 6), ("distill", 8), ("evaluate", 6), ("predict", 9)):
+    _pending(_stage, _issue)
+
+
+def main() -> None:
+    cli(prog_name="sertool")
+
+
+if __name__ == "__main__":
+    main()

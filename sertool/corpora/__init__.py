@@ -1,0 +1,68 @@
+"""Corpus readers: pure functions `read_<corpus>(root, ...) -> list[Utterance]`, validated.
+
+`read_corpus(root)` picks the reader by `corpus=` or by looking at the folder.
+Readers never stop on one bad entry: they skip it and append (file, reason) to `problems`,
+which the extract stage writes to errors.tsv.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from sertool.corpora.base import (  # noqa: F401
+    AUDIO_EXTENSIONS,
+    CorpusError,
+    Utterance,
+    read_manifest,
+    safe_id,
+    validate,
+    write_manifest,
+)
+from sertool.corpora.folder import read_folder
+from sertool.corpora.iemocap import read_iemocap
+from sertool.corpora.meld import read_meld
+from sertool.corpora.mosei import read_mosei, read_mosi
+from sertool.corpora.ravdess import read_ravdess
+
+READERS: dict[str, Callable[..., list[Utterance]]] = {
+    "folder": read_folder,
+    "ravdess": read_ravdess,
+    "iemocap": read_iemocap,
+    "meld": read_meld,
+    "mosei": read_mosei,
+    "mosi": read_mosi,
+}
+
+
+def detect_corpus(root: str | os.PathLike) -> str:
+    """Guess the layout of a corpus folder (the generic `folder` layout when nothing matches)."""
+    from sertool.corpora import iemocap, meld, mosei, ravdess
+
+    root = Path(root)
+    if not root.is_dir():
+        raise CorpusError(f"{root}: corpus folder does not exist or is not a folder")
+    if iemocap.looks_like(root):
+        return "iemocap"
+    if meld.looks_like(root):
+        return "meld"
+    if mosei.looks_like(root):
+        return mosei.looks_like(root)
+    if ravdess.looks_like(root):
+        return "ravdess"
+    return "folder"
+
+
+def read_corpus(root: str | os.PathLike, corpus: str | None = None, *,
+                problems: list[tuple[str, str]] | None = None, **options) -> tuple[str, list[Utterance]]:
+    """Read a corpus folder; returns (corpus name, validated utterances)."""
+    name = corpus or detect_corpus(root)
+    if name not in READERS:
+        raise CorpusError(f"unknown corpus {name!r}; known: {', '.join(READERS)}")
+    if not Path(root).is_dir():
+        raise CorpusError(f"{root}: corpus folder does not exist or is not a folder")
+    utts = READERS[name](root, problems=problems, **options)
+    if not utts:
+        raise CorpusError(f"{root}: no utterances found for corpus layout {name!r}")
+    return name, validate(utts)

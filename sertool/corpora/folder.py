@@ -1,0 +1,120 @@
+"""The generic layout any user can make: audio files plus metadata and/or sidecar transcripts.
+
+    corpus/
+      metadata.csv | metadata.tsv   columns: file, label, [text, speaker, session, split, score]
+      any/sub/dirs/x.wav            (wav, flac, mp3, ogg …, found recursively)
+      any/sub/dirs/x.txt            optional transcript next to the audio (used when no text column)
+
+Without a metadata file every audio file is an unlabelled utterance (what `predict` needs).
+Ids are the relative path without extension, '/' written as '__'.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from sertool.corpora.base import AUDIO_EXTENSIONS, CorpusError, Utterance, safe_id
+
+METADATA_NAMES = ("metadata.csv", "metadata.tsv")
+_COLUMNS = ("file", "label", "text", "speaker", "session", "split", "score")
+_ALIASES = {"path": "file", "audio": "file", "wav": "file", "emotion": "label", "transcript": "text",
+            "transcription": "text", "speaker_id": "speaker", "fold": "session", "sentiment_score": "score"}
+
+
+def find_audio(root: Path) -> list[Path]:
+    files = [p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()]
+    return sorted(files)
+
+
+def read_text_file(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # never fails; recorded as a problem by callers that care
+    return " ".join(text.split())
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """Read a CSV/TSV file into rows with canonical column names (see _ALIASES)."""
+    raw = path.read_bytes()
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        content = raw.decode("cp1252", errors="replace")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(content.splitlines(keepends=True), delimiter=delimiter)
+    if reader.fieldnames is None:
+        raise CorpusError(f"{path}: empty metadata file (no header line)")
+    columns = [_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in reader.fieldnames]
+    if "file" not in columns:
+        raise CorpusError(f"{path}: metadata needs a 'file' column (found {reader.fieldnames})")
+    rows = []
+    for row in reader:
+        values = list(row.values())
+        rows.append({c: (v.strip() if isinstance(v, str) else "") for c, v in zip(columns, values)})
+    return rows
+
+
+def read_folder(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None,
+                metadata: str | None = None) -> list[Utterance]:
+    root = Path(root).resolve()
+    problems = problems if problems is not None else []
+    meta_path = Path(metadata) if metadata else next((root / n for n in METADATA_NAMES if (root / n).exists()), None)
+    audio_files = find_audio(root)
+    rows_by_file: dict[Path, dict[str, str]] = {}
+    if meta_path is not None:
+        for lineno, row in enumerate(read_table(meta_path), 2):
+            rel = row.get("file", "")
+            if not rel:
+                problems.append((f"{meta_path}:{lineno}", "row has an empty 'file' value; skipped"))
+                continue
+            path = (root / rel).resolve()
+            if not path.exists():
+                problems.append((f"{meta_path}:{lineno}", f"audio file {rel!r} does not exist; row skipped"))
+                continue
+            rows_by_file[path] = row
+    utts = []
+    ids: dict[str, Path] = {}
+    for path in audio_files:
+        row = rows_by_file.get(path, {})
+        if meta_path is not None and not row and rows_by_file:
+            # a metadata file lists the corpus; audio it does not mention is left out, loudly
+            problems.append((str(path), f"not listed in {meta_path.name}; skipped"))
+            continue
+        rel = path.relative_to(root).with_suffix("").as_posix()
+        uid = safe_id(rel)
+        if uid in ids:
+            problems.append((str(path), f"id {uid!r} clashes with {ids[uid]}; skipped"))
+            continue
+        ids[uid] = path
+        text = row.get("text", "")
+        extra = {}
+        sidecar = path.with_suffix(".txt")
+        if not text and sidecar.exists():
+            text = read_text_file(sidecar)
+            extra["text_source"] = "sidecar"
+        elif text:
+            extra["text_source"] = "metadata"
+        score = None
+        if row.get("score"):
+            try:
+                score = float(row["score"])
+            except ValueError:
+                problems.append((str(path), f"score {row['score']!r} is not a number; left empty"))
+        split = row.get("split") or None
+        if split is not None:
+            split = {"valid": "dev", "validation": "dev", "val": "dev", "training": "train"}.get(split.lower(), split.lower())
+            if split not in ("train", "dev", "test"):
+                problems.append((str(path), f"split {row['split']!r} is not train/dev/test; left empty"))
+                split = None
+        for key, value in row.items():
+            if key not in _COLUMNS and value:
+                extra[key] = value
+        utts.append(Utterance(
+            id=uid, audio=str(path), text=text, label=row.get("label") or None, score=score,
+            speaker=row.get("speaker") or None, session=row.get("session") or None, split=split, extra=extra,
+        ))
+    return utts

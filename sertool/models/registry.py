@@ -1,0 +1,258 @@
+"""Model registry and YAML configs.
+
+Each model is registered under a key and has a default config ``sertool/conf/<key>.yaml`` with
+three sections:
+
+``model``    constructor arguments (``name`` = registry key, ``modalities``, input dims,
+             ``n_classes``, ``task`` = classification | regression, and the paper's
+             hyper-parameters);
+``optim``    optimiser for the ``train`` stage (``name``, ``lr``, ``weight_decay``, ``grad_clip``...);
+``schedule`` learning-rate schedule (``name`` = step | none, ``step_size`` epochs, ``gamma``);
+``train``    ``epochs``, ``batch_size``, ``loss`` and what else the paper fixes.
+
+Only keys present in the default config are accepted: a user YAML file or a ``key.sub=value``
+override naming any other key raises ``ValueError`` naming that key.  Override values are parsed
+with ``yaml.safe_load`` (``model.d=30``, ``model.gates=false``, ``optim.lr=1e-4``).
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+import yaml
+
+__all__ = [
+    "register",
+    "list_models",
+    "default_config",
+    "load_config",
+    "apply_overrides",
+    "build_model",
+    "describe_models",
+    "count_parameters",
+    "SERModel",
+    "CONF_DIR",
+]
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MODALITIES = ("audio", "text", "visual")
+
+_REGISTRY: dict[str, type] = {}
+_MODULES = ("lgcct", "ks_transformer", "rajan", "cma", "cmd_student", "probe")
+
+
+def register(key: str):
+    """Class decorator: register a model class under ``key``."""
+
+    def deco(cls):
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"model key {key!r} registered twice")
+        _REGISTRY[key] = cls
+        return cls
+
+    return deco
+
+
+def _import_all():
+    for m in _MODULES:
+        if not (Path(__file__).resolve().parent / f"{m}.py").exists():
+            continue
+        importlib.import_module(f"{__package__}.{m}")
+
+
+def list_models() -> list[str]:
+    """Registered model keys, in registration order."""
+    _import_all()
+    return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- configs
+def default_config(key: str) -> dict:
+    path = CONF_DIR / f"{key}.yaml"
+    if key not in list_models():
+        raise ValueError(f"unknown model {key!r}; known: {', '.join(list_models())}")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    return cfg
+
+
+def _coerce(default: Any, value: Any, key: str) -> Any:
+    """Make YAML scalars match the default's type where that is unambiguous."""
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:  # PyYAML reads "1e-3" as a string
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"config key '{key}': expected a number, got {value!r}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> None:
+    for k, v in update.items():
+        name = f"{prefix}{k}"
+        if k not in base:
+            raise ValueError(f"unknown config key '{name}'")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ValueError(f"config key '{name}' is a section; got {v!r}")
+            _merge(base[k], v, name + ".")
+        else:
+            base[k] = _coerce(base[k], v, name)
+
+
+def _split_override(ov: str) -> tuple[list[str], Any]:
+    if "=" not in ov:
+        raise ValueError(f"override {ov!r} is not of the form key.sub=value")
+    key, raw = ov.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override {ov!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _has_path(cfg: dict, path: list[str]) -> bool:
+    node = cfg
+    for p in path:
+        if not isinstance(node, dict) or p not in node:
+            return False
+        node = node[p]
+    return True
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str] = ()) -> dict:
+    """Apply ``a.b=value`` overrides in place (unknown keys -> ValueError naming the key)."""
+    for ov in overrides or ():
+        path, value = _split_override(ov)
+        node = cfg
+        for i, p in enumerate(path[:-1]):
+            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
+                raise ValueError(f"unknown config key '{'.'.join(path[: i + 1])}' (in override {ov!r})")
+            node = node[p]
+        last = path[-1]
+        name = ".".join(path)
+        if not isinstance(node, dict) or last not in node:
+            raise ValueError(f"unknown config key '{name}' (in override {ov!r})")
+        if isinstance(node[last], dict) and not isinstance(value, dict):
+            raise ValueError(f"config key '{name}' is a section; got {value!r}")
+        if isinstance(node[last], dict):
+            _merge(node[last], value, name + ".")
+        else:
+            node[last] = _coerce(node[last], value, name)
+    return cfg
+
+
+def load_config(key: str, overrides: Iterable[str] = (), path: Optional[str] = None) -> dict:
+    """Default config of ``key``, then the user YAML ``path`` merged on top, then overrides."""
+    cfg = default_config(key)
+    if path is not None:
+        with open(path) as f:
+            user = yaml.safe_load(f) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"{path}: a config file must be a YAML mapping")
+        name = (user.get("model") or {}).get("name") if isinstance(user.get("model"), dict) else None
+        if name is not None and name != key:
+            raise ValueError(f"{path}: model.name is {name!r} but the model is {key!r}")
+        _merge(cfg, user)
+    apply_overrides(cfg, overrides)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- models
+class SERModel(nn.Module):
+    """Base class: ``modalities`` it consumes, the resolved ``config``, batch access helpers."""
+
+    modalities: tuple = ()
+    config: dict = {}
+
+    def _inputs(self, batch: dict, m: str):
+        if m not in batch or batch[m] is None:
+            raise KeyError(f"{type(self).__name__} needs batch[{m!r}] (consumes {self.modalities})")
+        x = batch[m]
+        mask = batch.get(f"{m}_mask")
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return x, mask.to(torch.bool)
+
+
+def _check_modalities(mods, allowed=MODALITIES):
+    mods = tuple(mods)
+    bad = [m for m in mods if m not in allowed]
+    if bad or not mods or len(set(mods)) != len(mods):
+        raise ValueError(f"model.modalities must be a non-empty subset of {allowed}, got {list(mods)}")
+    return mods
+
+
+def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), **dims) -> nn.Module:
+    """Build a model from a registry key or a (full or ``model``-section) config dict.
+
+    ``dims``: model keys such as ``audio_dim=768, text_dim=1024, n_classes=4`` (a ``model.``
+    prefix is accepted too); they override the config.
+    """
+    if isinstance(key_or_config, str):
+        cfg = load_config(key_or_config, overrides)
+    else:
+        given = copy.deepcopy(dict(key_or_config))
+        if "model" not in given:
+            given = {"model": given}
+        key = (given.get("model") or {}).get("name")
+        if key is None:
+            raise ValueError("config has no model.name")
+        cfg = default_config(key)
+        _merge(cfg, given)
+        apply_overrides(cfg, overrides)
+    key = cfg["model"]["name"]
+    for k, v in dims.items():
+        k2 = k[len("model."):] if k.startswith("model.") else k
+        if k2 not in cfg["model"]:
+            raise ValueError(f"unknown config key 'model.{k2}'")
+        cfg["model"][k2] = _coerce(cfg["model"][k2], v, f"model.{k2}")
+    cls = _REGISTRY[key]
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    model = cls(**kwargs)
+    model.config = cfg
+    return model
+
+
+def count_parameters(model: nn.Module, trainable: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def describe_models(overrides: Iterable[str] = ()) -> list[tuple[str, int]]:
+    """``(key, trainable parameter count)`` for every model with its default config.
+
+    Each override ``a.b=v`` is applied to every model whose config has the key ``a.b``; an
+    override prefixed by a model key (``lgcct.model.gates=false``) applies to that model only.
+    An override that applies to no model raises ``ValueError``.
+    """
+    keys = list_models()
+    overrides = list(overrides or ())
+    used = [False] * len(overrides)
+    rows = []
+    for key in keys:
+        cfg = default_config(key)
+        mine = []
+        for i, ov in enumerate(overrides):
+            path, _ = _split_override(ov)
+            if path[0] in keys and len(path) > 1:
+                if path[0] == key:
+                    mine.append(ov.split(".", 1)[1])
+                    used[i] = True
+            elif _has_path(cfg, path):
+                mine.append(ov)
+                used[i] = True
+        with torch.device("meta"):
+            model = build_model(key, mine)
+        rows.append((key, count_parameters(model)))
+    for ov, u in zip(overrides, used):
+        if not u:
+            raise ValueError(f"unknown config key '{ov.split('=', 1)[0]}' (applies to no model)")
+    return rows
