@@ -46,6 +46,8 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for non-audio
         raise AudioError(f"{path}: not a readable audio file ({_short(e)})") from None
     frames = int(info.frames)
+    if info.format == "WAV":
+        _check_wav_truncation(path)
     return AudioInfo(path, int(info.samplerate), frames, int(info.channels),
                      frames / info.samplerate if info.samplerate else 0.0, info.format, info.subtype)
 
@@ -119,6 +121,33 @@ def file_checksum(path: str | os.PathLike, algorithm: str = "blake2b") -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return f"{algorithm}:{h.hexdigest()}"
+
+
+def _check_wav_truncation(path: str) -> None:
+    """Compare a WAV header's data size with the file size.
+
+    libsndfile silently shortens a truncated WAV to the bytes present, so a cut-off download
+    would pass unnoticed; reading the RIFF chunk header ourselves is the only way to tell.
+    """
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # RF64/W64 and friends: leave to libsndfile
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                if chunk_size in (0, 0xFFFFFFFF):  # streaming writers leave the size open
+                    return
+                if offset + 8 + chunk_size > size:
+                    raise AudioError(f"{path}: truncated: the header announces {chunk_size} bytes of audio, "
+                                     f"the file holds {size - offset - 8}")
+                return
+            offset += 8 + chunk_size + (chunk_size & 1)
 
 
 def _check_file(path: str) -> None:

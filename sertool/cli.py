@@ -88,11 +88,14 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--merge", is_flag=True, help="Merge the shards in OUT into one store per feature and exit.")
 @click.option("--overwrite", is_flag=True, help="Recompute stores from scratch instead of resuming.")
 @click.option("--float16", is_flag=True, help="Store features as float16 (half the disk).")
+@click.option("--flush-every", default=64, show_default=True, type=click.IntRange(1),
+              help="Utterances per checkpoint part: a crash loses at most this many.")
+@click.option("--import-csd", is_flag=True, help="CMU-MOSEI/MOSI: copy the pre-extracted .csd sequences into stores.")
 @click.option("--list", "list_features", is_flag=True, help="List the available feature sets and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
 def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model, ssl_model, whisper_model, asr,
-            device, nj, shard, merge, overwrite, float16, list_features, quiet):
+            device, nj, shard, merge, overwrite, float16, flush_every, import_csd, list_features, quiet):
     """Read CORPUS_DIR; write OUT/manifest.jsonl and one HDF5 feature store per -f.
 
     Re-running resumes: utterances already stored are skipped. A file that cannot be processed
@@ -131,11 +134,12 @@ def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model
         cli_options={"text_model": text_model, "ssl_model": ssl_model, "whisper_model": whisper_model,
                      "device": device},
         nj=nj, shard=_parse_shard(shard), overwrite=overwrite, asr=asr,
-        dtype="float16" if float16 else "float32", progress=not quiet, log=click.echo,
+        dtype="float16" if float16 else "float32", flush_every=flush_every, import_csd=import_csd, progress=not quiet, log=click.echo,
     )
     for store, path in report.stores.items():
-        click.echo(f"{store}: {path} (computed {report.computed[store]}, already done {report.skipped_done[store]}, "
-                   f"no input {report.skipped_no_input[store]})")
+        if store in report.computed:
+            click.echo(f"{store}: {path} (computed {report.computed[store]}, already done "
+                       f"{report.skipped_done[store]}, no input {report.skipped_no_input[store]})")
     click.echo(f"done in {report.seconds:.1f} s")
     if report.errors:
         click.echo(f"{report.n_failed} file(s) failed: see {out_dir / 'errors.tsv'}", err=True)

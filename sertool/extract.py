@@ -193,6 +193,8 @@ def run_extract(
     overwrite: bool = False,
     asr: str | None = None,
     dtype: str = "float32",
+    flush_every: int = 64,
+    import_csd: bool = False,
     progress: bool = True,
     log=print,
 ) -> ExtractReport:
@@ -226,6 +228,9 @@ def run_extract(
     report.errors.extend((u.audio, u.id, "audio", u.extra["audio_error"]) for u in utts if "audio_error" in u.extra)
     log(f"manifest: {manifest} ({len(utts)} utterances, corpus layout {corpus_name!r})")
 
+    if import_csd:
+        report.stores.update(_import_csd_sequences(Path(corpus_dir), utts, out_dir, log))
+
     # 3. open the stores; decide what is left to do
     mine = utts if shard is None else [u for i, u in enumerate(utts) if i % shard[1] == shard[0]]
     writers: dict[str, StoreWriter] = {}
@@ -238,7 +243,7 @@ def run_extract(
                 path = shard_path(path, *shard)
             attrs = {"feature": spec.store, "kind": ex.kind, **ex.file_attrs(), "extractor": ex.config(),
                      "corpus": corpus_name}
-            writers[spec.store] = w = StoreWriter(path, attrs, dtype=dtype, overwrite=overwrite)
+            writers[spec.store] = w = StoreWriter(path, attrs, dtype=dtype, overwrite=overwrite, flush_every=flush_every)
             report.stores[spec.store] = path
             usable = [u for u in mine if (not ex.needs_audio or (u.audio and "audio_error" not in u.extra))
                       and (not ex.needs_text or u.text.strip())]
@@ -304,6 +309,25 @@ def run_extract(
     _write_errors(out_dir / ("errors.tsv" if shard is None else f"errors.shard-{shard[0]}-of-{shard[1]}.tsv"), report.errors)
     _append_log(out_dir / "extract_log.jsonl", corpus_dir, specs, extractors, report, shard, nj)
     return report
+
+
+def _import_csd_sequences(root: Path, utts: list[Utterance], out_dir: Path, log) -> dict[str, Path]:
+    """CMU-MOSEI/MOSI: copy every pre-extracted `.csd` sequence into a store named csd_<sequence>."""
+    from sertool.corpora.mosei import import_csd_features
+
+    stores = {}
+    for csd in sorted(root.glob("*.csd")):
+        stem = csd.stem.lower()
+        for prefix in ("cmu_mosei_", "cmu_mosi_"):
+            stem = stem.removeprefix(prefix)
+        if any(k in stem for k in ("label", "opinion")) or stem in ("timestampedwords", "words"):
+            continue  # labels and word strings are read by the corpus reader
+        kind = "text" if "word" in stem or "glove" in stem else "visual" if any(
+            k in stem for k in ("facet", "openface", "visual")) else "audio"
+        name = f"csd_{stem}"
+        stores[name] = import_csd_features(csd, utts, out_dir / f"{name}.h5", name=name, kind=kind)
+        log(f"imported {csd.name} -> {stores[name]}")
+    return stores
 
 
 def _run_jobs(jobs, configs, extractors, nj):

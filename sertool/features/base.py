@@ -116,14 +116,22 @@ def _load_modules() -> None:
     for module in plugins:
         importlib.import_module(module)
     for module in _MODULES:
+        if module in _IMPORTED or module in _IMPORT_ERRORS:
+            continue
         try:
             importlib.import_module(module)
+            _IMPORTED.add(module)
         except ModuleNotFoundError as e:
-            if e.name == module:  # not written yet
+            if e.name == module:  # not part of this installation
                 continue
-            if e.name and e.name.startswith("sertool"):
-                raise
             # an optional third-party dependency is missing: its extractors stay unregistered
+            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - one broken extractor module must not hide the others
+            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+
+
+_IMPORTED: set[str] = set()
+_IMPORT_ERRORS: dict[str, str] = {}
 
 
 def list_extractors() -> dict[str, str]:
@@ -143,8 +151,9 @@ def resolve(name: str, params: dict[str, Any] | None = None) -> tuple[type[Extra
         return _REGISTRY[base], {**preset_params, **params}
     if name not in _REGISTRY:
         known = ", ".join(sorted([*_REGISTRY, *_PRESETS])) or "none"
-        raise ExtractorError(f"unknown feature {name!r} (known: {known}); an optional dependency may be missing, "
-                             f"see `sertool extract --list`")
+        failed = "; ".join(f"{m}: {err}" for m, err in _IMPORT_ERRORS.items())
+        raise ExtractorError(f"unknown feature {name!r} (known: {known})"
+                             + (f"; modules that could not be loaded: {failed}" if failed else ""))
     return _REGISTRY[name], params
 
 

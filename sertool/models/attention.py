@@ -71,8 +71,8 @@ def key_sparse(
     if key_mask is not None:
         colsum = colsum.masked_fill(~key_mask[:, None, :], float("-inf"))
     order = colsum.detach().argsort(dim=-1, descending=True, stable=True)
-    keep_sorted = torch.arange(Tk, device=weights.device)[None, None, :] < k[:, None, None]
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted.expand(B, H, Tk))
+    keep_sorted = (torch.arange(Tk, device=weights.device)[None, None, :] < k[:, None, None]).expand(B, H, Tk)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     out = weights * keep[:, :, None, :].to(weights.dtype)
     if renormalize:
         out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)

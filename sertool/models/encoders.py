@@ -31,18 +31,19 @@ def conv_output_mask(mask: torch.Tensor, kernel: int, stride: int, padding: int,
 class ConvStack(nn.Module):
     """Conv1d layers over time on ``[B, T, D]`` sequences (+ optional BatchNorm, activation).
 
-    ``layers``: list of ``[out_channels, kernel, stride]``; padding = kernel // 2.
+    ``layers``: list of ``[out_channels, kernel, stride]``; padding = kernel // 2 (``pad=True``) or
+    none (``pad=False``, e.g. a wav2vec2-style waveform stem).
     """
 
     def __init__(self, in_dim: int, layers: Sequence[Sequence[int]], batch_norm: bool = False,
-                 activation: str = "relu", dropout: float = 0.0):
+                 activation: str = "relu", dropout: float = 0.0, pad: bool = True):
         super().__init__()
         self.specs = []
         mods = []
         d = in_dim
         for spec in layers:
             out, k, s = (list(spec) + [1])[:3] if len(spec) == 2 else spec
-            p = k // 2
+            p = k // 2 if pad else 0
             block = [nn.Conv1d(d, out, k, stride=s, padding=p)]
             if batch_norm:
                 block.append(nn.BatchNorm1d(out))

@@ -59,8 +59,6 @@ def register(key: str):
 
 def _import_all():
     for m in _MODULES:
-        if not (Path(__file__).resolve().parent / f"{m}.py").exists():
-            continue
         importlib.import_module(f"{__package__}.{m}")
 
 

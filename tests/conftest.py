@@ -1,0 +1,67 @@
+"""Shared fixtures: small synthetic corpora and the ../shared data marker."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`shared` tests need ../shared/data; they run in CI and skip elsewhere, saying why."""
+    if SHARED.is_dir():
+        return
+    if os.environ.get("CI") == "true":
+        # In CI the copies must be there: fail loudly rather than skip silently.
+        for item in items:
+            if "shared" in item.keywords:
+                item.add_marker(pytest.mark.xfail(reason="CI without ../shared/data", strict=True, run=False))
+        raise pytest.UsageError(f"CI=true but {SHARED} does not exist; shared-data tests cannot run")
+    skip = pytest.mark.skip(reason=f"needs the RAVDESS/MELD copies in {SHARED} (present in CI, absent here)")
+    for item in items:
+        if "shared" in item.keywords:
+            item.add_marker(skip)
+
+
+def tone(freq: float = 220.0, seconds: float = 1.0, sr: int = 16000, amp: float = 0.3, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    x = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+@pytest.fixture
+def folder_corpus(tmp_path):
+    """A generic-layout corpus: 6 wav files in two speakers' folders, metadata.csv with labels."""
+    root = tmp_path / "corpus"
+    rows = ["file,label,text,speaker,split"]
+    for spk in ("spk1", "spk2"):
+        for i, (label, freq) in enumerate((("happy", 300.0), ("sad", 150.0), ("angry", 400.0))):
+            path = root / spk / f"utt{i}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, tone(freq, 0.5 + 0.1 * i), 16000)
+            rows.append(f"{spk}/utt{i}.wav,{label},hello number {i},{spk},{'train' if spk == 'spk1' else 'test'}")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def plugin_env(monkeypatch):
+    """Registers the test-only `toy` extractor (tests/plugins/toy_plugin.py), also in subprocesses."""
+    monkeypatch.setenv("SERTOOL_PLUGINS", "toy_plugin")
+    path = str(PLUGINS)
+    monkeypatch.setenv("PYTHONPATH", path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.syspath_prepend(path)
+    env = dict(os.environ)
+    return env
+
+
+def sertool_cmd() -> list[str]:
+    return [sys.executable, "-m", "sertool"]
