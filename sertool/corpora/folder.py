@@ -37,13 +37,17 @@ def read_text_file(path: Path) -> str:
     return " ".join(text.split())
 
 
+def decode_table_bytes(raw: bytes) -> str:
+    """UTF-8 (with or without BOM); tables saved by spreadsheet programs fall back to cp1252."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
 def read_table(path: Path) -> list[dict[str, str]]:
     """Read a CSV/TSV file into rows with canonical column names (see _ALIASES)."""
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        content = raw.decode("cp1252", errors="replace")
+    content = decode_table_bytes(path.read_bytes())
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(content.splitlines(keepends=True), delimiter=delimiter)
     if reader.fieldnames is None:

@@ -9,12 +9,13 @@ score (-1, 0, 1).
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from pathlib import Path
 
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
-from sertool.corpora.folder import read_table
+from sertool.corpora.folder import decode_table_bytes
 
 SPLITS = {"train": "train", "dev": "dev", "test": "test"}
 SENTIMENT_SCORE = {"negative": -1.0, "neutral": 0.0, "positive": 1.0}
@@ -76,16 +77,9 @@ def read_meld(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None
 
 def read_table_meld(path: Path) -> list[dict[str, str]]:
     # MELD has no 'file' column; read it as a plain CSV with lower-case keys. The original
-    # release has cp1252 characters inside UTF-8 text; read_table's decoding handles both.
-    import csv
-
-    raw = path.read_bytes()
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        content = raw.decode("cp1252", errors="replace")
+    # release has cp1252 characters where UTF-8 is expected; decode_table_bytes handles both.
+    content = decode_table_bytes(path.read_bytes())
     reader = csv.DictReader(content.splitlines(keepends=True))
     return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
 
 
-__all__ = ["read_meld", "looks_like", "read_table"]

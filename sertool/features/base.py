@@ -1,4 +1,3 @@
-# NOTE FOR THE ACOUSTIC-FEATURES ENGINEER (issue #3): your prompt was cut before the issue text. The full text is in /tmp/issue3.txt (also `issues show 3`). Read it now. (The lead will remove this line.)
 """The extractor interface and registry.
 
 An extractor turns one utterance into a [T, D] float32 matrix plus per-utterance attributes.

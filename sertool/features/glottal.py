@@ -12,6 +12,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 import scipy.signal
+import scipy.sparse
 
 TINY = 1e-12
 
@@ -43,10 +44,13 @@ def fir_frames(padded: np.ndarray, starts: np.ndarray, length: int, a: np.ndarra
     """Per-frame FIR filtering: frame t is padded[starts[t]:starts[t]+length] filtered by a[t]
     with the true signal history (starts[t] >= order)."""
     order = a.shape[1] - 1
-    out = np.zeros((len(starts), length))
-    idx = starts[:, None] + np.arange(length)[None, :]
-    for k in range(order + 1):
-        out += a[:, k:k + 1] * padded[idx - k]
+    need = int(starts.max()) + length
+    if padded.size < need:
+        padded = np.pad(padded, (0, need - padded.size))
+    win = np.lib.stride_tricks.sliding_window_view(padded, length + order)[starts - order]  # [T, L+p]
+    out = a[:, :1] * win[:, order:]
+    for k in range(1, order + 1):
+        out += a[:, k:k + 1] * win[:, order - k:order - k + length]
     return out
 
 
@@ -86,7 +90,7 @@ def lpc_residual(x: np.ndarray, length: int, hop: int, order: int, lpc_source: n
     return out / (np.max(np.abs(out)) + TINY)
 
 
-def polarity_reskew(x: np.ndarray, fs: int) -> float:
+def polarity_reskew(x: np.ndarray, fs: int, residual: np.ndarray | None = None) -> float:
     """RESKEW (Drugman 2013): sign of skew(residual) - skew(residual with LPC from >500 Hz)."""
     import scipy.stats
     if x.size < 0.05 * fs or np.max(np.abs(x)) < 1e-6:
@@ -96,7 +100,7 @@ def polarity_reskew(x: np.ndarray, fs: int) -> float:
     xh = scipy.signal.sosfiltfilt(sos, x)
     L, hop, p = round(0.025 * fs), round(0.005 * fs), round(fs / 1000) + 2
     v1 = scipy.stats.skew(lpc_residual(x, L, hop, p, lpc_source=xh))
-    v2 = scipy.stats.skew(lpc_residual(x, L, hop, p))
+    v2 = scipy.stats.skew(lpc_residual(x, L, hop, p) if residual is None else residual)
     s = np.sign(v2 - v1)
     return float(s) if s != 0 and np.isfinite(s) else 1.0
 
@@ -121,19 +125,27 @@ class SRH:
     def __init__(self, fs: int, f0min: float = 50, f0max: float = 500, n_harm: int = 5):
         self.fs, self.f0min, self.f0max = fs, int(f0min), int(f0max)
         self.length = int(round(0.1 * fs)) - 2
-        self.nfft = scipy.fft.next_fast_len(max(2048, self.length), real=True)
+        self.nfft = scipy.fft.next_fast_len(self.length, real=True)
         self.win = np.blackman(self.length)
         self.cands = np.arange(self.f0min, self.f0max + 1, dtype=float)
         k = np.arange(1, n_harm + 1)
         plus = k[:, None] * self.cands[None, :]  # [5, F]
         minus = np.round((k[:-1, None] + 0.5) * self.cands[None, :])
-        self._plus = self._interp_index(plus)
-        self._minus = self._interp_index(minus)
+        # SRH(f) = sum_k E(k f) - sum_k E((k + 1/2) f) as one sparse [bins, F] matrix of
+        # linear-interpolation weights: srh = spec @ W
+        n_bins = self.nfft // 2 + 1
+        rows, cols, vals = [], [], []
+        for freqs, sign in ((plus, 1.0), (minus, -1.0)):
+            b = freqs * self.nfft / self.fs
+            i0 = np.floor(b).astype(int)
+            w = b - i0
+            col = np.broadcast_to(np.arange(self.cands.size), freqs.shape)
+            for i, ww in ((i0, 1 - w), (i0 + 1, w)):
+                ok = i < n_bins
+                rows.append(i[ok]); cols.append(col[ok]); vals.append(sign * ww[ok])
 
-    def _interp_index(self, freqs):
-        b = freqs * self.nfft / self.fs
-        i0 = np.floor(b).astype(int)
-        return i0, (b - i0)
+        self._weights = scipy.sparse.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_bins, self.cands.size))
 
     def __call__(self, residual: np.ndarray, centres: np.ndarray):
         frames = gather_frames(residual, centres, self.length) * self.win
@@ -141,11 +153,8 @@ class SRH:
         spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1))
         # sum over 0..fs/2 of |X|^2 at 1 Hz resolution = (fs/2) * sum(x^2) (Parseval, half)
         denom = np.sqrt(self.fs / 2 * (frames ** 2).sum(1)) + TINY
-        spec /= denom[:, None] / 1.0
-        def at(ix):
-            i0, w = ix
-            return spec[:, i0] * (1 - w) + spec[:, i0 + 1] * w
-        srh = at(self._plus).sum(1) - at(self._minus).sum(1)  # [T, F]
+        spec /= denom[:, None]
+        srh = np.asarray((self._weights.T @ spec.T).T)  # [T, F]
         lo, hi = self.f0min, self.f0max
         for _ in range(2):
             sel = srh[:, lo - self.f0min:hi - self.f0min + 1]
@@ -269,14 +278,6 @@ def vq_params(gf: np.ndarray, dgf: np.ndarray, fs: int, gcis: np.ndarray):
             hi += 1
         out[n, 0] = (f_ac / (d_peak + TINY)) / T0
         out[n, 1] = (hi - lo + 1) / T0
-        # H1-H2 of the flow derivative over 3 periods (Hamming), harmonics searched +-10 %
-        fs0, fe = max(0, stop - int(round(1.5 * T0))), min(dgf.size, stop + int(round(1.5 * T0)))
-        fr = dgf[fs0:fe] * np.hamming(fe - fs0)
-        f0 = fs / T0
-        freqs = np.outer([1, 2], f0 * np.linspace(0.9, 1.1, 9))
-        tt = np.arange(fr.size) / fs
-        amps = np.abs(np.exp(-2j * np.pi * freqs[..., None] * tt) @ fr).max(1)
-        out[n, 2] = 20 * np.log10((amps[0] + TINY) / (amps[1] + TINY))
         p = seg - seg.min()
         p = p / (p.max() + TINY)
         pulses.append(p[:nfft])

@@ -19,9 +19,10 @@ data2vec-audio: any ``transformers`` AutoModel audio encoder with a convolutiona
   convolution (128 frames, 1.28 s each side); deeper layers differ only by attention context.
 * Batches: chunks of several utterances are zero-padded and run together with an attention
   mask when the model's CNN uses layer normalisation (``feat_extract_norm="layer"``: large
-  wav2vec 2.0, WavLM, data2vec); models with group normalisation over time (wav2vec2-base,
-  HuBERT-base) see padding in their statistics, so their chunks run one at a time (or with
-  chunks of the same length), which keeps results independent of batching.
+  wav2vec 2.0 / HuBERT, WavLM); models with group normalisation over time (wav2vec2-base,
+  HuBERT-base) see padding in their statistics, and data2vec-audio's stacked positional
+  convolutions carry padding into real frames, so their chunks run one at a time (or with
+  chunks of the same length): results never depend on how utterances were batched.
 * Device: ``auto`` picks CUDA when available; ``dtype="auto"`` runs float16 on CUDA and
   float32 on CPU. Stored features are float32.
 """
@@ -38,6 +39,10 @@ from sertool.features.hub import (check_weights, combine_states, layer_indices, 
                                   quiet_transformers, resolve_model)
 
 DEFAULT_SSL_MODEL = "facebook/wav2vec2-base"
+# Models whose output for the real frames changes when the batch is zero-padded, besides those
+# with group normalisation in the CNN: data2vec-audio's stacked positional convolutions (each
+# with a layer norm) turn the zeroed padding frames into non-zero values that reach real frames.
+_PADDING_CHANGES_RESULTS = {"data2vec-audio"}
 
 
 @register_extractor("wav2vec2")
@@ -93,7 +98,8 @@ class SSLFeatures(Extractor):
         self.stride = int(np.prod(cfg.conv_stride))
         self.receptive = self._receptive_field(cfg.conv_kernel, cfg.conv_stride)
         self.frame_rate_hz = self.sample_rate / self.stride
-        self.can_pad = getattr(cfg, "feat_extract_norm", "layer") == "layer"
+        self.can_pad = (getattr(cfg, "feat_extract_norm", "layer") == "layer"
+                        and getattr(cfg, "model_type", "") not in _PADDING_CHANGES_RESULTS)
         self.layer = parse_layers(layer)
         self.layer_ids = layer_indices(self.layer, int(cfg.num_hidden_layers) + 1)
         self.combine = "stack" if self.layer == "all" else (combine if not isinstance(self.layer, int) else "mean")

@@ -6,12 +6,12 @@
 * **padding masks** for keys (``key_mask``) and queries (``query_mask``), ``True`` = real frame.
   Masked keys get exactly zero weight; padded query rows return zeros (and zero weights) and
   never vote in the key-sparse column sums, so appending padding leaves real outputs unchanged.
-* **length scaling** (LGCCT, Liu et al. 2022, Sec. 3.3): logits are multiplied by
+* **length scaling** (LGCCT, Liu et al. 2022, length-scaled attention): logits are multiplied by
   ``lambda = log n``.  ``length_scale="keys"`` (default in LGCCT configs) uses ``n`` = the number
   of *real* keys of each item, which is what the entropy-invariance argument needs (the softmax
   runs over keys).  ``length_scale="queries"`` uses the number of real queries, as the released
   LGCCT code does (there it is commented out, and uses the padded query length).
-* **key-sparse top-k** (KS-Transformer, Chen et al. 2022, Sec. 2.2): per head, the attention
+* **key-sparse top-k** (KS-Transformer, Chen et al. 2022, key-sparse attention): per head, the attention
   weights are summed over (real) queries; the ``k = ceil(rate * n_real_keys)`` keys with the
   largest column sums are kept, shared by every query of that head, and all other weights are set
   to zero.  ``renormalize=True`` (default, the paper's description: softmax over the kept keys)

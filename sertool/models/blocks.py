@@ -325,7 +325,7 @@ class TransformerStack(nn.Module):
 
 
 class CCAB(nn.Module):
-    """Cascaded Cross-Attention Block (KS-Transformer, Fig. 1c): key-sparse cross-attention with
+    """Cascaded Cross-Attention Block (KS-Transformer): key-sparse cross-attention with
     queries from modality A and keys/values from B, then key-sparse self-attention on the fused
     sequence.  Each part has its own input LayerNorm and sinusoidal positions, as in the KS code."""
 
@@ -344,7 +344,7 @@ class CCAB(nn.Module):
 
 
 class CCABStack(nn.Module):
-    """``n`` CCABs stacked, with one skip connection around the stack (KS Fig. 1b)."""
+    """``n`` CCABs stacked, with one skip connection around the stack (KS-Transformer)."""
 
     def __init__(self, num_blocks, d_model, kdim, **kw):
         super().__init__()

@@ -3,7 +3,7 @@
 Kim & Kang. "Cross-modal distillation with audio-text fusion for fine-grained emotion
 classification using BERT and Wav2vec 2.0." Neurocomputing 506:168-183, 2022.
 
-Student (Sec. 3.2):
+Student:
 
 * Input encoders: the teacher's input encoders (wav2vec 2.0 CNN feature encoder, 512-d at
   50 Hz; BERT embedding layer, 768-d), whose outputs are given as cached features

@@ -3,7 +3,7 @@
 Chen, Xing, Xu, Yang. "Key-Sparse Transformer for Multimodal Speech Emotion Recognition."
 ICASSP 2022 (reference code: github.com/HappyColor/Key-Sparse-Transformer).
 
-Architecture (paper Fig. 1; IEMOCAP, wav2vec 512-d audio frames (460) and RoBERTa-large 1024-d
+Architecture (IEMOCAP, wav2vec 512-d audio frames (460) and RoBERTa-large 1024-d
 tokens (20)):
 
 * FEM (feature extraction module): 5 vanilla transformer layers per modality.
@@ -15,7 +15,7 @@ tokens (20)):
 * Average pooling over real frames, concatenation, classifier
   ``(Da+Dt) -> /2 -> /4 -> C`` with ReLU and dropout 0.5.
 
-Key-sparse attention (Sec. 2.2): per head, the softmax weights are summed over queries; only the
+Key-sparse attention: per head, the softmax weights are summed over queries; only the
 top ``k = ceil(rate x real keys)`` keys (rate 0.5) are kept, shared by all queries of that head.
 8 heads; FFN 256 (audio) / 512 (text) as in the reference config.  Training: Adam 5e-4, lr halved
 every 30 epochs, 120 epochs, batch 16 (reference config), dropout 0.5 in the classifier.

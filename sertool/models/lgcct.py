@@ -3,24 +3,24 @@
 Liu, Feng, Wang, Hu, Zhang, Li. "LGCCT: A Light Gated and Crossed Complementation Transformer
 for Multimodal Speech Emotion Recognition." Entropy 24(7):1010, 2022.
 
-Pipeline (paper Fig. 1, Table 1; CMU-MOSEI aligned, n = 50 words):
+Pipeline (paper Table 1; CMU-MOSEI aligned, n = 50 words):
 
 1. Encoders: text GloVe-300 -> BiLSTM (2 x 16 = 32); audio COVAREP-74 -> CNN (2 x Conv1d 64, k3,
    ReLU) -> BiLSTM (32).  A bias-free 1x1 projection to d = 30 per modality.
 2. Crossed complementation, both ways: a cross-modal transformer (5 layers, 5 heads, FFN 4d) where
-   the target modality queries the other one.  Attention logits are length-scaled, Eq. (10)-(12):
+   the target modality queries the other one.  Attention logits are length-scaled:
    ``softmax(lambda * Q K^T / sqrt(d_k))`` with ``lambda = log n``.
 3. Gate, Eq. (18): ``H = H_fused G_i + H_target G_r`` with learnable d x d matrices.
 4. Concatenation of both directions (2d = 60), a transformer encoder (5 layers), the last
    (real) time step, a residual FC block and the output layer (score or class logits).
 
-Training (Table 1 / Sec. 4.2): Adam 1e-3, 40 epochs, lr x 0.1 after 20 epochs, batch 24,
+Training (Table 1): Adam 1e-3, 40 epochs, lr x 0.1 after 20 epochs, batch 24,
 gradient clip 1.0, output dropout 0.1, L1 loss for MOSEI scores.
 
 Options and where they depart from the paper (see docs/models.md):
 
 * ``length_scale``: ``keys`` (default) = log of the number of real keys per item, which is what
-  the entropy-invariance argument (Sec. 3.3) needs; ``queries`` = log of the real query length,
+  the entropy-invariance argument of the paper needs; ``queries`` = log of the real query length,
   as in the released code, where the line is commented out (``none`` = the released behaviour).
 * ``gate_mode``: ``matrix`` (default, Eq. 18, no bias); ``linear_ln`` = the released code's
   ``LayerNorm(Linear(H_fused) + Linear(H_target))``.

@@ -1,0 +1,344 @@
+"""Datasets over feature stores and aligned files: padding + masks, normalisation, batching.
+
+    sources = open_sources(FEATS, {"audio": "mfcc", "text": "bert"})   # name, path or aligned file
+    norm = Normalizer.fit(sources, train_ids, {"audio": "global"})     # training split only
+    ds = SERDataset(sources, ids, targets, norm)
+    for batch in ds.batches(batch_size=32, max_frames=None, shuffle=True, seed=0, epoch=3): ...
+
+A batch is the dict the models take: ``audio``/``text``/``visual`` ``[B, T, D]`` float32 with
+``<modality>_mask`` ``[B, T]`` bool (True = real frame), plus ``target`` ``[B]`` (long class
+index or float score) and ``ids``.  Padding is zero after normalisation.
+
+Features are read once into one contiguous array per modality (``preload``; the default when
+they fit in ``preload_gb`` of memory), so building a batch is a few slices and one copy; larger
+stores are read from HDF5 per batch.  Aligned files (``sertool align``: datasets ``ids``,
+``audio``/``text``/``visual`` ``[N, n, D]`` and ``mask`` or ``<modality>_mask`` ``[N, n]``)
+give one source per modality, with only the real steps kept.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from sertool.store import FeatureStore, StoreError, open_store
+
+MODALITIES = ("audio", "text", "visual")
+
+
+class DataError(ValueError):
+    """Inputs that cannot be trained on: missing store, ids that do not match, empty split."""
+
+
+# ----------------------------------------------------------------------------------- sources
+class Source:
+    """One modality's features: ``get(uid) -> [T, D] float32``, ``length(uid)``, ``dim``, ``ids``."""
+
+    name: str
+    dim: int
+    attrs: dict
+
+    def get(self, uid: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def length(self, uid: str) -> int:
+        raise NotImplementedError
+
+    @property
+    def ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def __contains__(self, uid) -> bool:
+        return uid in self._index
+
+    def provenance(self) -> dict:
+        keep = ("feature", "kind", "dim", "frame_rate_hz", "unit", "extractor", "dtype", "versions", "created")
+        return {"path": str(self.path), **{k: self.attrs[k] for k in keep if k in self.attrs}}
+
+
+class StoreSource(Source):
+    """A feature store, preloaded into one array (``preload=True``) or read per utterance."""
+
+    def __init__(self, store: FeatureStore, preload: bool | str = "auto", preload_gb: float = 4.0,
+                 only: set[str] | None = None):
+        self.store = store
+        self.path = store.paths[0] if len(store.paths) == 1 else store.paths[0].parent
+        self.name = store.name
+        self.attrs = dict(store.attrs)
+        self.dim = store.dim
+        wanted = [u for u in store.ids if only is None or u in only]
+        self._index = {u: i for i, u in enumerate(wanted)}
+        self._lengths = np.array([store.shape(u)[0] for u in wanted], dtype=np.int64)
+        total = int(self._lengths.sum()) * self.dim * 4
+        if preload == "auto":
+            preload = total <= preload_gb * 2**30
+        self.preloaded = bool(preload)
+        if self.preloaded:
+            self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
+            self._data = np.empty((int(self._offsets[-1]), self.dim), dtype=np.float32)
+            for i, u in enumerate(wanted):
+                self._data[self._offsets[i]:self._offsets[i + 1]] = store[u]
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def length(self, uid: str) -> int:
+        return int(self._lengths[self._index[uid]])
+
+    def get(self, uid: str) -> np.ndarray:
+        if self.preloaded:
+            i = self._index[uid]
+            return self._data[self._offsets[i]:self._offsets[i + 1]]
+        return self.store[uid]
+
+
+class AlignedSource(Source):
+    """One modality of an aligned file (fixed length n, mask of real steps)."""
+
+    def __init__(self, path: Path, modality: str, only: set[str] | None = None):
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            if modality not in f:
+                raise DataError(f"{path}: aligned file has no {modality!r} dataset (has {sorted(f.keys())})")
+            if "ids" not in f:
+                raise DataError(f"{path}: aligned file has no 'ids' dataset")
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in f["ids"][()]]
+            x = np.asarray(f[modality][()], dtype=np.float32)
+            mask_key = f"{modality}_mask" if f"{modality}_mask" in f else "mask" if "mask" in f else None
+            mask = np.asarray(f[mask_key][()], dtype=bool) if mask_key else np.ones(x.shape[:2], dtype=bool)
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            self.attrs.setdefault("feature", f"{self.path.stem}:{modality}")
+            self.attrs["kind"] = modality
+        if x.ndim != 3 or mask.shape != x.shape[:2] or len(ids) != x.shape[0]:
+            raise DataError(f"{path}: {modality} {x.shape}, mask {mask.shape} and {len(ids)} ids do not match")
+        self.name = self.attrs["feature"]
+        self.dim = int(x.shape[2])
+        keep = [i for i, u in enumerate(ids) if only is None or u in only]
+        self._index = {ids[i]: j for j, i in enumerate(keep)}
+        self._x, self._mask = x[keep], mask[keep]
+        self._lengths = self._mask.sum(1).astype(np.int64)
+        self.preloaded = True
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def length(self, uid: str) -> int:
+        return int(self._lengths[self._index[uid]])
+
+    def get(self, uid: str) -> np.ndarray:
+        i = self._index[uid]
+        return self._x[i][self._mask[i]]
+
+
+def _is_aligned(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "utts" not in f and "ids" in f
+    except OSError:
+        return False
+
+
+def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: bool | str = "auto",
+                 preload_gb: float = 4.0, only: set[str] | None = None) -> dict[str, Source]:
+    """Open the source of every modality in ``spec`` (store name in FEATS, a .h5 path, or an
+    aligned file); raises DataError naming the missing store and what FEATS holds."""
+    from sertool.store import list_stores
+
+    sources: dict[str, Source] = {}
+    for modality, name in spec.items():
+        if modality not in MODALITIES:
+            raise DataError(f"data.{modality}: unknown modality (known: {', '.join(MODALITIES)})")
+        if not name:
+            raise DataError(f"no feature store given for the {modality} input (e.g. --{modality} mfcc or "
+                            f"--set data.{modality}=NAME)")
+        path = Path(name)
+        if path.suffix != ".h5" and feats is not None:
+            path = Path(feats) / f"{name}.h5"
+        elif not path.is_absolute() and feats is not None and not path.exists():
+            path = Path(feats) / name
+        if path.exists() and _is_aligned(path):
+            sources[modality] = AlignedSource(path, modality, only)
+            continue
+        try:
+            store = open_store(path)
+        except StoreError as e:
+            have = list_stores(feats) if feats is not None and Path(feats).is_dir() else []
+            raise DataError(f"data.{modality} = {name!r}: {e}" + (f"; {feats} has: {', '.join(have) or 'no stores'}"
+                                                                   if feats is not None else "")) from None
+        sources[modality] = StoreSource(store, preload=preload, preload_gb=preload_gb, only=only)
+    return sources
+
+
+def check_ids(sources: dict[str, Source], ids: list[str]) -> None:
+    """Every utterance must be in every store: mismatched ids are an error before training."""
+    for modality, src in sources.items():
+        missing = [u for u in ids if u not in src]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(ids)} utterances are missing from the {modality} store "
+                            f"{src.path} (e.g. {', '.join(missing[:3])}); the stores and the manifest do not "
+                            "match (extract them from the same corpus, or re-run extract to finish the store)")
+        empty = [u for u in ids if src.length(u) == 0]
+        if empty:
+            raise DataError(f"{len(empty)} utterances have no {modality} frames in {src.path} (e.g. {empty[0]})")
+
+
+# ----------------------------------------------------------------------------------- normalisation
+class Normalizer:
+    """Per-dimension mean / std per modality, fitted on training utterances only."""
+
+    def __init__(self, stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+        self.stats = stats or {}
+
+    @classmethod
+    def fit(cls, sources: dict[str, Source], ids: list[str], modes: dict[str, str]) -> "Normalizer":
+        stats = {}
+        for m, src in sources.items():
+            mode = modes.get(m, "none")
+            if mode == "none":
+                continue
+            if mode != "global":
+                raise DataError(f"data.normalize.{m} = {mode!r}: expected global or none")
+            s = np.zeros(src.dim, dtype=np.float64)
+            ss = np.zeros(src.dim, dtype=np.float64)
+            n = 0
+            for u in ids:
+                x = src.get(u).astype(np.float64)
+                s += x.sum(0)
+                ss += (x * x).sum(0)
+                n += x.shape[0]
+            mean = s / max(n, 1)
+            var = np.maximum(ss / max(n, 1) - mean * mean, 0.0)
+            std = np.sqrt(var)
+            std[std < 1e-8] = 1.0  # constant dimensions are left unscaled
+            stats[m] = (mean.astype(np.float32), std.astype(np.float32))
+        return cls(stats)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for m, (mean, std) in self.stats.items():
+            out[f"{m}.mean"] = torch.from_numpy(np.ascontiguousarray(mean))
+            out[f"{m}.std"] = torch.from_numpy(np.ascontiguousarray(std))
+        return out
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = self.tensors() or {"_empty": torch.zeros(0)}
+        tmp = Path(str(path) + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "sertool-normalizer"})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Normalizer":
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        stats = {}
+        for key in t:
+            if key.endswith(".mean"):
+                m = key[: -len(".mean")]
+                stats[m] = (t[key].numpy(), t[f"{m}.std"].numpy())
+        return cls(stats)
+
+
+# ----------------------------------------------------------------------------------- dataset
+class SERDataset:
+    """Utterances ``ids`` with ``targets``, read from ``sources``, normalised by ``norm``.
+
+    ``crop``: modality -> maximum steps (the first L are kept), e.g. KS-Transformer's 460 audio
+    frames / 20 tokens or ``evaluate --crop-length``.
+    """
+
+    def __init__(self, sources: dict[str, Source], ids: list[str], targets: list, norm: Normalizer | None = None,
+                 crop: dict[str, int | None] | None = None, regression: bool = False):
+        if not ids:
+            raise DataError("empty split: no utterances to load")
+        if len(ids) != len(targets):
+            raise DataError(f"{len(ids)} ids but {len(targets)} targets")
+        self.sources = sources
+        self.ids = list(ids)
+        self.targets = np.asarray(targets, dtype=np.float32 if regression else np.int64)
+        self.regression = regression
+        self.crop = {m: int(v) for m, v in (crop or {}).items() if v}
+        self.norm = norm or Normalizer()
+        self._norm_t = {m: (torch.from_numpy(mu), torch.from_numpy(sd)) for m, (mu, sd) in self.norm.stats.items()}
+        self.lengths = {m: np.array([min(src.length(u), self.crop.get(m, 1 << 62)) for u in self.ids], dtype=np.int64)
+                        for m, src in sources.items()}
+        self.max_length = np.max(np.stack(list(self.lengths.values())), axis=0) if sources else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def collate(self, idx: np.ndarray | list[int]) -> dict:
+        idx = np.asarray(idx)
+        batch: dict = {"ids": [self.ids[i] for i in idx]}
+        for m, src in self.sources.items():
+            lens = self.lengths[m][idx]
+            T = int(lens.max())
+            x = np.zeros((len(idx), T, src.dim), dtype=np.float32)
+            for b, i in enumerate(idx):
+                x[b, : lens[b]] = src.get(self.ids[i])[: lens[b]]
+            xt = torch.from_numpy(x)
+            mask = torch.from_numpy(np.arange(T)[None, :] < lens[:, None])
+            if m in self._norm_t:
+                mu, sd = self._norm_t[m]
+                xt = (xt - mu) / sd
+                xt = xt * mask[..., None]
+            batch[m] = xt
+            batch[f"{m}_mask"] = mask
+        batch["target"] = torch.from_numpy(self.targets[idx])
+        return batch
+
+    def batch_indices(self, batch_size: int, max_frames: int | None = None, shuffle: bool = False,
+                      seed: int = 0, epoch: int = 0) -> list[np.ndarray]:
+        """Index batches; with ``max_frames``, utterances of similar length are grouped so that
+        (longest item x items) stays under ``max_frames`` (dynamic batching by frames)."""
+        n = len(self.ids)
+        rng = np.random.default_rng([seed, epoch]) if shuffle else None
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        if not max_frames:
+            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        # sort by length inside chunks of ~100 batches (keeps randomness between epochs)
+        lengths = self.max_length
+        chunk = max(batch_size * 100, 1)
+        batches = []
+        for c in range(0, n, chunk):
+            part = order[c:c + chunk]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            cur: list[int] = []
+            longest = 0
+            for i in part:
+                L = int(lengths[i])
+                if cur and (max(longest, L) * (len(cur) + 1) > max_frames or len(cur) >= batch_size):
+                    batches.append(np.array(cur))
+                    cur, longest = [], 0
+                cur.append(int(i))
+                longest = max(longest, L)
+            if cur:
+                batches.append(np.array(cur))
+        if shuffle:
+            perm = rng.permutation(len(batches))
+            batches = [batches[i] for i in perm]
+        return batches
+
+    def batches(self, batch_size: int, max_frames: int | None = None, shuffle: bool = False, seed: int = 0,
+                epoch: int = 0) -> Iterator[dict]:
+        for idx in self.batch_indices(batch_size, max_frames, shuffle, seed, epoch):
+            yield self.collate(idx)
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    if str(device) == "cpu":
+        return batch
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
