@@ -48,7 +48,7 @@ import numpy as np
 
 from sertool.corpora.base import Utterance, read_manifest
 from sertool.store import FeatureStore, StoreError, _decode_attrs, _encode_attrs, library_versions, open_store
-from sertool.timings import (ALIGNERS, SOURCES, Timings, TimingError, corpus_timings, make_aligner,
+from sertool.timings import (ALIGNERS, SOURCES, NotApplicable, Timings, TimingError, corpus_timings, make_aligner,
                              uniform_timings)
 
 FORMAT = "sertool-aligned"
@@ -185,14 +185,14 @@ class TimingResolver:
             f.write(json.dumps(rec) + "\n")
 
     def resolve(self, utt: Utterance, words: list[str]) -> tuple[Timings, list[str]]:
-        """(timings, reasons the preferred sources failed)."""
-        failures = []
+        """(timings, reasons the preferred sources failed); sources that do not apply are not failures."""
+        failures, skipped = [], []
         from_asr = utt.extra.get("text_source") == "asr"
         for source in self.order:
             try:
                 if source == "corpus":
                     if from_asr:
-                        raise TimingError("corpus: the text and its word times come from ASR")
+                        raise NotApplicable("corpus: the text and its word times come from ASR")
                     return corpus_timings(utt.words, len(words), "corpus"), failures
                 if source == "uniform":
                     return uniform_timings(words, utt.duration), failures
@@ -211,10 +211,11 @@ class TimingResolver:
                 self._remember(key, config, utt.id, words, t)
                 return t, failures
             except TimingError as e:
-                failures.append(str(e) if str(e).startswith(source) else f"{source}: {e}")
+                reason = str(e) if str(e).startswith(source) else f"{source}: {e}"
+                (skipped if isinstance(e, NotApplicable) else failures).append(reason)
             except Exception as e:  # noqa: BLE001 - one bad file never stops the stage
                 failures.append(f"{source}: {type(e).__name__}: {e}")
-        raise TimingError("no word timings (" + "; ".join(failures) + ")")
+        raise TimingError("no word timings (" + "; ".join(skipped + failures) + ")")
 
     @staticmethod
     def _wave(utt: Utterance) -> np.ndarray:

@@ -29,8 +29,11 @@ def _fail_cleanly(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (CorpusError, StoreError, ExtractorError, AudioError, ValueError, FileNotFoundError) as e:
+        except (CorpusError, StoreError, ExtractorError, AudioError, ValueError) as e:
             raise SertoolError(str(e)) from None
+        except OSError as e:  # read-only or full disk, a file where a folder is expected …
+            where = f"{e.filename}: " if e.filename else ""
+            raise SertoolError(f"{where}{e.strerror or e}") from None
 
     return wrapper
 
@@ -266,6 +269,54 @@ def evaluate(exp, feats, out_dir, compare, crop_length, attention, device, quiet
                            f"p(Wilcoxon) {v['p_wilcoxon']:.4g}")
 
 
+# ----------------------------------------------------------------------------------- align
+@cli.command(context_settings=CONTEXT)
+@click.argument("feats_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--audio", required=True, metavar="STORE", help="Audio feature store in FEATS (e.g. covarep, mfcc).")
+@click.option("--text", required=True, metavar="STORE", help="Text feature store in FEATS (e.g. glove, bert).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output file (default FEATS/aligned-AUDIO-TEXT-N.h5).")
+@click.option("--length", default=50, show_default=True, type=click.IntRange(1), help="Words per utterance (cut or padded).")
+@click.option("--timings", default="corpus,forced,asr,uniform", show_default=True, metavar="SOURCES",
+              help="Word-timing sources in order of preference: corpus, forced, asr, uniform (comma-separated).")
+@click.option("--aligner", type=click.Choice(["whisper", "wav2vec2", "pocketsphinx"]), default="whisper",
+              show_default=True, help="Forced aligner for --timings forced.")
+@click.option("--align-model", metavar="MODEL",
+              help="Aligner model: faster-whisper name or folder (default tiny.en), or a wav2vec2-CTC folder / hub id.")
+@click.option("--asr-model", metavar="MODEL", help="ASR model for --timings asr (default tiny.en).")
+@click.option("--collapse", type=click.Choice(["mean", "max", "first", "last"]), default="mean", show_default=True,
+              help="How the audio frames inside a word are collapsed.")
+@click.option("--padding", type=click.Choice(["end", "start"]), default="end", show_default=True,
+              help="Pad short utterances at the end (as the CMU SDK) or at the start.")
+@click.option("--truncate", type=click.Choice(["end", "start"]), default="end", show_default=True,
+              help="Cut long utterances at the end (keep the first words) or at the start.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the aligner.")
+@click.option("--float16", is_flag=True, help="Store the tensors as float16.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write FEATS/timings/ (cached forced and ASR timings).")
+@click.option("--strict", is_flag=True, help="Exit with status 3 when any utterance is dropped.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def align(feats_dir, audio, text, out, length, timings, aligner, align_model, asr_model, collapse, padding, truncate,
+          device, float16, no_cache, strict, quiet):
+    """Word-level alignment: audio frames collapsed per word, CMU-MOSEI style.
+
+    Writes FEATS/aligned-AUDIO-TEXT-N.h5 (audio [N, n, Da], text [N, n, Dt], mask, ids, labels,
+    scores, lengths, timing_source) and FEATS/align_report.tsv, which lists every dropped or
+    partly aligned utterance with its reason. Example:
+    sertool align feats/rav --audio mfcc --text glove --timings forced --length 50
+    """
+    from sertool.align import EXIT_SOME_DROPPED, run_align
+
+    report = run_align(feats_dir, audio, text, out, length=length, timings=timings, collapse=collapse, padding=padding,
+                       truncate=truncate, aligner=aligner, align_model=align_model, asr_model=asr_model, device=device,
+                       cache=not no_cache, dtype="float16" if float16 else "float32", progress=not quiet,
+                       log=lambda m: click.echo(m, err=True))
+    for line in report.summary():
+        click.echo(line, err="DROPPED" in line)
+    if strict and report.dropped:
+        sys.exit(EXIT_SOME_DROPPED)
+
+
 # ------------------------------------------------------------------- stages still to come
 def _pending(stage: str, issue: int):
     @cli.command(stage, context_settings={**CONTEXT, "ignore_unknown_options": True})
@@ -274,7 +325,6 @@ def _pending(stage: str, issue: int):
         raise SertoolError(f"`sertool {stage}` is not available in sertool {__version__} yet (tracked in issue {issue}).")
 
     command.help = f"(not available yet, issue {issue}) " + {
-        "align": "Word-level alignment: audio frames averaged per word, CMU-MOSEI style.",
         "train": "Train a model on feature stores with a protocol (splits, folds, seeds).",
         "distill": "Cross-modal distillation (CMD) from speech and text teachers into students.",
         "evaluate": "Metrics, statistics, reports and plots for an experiment.",
@@ -283,7 +333,7 @@ def _pending(stage: str, issue: int):
     command.short_help = f"(not available yet, issue {issue})"
 
 
-for _stage, _issue in (("align", 7), ("distill", 8), ("predict", 9)):
+for _stage, _issue in (("distill", 8), ("predict", 9)):
     _pending(_stage, _issue)
 
 

@@ -76,11 +76,18 @@ def _stratified_split(ids: list[str], strata: list, fraction: float, rng: np.ran
     by: dict = {}
     for uid, s in zip(ids, strata):
         by.setdefault(s, []).append(uid)
+    keys = sorted(by, key=str)
+    # largest-remainder allocation: the total is round(fraction x N), each stratum gets its share
+    exact = np.array([fraction * len(by[s]) for s in keys])
+    counts = np.floor(exact).astype(int)
+    remainder = int(round(fraction * len(ids))) - counts.sum()
+    order = sorted(range(len(keys)), key=lambda i: (-(exact[i] - counts[i]), rng.random()))
+    for i in order[:max(0, remainder)]:
+        counts[i] += 1
     part: set[str] = set()
-    for s in sorted(by, key=str):
+    for s, k in zip(keys, counts):
         members = list(by[s])
         rng.shuffle(members)
-        k = int(round(fraction * len(members)))
         if k == 0 and len(members) >= 2 and fraction > 0:
             k = 1
         part.update(members[:k])

@@ -59,6 +59,10 @@ class TimingError(RuntimeError):
     """Word timings that cannot be had for one utterance; the message says why."""
 
 
+class NotApplicable(TimingError):
+    """A source that does not apply to the utterance (no corpus timings, no ASR text): not a failure."""
+
+
 @dataclass
 class Timings:
     spans: np.ndarray  # [n_words, 2] float64 seconds from the utterance start
@@ -74,7 +78,7 @@ class Timings:
 def corpus_timings(words: Sequence, n_words: int, source: str = "corpus") -> Timings:
     """Spans from [[word, start, end], ...] as the corpus (or an ASR pass) gives them."""
     if not words:
-        raise TimingError(f"{source}: the utterance has no word timings")
+        raise NotApplicable(f"{source}: the utterance has no word timings")
     if len(words) != n_words:
         raise TimingError(f"{source}: {len(words)} timed words but {n_words} words in the text features")
     spans = np.asarray([[float(w[1]), float(w[2])] for w in words], np.float64)

@@ -78,3 +78,72 @@ def speech_like(duration: float = 2.0, sr: int = SR, seed: int = 0) -> np.ndarra
         parts.append(white_noise(0.08, sr, 0.05, seed=int(rng.integers(1 << 30))))
         parts.append(silence(0.07, sr))
     return np.concatenate(parts)[: int(duration * sr)].astype(np.float32)
+
+
+# ---- Liljencrants-Fant (LF) glottal model, Rd parametrisation -------------------------------
+# Written from the papers (Fant, Liljencrants & Lin, STL-QPSR 1985; Fant, "The LF-model
+# revisited", STL-QPSR 1995), independently of sertool.features.phase, so that the tests do not
+# check the extractor against its own model code.
+
+def lf_rd_to_times(rd: float) -> tuple[float, float, float]:
+    """Fant (1995) Rd -> (tp, te, ta) as fractions of T0 (eqs. for Rap, Rkp, Rgp)."""
+    rap = (-1.0 + 4.8 * rd) / 100.0
+    rkp = (22.4 + 11.8 * rd) / 100.0
+    rgp = 0.25 * rkp / (0.11 * rd / (0.5 + 1.2 * rkp) - rap)
+    tp = 1.0 / (2.0 * rgp)
+    te = tp * (1.0 + rkp)
+    return tp, te, rap
+
+
+def lf_derivative(rd: float, n: int) -> np.ndarray:
+    """One period (n samples, T0 = 1, Ee = 1) of the LF glottal flow derivative.
+
+    Open phase E0 exp(a t) sin(pi t / tp) up to te (where it reaches -Ee), exponential return
+    phase with time constant ta (eps ta = 1 - exp(-eps (1 - te))); `a` makes the net flow over
+    the period zero. Both constraints are solved numerically on the sampled waveform."""
+    import scipy.optimize
+    tp, te, ta = lf_rd_to_times(rd)
+    t = (np.arange(n) + 0.5) / n
+    eps = scipy.optimize.brentq(lambda e: e * ta - 1 + np.exp(-e * (1 - te)), 1e-3 / ta, 1e3 / ta)
+    ret = np.where(t > te, -(np.exp(-eps * (t - te)) - np.exp(-eps * (1 - te))) / (eps * ta), 0.0)
+    wg = np.pi / tp
+
+    def period(a):
+        e0 = -1.0 / (np.exp(a * te) * np.sin(wg * te))
+        return np.where(t <= te, e0 * np.exp(a * t) * np.sin(wg * t), ret)
+
+    a = scipy.optimize.brentq(lambda a: period(a).sum(), -200.0, 200.0)
+    return period(a)
+
+
+def lf_truth(rd: float, n: int = 20000) -> dict[str, float]:
+    """Known voice-quality values of the LF flow with shape Rd (flow = integral of the
+    derivative): NAQ = f_ac / (d_peak T0) (Alku et al. 2002), QOQ = fraction of the period with
+    flow above 50 % of its maximum (quasi-open quotient), OQ = te + ta-ish open quotient."""
+    d = lf_derivative(rd, n)
+    flow = np.cumsum(d) / n
+    flow -= flow.min()
+    naq = flow.max() / (np.max(-d) * 1.0)
+    qoq = float(np.mean(flow > 0.5 * flow.max()))
+    return {"Rd": rd, "NAQ": float(naq), "QOQ": qoq}
+
+
+def lf_train(rd: float, f0: float = 120.0, duration: float = 0.6, sr: int = SR, formants=(700, 1220, 2600),
+             bandwidths=(80, 90, 120), jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Speech-like signal: a train of LF flow-derivative periods of shape `rd` (period lengths
+    rounded to samples) through the formant resonators (radiation is already in the flow
+    derivative), float32 at peak 0.5."""
+    rng = np.random.default_rng(seed)
+    n = int(round(duration * sr))
+    out, pos = [], 0
+    cache: dict[int, np.ndarray] = {}
+    while pos < n:
+        T = int(round(sr / f0 * (1 + jitter * rng.standard_normal())))
+        if T not in cache:
+            cache[T] = lf_derivative(rd, T)
+        out.append(cache[T])
+        pos += T
+    y = np.concatenate(out)[:n]
+    if formants:
+        y = resonators(y, formants, bandwidths, sr)
+    return (0.5 * y / np.max(np.abs(y))).astype(np.float32)

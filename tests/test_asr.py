@@ -62,7 +62,7 @@ def test_ctc_option_gives_text_and_word_timings(tiny_ctc, tmp_path):
     a, b = out
     assert a.extra["text_source"] == "asr" and a.extra["reference_text"] == "Reference text."
     assert a.extra["asr_model"] == str(tiny_ctc.resolve())
-    assert a.text == " ".join(w[0] for w in a.words) and a.text == a.text.lower()
+    assert a.words and a.text == " ".join(w[0] for w in a.words) and a.text == a.text.lower()
     assert all(0 <= w[1] <= w[2] <= 2.0 for w in a.words)
     assert b.text == "keep me" and "does not exist" in b.extra["asr_error"] and "text_source" not in b.extra
     assert utts[0].text == "Reference text." and not utts[0].extra  # inputs are not modified

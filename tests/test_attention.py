@@ -104,13 +104,20 @@ def test_key_sparse_function_rejects_bad_rate():
         key_sparse(torch.rand(1, 1, 2, 3), 0.0)
 
 
-def test_sdpa_path_matches_manual_path():
+@pytest.mark.parametrize("rate", [None, 0.5, 0.25])
+def test_sdpa_path_matches_manual_path(rate):
     q, k, v = _qkv()
+    q.requires_grad_(True)
     km = _lengths_mask([9, 4, 6], 9)
+    qm = _lengths_mask([7, 7, 3], 7)
     for ls in (None, "keys"):
-        a = attention(q, k, v, key_mask=km, length_scale=ls)
-        b, _ = attention(q, k, v, key_mask=km, length_scale=ls, return_weights=True)
+        a = attention(q, k, v, key_mask=km, query_mask=qm, length_scale=ls, topk_rate=rate)
+        b, _ = attention(q, k, v, key_mask=km, query_mask=qm, length_scale=ls, topk_rate=rate,
+                         return_weights=True)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        ga, = torch.autograd.grad(a.sum(), q)
+        gb, = torch.autograd.grad(b.sum(), q)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
 
 
 def test_length_scale_multiplies_logits_by_log_real_keys():

@@ -28,12 +28,14 @@ def find_audio(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def read_text_file(path: Path) -> str:
+def read_text_file(path: Path, problems: list[tuple[str, str]] | None = None) -> str:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text = raw.decode("latin-1")  # never fails; recorded as a problem by callers that care
+        text = raw.decode("latin-1")  # never fails; the guess is reported
+        if problems is not None:
+            problems.append((str(path), "transcript is not UTF-8; read as Latin-1"))
     return " ".join(text.split())
 
 
@@ -76,6 +78,9 @@ def read_folder(root: str | os.PathLike, *, problems: list[tuple[str, str]] | No
                 problems.append((f"{meta_path}:{lineno}", "row has an empty 'file' value; skipped"))
                 continue
             path = (root / rel).resolve()
+            if not path.is_relative_to(root):
+                problems.append((f"{meta_path}:{lineno}", f"file {rel!r} lies outside the corpus folder; row skipped"))
+                continue
             if not path.exists():
                 problems.append((f"{meta_path}:{lineno}", f"audio file {rel!r} does not exist; row skipped"))
                 continue
@@ -98,7 +103,7 @@ def read_folder(root: str | os.PathLike, *, problems: list[tuple[str, str]] | No
         extra = {}
         sidecar = path.with_suffix(".txt")
         if not text and sidecar.exists():
-            text = read_text_file(sidecar)
+            text = read_text_file(sidecar, problems)
             extra["text_source"] = "sidecar"
         elif text:
             extra["text_source"] = "metadata"

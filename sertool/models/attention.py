@@ -19,9 +19,11 @@
   (zeroing without renormalisation, and ``k = int(rate * padded_len)`` there).
 * optional return of the weights ``[B, H, Tq, Tk]`` for attention plots.
 
-When neither top-k nor the weights are needed the function calls
+When the weights are not requested the function calls
 ``torch.nn.functional.scaled_dot_product_attention`` (with its ``scale`` argument; the per-item
-length factor is folded into the queries).
+length factor is folded into the queries).  Renormalised key-sparse attention is softmax over
+the kept keys, so it also runs through SDPA, with the kept keys (selected without autograd) as
+the mask; only non-renormalised key-sparse attention and requested weights use the explicit path.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "key_sparse", "length_factor", "attention_entropy"]
+__all__ = ["attention", "key_sparse", "topk_keep", "length_factor", "attention_entropy"]
 
 LENGTH_SCALES = (None, "none", "keys", "queries")
 
@@ -47,22 +49,19 @@ def _count(mask: Optional[torch.Tensor], batch: int, length: int, device) -> tor
     return mask.sum(-1).to(torch.float32)
 
 
-def key_sparse(
+def topk_keep(
     weights: torch.Tensor,
     rate: float,
     key_mask: Optional[torch.Tensor] = None,
     query_mask: Optional[torch.Tensor] = None,
-    renormalize: bool = True,
 ) -> torch.Tensor:
-    """Keep, per (item, head), the k = ceil(rate * real keys) keys with the largest column sums.
-
-    ``weights``: softmax weights ``[B, H, Tq, Tk]``.  The same key subset is used by every query
-    of a head.  Ties are broken by position (stable sort), so exactly k keys survive per row.
-    """
+    """Bool ``[B, H, Tk]``: the k = ceil(rate * real keys) keys with the largest column sums of
+    ``weights [B, H, Tq, Tk]`` over real queries, per (item, head).  Ties are broken by position
+    (stable sort), so exactly k keys are selected."""
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"key-sparse rate must be in (0, 1], got {rate}")
     B, H, Tq, Tk = weights.shape
-    w = weights
+    w = weights.detach()
     if query_mask is not None:
         w = w * query_mask[:, None, :, None].to(w.dtype)
     colsum = w.sum(-2)  # [B, H, Tk]
@@ -70,9 +69,21 @@ def key_sparse(
     k = torch.ceil(n_keys.double() * rate).long().clamp(min=1)  # [B]
     if key_mask is not None:
         colsum = colsum.masked_fill(~key_mask[:, None, :], float("-inf"))
-    order = colsum.detach().argsort(dim=-1, descending=True, stable=True)
+    order = colsum.argsort(dim=-1, descending=True, stable=True)
     keep_sorted = (torch.arange(Tk, device=weights.device)[None, None, :] < k[:, None, None]).expand(B, H, Tk)
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def key_sparse(
+    weights: torch.Tensor,
+    rate: float,
+    key_mask: Optional[torch.Tensor] = None,
+    query_mask: Optional[torch.Tensor] = None,
+    renormalize: bool = True,
+) -> torch.Tensor:
+    """Zero all but the top-k keys (see :func:`topk_keep`) of softmax weights ``[B, H, Tq, Tk]``;
+    the same key subset is used by every query of a head; optionally renormalise the rows."""
+    keep = topk_keep(weights, rate, key_mask, query_mask)
     out = weights * keep[:, :, None, :].to(weights.dtype)
     if renormalize:
         out = out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
@@ -132,8 +143,19 @@ def attention(
         q = q * lam.to(q.dtype).view(B, 1, 1, 1)
 
     p = dropout_p if training else 0.0
-    if topk_rate is None and not return_weights:
+    if not return_weights and (topk_rate is None or renormalize):
         attn_mask = km[:, None, None, :] if km is not None else None
+        if topk_rate is not None:
+            # renormalised key-sparse attention == softmax over the kept keys: select the keys
+            # without autograd, then run SDPA with them as the mask (no [B,H,Tq,Tk] tensors kept
+            # for backward beyond what SDPA needs).
+            with torch.no_grad():
+                logits = torch.matmul(q, k.transpose(-1, -2)) * base
+                if km is not None:
+                    logits = logits.masked_fill(~km[:, None, None, :], float("-inf"))
+                keep = topk_keep(torch.softmax(logits, dim=-1), topk_rate, km, qm)
+                del logits
+            attn_mask = keep[:, :, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=base)
         weights = None
     else:

@@ -1,0 +1,105 @@
+"""Bad inputs a user meets at the extract stage: each gives the exact report, nothing is lost."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+
+from sertool.cli import cli
+from sertool.corpora import read_corpus, read_manifest
+from sertool.store import open_store
+
+from conftest import tone
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_transcript_problems(tmp_path, plugin_env):
+    root = tmp_path / "c"
+    root.mkdir()
+    for name in ("latin", "long", "empty", "none"):
+        sf.write(root / f"{name}.wav", tone(200, 0.3), 16000)
+    (root / "latin.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (root / "long.txt").write_text("word " * 20000)
+    (root / "empty.txt").write_text("  \n")
+    r = run("extract", root, "-o", tmp_path / "f", "-f", "toy", "-q")
+    assert r.exit_code == 3  # the encoding guess is reported
+    utts = {u.id: u for u in read_manifest(tmp_path / "f")}
+    assert utts["latin"].text == "café crème"
+    assert len(utts["long"].text.split()) == 20000 and utts["empty"].text == "" and utts["none"].text == ""
+    errors = (tmp_path / "f" / "errors.tsv").read_text()
+    assert "latin.txt" in errors and "not UTF-8; read as Latin-1" in errors
+    with open_store(tmp_path / "f", "toy") as s:
+        assert len(s) == 4  # text problems never cost the audio features
+
+
+def test_metadata_path_traversal_is_refused(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    sf.write(root / "a.wav", tone(200, 0.3), 16000)
+    sf.write(tmp_path / "secret.wav", tone(200, 0.3), 16000)
+    (root / "metadata.csv").write_text("file,label\na.wav,sad\n../secret.wav,happy\n/etc/passwd,sad\n")
+    problems = []
+    _, utts = read_corpus(root, problems=problems)
+    assert [u.id for u in utts] == ["a"]
+    assert sum("outside the corpus folder" in r for _, r in problems) == 2
+
+
+def test_manifest_with_unsafe_ids_is_rejected(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    for bad in ("../escape", "/abs", "a\nb"):
+        path.write_text(json.dumps({"id": bad, "text": "x"}) + "\n")
+        with pytest.raises(Exception, match="not safe as a file name"):
+            read_manifest(path)
+
+
+def test_missing_corpus_and_bad_options(tmp_path):
+    r = run("extract", tmp_path / "nope", "-o", tmp_path / "f")
+    assert r.exit_code == 1 and "does not exist or is not a folder" in r.output
+    r = run("extract", tmp_path, "-o", tmp_path / "f", "--set", "mfcc")
+    assert r.exit_code == 1 and "expected FEATURE.PARAM=VALUE" in r.output
+    r = run("extract", tmp_path, "-o", tmp_path / "f", "--corpus-opt", "labels")
+    assert r.exit_code == 2 and "is not KEY=VALUE" in r.output
+
+
+def test_empty_corpus_folder(tmp_path):
+    (tmp_path / "c").mkdir()
+    r = run("extract", tmp_path / "c", "-o", tmp_path / "f")
+    assert r.exit_code == 1 and "no utterances found" in r.output
+
+
+def test_output_is_a_file(tmp_path, folder_corpus):
+    (tmp_path / "f").write_text("I am a file")
+    r = run("extract", folder_corpus, "-o", tmp_path / "f")
+    assert r.exit_code == 2 and "is a file" in r.output
+    assert (tmp_path / "f").read_text() == "I am a file"  # the user's file is untouched
+
+
+def test_unwritable_output_gets_one_clear_line(tmp_path, folder_corpus, monkeypatch):
+    """A read-only or full disk: an OSError becomes one line naming the path, no traceback."""
+    import sertool.corpora.base as base
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "f" / "manifest.jsonl.tmp1"))
+
+    monkeypatch.setattr(base, "open", no_space, raising=False)
+    r = run("extract", folder_corpus, "-o", tmp_path / "f")
+    assert r.exit_code == 1 and "manifest.jsonl.tmp1: No space left on device" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_corrupt_store_is_reported_not_overwritten(tmp_path, folder_corpus, plugin_env):
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "toy.h5").write_bytes(b"garbage that is not HDF5")
+    r = run("extract", folder_corpus, "-o", out, "-f", "toy", "-q")
+    assert r.exit_code == 1 and "toy.h5: not a readable HDF5 file" in r.output
+    assert (out / "toy.h5").read_bytes() == b"garbage that is not HDF5"
+    r = run("extract", folder_corpus, "-o", out, "-f", "toy", "-q", "--overwrite")
+    assert r.exit_code == 0
+    with open_store(out, "toy") as s:
+        assert len(s) == 6 and np.isfinite(s["spk1__utt0"]).all()
