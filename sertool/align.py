@@ -123,10 +123,12 @@ class TimingResolver:
     """Tries the timing sources in order for each utterance; caches forced/ASR results on disk."""
 
     def __init__(self, feats_dir: Path, order: list[str], aligner: str, align_model: str | None, asr_model: str | None,
-                 device: str, cache: bool, log):
+                 device: str, cache: bool, threads: int = 2):
         self.order, self.aligner_name, self.align_model = order, aligner, align_model
-        self.asr_model, self.device, self.log = asr_model, device, log
+        self.asr_model, self.device, self.threads = asr_model, device, threads
         self.cache_dir = feats_dir / "timings" if cache else None
+        self.new_records: list[tuple[str, dict]] = []  # (cache key, record): written by the parent process
+        self.warnings: list[str] = []
         self._aligner = None
         self._asr = None
         self._unavailable: dict[str, str] = {}  # source -> why it cannot run at all
@@ -143,7 +145,7 @@ class TimingResolver:
             raise TimingError(self._unavailable[source])
         try:
             if source == "forced" and self._aligner is None:
-                self._aligner = make_aligner(self.aligner_name, self.align_model, self.device)
+                self._aligner = make_aligner(self.aligner_name, self.align_model, self.device, threads=self.threads)
                 self.config["aligner"] = self._aligner.config()
             if source == "asr" and self._asr is None:
                 from sertool.timings import ASRTimer
@@ -153,7 +155,7 @@ class TimingResolver:
         except Exception as e:  # noqa: BLE001 - missing package, model not found ...
             why = f"{source} timings unavailable: {e}".split("\n")[0]
             self._unavailable[source] = why
-            self.log(f"warning: {why}")
+            self.warnings.append(f"warning: {why}")
             raise TimingError(why) from None
         return self._aligner if source == "forced" else self._asr
 
@@ -178,11 +180,9 @@ class TimingResolver:
     def _remember(self, key: str, config: dict, uid: str, words: list[str], t: Timings) -> None:
         if self.cache_dir is None:
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         rec = {"id": uid, "config": config, "words": t.as_words(words), "source": t.source, "notes": t.notes}
         self._caches.setdefault(key, {})[uid] = rec
-        with open(self.cache_dir / f"{key}.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        self.new_records.append((key, rec))
 
     def resolve(self, utt: Utterance, words: list[str]) -> tuple[Timings, list[str]]:
         """(timings, reasons the preferred sources failed); sources that do not apply are not failures."""
@@ -229,6 +229,19 @@ class TimingResolver:
         return wave
 
 
+def save_timings(cache_dir: Path, records: list[tuple[str, dict]]) -> None:
+    """Append new forced / ASR timings to FEATS/timings/<key>.jsonl (a kill loses at most a line)."""
+    if not records:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    by_key: dict[str, list[dict]] = {}
+    for key, rec in records:
+        by_key.setdefault(key, []).append(rec)
+    for key, recs in by_key.items():
+        with open(cache_dir / f"{key}.jsonl", "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
+
+
 # ---------------------------------------------------------------------------- 4. text -> words
 def text_per_word(rows: np.ndarray, word_index: np.ndarray | None, n_words: int) -> tuple[np.ndarray, np.ndarray]:
     """[n_words, D] mean of each word's rows (zeros where a word has none) and a has-rows flag."""
@@ -241,6 +254,8 @@ def text_per_word(rows: np.ndarray, word_index: np.ndarray | None, n_words: int)
     wi = np.asarray(word_index, np.int64).reshape(-1)
     if len(wi) != len(rows):
         raise AlignError(f"word_index has {len(wi)} entries for {len(rows)} text rows")
+    if len(wi) == n_words and (wi == np.arange(n_words)).all():  # one row per word (GloVe, most words)
+        return rows, np.ones(n_words, bool)
     keep = (wi >= 0) & (wi < n_words)
     wi, rows = wi[keep], rows[keep]
     counts = np.bincount(wi, minlength=n_words)
@@ -290,21 +305,16 @@ def collapse_frames(frames: np.ndarray, lo: np.ndarray, hi: np.ndarray, how: str
         return np.asarray(frames[idx], np.float32)
     full = ~empty
     if full.any():
-        a, b = lo[full], hi[full]
-        if (a[1:] >= b[:-1]).all():  # disjoint, in order (the usual case): one reduceat over [a0 b0 a1 b1 ...]
-            padded = np.concatenate([frames, frames[-1:]], 0) if b[-1] >= len(frames) else frames  # indices < len
-            idx = np.stack([a, b], 1).reshape(-1)
-            if how == "mean":
-                red = np.add.reduceat(padded, idx, axis=0, dtype=np.float64)[0::2]
-                red /= (b - a)[:, None]
-            else:
-                red = np.maximum.reduceat(padded, idx, axis=0)[0::2]
-            out[full] = red
-        elif how == "mean":  # overlapping spans: prefix sums
-            cs = np.concatenate([np.zeros((1, d)), np.cumsum(frames, 0, dtype=np.float64)], 0)
-            out[full] = (cs[b] - cs[a]) / (b - a)[:, None]
+        # gather every word's frames one after another (spans may overlap), then one reduceat
+        # over contiguous segments: sums in float64, so a constant segment gives its value exactly
+        a, count = lo[full], hi[full] - lo[full]
+        first = np.concatenate([[0], np.cumsum(count)[:-1]])
+        rows = np.arange(int(count.sum())) - np.repeat(first - a, count)
+        if how == "mean":
+            gathered = frames[rows].astype(np.float64)
+            out[full] = np.add.reduceat(gathered, first, axis=0) / count[:, None]
         else:
-            out[full] = np.stack([frames[x:y].max(0) for x, y in zip(a, b)])
+            out[full] = np.maximum.reduceat(frames[rows], first, axis=0)
     if empty.any():
         out[empty] = frames[nearest[empty]]
     return out
@@ -324,10 +334,242 @@ def _check_store(store: FeatureStore, kind: str, option: str) -> None:
         raise AlignError(f"{store.paths[0]}: an audio store without frame_rate_hz cannot be aligned to words")
 
 
-def _utt_attr(store: FeatureStore, uid: str, key: str):
-    """One attribute of an utterance, without decoding the others (the token lists are long)."""
-    attrs = store._dataset(uid).attrs  # noqa: SLF001 - the store has no single-attribute accessor yet
-    return attrs[key] if key in attrs else None
+class _Reader:
+    """Fast per-utterance reads: one group lookup per file, low-level reads into fresh arrays.
+
+    (FeatureStore looks the group up again on each access and decodes every attribute; at
+    20,000 utterances that overhead is most of the stage's time.)"""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self.groups = [f["utts"] for f in store._files]  # noqa: SLF001 - no public per-file access yet
+        self.gids = [g.id for g in self.groups]
+        self.where = store._where  # noqa: SLF001
+
+    def __contains__(self, uid: str) -> bool:
+        return uid in self.where
+
+    def read(self, uid: str, attr: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The utterance's [T, D] rows as float32 and one numeric attribute (None when absent)."""
+        gid = self.gids[self.where[uid]]
+        dsid = h5py.h5d.open(gid, uid.encode())
+        data = np.empty(dsid.shape, dsid.dtype)
+        if data.size:
+            dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, data)
+        value = None
+        if attr is not None and h5py.h5a.exists(dsid, attr.encode()):
+            handle = h5py.h5a.open(dsid, attr.encode())
+            if handle.dtype.kind in "iuf":  # numeric (word_index): read straight into an array
+                value = np.empty(handle.shape, handle.dtype)
+                handle.read(value)
+            else:
+                value = self.groups[self.where[uid]][uid].attrs[attr]
+        return data.astype(np.float32, copy=False), value
+
+
+@dataclass
+class _Options:
+    feats_dir: Path
+    audio: str
+    text: str
+    length: int
+    collapse: str
+    padding: str
+    truncate: str
+    order: list[str]
+    aligner: str
+    align_model: str | None
+    asr_model: str | None
+    device: str
+    cache: bool
+    threads: int
+
+
+@dataclass
+class _Block:
+    """What aligning one block of utterances gives: rows for the output and the report."""
+
+    audio: np.ndarray  # [k, n, Da]
+    text: np.ndarray  # [k, n, Dt]
+    mask: np.ndarray  # [k, n]
+    meta: list[tuple]  # (id, label, score, split, speaker, session, length, n_words, timing source)
+    dropped: list[tuple[str, str]]
+    partial: list[tuple[str, str]]
+    sources: Counter
+    n_cut: int
+    words_without_frames: int
+    records: list[tuple[str, dict]]  # new forced / ASR timings for the cache
+    warnings: list[str]
+    timing_config: dict
+    tools_built: bool = False  # the aligner / ASR was loaded: timing_config holds its full configuration
+
+
+class _BlockAligner:
+    """Opens the two stores and the timing sources once; aligns blocks of utterances (steps 2-6)."""
+
+    def __init__(self, opt: _Options):
+        self.opt = opt
+        self.a_store = open_store(opt.feats_dir, opt.audio)
+        self.t_store = open_store(opt.feats_dir, opt.text)
+        try:
+            _check_store(self.a_store, "audio", "--audio")
+            _check_store(self.t_store, "text", "--text")
+        except AlignError:
+            self.close()
+            raise
+        self.rate = float(self.a_store.attrs["frame_rate_hz"])
+        self.offset = frame_offset(self.a_store.attrs)
+        self.a_read, self.t_read = _Reader(self.a_store), _Reader(self.t_store)
+        self.resolver = TimingResolver(opt.feats_dir, opt.order, opt.aligner, opt.align_model, opt.asr_model,
+                                       opt.device, opt.cache, opt.threads)
+
+    def close(self) -> None:
+        self.a_store.close()
+        self.t_store.close()
+
+    def block(self, utts: list[Utterance]) -> _Block:
+        n = self.opt.length
+        out = _Block(np.zeros((len(utts), n, self.a_store.dim), np.float32),
+                     np.zeros((len(utts), n, self.t_store.dim), np.float32), np.zeros((len(utts), n), bool),
+                     [], [], [], Counter(), 0, 0, [], [], {})
+        k = 0
+        for utt in utts:
+            try:
+                self._one(utt, out, k)
+                k += 1
+            except (TimingError, AlignError) as e:
+                out.dropped.append((utt.id, str(e)))
+        out.audio, out.text, out.mask = out.audio[:k], out.text[:k], out.mask[:k]
+        r = self.resolver
+        out.records, out.warnings, r.new_records, r.warnings = r.new_records, r.warnings, [], []
+        out.timing_config = dict(r.config)
+        out.tools_built = r._aligner is not None or r._asr is not None
+        return out
+
+    def _one(self, utt: Utterance, out: _Block, k: int) -> None:
+        uid, opt = utt.id, self.opt
+        if uid not in self.a_read:
+            raise AlignError("no audio features: not in the audio store (see errors.tsv of extract)")
+        if uid not in self.t_read:
+            raise AlignError("no text features: not in the text store (no transcript, or see errors.tsv of extract)")
+        # 2. words
+        words = utterance_words(utt)
+        if not words:
+            raise AlignError("no words: the utterance has no transcript")
+        # 4. text to words (before the timings: it is cheap and checks the word count)
+        rows, word_index = self.t_read.read(uid, "word_index")
+        text_w, has_text = text_per_word(rows, word_index, len(words))
+        # 3. timings
+        t, failures = self.resolver.resolve(utt, words)
+        # 5. audio to words
+        frames, _ = self.a_read.read(uid)
+        if len(frames) == 0:
+            raise AlignError("no audio features: zero frames")
+        lo, hi = word_frames(t.spans, len(frames), self.rate, self.offset)
+        near = nearest_frames(t.spans, len(frames), self.rate, self.offset)
+        audio_w = collapse_frames(frames, lo, hi, opt.collapse, near)
+        out.words_without_frames += int((hi <= lo).sum())
+        out.sources[t.source] += 1
+        notes = []
+        if failures:
+            notes.append("preferred timings failed (" + "; ".join(failures) + ")")
+        if t.approximate:
+            notes.append(f"approximate {t.source} timings")
+        notes += t.notes  # words interpolated or pronounced by a guess
+        beyond = t.spans[:, 0] * self.rate - self.offset > len(frames) + 1
+        if beyond.any():
+            notes.append(f"{int(beyond.sum())} word(s) start after the last audio frame")
+        if not has_text.all():
+            notes.append(f"{int((~has_text).sum())} word(s) without text features (zero vectors)")
+        if notes:
+            out.partial.append((uid, "; ".join(notes)))
+        # 6. cut and pad
+        n_words, n = len(words), opt.length
+        if n_words > n:
+            out.n_cut += 1
+            keep = slice(0, n) if opt.truncate == "end" else slice(n_words - n, n_words)
+            audio_w, text_w = audio_w[keep], text_w[keep]
+        m = len(audio_w)
+        place = slice(0, m) if opt.padding == "end" else slice(n - m, n)
+        out.audio[k, place], out.text[k, place], out.mask[k, place] = audio_w, text_w, True
+        out.meta.append((uid, utt.label or "", np.nan if utt.score is None else float(utt.score), utt.split or "",
+                         utt.speaker or "", utt.session or "", m, n_words, t.source))
+
+
+# worker processes (--nj > 1): each opens the stores and the aligner once
+_WORKER: _BlockAligner | None = None
+
+
+def _init_worker(opt: _Options) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(max(1, opt.threads))
+    _WORKER = _BlockAligner(opt)
+
+
+def _work(utts: list[Utterance]) -> _Block:
+    assert _WORKER is not None
+    return _WORKER.block(utts)
+
+
+def _blocks(opt: _Options, utts: list[Utterance], nj: int, first: _BlockAligner):
+    chunks = [utts[i:i + BLOCK] for i in range(0, len(utts), BLOCK)]
+    if nj <= 1 or len(chunks) < 2:
+        for chunk in chunks:
+            yield len(chunk), first.block(chunk)
+        return
+    import multiprocessing as mp
+
+    # spawn, not fork: the parent may hold torch/OpenMP threads and open HDF5 files
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(nj, initializer=_init_worker, initargs=(opt,)) as pool:
+        for chunk, result in zip(chunks, pool.imap(_work, chunks)):
+            yield len(chunk), result
+
+
+class _Writer:
+    """Writes the output datasets block by block: memory stays at a few blocks whatever N is."""
+
+    def __init__(self, f: h5py.File, capacity: int, length: int, da: int, dt: int, dtype: str):
+        self.f, self.length, self.n = f, length, 0
+        cap = max(1, capacity)
+
+        def chunks(d):
+            return min(cap, max(1, (1 << 20) // max(1, length * d * 4))), length, d
+
+        self.audio = f.create_dataset("audio", (cap, length, da), dtype=dtype, chunks=chunks(da),
+                                      maxshape=(None, length, da))
+        self.text = f.create_dataset("text", (cap, length, dt), dtype=dtype, chunks=chunks(dt),
+                                     maxshape=(None, length, dt))
+        self.masks: list[np.ndarray] = []
+        self.meta: list[tuple] = []
+
+    def add(self, block: _Block) -> None:
+        k = len(block.meta)
+        if k:
+            self.audio[self.n:self.n + k] = block.audio
+            self.text[self.n:self.n + k] = block.text
+            self.masks.append(block.mask)
+            self.meta.extend(block.meta)
+            self.n += k
+
+    def finish(self) -> int:
+        self.audio.resize(self.n, axis=0)
+        self.text.resize(self.n, axis=0)
+        f = self.f
+        mask = np.concatenate(self.masks) if self.masks else np.zeros((0, self.length), bool)
+        f.create_dataset("mask", data=mask)
+        columns = list(zip(*self.meta)) if self.meta else [()] * 9
+        utf8 = h5py.string_dtype("utf-8")
+        for key, col in zip(("ids", "labels", None, "split", "speaker", "session"), columns[:6]):
+            if key:
+                f.create_dataset(key, data=np.asarray(col, dtype=object), dtype=utf8)
+        f.create_dataset("scores", data=np.asarray(columns[2], np.float32))
+        f.create_dataset("lengths", data=np.asarray(columns[6], np.int32))
+        f.create_dataset("n_words", data=np.asarray(columns[7], np.int32))
+        f.create_dataset("timing_source", data=np.asarray(columns[8], dtype=object), dtype=utf8)
+        return self.n
 
 
 def run_align(
@@ -347,6 +589,7 @@ def run_align(
     device: str = "auto",
     cache: bool = True,
     dtype: str = "float32",
+    nj: int = 1,
     progress: bool = True,
     log=print,
 ) -> AlignReport:
@@ -363,164 +606,57 @@ def run_align(
         raise AlignError(f"length {length!r} must be a positive integer")
     if dtype not in ("float32", "float16"):
         raise AlignError(f"dtype {dtype!r}: float32 or float16")
+    if not isinstance(nj, int) or nj < 1:
+        raise AlignError(f"nj {nj!r} must be a positive integer")
     out = Path(out) if out is not None else default_output(feats_dir, audio, text, length)
     report = AlignReport(out, feats_dir / "align_report.tsv")
 
-    # 1. manifest and stores
+    # 1. the manifest and the two stores (checked here, in this process, before any worker starts)
     utts = read_manifest(feats_dir)
-    a_store = open_store(feats_dir, audio)
-    t_store = open_store(feats_dir, text)
+    report.n_utterances = len(utts)
+    opt = _Options(feats_dir, audio, text, length, collapse, padding, truncate, order, aligner, align_model,
+                   asr_model, device, cache, threads=2 if nj == 1 else 1)
+    main = _BlockAligner(opt)
+    timing_config: dict = dict(main.resolver.config)
+    warned: set[str] = set()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _check_store(a_store, "audio", "--audio")
-        _check_store(t_store, "text", "--text")
-        rate = float(a_store.attrs["frame_rate_hz"])
-        offset = frame_offset(a_store.attrs)
-        resolver = TimingResolver(feats_dir, order, aligner, align_model, asr_model, device, cache, log)
-        report.n_utterances = len(utts)
-
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with h5py.File(tmp, "w") as f:
-                writer = _Writer(f, len(utts), length, a_store.dim, t_store.dim, dtype)
-                bar = _progress(len(utts), progress)
-                for utt in utts:
-                    try:
-                        row = _align_one(utt, a_store, t_store, resolver, rate, offset, length, collapse, padding,
-                                         truncate, report)
-                    except (TimingError, AlignError) as e:
-                        report.dropped.append((utt.id, str(e)))
-                    else:
-                        writer.add(*row)
-                    bar.update(1)
-                bar.close()
-                n = writer.finish()
-                report.n_aligned = n
-                attrs = _provenance(a_store, t_store, audio, text, length, collapse, padding, truncate, resolver,
-                                    report, feats_dir)
-                _encode_attrs(f.attrs, attrs)
-            if report.n_aligned == 0:
-                raise AlignError(f"no utterance could be aligned ({len(report.dropped)} dropped; first reason: "
-                                 f"{report.dropped[0][1] if report.dropped else 'the manifest is empty'})")
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with h5py.File(tmp, "w") as f:
+            writer = _Writer(f, len(utts), length, main.a_store.dim, main.t_store.dim, dtype)
+            bar = _progress(len(utts), progress)
+            # 2-6, block by block (in worker processes with nj > 1; the output does not depend on nj)
+            for size, block in _blocks(opt, utts, nj, main):
+                writer.add(block)
+                report.dropped += block.dropped
+                report.partial += block.partial
+                report.sources.update(block.sources)
+                report.n_cut += block.n_cut
+                report.words_without_frames += block.words_without_frames
+                if main.resolver.cache_dir is not None:
+                    save_timings(main.resolver.cache_dir, block.records)
+                for w in block.warnings:
+                    if w not in warned:
+                        warned.add(w)
+                        log(w)
+                if block.tools_built:
+                    timing_config = block.timing_config
+                bar.update(size)
+            bar.close()
+            report.n_aligned = writer.finish()
+            _encode_attrs(f.attrs, _provenance(main.a_store, main.t_store, audio, text, length, collapse, padding,
+                                               truncate, timing_config, report, feats_dir))
+        if report.n_aligned == 0:
+            raise AlignError(f"no utterance could be aligned ({len(report.dropped)} dropped; first reason: "
+                             f"{report.dropped[0][1] if report.dropped else 'the manifest is empty'})")
+        os.replace(tmp, out)
     finally:
-        a_store.close()
-        t_store.close()
+        main.close()
+        if tmp.exists():
+            tmp.unlink()
     report.seconds = time.perf_counter() - t0
     _write_report(report)
     return report
-
-
-def _align_one(utt, a_store, t_store, resolver, rate, offset, length, collapse, padding, truncate, report):
-    uid = utt.id
-    if uid not in a_store:
-        raise AlignError("no audio features: not in the audio store (see errors.tsv of extract)")
-    if uid not in t_store:
-        raise AlignError("no text features: not in the text store (no transcript, or see errors.tsv of extract)")
-    words = utterance_words(utt)
-    if not words:
-        raise AlignError("no words: the utterance has no transcript")
-    # 4. text to words (first: it is cheap and checks the word count)
-    word_index = _utt_attr(t_store, uid, "word_index")
-    text_w, has_text = text_per_word(t_store[uid], word_index, len(words))
-    # 3. timings
-    t, failures = resolver.resolve(utt, words)
-    # 5. audio to words
-    frames = a_store[uid]
-    if len(frames) == 0:
-        raise AlignError("no audio features: zero frames")
-    lo, hi = word_frames(t.spans, len(frames), rate, offset)
-    near = nearest_frames(t.spans, len(frames), rate, offset)
-    audio_w = collapse_frames(frames, lo, hi, collapse, near)
-    empty = hi <= lo
-    report.words_without_frames += int(empty.sum())
-    report.sources[t.source] += 1
-    notes = []
-    if failures:
-        notes.append("preferred timings failed (" + "; ".join(failures) + ")")
-    if t.approximate:
-        notes.append(f"approximate {t.source} timings")
-    notes += [n for n in t.notes if "interpolated" in n]
-    beyond = t.spans[:, 0] * rate - offset > len(frames) + 1
-    if beyond.any():
-        notes.append(f"{int(beyond.sum())} word(s) start after the last audio frame")
-    if not has_text.all():
-        notes.append(f"{int((~has_text).sum())} word(s) without text features (zero vectors)")
-    if notes:
-        report.partial.append((uid, "; ".join(notes)))
-    # 6. cut and pad
-    n_words = len(words)
-    if n_words > length:
-        report.n_cut += 1
-        keep = slice(0, length) if truncate == "end" else slice(n_words - length, n_words)
-        audio_w, text_w = audio_w[keep], text_w[keep]
-    k = len(audio_w)
-    place = slice(0, k) if padding == "end" else slice(length - k, length)
-    return utt, audio_w, text_w, place, k, n_words, t.source
-
-
-class _Writer:
-    """Fills the output datasets block by block (memory stays at BLOCK utterances)."""
-
-    def __init__(self, f: h5py.File, capacity: int, length: int, da: int, dt: int, dtype: str):
-        self.f, self.length, self.n = f, length, 0
-        cap = max(1, capacity)
-        chunk = lambda d: (min(cap, max(1, (1 << 20) // max(1, length * d * 4))), length, d)  # noqa: E731
-        self.ds = {
-            "audio": f.create_dataset("audio", (cap, length, da), dtype=dtype, chunks=chunk(da), maxshape=(None, length, da)),
-            "text": f.create_dataset("text", (cap, length, dt), dtype=dtype, chunks=chunk(dt), maxshape=(None, length, dt)),
-        }
-        self.strings = {k: [] for k in ("ids", "labels", "timing_source", "split", "speaker", "session")}
-        self.numbers = {"scores": [], "lengths": [], "n_words": []}
-        self.masks = []
-        self._buf_a = np.zeros((BLOCK, length, da), np.float32)
-        self._buf_t = np.zeros((BLOCK, length, dt), np.float32)
-        self._k = 0
-
-    def add(self, utt, audio_w, text_w, place, k, n_words, source) -> None:
-        self._buf_a[self._k] = 0
-        self._buf_t[self._k] = 0
-        self._buf_a[self._k, place] = audio_w
-        self._buf_t[self._k, place] = text_w
-        mask = np.zeros(self.length, bool)
-        mask[place] = True
-        self.masks.append(mask)
-        self.strings["ids"].append(utt.id)
-        self.strings["labels"].append(utt.label or "")
-        self.strings["timing_source"].append(source)
-        self.strings["split"].append(utt.split or "")
-        self.strings["speaker"].append(utt.speaker or "")
-        self.strings["session"].append(utt.session or "")
-        self.numbers["scores"].append(np.nan if utt.score is None else float(utt.score))
-        self.numbers["lengths"].append(k)
-        self.numbers["n_words"].append(n_words)
-        self._k += 1
-        if self._k == BLOCK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._k:
-            self.ds["audio"][self.n:self.n + self._k] = self._buf_a[:self._k]
-            self.ds["text"][self.n:self.n + self._k] = self._buf_t[:self._k]
-            self.n += self._k
-            self._k = 0
-
-    def finish(self) -> int:
-        self._flush()
-        for ds in self.ds.values():
-            ds.resize(self.n, axis=0)
-        f = self.f
-        f.create_dataset("mask", data=np.asarray(self.masks, bool).reshape(self.n, self.length))
-        utf8 = h5py.string_dtype("utf-8")
-        for key, values in self.strings.items():
-            f.create_dataset(key, data=np.asarray(values, dtype=object), dtype=utf8)
-        f.create_dataset("scores", data=np.asarray(self.numbers["scores"], np.float32))
-        f.create_dataset("lengths", data=np.asarray(self.numbers["lengths"], np.int32))
-        f.create_dataset("n_words", data=np.asarray(self.numbers["n_words"], np.int32))
-        return self.n
 
 
 def _progress(total: int, enabled: bool):
@@ -541,7 +677,8 @@ def _store_summary(store: FeatureStore, name: str) -> dict:
     return {"name": name, "path": str(store.paths[0]), **{k: store.attrs[k] for k in keep if k in store.attrs}}
 
 
-def _provenance(a_store, t_store, audio, text, length, collapse, padding, truncate, resolver, report, feats_dir) -> dict:
+def _provenance(a_store, t_store, audio, text, length, collapse, padding, truncate, timing_config, report,
+                feats_dir) -> dict:
     import sertool
 
     return {
@@ -558,7 +695,7 @@ def _provenance(a_store, t_store, audio, text, length, collapse, padding, trunca
         "padding": padding,
         "truncate": truncate,
         "frame_time": f"frame i at (i + {frame_offset(a_store.attrs):g}) / {a_store.attrs['frame_rate_hz']} s",
-        "timings": resolver.config,
+        "timings": timing_config,
         "timing_counts": dict(report.sources),
         "n_dropped": len(report.dropped),
         "n_partial": len(report.partial),

@@ -214,13 +214,14 @@ def models(sets):
 @click.option("--seeds", type=click.IntRange(1), help="Repeat every fold with this many seeds (= run.seeds).")
 @click.option("--epochs", type=click.IntRange(1), help="= train.epochs.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (= run.device).")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for torch (= run.threads); 1 on a shared machine.")
 @click.option("--fold", "folds", multiple=True, metavar="NAME", help="Train only these folds (repeatable; e.g. to spread folds over jobs).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted experiment (same settings).")
 @click.option("--overwrite", is_flag=True, help="Delete EXP first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @_fail_cleanly
-def train(feats, model, exp, config_file, sets, audio, text, visual, labels, protocol, seeds, epochs, device, folds,
-          resume, overwrite, quiet):
+def train(feats, model, exp, config_file, sets, audio, text, visual, labels, protocol, seeds, epochs, device, threads,
+          folds, resume, overwrite, quiet):
     """Train MODEL on the feature stores in FEATS, over a protocol's folds and seeds, into EXP.
 
     Model selection and early stopping use a dev split carved from the training data, never the
@@ -230,7 +231,8 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
     from sertool.train import run_train
 
     options = {"data.audio": audio, "data.text": text, "data.visual": visual, "data.labels": labels,
-               "protocol.name": protocol, "run.seeds": seeds, "train.epochs": epochs, "run.device": device}
+               "protocol.name": protocol, "run.seeds": seeds, "train.epochs": epochs, "run.device": device,
+               "run.threads": threads}
     overrides = [f"{k}={v}" for k, v in options.items() if v is not None] + list(sets)
     out = run_train(model, feats, exp, config_file=config_file, overrides=overrides, resume=resume,
                     overwrite=overwrite, progress=not quiet, log=(lambda s: None) if quiet else click.echo,
@@ -279,8 +281,8 @@ def evaluate(exp, feats, out_dir, compare, crop_length, attention, device, quiet
 @click.option("--length", default=50, show_default=True, type=click.IntRange(1), help="Words per utterance (cut or padded).")
 @click.option("--timings", default="corpus,forced,asr,uniform", show_default=True, metavar="SOURCES",
               help="Word-timing sources in order of preference: corpus, forced, asr, uniform (comma-separated).")
-@click.option("--aligner", type=click.Choice(["whisper", "wav2vec2", "pocketsphinx"]), default="whisper",
-              show_default=True, help="Forced aligner for --timings forced.")
+@click.option("--aligner", type=click.Choice(["whisper", "wav2vec2", "pocketsphinx", "auto"]), default="whisper",
+              show_default=True, help="Forced aligner for --timings forced (auto: pocketsphinx, whisper where it fails).")
 @click.option("--align-model", metavar="MODEL",
               help="Aligner model: faster-whisper name or folder (default tiny.en), or a wav2vec2-CTC folder / hub id.")
 @click.option("--asr-model", metavar="MODEL", help="ASR model for --timings asr (default tiny.en).")
@@ -292,12 +294,14 @@ def evaluate(exp, feats, out_dir, compare, crop_length, attention, device, quiet
               help="Cut long utterances at the end (keep the first words) or at the start.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the aligner.")
 @click.option("--float16", is_flag=True, help="Store the tensors as float16.")
+@click.option("--nj", default=1, show_default=True, type=click.IntRange(1),
+              help="Worker processes (each reads and aligns blocks of utterances; the output does not depend on it).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write FEATS/timings/ (cached forced and ASR timings).")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when any utterance is dropped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def align(feats_dir, audio, text, out, length, timings, aligner, align_model, asr_model, collapse, padding, truncate,
-          device, float16, no_cache, strict, quiet):
+          device, float16, nj, no_cache, strict, quiet):
     """Word-level alignment: audio frames collapsed per word, CMU-MOSEI style.
 
     Writes FEATS/aligned-AUDIO-TEXT-N.h5 (audio [N, n, Da], text [N, n, Dt], mask, ids, labels,
@@ -309,7 +313,7 @@ def align(feats_dir, audio, text, out, length, timings, aligner, align_model, as
 
     report = run_align(feats_dir, audio, text, out, length=length, timings=timings, collapse=collapse, padding=padding,
                        truncate=truncate, aligner=aligner, align_model=align_model, asr_model=asr_model, device=device,
-                       cache=not no_cache, dtype="float16" if float16 else "float32", progress=not quiet,
+                       cache=not no_cache, dtype="float16" if float16 else "float32", nj=nj, progress=not quiet,
                        log=lambda m: click.echo(m, err=True))
     for line in report.summary():
         click.echo(line, err="DROPPED" in line)

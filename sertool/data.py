@@ -121,7 +121,10 @@ class AlignedSource(Source):
         self.dim = int(x.shape[2])
         keep = [i for i, u in enumerate(ids) if only is None or u in only]
         self._index = {ids[i]: j for j, i in enumerate(keep)}
-        self._x, self._mask = x[keep], mask[keep]
+        if len(keep) == len(ids):  # no copy of a large file
+            self._x, self._mask = x, mask
+        else:
+            self._x, self._mask = x[keep], mask[keep]
         self._lengths = self._mask.sum(1).astype(np.int64)
         self.preloaded = True
 

@@ -86,6 +86,8 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
     classes = inputs.labels.classes
     target = inputs.target_of
     dev = pick_device(device)
+    if int(settings["run"].get("threads") or 0) > 0:
+        torch.set_num_threads(int(settings["run"]["threads"]))
     rows: list[dict] = []
     per_run = []
     for fold, seed, rd in _runs(exp, folds, seeds):

@@ -88,7 +88,8 @@ STAGE_DEFAULTS: dict[str, dict] = {
         "preload": "auto",          # auto | true | false: hold the features in memory
     },
     "protocol": {"name": "corpus", "dev_fraction": 0.1, "seed": 0, "dev": "auto"},
-    "run": {"seeds": 1, "seed": 0, "device": "auto", "final": "best-dev"},
+    "run": {"seeds": 1, "seed": 0, "device": "auto", "final": "best-dev",
+            "threads": 0},              # CPU threads for torch (0 = torch's default); 1 on a shared machine
 }
 # Sections of EXP/config.yaml that record what happened (not settings); ignored when the file is
 # given back as --config.
@@ -688,6 +689,8 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
     build(cfg)  # a model that cannot be built fails before any training
     seeds = seeds_of(cfg)
     device = pick_device(cfg["run"]["device"])
+    if int(cfg["run"].get("threads") or 0) > 0:
+        torch.set_num_threads(int(cfg["run"]["threads"]))
     select = _select_key(cfg)
 
     cfg_path = exp / "config.yaml"

@@ -147,3 +147,61 @@ def lf_train(rd: float, f0: float = 120.0, duration: float = 0.6, sr: int = SR, 
     if formants:
         y = resonators(y, formants, bandwidths, sr)
     return (0.5 * y / np.max(np.abs(y))).astype(np.float32)
+
+
+def impulse_vowel(f0: float = 120.0, duration: float = 0.6, formants=(700, 1220, 2600), bandwidths=(80, 90, 120),
+                  sr: int = SR) -> np.ndarray:
+    """Unit impulse train through the formant resonators: a flat source, so the harmonic
+    amplitudes sample exactly the resonators' response (known spectral envelope)."""
+    x = np.zeros(int(round(duration * sr)))
+    x[::int(round(sr / f0))] = 1.0
+    y = resonators(x, formants, bandwidths, sr)
+    return (0.5 * y / np.max(np.abs(y))).astype(np.float32)
+
+
+def resonator_response_db(n_bins: int, formants=(700, 1220, 2600), bandwidths=(80, 90, 120), sr: int = SR) -> np.ndarray:
+    """|H| in dB of the resonator cascade at n_bins frequencies uniform on 0..sr/2."""
+    h = np.zeros(8192)
+    h[0] = 1.0
+    h = resonators(h, formants, bandwidths, sr)
+    return 20 * np.log10(np.abs(np.fft.rfft(h, 2 * (n_bins - 1))) + 1e-12)
+
+
+def harmonic_signal(f0: float = 150.0, duration: float = 0.8, random_phase: bool = False, hop: float = 0.01,
+                    sr: int = SR, seed: int = 0) -> np.ndarray:
+    """Sum of harmonics (amplitude 1/k) through the formant resonators. Phase-coherent: every
+    harmonic keeps a fixed phase. Random: each harmonic's phase is a random walk with uniform
+    steps in [-pi, pi] every `hop` s, linearly interpolated (the frequency stays near k f0,
+    so the signal stays voiced, but the phase relations between harmonics are lost)."""
+    rng = np.random.default_rng(seed)
+    n = int(round(duration * sr))
+    t = np.arange(n) / sr
+    nodes = np.arange(0, duration + 2 * hop, hop)
+    x = np.zeros(n)
+    for k in range(1, int((sr / 2 - f0 / 2) // f0) + 1):
+        ph = np.interp(t, nodes, np.cumsum(rng.uniform(-np.pi, np.pi, nodes.size))) if random_phase else 0.3 * k
+        x += np.cos(2 * np.pi * k * f0 * t + ph) / k
+    x = resonators(x, (700, 1220, 2600), (80, 90, 120), sr)
+    return (0.5 * x / np.max(np.abs(x))).astype(np.float32)
+
+
+def creaky_train(f0: float = 50.0, duration: float = 1.0, sr: int = SR, jitter: float = 0.15, secondary: float = 0.5,
+                 seed: int = 0) -> np.ndarray:
+    """Creaky (vocal fry) excitation: tense LF pulses (Rd 0.3) at a low, irregular F0 (period
+    jitter `jitter`, relative std), each followed by a weaker secondary pulse (`secondary` x the
+    amplitude, 25-40 % of the period later), through formants with wide bandwidths (strongly
+    damped: the response dies out well within the long periods)."""
+    rng = np.random.default_rng(seed)
+    n = int(round(duration * sr))
+    x = np.zeros(n + sr)
+    pulse = lf_derivative(0.3, int(round(sr / 120)))  # short, tense pulse
+    pos = 0
+    while pos < n:
+        amp = rng.uniform(0.6, 1.0)
+        x[pos:pos + pulse.size] += amp * pulse
+        if secondary:
+            p2 = pos + int(rng.uniform(0.25, 0.4) * sr / f0)
+            x[p2:p2 + pulse.size] += secondary * amp * pulse
+        pos += int(round(sr / f0 * (1 + jitter * rng.standard_normal())))
+    y = resonators(x[:n], (700, 1220, 2600), (200, 250, 300), sr)
+    return (0.5 * y / np.max(np.abs(y))).astype(np.float32)

@@ -11,9 +11,12 @@ MATLAB reference are listed in docs/features-acoustic.md; the main ones:
   (COVAREP interpolates glottal parameters across unvoiced gaps, then NaN -> 0).
 - IAIF is frame-wise with overlap-add (COVAREP's iaif_ola) instead of GCI-synchronous.
 - Rd is searched on a 0.01 grid with parabolic refinement instead of Brent's method.
-- creak is a logistic score of two of Drugman et al.'s creak cues (residual H2-H1 and
-  residual peak prominence) with hand-set weights, not COVAREP's trained ANN (whose
-  weights are not redistributable here).
+- creak is a rule-based stand-in for COVAREP's trained ANN (weights not reproduced): the
+  Kane-Drugman cues (residual H2-H1, residual peak prominence) and Ishi's (PwP, IFP, IPS),
+  each a logistic indicator at its published threshold, combined as
+  sqrt(noisy-OR(KD) x product(Ishi)); see `creak_probability`.
+- F0: SRH candidates are tracked (Viterbi over the 5 best peaks, octave-jump cost) and
+  checked for odd-multiple (3 F0, 5 F0) errors; COVAREP takes the per-frame argmax.
 - MCEP: log harmonic-peak envelope, cepstrally smoothed to order 0.5 fs/F0 (the True
   Envelope's order), then all-pass warped cepstrum (alpha 0.42 at 16 kHz) of order 24.
 - HMPD statistics are taken over 10 ms frames (PDM over ~6 periods, PDD over 3 frames);
@@ -40,6 +43,25 @@ COLUMNS = (["F0", "VUV", "NAQ", "QOQ", "H1H2", "PSP", "MDQ", "peakSlope", "Rd", 
            + [f"MCEP_{i}" for i in range(N_MCEP)] + [f"HMPDM_{i}" for i in range(N_PDM)]
            + [f"HMPDD_{i}" for i in range(N_PDD)])
 assert len(COLUMNS) == 74
+
+
+def creak_probability(h2h1, prom, pwp, ifp, ips):
+    """Creak score in [0, 1] from the Kane-Drugman and Ishi cues (sertool's rule, not COVAREP's
+    trained ANN, whose weights are not reproduced here).
+
+    Each cue becomes a soft indicator s(z) = 1 / (1 + exp(-z)) centred on its published
+    threshold: H2-H1 > -6 dB (scale 2 dB), residual peak prominence > 0.3 (scale 0.1), power
+    peak PwP > 7 dB (scale 2 dB), intra-frame periodicity IFP < 0.5 and inter-pulse similarity
+    IPS > 0.5 (scale 0.1; the three thresholds of Ishi et al. 2008). The Kane-Drugman cues
+    are combined by noisy-OR (either kind of creak: H2-H1 for low-F0 creak, prominence for
+    isolated pulses), Ishi's by product (his detector needs all three), and the score is the
+    geometric mean of the two: creak needs a KD cue and an irregular, pulse-like excitation
+    (unvoiced noise has a high H2-H1 but neither power peaks nor similar pulses)."""
+    def s(z):
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+    kd = 1 - (1 - s((h2h1 + 6.0) / 2.0)) * (1 - s((prom - 0.3) / 0.1))
+    ishi = s((pwp - 7.0) / 2.0) * s((0.5 - ifp) / 0.1) * s((ips - 0.5) / 0.1)
+    return np.sqrt(kd * ishi)
 
 
 @register_extractor("covarep")
@@ -98,8 +120,11 @@ class Covarep(Extractor):
             return out.astype(np.float32)  # silence / too short: all zeros (COVAREP: NaN -> 0)
         x = x / peak  # level-independent analysis (MCEP_0 restored below)
         times = (centres + 1) / fs
-        res = glottal.lpc_residual(x, round(0.025 * fs), round(0.005 * fs), fs // 1000 + 2)
-        if self.polarity == "invert" or (self.polarity == "auto" and glottal.polarity_reskew(x, fs, res) < 0):
+        p = fs // 1000 + 2
+        hp = glottal.reskew_highpass(x, fs) if self.polarity == "auto" and x.size >= 0.05 * fs else None
+        res, *rest = glottal.lpc_residuals(x, round(0.025 * fs), round(0.005 * fs), (p,), extra_source=hp)
+        if self.polarity == "invert" or (self.polarity == "auto" and hp is not None
+                                         and glottal.polarity_reskew(x, fs, res, rest[0]) < 0):
             x, res = -x, -res
 
         # pitch and voicing: SRH on the LP residual (order fs/1000 + 2 for both SRH and GCIs;
@@ -115,13 +140,14 @@ class Covarep(Extractor):
         if gcis.size:
             frame_of = np.clip(np.searchsorted(centres, gcis), 0, T - 1)
             gcis = gcis[voiced[frame_of]]
-        gf, dgf = glottal.iaif(x, fs)
+        act = np.zeros(x.size, bool)
+        act[centres[voiced]] = True
+        gf, dgf = glottal.iaif(x, fs, active=act)  # the flow is only read in voiced frames
         t_g, vq = glottal.vq_params(gf, dgf, fs, gcis)
         for j, col in ((0, 2), (1, 3), (3, 5)):
             out[:, col] = glottal.interp_events(t_g, vq[:, j], times)
         # wavelet-based MDQ (on the residual) and peakSlope (on the speech)
-        res_resp = glottal.wavelet_decompose(res, self._bank)
-        x_resp = glottal.wavelet_decompose(x, self._bank)
+        res_resp, x_resp = glottal.wavelet_decompose(np.stack([res, x]), self._bank)
         t_m, mdq = glottal.mdq(res_resp, fs, gcis)
         out[:, 6] = glottal.interp_events(t_m, mdq, times)
         out[:, 7] = glottal.peak_slope(x_resp, fs, centres)
@@ -130,23 +156,14 @@ class Covarep(Extractor):
         f0_h = np.where(voiced, f0, 100.0)
         amp, ph, nharm = phase.harmonic_analysis(x, fs, centres, f0_h, nfft=self._nfft_harm)
         # H1-H2 of the glottal flow derivative over 3 periods (COVAREP get_vq_params), per frame
-        gamp, _, _ = phase.harmonic_analysis(dgf, fs, centres, f0_h, nfft=self._nfft_harm, max_harm=2)
-        out[:, 4] = 20 * np.log10((gamp[:, 0] + 1e-9) / (gamp[:, 1] + 1e-9))
+        if voiced.any():
+            gamp, _, _ = phase.harmonic_analysis(dgf, fs, centres[voiced], f0_h[voiced], nfft=self._nfft_harm, max_harm=2)
+            out[voiced, 4] = 20 * np.log10((gamp[:, 0] + 1e-9) / (gamp[:, 1] + 1e-9))
         rd, conf = phase.rd_msp(amp, ph, nharm, voiced)
         out[:, 8], out[:, 9] = rd, conf
 
-        # creak: logistic score of residual H2-H1 (dB, from SRH's residual spectra) and
-        # residual peak prominence (dB)
-        nfft = self._srh.nfft
-        b1 = np.clip(np.round(f0 * nfft / fs).astype(int), 0, res_spec.shape[1] - 1)
-        b2 = np.clip(np.round(2 * f0 * nfft / fs).astype(int), 0, res_spec.shape[1] - 1)
-        rows = np.arange(T)
-        h2h1 = 20 * np.log10((res_spec[rows, b2] + 1e-9) / (res_spec[rows, b1] + 1e-9))
-        rpp = glottal.residual_peak_prominence(res, centres, fs)
-        energy = scipy.ndimage.uniform_filter1d(x ** 2, size=round(0.03 * fs), mode="constant")[centres]
-        speech = energy > 1e-4 * energy.max()
-        z = 0.35 * h2h1 + 0.4 * (rpp - 6.0) - 1.0
-        out[:, 10] = np.where(speech, 1 / (1 + np.exp(-np.clip(z, -30, 30))), 0.0)
+        # creak (rule-based stand-in for COVAREP's ANN, see creak_probability)
+        out[:, 10] = self._creak(x, res, centres, f0[voiced] if voiced.any() else f0[:0])
 
         # MCEP: warped cepstrum of the cepstrally smoothed harmonic envelope
         out[:, 11:11 + N_MCEP] = self._mcep(amp, nharm, f0_h) + np.r_[np.log(peak), np.zeros(N_MCEP - 1)]
@@ -164,6 +181,21 @@ class Covarep(Extractor):
         out[unv, 36:] = 0.0
         out[np.isnan(out) | np.isinf(out)] = 0.0
         return out.astype(np.float32)
+
+    def _creak(self, x: np.ndarray, res: np.ndarray, centres: np.ndarray, f0_voiced: np.ndarray) -> np.ndarray:
+        fs = self.sample_rate
+        f0_mean = float(np.median(f0_voiced)) if f0_voiced.size >= 3 else 100.0
+        energy = scipy.ndimage.uniform_filter1d(x * x, size=round(0.03 * fs), mode="constant")[centres]
+        energy_db = 10 * np.log10(energy + 1e-12)
+        act = energy_db > energy_db.max() - 40  # creak is 0 below (silence, pauses)
+        out = np.zeros(centres.size)
+        if not act.any():
+            return out
+        h2h1, _ = glottal.kd_h2h1(res, fs, centres, f0_mean)
+        prom = glottal.kd_peak_prominence(res, fs, centres[act], f0_mean, energy_db[act])
+        pwp, ifp, ips = glottal.ishi_cues(x, fs, centres[act])
+        out[act] = creak_probability(h2h1[act], prom, pwp, ifp, ips)
+        return out
 
     def _envelope_grid(self, values: np.ndarray, nharm: np.ndarray, f0: np.ndarray) -> np.ndarray:
         """Per-harmonic values (index 0 = harmonic 1) -> [T, nfft/2+1] by linear interpolation

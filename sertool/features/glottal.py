@@ -22,10 +22,10 @@ def levinson(r: np.ndarray, order: int) -> np.ndarray:
     T = r.shape[0]
     a = np.zeros((T, order + 1))
     a[:, 0] = 1.0
-    err = r[:, 0] * (1 + 1e-9) + TINY
+    err = r[:, 0] * (1 + 1e-6) + TINY  # white-noise correction (-60 dB): float32 spectra
     for i in range(1, order + 1):
         acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
-        k = -acc / err
+        k = np.clip(-acc / err, -0.99999, 0.99999)  # keep the filter minimum-phase
         prev = a[:, :i + 1].copy()
         a[:, 1:i + 1] = prev[:, 1:i + 1] + k[:, None] * prev[:, i - 1::-1]
         err = np.maximum(err * (1 - k * k), TINY)
@@ -76,31 +76,79 @@ def overlap_add(frames: np.ndarray, hop: int, n: int) -> np.ndarray:
 
 def lpc_residual(x: np.ndarray, length: int, hop: int, order: int, lpc_source: np.ndarray | None = None) -> np.ndarray:
     """COVAREP's lpcresidual: Hann frames, LPC per frame (of `lpc_source` when given), inverse
-    filtering within the frame, energy matching, overlap-add, peak normalisation."""
-    src = x if lpc_source is None else lpc_source
+    filtering within the frame (zero history), energy matching, overlap-add, peak
+    normalisation. Filtering is done in the frequency domain with the frame spectrum that
+    also gives the autocorrelation."""
+    return lpc_residuals(x, length, hop, (order,), lpc_source)[0]
+
+
+def lpc_residuals(x: np.ndarray, length: int, hop: int, orders: tuple[int, ...], lpc_source: np.ndarray | None = None,
+                  extra_source: np.ndarray | None = None) -> list[np.ndarray]:
+    """lpc_residual for several LPC orders from one pass (one Levinson recursion, one frame
+    FFT). With `extra_source`, one more residual of x is appended whose LPC comes from
+    `extra_source` at the highest order (RESKEW's high-passed analysis)."""
     length = max(hop, hop * int(round(length / hop)))
     n = x.size
-    win = np.hanning(length)
-    seg = frame_view(x, length, hop) * win
-    a = lpc(frame_view(src, length, hop) * win, order)
-    padded = np.pad(seg, ((0, 0), (order, 0)))
-    res = fir_frames(padded.reshape(-1), np.arange(seg.shape[0]) * (length + order) + order, length, a)
-    res *= np.sqrt((seg ** 2).sum(1) / ((res ** 2).sum(1) + TINY))[:, None]
-    out = overlap_add(res, hop, n)
-    return out / (np.max(np.abs(out)) + TINY)
+    win = np.hanning(length).astype(np.float32)
+    seg = frame_view(x.astype(np.float32), length, hop) * win  # float32 FFTs, float64 Levinson
+    p = max(orders)
+    nfft = scipy.fft.next_fast_len(length + p + 1, real=True)
+    S = scipy.fft.rfft(seg, n=nfft, axis=1)
+    energy = (seg.astype(np.float64) ** 2).sum(1)
+
+    def autocorr(spec):
+        return scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=nfft, axis=1)[:, :p + 1].astype(np.float64)
+    src_spec = S if lpc_source is None else scipy.fft.rfft(frame_view(lpc_source.astype(np.float32), length, hop) * win, n=nfft, axis=1)
+    polys = levinson_orders(autocorr(src_spec), orders)
+    if extra_source is not None:
+        xs = scipy.fft.rfft(frame_view(extra_source.astype(np.float32), length, hop) * win, n=nfft, axis=1)
+        polys.append(levinson_orders(autocorr(xs), (p,))[0])
+    outs = []
+    for a in polys:
+        res = scipy.fft.irfft(S * scipy.fft.rfft(a.astype(np.float32), n=nfft, axis=1), n=nfft, axis=1)[:, :length]
+        res *= np.sqrt(energy / ((res.astype(np.float64) ** 2).sum(1) + TINY)).astype(np.float32)[:, None]
+        out = overlap_add(res, hop, n).astype(np.float64)
+        outs.append(out / (np.max(np.abs(out)) + TINY))
+    return outs
 
 
-def polarity_reskew(x: np.ndarray, fs: int, residual: np.ndarray | None = None) -> float:
+def levinson_orders(r: np.ndarray, orders: tuple[int, ...]) -> list[np.ndarray]:
+    """Batched Levinson-Durbin returning the polynomials of every order in `orders`."""
+    T = r.shape[0]
+    top = max(orders)
+    a = np.zeros((T, top + 1))
+    a[:, 0] = 1.0
+    err = r[:, 0] * (1 + 1e-6) + TINY  # white-noise correction (-60 dB): float32 spectra
+    out = {}
+    for i in range(1, top + 1):
+        acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
+        k = np.clip(-acc / err, -0.99999, 0.99999)  # keep the filter minimum-phase
+        prev = a[:, :i + 1].copy()
+        a[:, 1:i + 1] = prev[:, 1:i + 1] + k[:, None] * prev[:, i - 1::-1]
+        err = np.maximum(err * (1 - k * k), TINY)
+        if i in orders:
+            out[i] = a[:, :i + 1].copy()
+    return [out[o] for o in orders]
+
+
+def reskew_highpass(x: np.ndarray, fs: int) -> np.ndarray:
+    """The > 500 Hz elliptic high-passed signal RESKEW takes its LPC from."""
+    order, wn = scipy.signal.ellipord(480 / (fs / 2), 500 / (fs / 2), 3, 60)
+    sos = scipy.signal.ellip(order, 3, 60, wn, "high", output="sos")
+    return scipy.signal.sosfilt(sos, x)  # one pass: only the frames' power spectra (LPC) use it
+
+
+def polarity_reskew(x: np.ndarray, fs: int, residual: np.ndarray | None = None,
+                    residual_hp: np.ndarray | None = None) -> float:
     """RESKEW (Drugman 2013): sign of skew(residual) - skew(residual with LPC from >500 Hz)."""
     import scipy.stats
     if x.size < 0.05 * fs or np.max(np.abs(x)) < 1e-6:
         return 1.0
-    order, wn = scipy.signal.ellipord(480 / (fs / 2), 500 / (fs / 2), 3, 60)
-    sos = scipy.signal.ellip(order, 3, 60, wn, "high", output="sos")
-    xh = scipy.signal.sosfiltfilt(sos, x)
     L, hop, p = round(0.025 * fs), round(0.005 * fs), round(fs / 1000) + 2
-    v1 = scipy.stats.skew(lpc_residual(x, L, hop, p, lpc_source=xh))
-    v2 = scipy.stats.skew(lpc_residual(x, L, hop, p) if residual is None else residual)
+    if residual is None or residual_hp is None:
+        residual, residual_hp = lpc_residuals(x, L, hop, (p,), extra_source=reskew_highpass(x, fs))
+    v1 = scipy.stats.skew(residual_hp)
+    v2 = scipy.stats.skew(residual)
     s = np.sign(v2 - v1)
     return float(s) if s != 0 and np.isfinite(s) else 1.0
 
@@ -148,17 +196,17 @@ class SRH:
             (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_bins, self.cands.size))
 
     def __call__(self, residual: np.ndarray, centres: np.ndarray):
-        frames = gather_frames(residual, centres, self.length) * self.win
+        frames = gather_frames(residual.astype(np.float32), centres, self.length) * self.win.astype(np.float32)
         frames -= frames.mean(1, keepdims=True)
         spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1))
         # sum over 0..fs/2 of |X|^2 at 1 Hz resolution = (fs/2) * sum(x^2) (Parseval, half)
-        denom = np.sqrt(self.fs / 2 * (frames ** 2).sum(1)) + TINY
+        denom = np.sqrt(self.fs / 2 * (frames.astype(np.float64) ** 2).sum(1)) + TINY
         spec /= denom[:, None]
-        srh = np.asarray((self._weights.T @ spec.T).T)  # [T, F]
+        srh = np.asarray(spec @ self._weights)  # [T, F]
         lo, hi = self.f0min, self.f0max
         for _ in range(2):
             sel = srh[:, lo - self.f0min:hi - self.f0min + 1]
-            f0 = lo + sel.argmax(1).astype(float)
+            f0 = self._odd_multiple_check(srh, lo + sel.argmax(1).astype(float), self.f0min)
             val = sel.max(1)
             if val.size and val.max() > 0.1:
                 med = np.median(f0[val > 0.1])
@@ -167,7 +215,63 @@ class SRH:
                 if round(2 * med) < hi:
                     hi = int(round(2 * med))
         thresh = 0.085 if val.size > 1 and val.std() > 0.05 else 0.07
-        return f0, (val > thresh), val, spec
+        voiced = val > thresh
+        f0 = self.track(srh, lo, hi, voiced)
+        return f0, voiced, val, spec
+
+    # -- tracking (sertool addition; COVAREP takes the per-frame argmax) --------------------
+    OCTAVE_COST = 0.2  # SRH units per octave of frame-to-frame F0 change (voiced runs only)
+    N_CANDS = 5
+
+    def _value(self, srh: np.ndarray, f: np.ndarray) -> np.ndarray:
+        """SRH at (fractional) frequencies f [T, ...]: max over the two neighbouring 1 Hz bins."""
+        i = np.clip(np.floor(f).astype(int) - self.f0min, 0, srh.shape[1] - 2)
+        r = np.arange(srh.shape[0]).reshape((-1,) + (1,) * (f.ndim - 1))
+        return np.maximum(srh[r, i], srh[r, i + 1])
+
+    def track(self, srh: np.ndarray, lo: int, hi: int, voiced: np.ndarray) -> np.ndarray:
+        """F0 path through the SRH local maxima in [lo, hi]: Viterbi over the N_CANDS best peaks
+        per frame, score = SRH - OCTAVE_COST |log2 jump| within voiced runs, then the odd-
+        multiple check: a perfectly harmonic flat residual spectrum gives SRH(3 F0) and
+        SRH(5 F0) the same value as SRH(F0) (the subtracted (k - 1/2) f bins fall between
+        harmonics), so f/3 or f/5 is taken when its SRH is within 15 % of SRH(f)."""
+        sel = srh[:, lo - self.f0min:hi - self.f0min + 1]
+        T, F = sel.shape
+        if F < 3:
+            return lo + sel.argmax(1).astype(float)
+        peak = np.zeros_like(sel, dtype=bool)
+        peak[:, 1:-1] = (sel[:, 1:-1] >= sel[:, :-2]) & (sel[:, 1:-1] > sel[:, 2:])
+        peak[np.arange(T), sel.argmax(1)] = True
+        K = min(self.N_CANDS, F)
+        score = np.where(peak, sel, -np.inf)
+        idx = np.argpartition(-score, K - 1, axis=1)[:, :K]
+        v = np.take_along_axis(score, idx, 1)
+        f = (lo + idx).astype(float)
+        lf = np.log2(f)
+        acc = v[0].copy()
+        back = np.zeros((T, K), dtype=int)
+        for t in range(1, T):
+            if voiced[t] and voiced[t - 1]:
+                trans = acc[None, :] - self.OCTAVE_COST * np.abs(lf[t][:, None] - lf[t - 1][None, :])
+                back[t] = trans.argmax(1)
+                acc = v[t] + trans[np.arange(K), back[t]]
+            else:
+                back[t] = int(acc.argmax())
+                acc = v[t] + acc.max()
+        path = np.empty(T, dtype=int)
+        path[-1] = int(acc.argmax())
+        for t in range(T - 1, 0, -1):
+            path[t - 1] = back[t, path[t]]
+        return self._odd_multiple_check(srh, f[np.arange(T), path], lo)
+
+    def _odd_multiple_check(self, srh: np.ndarray, f0: np.ndarray, lo: float) -> np.ndarray:
+        ref = self._value(srh, f0)
+        out = f0.copy()
+        for k in (5, 3):
+            sub = f0 / k
+            ok = (sub >= lo) & (self._value(srh, np.maximum(sub, self.f0min)) >= 0.85 * ref) & (out == f0)
+            out = np.where(ok, np.round(sub), out)
+        return out
 
 
 def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float) -> np.ndarray:
@@ -194,9 +298,12 @@ def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float) -> 
     return np.unique(gcis)
 
 
-def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: float = 0.99):
+def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: float = 0.99,
+         active: np.ndarray | None = None):
     """Iterative Adaptive Inverse Filtering (Alku 1992) frame by frame with overlap-add, as
-    COVAREP's iaif_ola: returns (glottal flow, glottal flow derivative)."""
+    COVAREP's iaif_ola: returns (glottal flow, glottal flow derivative). With `active` (a
+    boolean per sample), only frames within 20 ms of an active sample are analysed (the flow
+    derivative is 0 elsewhere)."""
     p_vt, p_gl = 2 * round(fs / 2000) + 4, 2 * round(fs / 4000)
     b, a = scipy.signal.butter(4, 40 / (fs / 2), "high")  # COVAREP hpfilt: remove < 40 Hz
     x = scipy.signal.filtfilt(b, a, x) if x.size > 27 else x
@@ -205,13 +312,27 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
     pre = p_vt + 1
     padded = np.pad(x, (pre, L))
     n_frames = max(1, int(np.ceil(x.size / hop)))
-    starts = np.arange(n_frames) * hop + pre
-    frames = padded[starts[:, None] + np.arange(L)[None, :]]
+    starts_all = np.arange(n_frames) * hop + pre
+    keep = np.ones(n_frames, bool)
+    if active is not None:
+        margin = int(0.02 * fs)
+        csum = np.concatenate([[0], np.cumsum(active[:x.size].astype(np.int64))])
+        s0 = np.clip(starts_all - pre - margin, 0, x.size)
+        s1 = np.clip(starts_all - pre + L + margin, 0, x.size)
+        keep = csum[s1] > csum[s0]
+    starts = starts_all[keep]
+    if starts.size == 0:
+        return np.zeros(x.size), np.zeros(x.size)
+    ext = padded[(starts - pre)[:, None] + np.arange(L + pre)[None, :]]  # frames with `pre` samples of history
+    frames = ext[:, pre:]
     win = np.hanning(L)
     integ = ([1.0], [1.0, -d])
+    nfft = scipy.fft.next_fast_len(L + pre + p_vt + 1, real=True)
+    E = scipy.fft.rfft(ext.astype(np.float32), n=nfft, axis=1)  # one spectrum serves the four inverse filters
 
     def inv(poly):
-        return fir_frames(padded, starts, L, poly)
+        y = scipy.fft.irfft(E * scipy.fft.rfft(poly.astype(np.float32), n=nfft, axis=1), n=nfft, axis=1)
+        return y[:, pre:pre + L].astype(np.float64)
     g1 = lpc(frames * win, 1)
     y = inv(g1)
     hvt1 = lpc(y * win, p_vt)
@@ -219,7 +340,8 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
     hg1 = lpc(g * win, p_gl)
     y = scipy.signal.lfilter(*integ, inv(hg1), axis=1)
     hvt2 = lpc(y * win, p_vt)
-    dg = inv(hvt2)
+    dg = np.zeros((n_frames, L))
+    dg[keep] = inv(hvt2)
     dg_sig = overlap_add(dg * win, hop, x.size + L)
     norm = overlap_add(np.broadcast_to(win, dg.shape).copy(), hop, x.size + L)
     dg_sig = (dg_sig / np.maximum(norm, 1e-3))[:x.size]
@@ -230,6 +352,7 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
 def _psp_a(X: np.ndarray, ne_min: float = 0.01) -> np.ndarray:
     """Alku 1997 PSP 'a' for many spectra at once: the largest N (from 3) for which the
     parabola a k^2 + b fits the first N dB bins with normalised error < ne_min."""
+    X = X[:, :256]  # the fit stops within the first few dozen bins of a 2048-point spectrum
     M, K = X.shape
     k2 = np.arange(K, dtype=float) ** 2
     N = np.arange(1, K + 1, dtype=float)
@@ -250,47 +373,61 @@ _PSP_AMAX: dict[tuple[int, int], float] = {}
 
 
 def vq_params(gf: np.ndarray, dgf: np.ndarray, fs: int, gcis: np.ndarray):
-    """NAQ, QOQ, H1-H2 and PSP per glottal cycle (COVAREP get_vq_params): returns times (s)
-    and a [M, 4] array; cycles with F0 outside 20-500 Hz give NaN."""
+    """NAQ, QOQ, H1-H2 (unused: NaN) and PSP per glottal cycle (COVAREP get_vq_params), all
+    cycles at once: returns times (s) and a [M, 4] array; cycles with F0 outside 20-500 Hz
+    give NaN. Cycle n runs from GCI n-1 to GCI n; the flow pulse is compensated for zero-line
+    drift (the line through its end points). QOQ's two 50 % crossings around the flow maximum
+    are linearly interpolated between samples (COVAREP counts whole samples)."""
     M = gcis.size
     out = np.full((M, 4), np.nan)
     if M < 2:
         return gcis / fs, out
     shift = int(round(0.5e-3 * fs))
+    start, stop = gcis[:-1], gcis[1:]
+    T0 = stop - start
+    ok = (T0 > 0) & (fs / np.maximum(T0, 1) > 20) & (fs / np.maximum(T0, 1) < 500)
+    rows = np.nonzero(ok)[0]
+    if rows.size == 0:
+        return gcis / fs, out
+    start, stop, T0 = start[rows], stop[rows], T0[rows]
+    L = int(T0.max()) + 1
+    j = np.arange(L)[None, :]
+    inside = j <= T0[:, None]
+    idx = np.minimum(start[:, None] + j, gf.size - 1)
+    seg = np.where(inside, gf[idx], 0.0)  # [m, L], samples start..stop
+    endv = seg[np.arange(rows.size), T0]
+    line = seg[:, :1] + (endv - seg[:, 0])[:, None] * (j / T0[:, None])
+    seg_c = np.where(inside, seg - line, -np.inf)
+    jd = np.arange(L + shift)[None, :]
+    stop2 = np.where(stop + shift <= dgf.size - 1, stop + shift, stop)
+    didx = np.minimum(start[:, None] + jd, dgf.size - 1)
+    d_peak = np.where(jd <= (stop2 - start)[:, None], np.abs(dgf[didx]), 0.0).max(1)
+    imax = seg_c.argmax(1)
+    r = np.arange(rows.size)
+    f_ac = seg_c[r, imax]
+    half = 0.5 * f_ac[:, None]
+    below = (seg_c <= half) & inside
+    # last sample at or below half before the maximum, first one after it
+    left = np.where(below & (j < imax[:, None]), j, -1).max(1)
+    right = np.where(below & (j > imax[:, None]), j, L + 1).min(1)
+    sc = np.where(inside, seg_c, 0.0)
+
+    def cross(i0):  # fractional position of the half-level crossing between i0 and i0 + 1
+        i0c = np.clip(i0, 0, L - 2)
+        y0, y1 = sc[r, i0c], sc[r, i0c + 1]
+        return i0c + np.clip((half[:, 0] - y0) / np.where(y1 == y0, 1, y1 - y0), 0, 1)
+    t1 = np.where(left >= 0, cross(left), 0.0)
+    t2 = np.where(right <= T0, cross(right - 1), T0)
+    out[rows + 1, 0] = (f_ac / (d_peak + TINY)) / T0
+    out[rows + 1, 1] = (t2 - t1) / T0
+    # PSP (Alku et al. 1997) of each min-max normalised flow pulse, 2048-point FFT
     nfft = 2048
-    pulses, psp_rows, psp_t0 = [], [], []
-    for n in range(1, M):
-        start, stop = gcis[n - 1], gcis[n]
-        T0 = stop - start
-        if T0 <= 0 or not (20 < fs / T0 < 500):
-            continue
-        seg = gf[start:stop + 1]
-        seg_c = seg - np.linspace(seg[0], seg[-1], seg.size)  # zero-line drift
-        d_peak = np.max(np.abs(dgf[start:min(stop + shift, dgf.size - 1) + 1]))
-        imax = int(np.argmax(seg_c))
-        f_ac = seg_c[imax]
-        above = seg_c > f_ac * 0.5
-        lo = imax
-        while lo > 0 and above[lo - 1]:
-            lo -= 1
-        hi = imax
-        while hi < seg_c.size - 1 and above[hi + 1]:
-            hi += 1
-        out[n, 0] = (f_ac / (d_peak + TINY)) / T0
-        out[n, 1] = (hi - lo + 1) / T0
-        p = seg - seg.min()
-        p = p / (p.max() + TINY)
-        pulses.append(p[:nfft])
-        psp_rows.append(n)
-        psp_t0.append(T0)
-    if pulses:
-        P = np.zeros((len(pulses), nfft))
-        for i, p in enumerate(pulses):
-            P[i, :p.size] = p
-        X = 20 * np.log10(np.abs(scipy.fft.rfft(P, axis=1)) + TINY)
-        a = _psp_a(X)
-        amax = np.array([_psp_amax(int(round(t0)), nfft) for t0 in psp_t0])
-        out[psp_rows, 3] = a / amax
+    p = np.where(inside, seg - np.where(inside, seg, np.inf).min(1, keepdims=True), 0.0)
+    p = p / (p.max(1, keepdims=True) + TINY)
+    X = 20 * np.log10(np.abs(scipy.fft.rfft(p[:, :nfft], n=nfft, axis=1)) + TINY)
+    a = _psp_a(X)
+    amax = np.array([_psp_amax(int(t0), nfft) for t0 in T0])
+    out[rows + 1, 3] = a / amax
     return gcis / fs, out
 
 
@@ -317,22 +454,53 @@ def wavelet_bank(fs: int, n_scales: int = 6) -> list[np.ndarray]:
 
 
 def wavelet_decompose(x: np.ndarray, bank: list[np.ndarray]) -> np.ndarray:
-    """[S, N] responses of x to the wavelet bank, all scales in one batched FFT convolution."""
+    """[S, N] responses of x to the wavelet bank, all scales in one batched FFT convolution
+    (x may be [B, N]: then [B, S, N], sharing the filters' spectra)."""
+    x = np.asarray(x)
+    single = x.ndim == 1
+    x2 = np.atleast_2d(x).astype(np.float32)
+    N = x2.shape[1]
     longest = max(len(h) for h in bank)
-    n = scipy.fft.next_fast_len(x.size + longest, real=True)
-    X = scipy.fft.rfft(x, n=n)
-    H = np.stack([scipy.fft.rfft(h, n=n) for h in bank])
-    y = scipy.fft.irfft(X[None] * H, n=n, axis=1)
-    offs = [len(h) // 2 for h in bank]
-    return np.stack([y[i, o:o + x.size] for i, o in enumerate(offs)])
+    n = scipy.fft.next_fast_len(N + longest, real=True)
+    X = scipy.fft.rfft(x2, n=n, axis=1)
+    H = scipy.fft.rfft(_bank_matrix(tuple(len(h) for h in bank), bank, longest), n=n, axis=1)
+    y = scipy.fft.irfft(X[:, None, :] * H[None], n=n, axis=2)
+    out = y[:, :, longest // 2:longest // 2 + N]
+    return out[0] if single else out
+
+
+def _bank_matrix(lengths, bank, longest) -> np.ndarray:
+    """The bank as one [S, longest] float32 array, each filter centred at longest // 2."""
+    M = np.zeros((len(bank), longest), np.float32)
+    for i, h in enumerate(bank):
+        o = longest // 2 - len(h) // 2
+        M[i, o:o + len(h)] = h
+    return M
 
 
 def peak_slope(wav_resp: np.ndarray, fs: int, centres: np.ndarray, win_ms: float = 40.0) -> np.ndarray:
     """peakSlope (Kane & Gobl 2011): slope of the regression line of log10 of the per-scale
     maximum amplitude (within 40 ms around each frame) against the scale index."""
     size = int(round(win_ms * fs / 1000))
-    env = scipy.ndimage.maximum_filter1d(np.abs(wav_resp), size=size, axis=1, mode="constant")
-    peaks = np.log10(env[:, np.clip(centres, 0, wav_resp.shape[1] - 1)] + TINY)  # [S, T]
+    S, N = wav_resp.shape
+    hop = int(centres[1] - centres[0]) if centres.size > 1 else size
+    if centres.size > 1 and size % hop == 0 and np.all(np.diff(centres) == hop):
+        # max over [c - size/2, c + size/2) as the max of size/hop blocks of `hop` samples
+        nb = size // hop
+        first = int(centres[0]) - size // 2
+        n_blocks = centres.size + nb - 1
+        pad_l = max(0, -first)
+        total = n_blocks * hop
+        a = np.zeros((S, total), np.float32)
+        lo, hi = first + pad_l, min(N, first + total)
+        if hi > lo:
+            a[:, pad_l:pad_l + hi - lo] = np.abs(wav_resp[:, lo:hi])
+        blocks = a.reshape(S, n_blocks, hop).max(2)
+        env = np.lib.stride_tricks.sliding_window_view(blocks, nb, axis=1).max(2)  # [S, T]
+        peaks = np.log10(env.astype(np.float64) + TINY)
+    else:
+        env = scipy.ndimage.maximum_filter1d(np.abs(wav_resp), size=size, axis=1, mode="constant")
+        peaks = np.log10(env[:, np.clip(centres, 0, N - 1)] + TINY)  # [S, T]
     s = np.arange(peaks.shape[0], dtype=float)
     s -= s.mean()
     return (s[:, None] * (peaks - peaks.mean(0))).sum(0) / (s * s).sum()
@@ -378,3 +546,171 @@ def interp_events(times: np.ndarray, values: np.ndarray, frame_times: np.ndarray
         out[np.argmin(np.abs(frame_times - times[ok][0]))] = values[ok][0]
         return out
     return np.interp(frame_times, times[ok], values[ok], left=np.nan, right=np.nan)
+
+
+# ---- creaky voice cues (Kane, Drugman & Gobl 2013; Drugman, Kane & Gobl 2014; Ishi et al. 2008)
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+
+
+def _resonator(x: np.ndarray, f: float, rho: float, fs: int) -> np.ndarray:
+    phi = 2 * np.pi * f / fs
+    return scipy.signal.lfilter([1.0], [1.0, -2 * rho * np.cos(phi), rho * rho], x)
+
+
+def _unit_acf(frames: np.ndarray, max_lag: int, n: int | None = None) -> np.ndarray:
+    """Autocorrelation [T, max_lag+1] of frames via one FFT, divided by the lag-0 value."""
+    n = n or scipy.fft.next_fast_len(frames.shape[1] + max_lag + 1, real=True)
+    spec = scipy.fft.rfft(frames, n=n, axis=1)
+    acf = scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n, axis=1)[:, :max_lag + 1]
+    return acf / (acf[:, :1] + TINY)
+
+
+def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float) -> tuple[np.ndarray, np.ndarray]:
+    """Kane-Drugman H2-H1 (dB) of the residual through a resonator at the mean F0 (get_creak_h2h1):
+    50 ms Hann frames; the 'creak F0' is the autocorrelation peak after the first zero
+    crossing of the rho = 0.8 resonator output, H1 and H2 are read at 1 and 2 x that F0 on the
+    power spectrum (= spectrum of the two-sided autocorrelation; COVAREP takes the one-sided
+    one) of the rho = 0.97 output; 100 ms moving average. Computed every 20 ms and linearly
+    interpolated to the frames (the contour is smoothed over 100 ms anyway).
+    Returns (H2H1, creak F0)."""
+    L = int(round(0.05 * fs))
+    win = np.hanning(L).astype(np.float32)
+    sub = centres[::2]
+    rep = _resonator(res, f0_mean, 0.97, fs).astype(np.float32)
+    rep2 = _resonator(res, f0_mean, 0.8, fs).astype(np.float32)
+    nfft = scipy.fft.next_fast_len(2 * L, real=True)
+    acf2 = _unit_acf(gather_frames(rep2, sub, L) * win, L - 1, nfft)
+    k = np.arange(L)
+    acf2 = acf2 * (L / (L - k))[None, :]
+    neg = acf2 <= 0
+    first = np.argmax(neg, axis=1)
+    first[~neg.any(1)] = L - 1
+    lag = np.where(k[None, :] >= first[:, None], acf2, -np.inf).argmax(1)
+    lag = np.maximum(lag, 5)
+    f0c = fs / lag
+    P = np.abs(scipy.fft.rfft(gather_frames(rep, sub, L) * win, n=nfft, axis=1)) ** 2
+    b1 = f0c * nfft / fs
+    rows = np.arange(sub.size)
+
+    def at(b):
+        i = np.clip(np.floor(b).astype(int), 0, P.shape[1] - 2)
+        w = np.clip(b - i, 0, 1)
+        return P[rows, i] * (1 - w) + P[rows, i + 1] * w
+    h2h1 = 10 * np.log10((at(2 * b1) + TINY) / (at(b1) + TINY))
+    t = np.arange(centres.size)
+    h2h1 = np.interp(t, t[::2], h2h1)
+    f0c = np.interp(t, t[::2], f0c)
+    return scipy.ndimage.uniform_filter1d(h2h1, 10, mode="nearest"), f0c
+
+
+def kd_peak_prominence(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float, energy_db: np.ndarray) -> np.ndarray:
+    """Residual peak prominence (res_peak / get_res_peak_prom): the residual through a rho = 0.8
+    resonator at the mean F0; in a window of two periods of the highest plausible creak F0
+    (90, 65 or 55 Hz by the mean F0) re-centred on its largest peak, 1 - (largest positive
+    value outside +-20 % of the window around the peak) / peak; 0 where the frame energy is
+    more than 4 dB below the maximum within 400 ms; median filter over 5 frames."""
+    max_creak_f0 = 90.0 if f0_mean > 100 else (65.0 if f0_mean >= 85 else 55.0)
+    W = 2 * int(round(fs / max_creak_f0))
+    half = W // 2
+    rep = _resonator(res, f0_mean, 0.8, fs)
+    n = rep.size
+    fr = gather_frames(np.abs(rep), centres, W)
+    m = centres - half + fr.argmax(1)  # peak sample
+    padded = np.pad(rep, (W, W))
+    seg = padded[(m + W - half)[:, None] + np.arange(W + 1)[None, :]]
+    pk = seg[:, half]
+    seg = seg * np.sign(pk + TINY)[:, None] / (np.abs(pk) + TINY)[:, None]
+    rem = int(round(0.2 * W))
+    seg[:, half - rem:half + rem + 1] = 0.0
+    prom = 1.0 - np.clip(seg.max(1), 0, 1)
+    prom[(m - half < 0) | (m + half >= n)] = 0.0
+    local_max = scipy.ndimage.maximum_filter1d(energy_db, size=81, mode="nearest")
+    prom[energy_db < local_max - 4] = 0.0
+    return scipy.ndimage.median_filter(prom, size=5, mode="nearest")
+
+
+def ishi_cues(x: np.ndarray, fs: int, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ishi et al. (2008) vocal-fry cues at the frame centres, as COVAREP's ishi_creak_detection:
+    on the 100-1500 Hz band, the very-short-term power contour (4 ms / 2 ms, 20 log10 of the
+    mean square) gives power peaks (2 dB above the contour 6 ms either side, within 30 dB of
+    the largest); PwP = min(rise, fall) of each peak over 10 ms; IPS = largest normalised
+    cross-correlation (+-15 ms) of 15 ms segments around consecutive peaks < 100 ms apart;
+    IFP = intra-frame periodicity, the smallest normalised autocorrelation over the multiples
+    of the best lag (32 ms frames, lags 1-15 ms). PwP and IPS are read from the next peak within
+    35 ms of each frame centre (0 when none). Returns (PwP, IFP, IPS) per frame."""
+    T = centres.size
+    sos = _ishi_band(fs)
+    xf = scipy.signal.sosfiltfilt(sos, x) if x.size > 60 else x
+    L4, h2 = int(round(0.004 * fs)), int(round(0.002 * fs))
+    n_pow = max(1, (xf.size - L4) // h2 + 1)
+    csum = np.concatenate([[0.0], np.cumsum(xf ** 2)])
+    starts = np.arange(n_pow) * h2
+    pw = (csum[np.minimum(starts + L4, xf.size)] - csum[starts]) / L4
+    pdb = 20 * np.log10(pw + 1e-20)
+    t_pow = starts + L4 / 2
+    pwp = np.zeros(T)
+    ips_f = np.zeros(T)
+    if n_pow > 12:
+        pk = np.nonzero((pdb[1:-1] > pdb[:-2]) & (pdb[1:-1] >= pdb[2:]))[0] + 1
+        lo, hi = np.maximum(pk - 3, 0), np.minimum(pk + 3, n_pow - 1)
+        pk = pk[(pdb[pk] - 2 >= pdb[lo]) & (pdb[pk] - 2 >= pdb[hi])]
+        if pk.size:
+            pk = pk[pdb[pk] >= pdb[pk].max() - 30]
+        if pk.size > 1:
+            off = np.arange(-5, 6)
+            ctx = pdb[np.clip(pk[:, None] + off[None, :], 0, n_pow - 1)]
+            rise = (pdb[pk][:, None] - ctx[:, :5]).max(1)
+            fall = (pdb[pk][:, None] - ctx[:, 6:]).max(1)
+            p_val = np.minimum(rise, fall)
+            ps = np.round(t_pow[pk]).astype(int)
+            N = int(round(0.015 * fs))
+            hN = N // 2
+            padded = np.pad(xf, (hN, hN + 1))
+            segs = padded[ps[:, None] + np.arange(N + 1)[None, :]]
+            nfft = scipy.fft.next_fast_len(2 * (N + 1), real=True)
+            S = scipy.fft.rfft(segs, n=nfft, axis=1)
+            xc = scipy.fft.irfft(S[1:] * np.conj(S[:-1]), n=nfft, axis=1)
+            en = np.sqrt((segs[1:] ** 2).sum(1) * (segs[:-1] ** 2).sum(1)) + TINY
+            ips = np.r_[0.0, xc.max(1) / en]
+            ips[1:][np.diff(ps) > 0.1 * fs] = 0.0
+            nxt = np.searchsorted(ps, centres)
+            ok = nxt < ps.size
+            near = ok & ((ps[np.minimum(nxt, ps.size - 1)] - centres) < 0.035 * fs)
+            idx = np.minimum(nxt, ps.size - 1)
+            pwp = np.where(near, p_val[idx], 0.0)
+            ips_f = np.where(near, ips[idx], 0.0)
+    # IFP on 32 ms frames of the band-passed signal
+    N = int(round(0.032 * fs))
+    max_lag = int(round(0.015 * fs))
+    tol = int(round(0.001 * fs))
+    fr = gather_frames(xf.astype(np.float32), centres, N)
+    acf = _unit_acf(fr, max_lag)
+    k = np.arange(max_lag + 1)
+    acf = acf * (N / (N - k))[None, :]
+    acf[:, :tol] = 0.0
+    best = acf.argmax(1)
+    ifp = acf.max(1)
+    for m in range(2, max_lag // tol + 1):
+        c = best * m
+        valid = c < max_lag
+        win = np.clip(c[:, None] + np.arange(-tol, tol + 1)[None, :], 0, max_lag)
+        vals = np.take_along_axis(acf, win, 1).max(1)
+        ifp = np.where(valid, np.minimum(ifp, vals), ifp)
+    ifp = np.clip(np.where(best > 0, ifp, 0.0), 0, 1)
+    low = ifp < 0.5
+    nxt1 = np.r_[low[1:], False]
+    nxt2 = np.r_[low[2:], False, False]
+    ifp = np.where(nxt1 | nxt2, 0.0, ifp)
+    return pwp, ifp, ips_f
+
+
+_ISHI_SOS: dict[int, np.ndarray] = {}
+
+
+def _ishi_band(fs: int) -> np.ndarray:
+    if fs not in _ISHI_SOS:
+        order, wn = scipy.signal.buttord([100 / (fs / 2), 1500 / (fs / 2)], [50 / (fs / 2), 3000 / (fs / 2)], 3, 40)
+        _ISHI_SOS[fs] = scipy.signal.butter(order, wn, "band", output="sos")
+    return _ISHI_SOS[fs]

@@ -37,34 +37,42 @@ def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarra
     """
     T = centres.size
     half = nfft // 2
-    offs = np.r_[np.arange(0, half), np.arange(-half, 0)]  # zero-phase layout
-    padded = np.pad(x, (half, half))
-    frames = padded[centres[:, None] + half + offs[None, :]]
-    hw = np.minimum(n_periods * fs / f0 / 2, half - 1)  # half window length, samples
-    u = offs[None, :] / hw[:, None]
-    win = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0)
-    spec = scipy.fft.rfft(frames * win, axis=1)
-    mag = np.abs(spec) * (2 / np.maximum(win.sum(1), TINY))[:, None]
+    # frames centred on each centre (sample offsets -half..half-1), float32 for the FFT; the
+    # zero-phase layout's phases are the centred frame's plus pi k (a circular shift by half)
+    padded = np.pad(np.asarray(x, dtype=np.float32), (half, half))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, nfft)[centres]
+    offs = (np.arange(nfft) - half).astype(np.float32)
+    uf0, inv = np.unique(f0, return_inverse=True)  # SRH F0s lie on a 1 Hz grid: few windows
+    hw = np.minimum(n_periods * fs / uf0 / 2, half - 1)
+    u = offs[None, :] / hw[:, None].astype(np.float32)
+    wins = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0).astype(np.float32)
+    spec = scipy.fft.rfft(frames * wins[inv], axis=1)
+    mag = np.abs(spec) * (2 / np.maximum(wins.sum(1), TINY))[inv][:, None]
     nharm = np.floor((fs / 2 - f0 / 2) / f0).astype(int)
     kmax = int(nharm.max()) if max_harm is None else max_harm
     nharm = np.minimum(nharm, kmax)
     k = np.arange(1, kmax + 1)
     df = fs / nfft
-    centre_bin = k[None, :] * f0[:, None] / df  # [T, K]
+    centre_bin = np.round(k[None, :] * f0[:, None] / df).astype(int)  # [T, K]
+    reach_t = (f0 / 4 / df)[:, None]
     reach = int(np.ceil(f0.max() / 4 / df))
-    search = np.arange(-reach, reach + 1)
-    allowed = np.abs(search)[None, None, :] <= (f0 / 4 / df)[:, None, None]
-    bins = np.clip(np.round(centre_bin).astype(int)[..., None] + search, 1, half - 1)  # [T, K, W]
-    rows = np.arange(T)[:, None, None]
-    cand = np.where(allowed, mag[rows, bins], -1.0)
-    best = bins[np.arange(T)[:, None], np.arange(kmax)[None, :], cand.argmax(2)]
     r2 = np.arange(T)[:, None]
-    lm, l0, lp = (np.log(mag[r2, best + o] + TINY) for o in (-1, 0, 1))
+    best = np.clip(centre_bin, 1, half - 1)
+    best_val = mag[r2, best]
+    for o in range(-reach, reach + 1):
+        if o == 0:
+            continue
+        b = np.clip(centre_bin + o, 1, half - 1)
+        v = np.where(abs(o) <= reach_t, mag[r2, b], -1.0)
+        better = v > best_val
+        best = np.where(better, b, best)
+        best_val = np.where(better, v, best_val)
+    lm, l0, lp = (np.log(mag[r2, best + o].astype(np.float64) + TINY) for o in (-1, 0, 1))
     den = lm - 2 * l0 + lp
     delta = np.where(np.abs(den) > TINY, 0.5 * (lm - lp) / np.where(den == 0, 1, den), 0.0)
     delta = np.clip(delta, -0.5, 0.5)
     amp = np.exp(l0 - 0.25 * (lm - lp) * delta)
-    phase = np.angle(spec[r2, best])
+    phase = wrap(np.angle(spec[r2, best]).astype(np.float64) + np.pi * best)
     valid = k[None, :] <= nharm[:, None]
     return np.where(valid, amp, 0.0), np.where(valid, phase, 0.0), nharm
 
