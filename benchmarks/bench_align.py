@@ -20,7 +20,9 @@ figures are with a warm page cache; the first run after a reboot reads the disk 
 `sertool.timings.synthesize_speech`), with pauses of 50-250 ms between words and with none,
 and aligns them with each aligner: real-time factor (alignment seconds / audio seconds, model
 loading excluded) and the share of word starts and ends within 100 ms (and 50 ms) of the truth;
-a sentence an aligner fails on counts as all its boundaries missed.
+a sentence an aligner fails on counts as all its boundaries missed. ``whisper-raw`` is the
+Whisper aligner without its energy refinement (find_alignment's DTW boundaries as they are);
+``auto`` is pocketsphinx with Whisper where it fails.
 The wav2vec2 row uses a randomly initialised wav2vec2-base-sized CTC model (no trained CTC model
 can be downloaded here): its speed is that of the real model, its accuracy is meaningless and
 not reported.
@@ -167,6 +169,9 @@ def bench_forced(aligners: list[str], threads: int) -> list[dict]:
                 if name == "wav2vec2":
                     tmp = Path(tempfile.mkdtemp(prefix="bench_ctc_"))
                     aligner = make_aligner(name, _tiny_base_ctc(tmp), device="cpu")
+                elif name == "whisper-raw":  # DTW boundaries as find_alignment gives them, no energy refinement
+                    aligner = make_aligner("whisper", device="cpu")
+                    aligner.refine = False
                 else:
                     aligner = make_aligner(name, device="cpu")
                 load_s = time.perf_counter() - t
@@ -205,7 +210,7 @@ def main() -> None:
     p.add_argument("--words", type=int, default=50)
     p.add_argument("--word-s", type=float, default=0.3, help="seconds per word (0.3: 15 s utterances)")
     p.add_argument("--keep", help="features folder to write (and reuse) instead of a temporary one")
-    p.add_argument("--aligners", nargs="+", default=["whisper", "pocketsphinx", "wav2vec2"])
+    p.add_argument("--aligners", nargs="+", default=["whisper", "whisper-raw", "pocketsphinx", "auto", "wav2vec2"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nj", type=int, default=2, help="align worker processes for `tensors` (this machine: 2 cores)")
     args = p.parse_args()

@@ -8,7 +8,9 @@ by plain ``torch.nn.MultiheadAttention``.
 Each (model, attention) row runs in a fresh subprocess so that the peak resident set size
 (``resource.getrusage(...).ru_maxrss``) belongs to that row alone; "peak MB" is the process peak
 and "+MB" the increase over the process after importing torch and building the model inputs
-(i.e. weights, activations, gradients and optimiser-free backward buffers).
+(i.e. weights, activations, gradients and optimiser-free backward buffers).  "CPU s/batch" is
+the process CPU time (all threads) per batch, less sensitive than wall time to other processes
+on a shared machine; "load" is the 1-minute load average when the row finished.
 
 The nn.MultiheadAttention variant computes exactly the same function where the model's attention
 is plain scaled dot-product attention (self_attn, cross_attn, cma, cmd_student).  For lgcct
@@ -98,19 +100,21 @@ def run_one(key: str, variant: str, repeats: int, threads: int) -> dict:
         model = _swap_attention(model)
     model.train()
     base = _rss_mb()
-    times = []
+    times, cpu = [], []
     for i in range(repeats + 1):  # first = warm-up
         model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model(batch)
         out.float().square().mean().backward()
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i:
             times.append(dt)
+            cpu.append(dc)
     peak = _rss_mb()
     return {"key": key, "variant": variant, "params": n_params, "batch": B,
-            "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats,
-            "peak_mb": peak, "delta_mb": peak - base, "threads": threads}
+            "median_s": statistics.median(times), "min_s": min(times), "cpu_s": statistics.median(cpu),
+            "repeats": repeats, "peak_mb": peak, "delta_mb": peak - base, "threads": threads,
+            "load1": os.getloadavg()[0]}
 
 
 def main(argv=None):
@@ -128,6 +132,7 @@ def main(argv=None):
     import torch
 
     rows = []
+    load0 = os.getloadavg()
     for key in args.models:
         for variant in ("sertool", "torch"):
             if key == "probe" and variant == "torch":
@@ -140,16 +145,20 @@ def main(argv=None):
                 raise SystemExit(f"benchmark of {key}/{variant} failed")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"# done {key} {variant}: {rows[-1]['median_s']:.3f} s", file=sys.stderr)
+    load1 = os.getloadavg()
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-          f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after 1 warm-up\n")
-    print("| model | attention | params | batch | inputs | fwd+bwd s/batch (median) | min s | peak MB | +MB |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+          f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after 1 warm-up; "
+          f"load average (1/5/15 min) {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at start, "
+          f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at end\n")
+    print("| model | attention | params | batch | inputs | fwd+bwd wall s/batch (median) | min wall s | "
+          "CPU s/batch | load | peak MB | +MB |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         att = "sertool" if r["variant"] == "sertool" else (
             "nn.MultiheadAttention" + ("" if r["key"] in EXACT else " (approx.)"))
         inputs = ", ".join(f"{m} {T}x{D}" for m, (T, D) in SIZES[r["key"]][1].items())
         print(f"| {r['key']} | {att} | {r['params']:,} | {r['batch']} | {inputs} | {r['median_s']:.3f} | "
-              f"{r['min_s']:.3f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |")
+              f"{r['min_s']:.3f} | {r['cpu_s']:.3f} | {r['load1']:.1f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@
 5. Audio to words: frame i of a store at rate r stands at time (i + c) / r, where c = 0 for
    frames centred on i / r (librosa-style ``frame_centre``) and half a frame length otherwise;
    a word [start, end) gets the frames whose time lies inside it, collapsed by ``mean``
-   (default), ``max`` or the SDK's ``first`` / ``last``, with vectorised segment reductions
-   (``np.add.reduceat`` in float64, so a constant segment gives its value exactly). A word
-   with no frame inside gets the frame nearest to its centre.
+   (default), ``max`` or the SDK's ``first`` / ``last``: the words' frames are gathered and
+   reduced with one ``np.add.reduceat`` per utterance, in float64, so a constant segment gives
+   its value exactly. A word with no frame inside gets the frame nearest to its centre.
 6. Cut or pad to ``length`` words (padding at the end, as the SDK, or at the start), write
    ``FEATS/aligned-<audio>-<text>-<n>.h5`` atomically, and list every dropped or partly aligned
    utterance with its reason in ``FEATS/align_report.tsv``.
+
+Steps 2-6 run on blocks of 512 utterances, written as they come (memory does not grow with the
+corpus), in ``nj`` worker processes when asked; the output does not depend on ``nj``.
 
 Output (read it with `open_aligned`): datasets ``audio`` [N, n, Da], ``text`` [N, n, Dt],
 ``mask`` [N, n] (True on real words), ``ids``, ``labels`` ("" when absent), ``scores`` (NaN when
@@ -35,7 +38,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
-import math
 import os
 import time
 from collections import Counter
@@ -57,6 +59,7 @@ SUPPORTED_VERSIONS = (1,)
 COLLAPSE = ("mean", "max", "first", "last")
 PADDING = ("end", "start")
 BLOCK = 512  # utterances written per block: bounds memory whatever N is
+SLOW_BLOCK = 32  # the same when forced or ASR timings may be computed
 EXIT_SOME_DROPPED = 3
 
 
@@ -502,9 +505,7 @@ _WORKER: _BlockAligner | None = None
 
 def _init_worker(opt: _Options) -> None:
     global _WORKER
-    import torch
-
-    torch.set_num_threads(max(1, opt.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(opt.threads))  # before torch is imported (only if an aligner needs it)
     _WORKER = _BlockAligner(opt)
 
 
@@ -514,7 +515,10 @@ def _work(utts: list[Utterance]) -> _Block:
 
 
 def _blocks(opt: _Options, utts: list[Utterance], nj: int, first: _BlockAligner):
-    chunks = [utts[i:i + BLOCK] for i in range(0, len(utts), BLOCK)]
+    # forced / ASR timings take about a second an utterance: small blocks share them evenly
+    # among the workers and reach the timings cache sooner
+    size = SLOW_BLOCK if {"forced", "asr"} & set(opt.order) else BLOCK
+    chunks = [utts[i:i + size] for i in range(0, len(utts), size)]
     if nj <= 1 or len(chunks) < 2:
         for chunk in chunks:
             yield len(chunk), first.block(chunk)
@@ -583,7 +587,7 @@ def run_align(
     collapse: str = "mean",
     padding: str = "end",
     truncate: str = "end",
-    aligner: str = "whisper",
+    aligner: str = "auto",
     align_model: str | None = None,
     asr_model: str | None = None,
     device: str = "auto",
@@ -621,6 +625,7 @@ def run_align(
     warned: set[str] = set()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
     try:
         with h5py.File(tmp, "w") as f:
             writer = _Writer(f, len(utts), length, main.a_store.dim, main.t_store.dim, dtype)
@@ -657,6 +662,19 @@ def run_align(
     report.seconds = time.perf_counter() - t0
     _write_report(report)
     return report
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete OUT.tmpPID files left by killed runs (their process is gone)."""
+    for leftover in out.parent.glob(out.name + ".tmp*"):
+        pid = leftover.name[len(out.name) + 4:]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                leftover.unlink(missing_ok=True)
+            except PermissionError:
+                pass
 
 
 def _progress(total: int, enabled: bool):

@@ -281,10 +281,11 @@ def evaluate(exp, feats, out_dir, compare, crop_length, attention, device, quiet
 @click.option("--length", default=50, show_default=True, type=click.IntRange(1), help="Words per utterance (cut or padded).")
 @click.option("--timings", default="corpus,forced,asr,uniform", show_default=True, metavar="SOURCES",
               help="Word-timing sources in order of preference: corpus, forced, asr, uniform (comma-separated).")
-@click.option("--aligner", type=click.Choice(["whisper", "wav2vec2", "pocketsphinx", "auto"]), default="whisper",
-              show_default=True, help="Forced aligner for --timings forced (auto: pocketsphinx, whisper where it fails).")
+@click.option("--aligner", type=click.Choice(["auto", "whisper", "pocketsphinx", "wav2vec2"]), default="auto",
+              show_default=True, help="Forced aligner (auto: pocketsphinx, faster-whisper tiny.en where it fails).")
 @click.option("--align-model", metavar="MODEL",
-              help="Aligner model: faster-whisper name or folder (default tiny.en), or a wav2vec2-CTC folder / hub id.")
+              help="Whisper model of auto/whisper (faster-whisper name or folder; default tiny.en), or the "
+                   "wav2vec2-CTC folder / hub id of --aligner wav2vec2.")
 @click.option("--asr-model", metavar="MODEL", help="ASR model for --timings asr (default tiny.en).")
 @click.option("--collapse", type=click.Choice(["mean", "max", "first", "last"]), default="mean", show_default=True,
               help="How the audio frames inside a word are collapsed.")
@@ -337,8 +338,123 @@ def _pending(stage: str, issue: int):
     command.short_help = f"(not available yet, issue {issue})"
 
 
-for _stage, _issue in (("distill", 8), ("predict", 9)):
+for _stage, _issue in ():
     _pending(_stage, _issue)
+
+
+# ----------------------------------------------------------------------------------- distill
+@cli.command(context_settings=CONTEXT)
+@click.argument("feats", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--out", "exp", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Experiment folder (distill.yaml, student.safetensors, distill_log.jsonl, finetune/).")
+@click.option("--teacher-audio", metavar="SPEC", help="Audio teacher: a store in FEATS / .h5 path (cached states) or a "
+              "wav2vec2-family transformers model (folder or hub id, run live).")
+@click.option("--teacher-text", metavar="SPEC", help="Text teacher: a store in FEATS / .h5 path or a BERT-family model.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML with student / distill / finetune sections (an EXP/distill.yaml works too).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override, e.g. distill.kappa=0.1, student.modalities=[text], finetune.protocol=kfold:5.")
+@click.option("--finetune", is_flag=True, help="Then fine-tune the student for classification (folds x seeds).")
+@click.option("--finetune-only", is_flag=True, help="Only fine-tune the student already in EXP.")
+@click.option("--overwrite", is_flag=True, help="Delete EXP first.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@_fail_cleanly
+def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune, finetune_only, overwrite, quiet):
+    """Cross-modal distillation (CMD, Kim & Kang 2022): distil frozen speech and text teachers into
+    small student transformers with a per-time-step contrastive loss, keeping the student with
+    the lowest validation loss; --finetune then trains it for emotion classification.
+
+    Example: sertool distill feats/rav -o exp/rav-cmd --teacher-audio whisper --teacher-text bert
+    --finetune --set finetune.protocol=speaker-kfold:6
+    """
+    from sertool.distill import run_distill, run_finetune
+
+    log = (lambda s: None) if quiet else click.echo
+    if not finetune_only:
+        m = run_distill(feats, exp, teacher_audio=teacher_audio, teacher_text=teacher_text, config_file=config_file,
+                        overrides=list(sets), overwrite=overwrite, progress=not quiet, log=log)
+        click.echo(f"{exp}: student from epoch {m['best_epoch'] + 1}, val loss {m['best_val_loss']:.4f} "
+                   f"(parameters {m['parameters']['student']})")
+    if finetune or finetune_only:
+        ft_sets = [s for s in sets if s.startswith("finetune.")]
+        r = run_finetune(exp, feats, overrides=ft_sets, progress=not quiet, log=log)
+        s = r["summary"]
+        click.echo(f"{exp}/finetune: {len(r['runs'])} run(s); macro-F1 {s['macro_f1']['mean']:.4f} ± "
+                   f"{s['macro_f1']['std']:.4f}, UA {s['UA']['mean']:.4f} ± {s['UA']['std']:.4f}")
+
+
+# ----------------------------------------------------------------------------------- predict
+@cli.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, metavar="[EXP] WAV_DIR")
+@click.option("-o", "--out", default="-", show_default=True, metavar="FILE",
+              help="predictions.csv, predictions.jsonl, or - for stdout (CSV).")
+@click.option("--transcripts", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Text per file for models with a text input: csv/tsv with columns file, text.")
+@click.option("--asr", metavar="MODEL", help="Transcribe files that have no text (e.g. tiny.en, packaged, offline).")
+@click.option("--segments", is_flag=True, help="Also write one row per segment of files longer than --window.")
+@click.option("--window", default=30.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Seconds: longer files are cut into equal segments no longer than this.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Segments per model call.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="Output format (default: from the file name).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run: skip the files already in the output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@_fail_cleanly
+def predict(paths, out, transcripts, asr, segments, window, batch_size, device, fmt, resume, overwrite, quiet):
+    """Predict the emotion of every recording in WAV_DIR (recursive; or one audio file) with the
+    model of EXP, or with the packaged default model when EXP is left out.
+
+    The features the model was trained on are recomputed with the same extractors and
+    normalisation. Rows are written as files finish; --resume continues an interrupted run. A
+    file that cannot be processed gets a row with its `error` and the run goes on; the exit
+    status is the number of such files (capped at 100). Example:
+    sertool predict exp/rav-probe recordings/ -o predictions.csv
+    """
+    from sertool.predict import run_predict
+
+    if len(paths) > 2:
+        raise click.UsageError(f"expected [EXP] WAV_DIR, got {len(paths)} arguments")
+    exp, wav_dir = (None, paths[0]) if len(paths) == 1 else paths
+    if exp is None and (Path(wav_dir) / "predictor.json").exists():
+        raise click.UsageError(f"{wav_dir} is an experiment folder; give the recordings too: sertool predict EXP WAV_DIR")
+    log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+    try:
+        report = run_predict(exp, wav_dir, out, transcripts=transcripts, asr=asr, segments=segments, window=window,
+                             batch_size=batch_size, device=device, fmt=fmt, resume=resume, overwrite=overwrite,
+                             progress=not quiet, log=log)
+    except BrokenPipeError:  # `sertool predict ... | head`: the reader has gone, stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    log(f"{report.n_done} file(s) predicted ({report.audio_seconds:.1f} s of audio, {report.seconds:.1f} s, "
+        f"{report.real_time_factor:.0f}x real time)" + (f", {report.n_skipped} already done" if report.n_skipped else "")
+        + (f" -> {report.output}" if report.output != "-" else ""))
+    if report.n_failed:
+        click.echo(f"{report.n_failed} file(s) failed (see the error column)", err=True)
+        sys.exit(report.exit_status)
+
+
+# ----------------------------------------------------------------------------------- export
+@cli.command(context_settings=CONTEXT)
+@click.argument("exp", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="model.onnx (ONNX) or model.pt (TorchScript).")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(9), help="ONNX opset.")
+@click.option("--no-check", is_flag=True, help="Do not check that the exported model gives the same outputs.")
+@_fail_cleanly
+def export(exp, out, opset, no_check):
+    """Export the classifier of EXP (default: the packaged model) for deployment, with the
+    normalisation built in: inputs are the raw features + masks, outputs the probabilities.
+
+    Writes OUT and OUT.json (inputs, classes, feature provenance); checks that the exported
+    model gives the same outputs as the PyTorch model."""
+    from sertool.export import run_export
+
+    info = run_export(exp, out, opset=opset, check=not no_check)
+    click.echo(f"{out}: {info['format']}, inputs {', '.join(info['input_names'])}; outputs {info['output']}"
+               + (f"; max abs difference to PyTorch {info['check']['max_abs_diff']:.2e}" if info.get("check") else ""))
 
 
 def main() -> None:

@@ -6,9 +6,12 @@ Sources, in the order `align` prefers them (``--timings corpus,forced,asr,unifor
     The corpus's own word intervals (IEMOCAP ``.wdseg``, CMU-MOSEI word intervals), i.e. the
     utterance's ``words`` when its text did not come from ASR.
 ``forced``
-    Forced alignment of the known transcript to the audio, with one of three aligners:
+    Forced alignment of the known transcript to the audio, with one of three aligners, or
+    ``auto`` (the default): pocketsphinx, and Whisper for the utterances it cannot align
+    (pocketsphinx was closer to the true boundaries on continuous speech and 15x faster in
+    ``benchmarks/bench_align.py``; docs/align.md has the figures):
 
-    * ``whisper`` (default, offline): faster-whisper's ``find_alignment`` (cross-attention
+    * ``whisper`` (offline): faster-whisper's ``find_alignment`` (cross-attention
       DTW of the transcript's tokens) on the packaged ``tiny.en`` model or any faster-whisper
       model. Whisper sees 30 s windows, so longer audio is aligned window by window: each
       window gets the words that fit the speaking rate seen so far, the last words of a window
@@ -270,8 +273,9 @@ class WhisperAligner(Aligner):
         index = int(self.device.split(":")[1]) if cuda and ":" in self.device else 0
         self.fw = WhisperModel(str(resolved.path), device="cuda" if cuda else "cpu", device_index=index,
                                compute_type="float16" if cuda else "float32", cpu_threads=cpu_threads)
+        # transcripts are taken as English (tiny.en; a multilingual model is told "en" too)
         self.tokenizer = Tokenizer(self.fw.hf_tokenizer, self.fw.model.is_multilingual, task="transcribe",
-                                   language="en" if not self.fw.model.is_multilingual else "en")
+                                   language="en")
         self.refine = refine
         self.model_path = str(resolved.path)
 
@@ -565,37 +569,51 @@ def _dist_version(name: str) -> str:
 
 
 class FallbackAligner(Aligner):
-    """pocketsphinx first (closer boundaries on continuous speech, 15x faster in the benchmark),
-    Whisper for the utterances it cannot align (words it cannot pronounce, audio it rejects)."""
+    """The default: pocketsphinx first (closer boundaries on continuous speech and on RAVDESS,
+    15x faster), Whisper for the utterances it cannot align; Whisper alone when pocketsphinx is
+    not installed."""
 
     name = "auto"
 
-    def __init__(self, model: str | None = None, device: str = "auto"):
-        self.first = PocketsphinxAligner(None, device)
-        self._model, self._device, self._second = model, device, None
+    def __init__(self, model: str | None = None, device: str = "auto", threads: int = 2):
+        try:
+            self.first: Aligner | None = PocketsphinxAligner(None, device)
+        except TimingError:
+            self.first = None
+        self._model, self._device, self._threads = model, device, threads
+        self._second: Aligner | None = None if self.first is not None else WhisperAligner(model, device, cpu_threads=threads)
 
     def config(self) -> dict[str, Any]:
-        return {"aligner": self.name, "chain": [self.first.config(), {"aligner": "whisper", "model": self._model or "tiny.en"}]}
+        chain = [self.first.config()] if self.first is not None else []
+        return {"aligner": self.name, "chain": chain + [{"aligner": "whisper", "model": self._model or "tiny.en"}]}
 
     def align(self, wave: np.ndarray, words: Sequence[str]) -> Timings:
-        try:
-            return self.first.align(wave, words)
-        except TimingError as e:
-            if self._second is None:
-                self._second = WhisperAligner(self._model, self._device)
-            t = self._second.align(wave, words)
-            t.notes.append(f"pocketsphinx failed ({e}); aligned by whisper")
-            return t
+        failed = None
+        if self.first is not None:
+            try:
+                return self.first.align(wave, words)
+            except TimingError as e:
+                failed = e
+        if self._second is None:
+            self._second = WhisperAligner(self._model, self._device, cpu_threads=self._threads)
+        t = self._second.align(wave, words)
+        if failed is not None:
+            t.notes.append(f"pocketsphinx failed ({failed}); aligned by whisper")
+        return t
 
 
-def make_aligner(name: str = "whisper", model: str | None = None, device: str = "auto", threads: int = 2) -> Aligner:
-    """Build a forced aligner by name: whisper (default model tiny.en), wav2vec2 (needs `model`), pocketsphinx,
-    or auto (pocketsphinx, then whisper where it fails)."""
+def make_aligner(name: str = "auto", model: str | None = None, device: str = "auto", threads: int = 2) -> Aligner:
+    """Build a forced aligner by name: auto (pocketsphinx, then whisper where it fails), whisper (default model
+    tiny.en; `model` another faster-whisper model), wav2vec2 (needs `model`), pocketsphinx."""
     if name == "auto":
-        return FallbackAligner(model, device)
+        return FallbackAligner(model, device, threads)
     if name == "whisper":
         return WhisperAligner(model, device, cpu_threads=threads)
     if name == "wav2vec2":
+        import torch
+
+        if threads and torch.get_num_threads() > threads:
+            torch.set_num_threads(threads)
         return CTCAligner(model, device)
     if name == "pocketsphinx":
         return PocketsphinxAligner(model, device)

@@ -118,8 +118,9 @@ def test_worker_processes_give_the_same_file(tmp_path, monkeypatch):
     specs = [{"id": f"u{i}", "words": _words(2 + i % 4), "duration": 2.0} for i in range(8)]
     specs[5]["text_store"] = False  # one dropped inside a block
     make_feats(tmp_path, specs)
-    one = run_align(tmp_path, "aud", "txt", tmp_path / "one.h5", length=4, progress=False, log=_quiet)
-    two = run_align(tmp_path, "aud", "txt", tmp_path / "two.h5", length=4, nj=2, progress=False, log=_quiet)
+    one = run_align(tmp_path, "aud", "txt", tmp_path / "one.h5", length=4, timings="corpus", progress=False, log=_quiet)
+    two = run_align(tmp_path, "aud", "txt", tmp_path / "two.h5", length=4, timings="corpus", nj=2, progress=False,
+                    log=_quiet)
     a, b = open_aligned(one.path), open_aligned(two.path)
     assert a.ids == b.ids and len(a.ids) == 7 and one.dropped == two.dropped == [(
         "u5", "no text features: not in the text store (no transcript, or see errors.tsv of extract)")]
@@ -280,7 +281,10 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match="not a readable HDF5"):
         open_aligned(tmp_path / "junk.h5")
+    stale = tmp_path / "aligned-aud-txt-50.h5.tmp999999999"  # left by a killed run: no such process
+    stale.write_bytes(b"half")
     report = run_align(tmp_path, "aud", "txt", progress=False, log=_quiet)
+    assert not stale.exists()
     newer = tmp_path / "newer.h5"
     shutil.copy(report.path, newer)
     with h5py.File(newer, "a") as f:

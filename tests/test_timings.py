@@ -203,7 +203,7 @@ def test_auto_aligner_falls_back_to_whisper(monkeypatch):
     import sertool.timings as timings
 
     class FakeWhisper(timings.Aligner):
-        def __init__(self, *a):
+        def __init__(self, *a, **k):
             pass
 
         def align(self, wave, words):

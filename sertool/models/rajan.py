@@ -17,7 +17,8 @@ and FC C.  Uni-, bi- and tri-modal inputs are supported (cross-attention needs >
 Convolution variants (``conv``):
 
 * ``time`` (default; the released code): a kernel-1 Conv1d whose *channels are the time steps*
-  of a fixed-length input, i.e. a learned mixing across time: audio 1000 -> 500 frames, visual
+  of a fixed-length input (followed by ReLU here), i.e. a learned mixing across time: audio
+  1000 -> 500 frames, visual
   32 -> 25, no convolution on text; inputs are zero-padded / truncated to the fixed lengths
   1000 / 128 / 32.  It is the default because it is the only fully specified variant (the paper
   gives no conv hyper-parameters) and it reproduces the reference parameter counts: tri-modal,

@@ -63,9 +63,11 @@ def _import_all():
 
 
 def list_models() -> list[str]:
-    """Registered model keys, in registration order."""
+    """Registered model keys, in the order of their modules in _MODULES (whatever was imported first)."""
     _import_all()
-    return list(_REGISTRY)
+    module_rank = {f"{__package__}.{m}": i for i, m in enumerate(_MODULES)}
+    return sorted(_REGISTRY, key=lambda k: (module_rank.get(_REGISTRY[k].__module__, len(_MODULES)),
+                                            list(_REGISTRY).index(k)))
 
 
 # ----------------------------------------------------------------------------- configs
@@ -87,6 +89,8 @@ def _coerce(default: Any, value: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}': expected a number, got {value!r}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(default, list) and isinstance(value, str):
+        value = [value]  # model.modalities=audio
     if isinstance(default, bool) and not isinstance(value, bool):
         raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():

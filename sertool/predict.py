@@ -1,0 +1,735 @@
+"""The predict stage: a trained experiment + a folder of recordings -> a table of predictions.
+
+    report = run_predict("exp/rav-probe", "recordings/", "predictions.csv")
+    report = run_predict(None, "recordings/", "-")          # the packaged default model
+
+1. Load the predictor of EXP (``EXP/predictor.json`` + ``model.safetensors`` +
+   ``norm.safetensors``, written by ``sertool train``), or the default model shipped in the
+   package when EXP is None.  The features each input was trained on are rebuilt from the
+   provenance recorded in the feature stores (``features.<modality>.extractor``: extractor name
+   and every parameter, model checksums included), so the same extractors run here, and the
+   training split's normalisation statistics are applied.
+2. Scan the input: a folder (recursively: wav, flac, mp3, ogg, opus, aiff) or one file.
+3. Text, for models with a text input, per file, in this order: ``--transcripts FILE`` (csv/tsv,
+   columns ``file`` and ``text``), a sidecar ``.txt`` next to the audio, ``--asr MODEL``.  A text
+   model without any of them fails at once, naming the three.  The ``text_source`` column says
+   which was used.
+4. Per file: load (mono, resampled to each extractor's rate), cut files longer than ``window``
+   seconds into equal segments no longer than the window, compute the features, normalise,
+   pad, predict in batches (CUDA when available), and average the segments' probabilities
+   (or scores), weighted by their duration, into the file's prediction.
+5. Rows are written and flushed as each file is finished, so an interrupted run keeps what it
+   did; ``resume=True`` reads the output back, drops a half-written last line and skips the
+   files it already holds (error rows included).  A file that cannot be processed gets a row
+   with the ``error`` column filled and the run goes on; the report counts them (the CLI's exit
+   status is their number, capped at 100).
+
+Output columns: ``file, duration, label, p_<class>...`` (``score`` for regression models),
+``n_segments, text, text_source, error``; with ``segments=True`` also ``segment, start, end``,
+one row per segment before the file's row (whose ``segment`` is empty).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from sertool.audio import AudioError, audio_info, load_audio
+from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
+DEFAULT_WINDOW_S = 30.0
+EXIT_STATUS_CAP = 100
+TEXT_OPTIONS = ("--transcripts FILE.tsv|csv (columns file, text)", "a sidecar .txt file next to each audio file",
+                "--asr tiny.en (the packaged faster-whisper model, offline)")
+
+
+class PredictError(ValueError):
+    """An experiment or input that cannot be used for prediction (raised before any file is done)."""
+
+
+# ----------------------------------------------------------------------------------- predictor
+@dataclass
+class Predictor:
+    """A trained model with the extractors and normalisation statistics of its features."""
+
+    path: Path
+    spec: dict  # predictor.json
+    model: Any  # torch.nn.Module, eval mode, on `device`
+    stats: dict[str, tuple[np.ndarray, np.ndarray]]  # modality -> (mean, std)
+    extractors: dict[str, Any]  # modality -> Extractor
+    device: Any
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.extractors)
+
+    @property
+    def regression(self) -> bool:
+        return self.spec.get("task") == "regression"
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec.get("classes") or [])
+
+    @property
+    def text_modalities(self) -> list[str]:
+        return [m for m, ex in self.extractors.items() if ex.needs_text]
+
+    @property
+    def crop(self) -> dict[str, int]:
+        return {m: int(v) for m, v in (self.spec.get("max_steps") or {}).items() if v}
+
+    def output_columns(self) -> list[str]:
+        return ["score"] if self.regression else ["label", *[f"p_{c}" for c in self.classes]]
+
+    def predict_features(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Raw features (one dict modality -> [T, D] per item) -> probabilities [N, C] or scores [N]."""
+        import torch
+
+        batch = collate(items, self.stats, self.crop)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with torch.inference_mode():
+            out = self.model(batch)
+        return outputs_to_probabilities(out, self.spec)
+
+
+def outputs_to_probabilities(out, spec: dict) -> np.ndarray:
+    """Model outputs -> class probabilities [N, C] (or scores [N] for regression)."""
+    out = out.float()
+    if spec.get("task") == "regression":
+        return out.reshape(-1).cpu().numpy()
+    probs = out.exp() if spec.get("loss") == "nll" else out.softmax(-1)
+    return probs.cpu().numpy()
+
+
+def collate(items: list[dict[str, np.ndarray]], stats: dict[str, tuple[np.ndarray, np.ndarray]],
+            crop: dict[str, int] | None = None) -> dict:
+    """The batch the models take, exactly as training built it (sertool.data.SERDataset.collate):
+    the first ``crop[m]`` steps, zero padding, ``<m>_mask`` (True = real frame), then
+    ``(x - mean) / std`` from the training split and padding set back to zero."""
+    import torch
+
+    crop = crop or {}
+    batch: dict = {}
+    for m in items[0]:
+        xs = [x[: crop[m]] if crop.get(m) else x for x in (it[m] for it in items)]
+        lens = np.array([len(x) for x in xs], dtype=np.int64)
+        T, D = int(lens.max()), int(xs[0].shape[1])
+        arr = np.zeros((len(xs), T, D), dtype=np.float32)
+        for b, x in enumerate(xs):
+            arr[b, : lens[b]] = x
+        xt = torch.from_numpy(arr)
+        mask = torch.from_numpy(np.arange(T)[None, :] < lens[:, None])
+        if m in stats:
+            mu, sd = stats[m]
+            xt = (xt - torch.from_numpy(np.asarray(mu, np.float32))) / torch.from_numpy(np.asarray(sd, np.float32))
+            xt = xt * mask[..., None]
+        batch[m] = xt
+        batch[f"{m}_mask"] = mask
+    return batch
+
+
+def pick_device(name: str = "auto"):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PredictError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
+    """(directory, predictor.json content) of EXP, or of the packaged default model."""
+    path = Path(exp) if exp is not None else DEFAULT_MODEL_DIR
+    spec_file = path / "predictor.json"
+    if not path.is_dir():
+        if exp is None:
+            raise PredictError(f"the default model is missing from this installation ({DEFAULT_MODEL_DIR}); "
+                               "reinstall sertool or give an experiment folder: sertool predict EXP WAV_DIR")
+        raise PredictError(f"{path}: not an experiment folder (give the -o folder of `sertool train`)")
+    if not spec_file.exists():
+        if (path / "config.yaml").exists():
+            raise PredictError(f"{path} has no predictor.json: its training has not finished (continue it with "
+                               f"`sertool train ... -o {path} --resume`)")
+        raise PredictError(f"{path} is not an experiment folder: no predictor.json (train one with `sertool train`)")
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PredictError(f"{spec_file}: unreadable ({e})") from None
+    if spec.get("format") != "sertool-predictor":
+        raise PredictError(f"{spec_file}: not a sertool predictor file (format {spec.get('format')!r})")
+    return path, spec
+
+
+def load_predictor(exp: str | os.PathLike | None = None, device: str = "auto") -> Predictor:
+    """Model, normalisation statistics and the rebuilt feature extractors of EXP (None = default)."""
+    path, spec = read_predictor_spec(exp)
+    model, stats = load_model(path, spec, device)
+    extractors = build_extractors(spec, device=str(pick_device(device)), where=path)
+    return Predictor(path, spec, model, stats, extractors, pick_device(device))
+
+
+def load_model(path: Path, spec: dict, device: str = "auto"):
+    """(model in eval mode on `device`, {modality: (mean, std)}) from the files predictor.json names."""
+    from safetensors.torch import load_file
+
+    from sertool.models import build_model
+
+    dev = pick_device(device)
+    weights = path / spec.get("model", "model.safetensors")
+    norm_file = path / spec.get("normalizer", "norm.safetensors")
+    for f in (weights, norm_file):
+        if not f.exists():
+            raise PredictError(f"{f} is missing: the experiment folder is incomplete")
+    try:
+        model = build_model({"model": dict(spec["model_config"])})
+        model.load_state_dict(load_file(str(weights)))
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise PredictError(f"{weights}: cannot rebuild the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    model.eval().to(dev)
+    tensors = load_file(str(norm_file))
+    stats = {k[: -len(".mean")]: (tensors[k].numpy(), tensors[k[: -len(".mean")] + ".std"].numpy())
+             for k in tensors if k.endswith(".mean")}
+    return model, stats
+
+
+def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP") -> dict[str, Any]:
+    """One extractor per model input, rebuilt from the recorded provenance, checked against its dim."""
+    from sertool.features.base import ExtractorError
+
+    inputs = spec.get("inputs") or {}
+    features = spec.get("features") or {}
+    extractors = {}
+    for modality in inputs or features:
+        prov = features.get(modality) or {}
+        config = prov.get("extractor")
+        if not isinstance(config, dict) or "name" not in config:
+            raise PredictError(
+                f"{where}: the {modality} features ({prov.get('feature') or inputs.get(modality)!r}) were not made by "
+                f"a sertool extractor (no recorded extractor: aligned files and imported CMU .csd features cannot be "
+                f"recomputed for new audio); train on features from `sertool extract` to predict")
+        try:
+            ex = _build_extractor(config, device)
+        except ExtractorError as e:
+            raise PredictError(f"{where}: cannot rebuild the {modality} feature extractor {config['name']!r}: {e}") from None
+        want = prov.get("dim")
+        have = ex.file_attrs().get("dim") if want is not None else None
+        if want is not None and have is not None and int(want) != int(have):
+            raise PredictError(f"{where}: the rebuilt {modality} extractor {config['name']!r} gives {have}-d features, "
+                               f"the model was trained on {want}-d ones")
+        extractors[modality] = ex
+    if not extractors:
+        raise PredictError(f"{where}: predictor.json names no model inputs")
+    return extractors
+
+
+def _build_extractor(config: dict, device: str):
+    """`sertool.features.base.build_extractor`, importing only the extractor modules needed.
+
+    The registry's `resolve` imports every extractor module (openSMILE, transformers …), which
+    costs seconds of start-up; here the modules are imported in registry order until the name
+    is registered (the result is the same; unknown names take the full path and its message).
+    """
+    import importlib
+
+    from sertool.features import base
+
+    name = config["name"]
+    registry, presets = getattr(base, "_REGISTRY", None), getattr(base, "_PRESETS", None)
+    if isinstance(registry, dict) and isinstance(presets, dict) and not os.environ.get("SERTOOL_PLUGINS"):
+        for module in getattr(base, "_MODULES", ()):
+            if name in registry or name in presets:
+                break
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001 - reported by the full path below if it matters
+                break
+        base_name, preset_params = presets.get(name, (name, {}))
+        cls = registry.get(base_name)
+        if cls is not None:
+            params = {**preset_params, **config.get("params", {}),
+                      **{param: device for option, param in cls.cli_options.items() if option == "device"}}
+            try:
+                return cls(**params)
+            except TypeError as e:
+                raise base.ExtractorError(f"feature {name!r}: bad parameters {params}: {e}") from None
+    cls, _ = base.resolve(name)
+    return base.build_extractor(config, {param: device for option, param in cls.cli_options.items() if option == "device"})
+
+
+# ----------------------------------------------------------------------------------- inputs
+def find_inputs(path: str | os.PathLike) -> list[Path]:
+    """Audio files under a folder (recursive, sorted), or the one file given."""
+    p = Path(path)
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.suffix.lower() in AUDIO_EXTENSIONS and q.is_file())
+    if p.exists():
+        return [p]
+    raise PredictError(f"{p}: no such file or folder")
+
+
+def _display(path: Path, root: Path) -> str:
+    return str(path) if root == path else str(root / path.relative_to(root))
+
+
+class Transcripts:
+    """``--transcripts FILE``: a csv/tsv table with columns ``file`` and ``text`` (aliases as in the
+    folder corpus layout).  ``file`` may be a path relative to WAV_DIR (with or without the
+    extension), an absolute path or a bare file name (when unique)."""
+
+    def __init__(self, path: str | os.PathLike, root: Path):
+        from sertool.corpora.folder import read_table
+
+        path = Path(path)
+        if not path.is_file():
+            raise PredictError(f"--transcripts {path}: no such file")
+        rows = read_table(path)
+        if rows and "text" not in rows[0]:
+            raise PredictError(f"--transcripts {path}: needs a 'text' column (found {', '.join(rows[0])})")
+        self.path = path
+        self.by_key: dict[str, str] = {}
+        names: dict[str, list[str]] = {}
+        base = root if root.is_dir() else root.parent
+        for row in rows:
+            key, text = row.get("file", "").replace("\\", "/"), " ".join(row.get("text", "").split())
+            if not key:
+                continue
+            full = Path(key) if os.path.isabs(key) else base / key
+            self.by_key[str(full.resolve())] = text
+            self.by_key[str(full.resolve().with_suffix(""))] = text
+            names.setdefault(Path(key).name, []).append(text)
+            names.setdefault(Path(key).stem, []).append(text)
+        self.by_name = {k: v[0] for k, v in names.items() if len(v) == 1}
+
+    def get(self, audio: Path) -> str | None:
+        full = audio.resolve()
+        for key in (str(full), str(full.with_suffix(""))):
+            if key in self.by_key:
+                return self.by_key[key]
+        return self.by_name.get(audio.name, self.by_name.get(audio.stem))
+
+
+def sidecar_text(audio: Path) -> str | None:
+    side = audio.with_suffix(".txt")
+    if not side.is_file():
+        return None
+    from sertool.corpora.folder import read_text_file
+
+    return read_text_file(side)
+
+
+# ----------------------------------------------------------------------------------- output
+class Output:
+    """Rows to CSV or JSON Lines (a file or stdout), written and flushed one file at a time."""
+
+    def __init__(self, target: str | os.PathLike, columns: list[str], fmt: str | None = None, *,
+                 resume: bool = False, overwrite: bool = False):
+        self.target = str(target)
+        self.stdout = self.target == "-"
+        self.fmt = fmt or ("jsonl" if self.target.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv")
+        if self.fmt not in ("csv", "jsonl"):
+            raise PredictError(f"output format {self.fmt!r}: use csv or jsonl")
+        self.columns = columns
+        self.done: set[str] = set()
+        self.n_resumed_errors = 0
+        if self.stdout:
+            if resume:
+                raise PredictError("--resume needs an output file (-o FILE), not stdout")
+            self.f = sys.stdout
+            self._header()
+            return
+        path = Path(self.target)
+        if path.exists() and path.stat().st_size > 0 and not (resume or overwrite):
+            raise PredictError(f"{path} already exists; use --resume to continue it or --overwrite to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and path.exists():
+            keep = self._read_back(path)
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+            self.f = open(path, "a", encoding="utf-8", newline="")
+            if keep == 0:
+                self._header()
+        else:
+            self.f = open(path, "w", encoding="utf-8", newline="")
+            self._header()
+
+    def _header(self) -> None:
+        if self.fmt == "csv":
+            self._write_csv([dict(zip(self.columns, self.columns))])
+
+    def _read_back(self, path: Path) -> int:
+        """Files already finished in `path`; returns the byte offset after the last finished file."""
+        data = path.read_bytes()
+        offset, keep = 0, 0
+        header_ok = self.fmt == "jsonl"
+        for line in data.splitlines(keepends=True):
+            end = offset + len(line)
+            offset = end
+            if not line.endswith(b"\n"):
+                break  # half-written last line of an interrupted run
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            if self.fmt == "csv":
+                fields = next(csv.reader([text]))
+                if not header_ok:
+                    if fields != self.columns:
+                        raise PredictError(f"--resume: {path} has the columns {fields}, this run writes "
+                                           f"{self.columns} (another model or --segments setting); use another "
+                                           "output file or --overwrite")
+                    header_ok, keep = True, end
+                    continue
+                if len(fields) != len(self.columns):
+                    break
+                row = dict(zip(self.columns, fields))
+            else:
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError:
+                    break
+                if not isinstance(row, dict) or set(row) != set(self.columns):
+                    raise PredictError(f"--resume: {path} holds rows with other fields than this run writes "
+                                       f"({sorted(row) if isinstance(row, dict) else row!r}); use another output "
+                                       "file or --overwrite")
+            if not row.get("segment"):
+                self.done.add(os.path.abspath(row["file"]))
+                self.n_resumed_errors += bool(row.get("error"))
+                keep = end
+        return keep
+
+    def _write_csv(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for row in rows:
+            w.writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+        self.f.write(buf.getvalue())
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "csv":
+            self._write_csv(rows)
+        else:
+            self.f.write("".join(json.dumps({c: row.get(c) for c in self.columns}, ensure_ascii=False) + "\n"
+                                 for row in rows))
+        self.f.flush()
+
+    def close(self) -> None:
+        if not self.stdout:
+            self.f.close()
+        else:
+            self.f.flush()
+
+
+# ----------------------------------------------------------------------------------- the stage
+@dataclass
+class PredictReport:
+    output: str
+    n_files: int = 0
+    n_done: int = 0  # predicted in this run
+    n_failed: int = 0  # error rows written in this run
+    n_skipped: int = 0  # already in the output (--resume)
+    audio_seconds: float = 0.0
+    seconds: float = 0.0
+    first_prediction_s: float | None = None  # from the start of run_predict to the first row written
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def exit_status(self) -> int:
+        return min(self.n_failed, EXIT_STATUS_CAP)
+
+    @property
+    def real_time_factor(self) -> float:
+        """Seconds of audio per second of processing (50 = fifty times faster than real time)."""
+        return self.audio_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _File:
+    path: Path
+    name: str  # as written in the `file` column
+    duration: float | None = None
+    text: str = ""
+    text_source: str = ""
+    words: list | None = None
+    segments: list[tuple[float, float]] = field(default_factory=list)
+    outputs: list = field(default_factory=list)  # per segment: probabilities / score
+    error: str = ""
+
+
+def segment_bounds(duration: float, window: float) -> list[tuple[float, float]]:
+    """Equal segments no longer than `window` (a 70 s file with a 30 s window: 3 x 23.3 s)."""
+    if window <= 0 or duration <= window:
+        return [(0.0, duration)]
+    n = int(math.ceil(duration / window - 1e-9))
+    step = duration / n
+    return [(round(i * step, 3), round(duration if i == n - 1 else (i + 1) * step, 3)) for i in range(n)]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) if isinstance(e, (AudioError, PredictError)) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split())[:500]
+
+
+def _words_in(words: list | None, start: float, end: float) -> list | None:
+    if not words:
+        return None
+    return [[w[0], round(w[1] - start, 3), round(w[2] - start, 3)] for w in words if start <= w[1] < end]
+
+
+def _segment_text(f: "_File", start: float, end: float) -> str:
+    """The recognised words that start in the segment; the whole text without word timings (or
+    when no word starts in the segment)."""
+    words = _words_in(f.words, start, end)
+    return " ".join(str(w[0]) for w in words) if words else f.text
+
+
+def run_predict(
+    exp: str | os.PathLike | None,
+    wav_dir: str | os.PathLike,
+    out: str | os.PathLike = "-",
+    *,
+    transcripts: str | os.PathLike | None = None,
+    asr: str | None = None,
+    segments: bool = False,
+    window: float = DEFAULT_WINDOW_S,
+    batch_size: int = 32,
+    device: str = "auto",
+    fmt: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> PredictReport:
+    t0 = time.perf_counter()
+    if window <= 0:
+        raise PredictError(f"--window must be > 0 seconds, got {window}")
+    if batch_size < 1:
+        raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    root = Path(wav_dir)
+    files = find_inputs(root)  # before loading anything: a wrong path fails at once
+    exp_dir, spec = read_predictor_spec(exp)
+    table = Transcripts(transcripts, root) if transcripts else None
+    # the model's text needs, checked before any model is loaded
+    text_inputs = [m for m, prov in (spec.get("features") or {}).items()
+                   if prov.get("kind") == "text" and m in (spec.get("inputs") or {m: 1})]
+    if text_inputs and table is None and not asr and not any(f.with_suffix(".txt").is_file() for f in files):
+        feature = spec["features"][text_inputs[0]].get("feature", text_inputs[0])
+        raise PredictError(f"the model in {exp_dir} needs the text of each recording (its {text_inputs[0]} input is "
+                           f"{feature!r} features of the transcript) and no text was given; use one of: "
+                           + "; ".join(TEXT_OPTIONS))
+    predictor = load_predictor(exp_dir, device)
+    needs_text = bool(predictor.text_modalities)
+    columns = ["file", *(["segment", "start", "end"] if segments else []), "duration", *predictor.output_columns(),
+               "n_segments", "text", "text_source", "error"]
+    output = Output(out, columns, fmt, resume=resume, overwrite=overwrite)
+    report = PredictReport(output=output.target, n_files=len(files))
+    kill_after = int(os.environ.get("SERTOOL_TEST_KILL_AFTER_FILES", "0") or 0)  # test hook
+    recogniser = None
+
+    todo = []
+    for p in files:
+        name = _display(p, root)
+        if os.path.abspath(name) in output.done:
+            report.n_skipped += 1
+        else:
+            todo.append(_File(p, name))
+    if report.n_skipped:
+        log(f"--resume: {report.n_skipped} file(s) already in {output.target}; {len(todo)} to do")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="predict", unit="file", disable=not progress, file=sys.stderr)
+
+    def finish(done: list[_File]) -> None:
+        rows = []
+        for f in done:
+            rows.extend(_rows(f, predictor, segments))
+            report.n_done += 1
+            if f.error:
+                report.n_failed += 1
+                report.failures.append((f.name, f.error))
+            else:
+                report.audio_seconds += f.duration or 0.0
+        output.write(rows)
+        if report.first_prediction_s is None and rows:
+            report.first_prediction_s = time.perf_counter() - t0
+        bar.update(len(done))
+        if kill_after and report.n_done >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    try:
+        # batches grow 1, 2, 4 ... batch_size: the first prediction comes out at once
+        pending: list[_File] = []
+        items: list[tuple[_File, int, dict]] = []  # (file, segment index, features)
+        limit = 1
+        for f in todo:
+            try:
+                if needs_text or asr or table is not None:
+                    recogniser = _attach_text(f, table, asr, recogniser, device, log)
+                    if needs_text and not f.text.strip():
+                        raise PredictError("no text for this file: " + "; ".join(TEXT_OPTIONS))
+                feats = _features(f, predictor, window)
+                items.extend((f, k, x) for k, x in enumerate(feats))
+                f.outputs = [None] * len(feats)
+            except Exception as e:  # noqa: BLE001 - one bad file never stops the run
+                f.error = _reason(e)
+            pending.append(f)
+            if len(items) >= limit or (not items and pending):
+                _predict_items(predictor, items, batch_size)
+                finish(pending)
+                pending, items = [], []
+                limit = min(limit * 2, batch_size)
+        if pending:
+            _predict_items(predictor, items, batch_size)
+            finish(pending)
+    finally:
+        bar.close()
+        output.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _attach_text(f: _File, table: Transcripts | None, asr: str | None, recogniser, device: str, log):
+    """Text from --transcripts, else the sidecar .txt, else ASR; returns the (lazily loaded) recogniser."""
+    text = table.get(f.path) if table is not None else None
+    if text is not None:
+        f.text, f.text_source = text, "transcripts"
+        return recogniser
+    text = sidecar_text(f.path)
+    if text is not None:
+        f.text, f.text_source = text, "sidecar"
+        return recogniser
+    if asr:
+        if recogniser is None:
+            from sertool.features.asr import load_asr
+
+            log(f"loading ASR model {asr}")
+            recogniser = load_asr(asr, device)[0]
+        from sertool.features.asr import SAMPLE_RATE
+
+        wave, _ = load_audio(f.path, SAMPLE_RATE)
+        f.text, f.words = recogniser(wave)
+        f.text_source = "asr"
+    return recogniser
+
+
+def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, np.ndarray]]:
+    """Features of every segment of one file: [{modality: [T, D]}, ...]."""
+    info = audio_info(f.path)
+    if info.frames <= 0:
+        raise AudioError(f"{f.path}: zero-length audio (0 samples)")
+    f.duration = round(info.duration, 4)
+    waves: dict[int | None, np.ndarray] = {}
+    for ex in predictor.extractors.values():
+        if ex.needs_audio and ex.sample_rate not in waves:
+            waves[ex.sample_rate], _ = load_audio(f.path, ex.sample_rate)
+    if waves:
+        sr, wave = next(iter(waves.items()))
+        f.duration = round(len(wave) / (sr or info.sample_rate), 4)
+    f.segments = segment_bounds(f.duration, window)
+    out: list[dict[str, np.ndarray]] = [{} for _ in f.segments]
+    uid = Path(f.name).with_suffix("").as_posix().replace("/", "__")
+    for modality, ex in predictor.extractors.items():
+        seg_items = []
+        for k, (start, end) in enumerate(f.segments):
+            wave = None
+            if ex.needs_audio:
+                full = waves[ex.sample_rate]
+                rate = ex.sample_rate or info.sample_rate
+                a, b = int(round(start * rate)), int(round(end * rate)) if k < len(f.segments) - 1 else len(full)
+                wave = full[a:b]
+            whole = len(f.segments) == 1
+            utt = Utterance(id=uid if whole else f"{uid}__seg{k}", audio=str(f.path), text=f.text,
+                            words=f.words if whole else _words_in(f.words, start, end),
+                            start=None if whole else start, end=None if whole else end)
+            if not whole:
+                utt.text = _segment_text(f, start, end)
+            seg_items.append((utt, wave))
+        results = ex.extract_batch(seg_items) if ex.batched else [_safe_extract(ex, u, w) for u, w in seg_items]
+        for k, res in enumerate(results):
+            if isinstance(res, Exception):
+                raise res
+            data = np.asarray(res.data, dtype=np.float32)
+            if data.ndim != 2 or data.shape[0] == 0:
+                raise PredictError(f"{modality} features of segment {k} have shape {data.shape}")
+            if not np.isfinite(data).all():
+                raise PredictError(f"{modality} features of segment {k} hold NaN/inf values")
+            out[k][modality] = data
+    return out
+
+
+def _safe_extract(ex, utt, wave):
+    try:
+        return ex.extract(utt, wave)
+    except Exception as e:  # noqa: BLE001
+        return e
+
+
+def _predict_items(predictor: Predictor, items: list[tuple[_File, int, dict]], batch_size: int) -> None:
+    """Fill each file's per-segment outputs; a failing batch is retried item by item."""
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        try:
+            preds = predictor.predict_features([x for _, _, x in chunk])
+            results = [preds[i] for i in range(len(chunk))]
+        except Exception:  # noqa: BLE001
+            results = []
+            for _, _, x in chunk:
+                try:
+                    results.append(predictor.predict_features([x])[0])
+                except Exception as e:  # noqa: BLE001
+                    results.append(e)
+        for (f, k, _), r in zip(chunk, results):
+            if isinstance(r, Exception):
+                f.error = f.error or f"model: {_reason(r)}"
+            else:
+                f.outputs[k] = r
+
+
+def _prediction_fields(pred, predictor: Predictor) -> dict:
+    if predictor.regression:
+        return {"score": round(float(pred), 6)}
+    return {"label": predictor.classes[int(np.argmax(pred))],
+            **{f"p_{c}": round(float(p), 6) for c, p in zip(predictor.classes, pred)}}
+
+
+def _rows(f: _File, predictor: Predictor, segments: bool) -> list[dict]:
+    base = {"file": f.name, "text": f.text, "text_source": f.text_source}
+    if f.error or not f.outputs or any(o is None for o in f.outputs):
+        return [{**base, "duration": f.duration, "n_segments": len(f.segments) or None,
+                 "error": f.error or "no prediction"}]
+    rows = []
+    weights = np.array([max(b - a, 1e-6) for a, b in f.segments])
+    if segments:
+        for k, ((a, b), pred) in enumerate(zip(f.segments, f.outputs)):
+            rows.append({"file": f.name, "segment": k + 1, "start": a, "end": b, "duration": round(b - a, 4),
+                         **_prediction_fields(pred, predictor), "n_segments": 1,
+                         "text": _segment_text(f, a, b),
+                         "text_source": f.text_source, "error": ""})
+    mean = np.average(np.stack([np.atleast_1d(o) for o in f.outputs]), axis=0, weights=weights)
+    rows.append({**base, "duration": f.duration, **(
+        {"start": 0.0, "end": f.duration} if segments else {}), **_prediction_fields(
+        mean[0] if predictor.regression else mean, predictor), "n_segments": len(f.segments), "error": ""})
+    return rows
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[dict]:
+    """Read a predictions file back (CSV or JSON Lines) as dicts."""
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield json.loads(line)
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            yield from csv.DictReader(f)

@@ -1,0 +1,280 @@
+"""CMD distillation: contrastive loss, frame-budget batcher, student learning, parameter counts,
+the stage end to end on a tiny synthetic corpus (cached teachers), fine-tuning and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from click.testing import CliRunner
+
+from sertool.batching import batch_cost, budget_batches
+from sertool.cli import cli
+from sertool.corpora.base import Utterance, write_manifest
+from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, DistillStudent, LiveAudioTeacher, LiveTextTeacher,
+                             TokenEmbedding, WaveStem, contrastive_loss, count_parameters, load_student,
+                             make_student, modality_parameters, run_distill, run_finetune, stem_layers)
+from sertool.store import StoreWriter
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- loss
+def test_contrastive_loss_equals_a_hand_computed_value():
+    s = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])              # B=2, T=1 (cosine: norms do not matter)
+    h = torch.tensor([[[3.0, 0.0]], [[1.0, 1.0]]])
+    kappa = 0.5
+    r = 1 / math.sqrt(2)
+    # anchor 0: cos(s0,h0)=1, cos(s0,h1)=r; anchor 1: cos(s1,h0)=0, cos(s1,h1)=r
+    l0 = -math.log(math.exp(1 / kappa) / (math.exp(1 / kappa) + math.exp(r / kappa)))
+    l1 = -math.log(math.exp(r / kappa) / (math.exp(0.0) + math.exp(r / kappa)))
+    got = contrastive_loss(s, h, kappa=kappa)
+    assert got.item() == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    # dot-product similarity
+    l0d = -math.log(math.exp(3 / kappa) / (math.exp(3 / kappa) + math.exp(1 / kappa)))
+    l1d = -math.log(math.exp(2 / kappa) / (math.exp(0.0) + math.exp(2 / kappa)))
+    assert contrastive_loss(s, h, kappa=kappa, similarity="dot").item() == pytest.approx((l0d + l1d) / 2, rel=1e-5)
+
+
+def test_contrastive_loss_masks_padded_steps_and_negatives():
+    g = torch.Generator().manual_seed(0)
+    s, h = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    ref = contrastive_loss(s, h, kappa=0.1)
+    # a padded step appended to every utterance changes nothing
+    s2 = torch.cat([s, 100 * torch.randn(2, 1, 4, generator=g)], 1)
+    h2 = torch.cat([h, 100 * torch.randn(2, 1, 4, generator=g)], 1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    assert contrastive_loss(s2, h2, mask, kappa=0.1).item() == pytest.approx(ref.item(), rel=1e-6)
+    # a third utterance that is padding everywhere is neither an anchor nor a negative
+    s3 = torch.cat([s, torch.randn(1, 3, 4, generator=g)], 0)
+    h3 = torch.cat([h, s3[2:3].clone()], 0)  # would be a strong negative if it counted
+    mask3 = torch.tensor([[1, 1, 1], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    assert contrastive_loss(s3, h3, mask3, kappa=0.1).item() == pytest.approx(ref.item(), rel=1e-6)
+    # gradients stay finite with steps where nobody is real
+    s4 = s3.clone().requires_grad_(True)
+    mask4 = mask3.clone()
+    mask4[:, 2] = False
+    contrastive_loss(s4, h3, mask4, kappa=0.01).backward()
+    assert torch.isfinite(s4.grad).all() and s4.grad[2].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- batcher
+@pytest.mark.parametrize("measure", ["padded", "sum"])
+def test_budget_batcher_invariants(measure):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(16000, 200000, size=300)
+    lengths[:3] = [500000, 320000, 320001]  # longer than the budget: alone, counted as cropped
+    for budget in (320000, 640000, 1280000):
+        seen_orders = set()
+        for epoch in range(3):
+            batches = budget_batches(lengths, budget, shuffle=True, seed=0, epoch=epoch, measure=measure)
+            flat = np.concatenate(batches)
+            assert sorted(flat.tolist()) == list(range(len(lengths)))  # each exactly once
+            cropped = np.minimum(lengths, budget)
+            assert all(batch_cost(cropped, b, measure) <= budget for b in batches)
+            seen_orders.add(tuple(flat.tolist()))
+            again = budget_batches(lengths, budget, shuffle=True, seed=0, epoch=epoch, measure=measure)
+            assert all((a == b).all() for a, b in zip(batches, again))  # reproducible
+        assert len(seen_orders) == 3  # a new order every epoch
+    with pytest.raises(ValueError):
+        budget_batches(lengths, 320000, crop=False)
+    with pytest.raises(ValueError):
+        budget_batches([0, 5], 10)
+
+
+# ----------------------------------------------------------------------------- learning
+def _student(mods=("audio", "text"), vocab=50, **kw):
+    cfg = {**DEFAULTS["student"], "modalities": list(mods), "dropout": 0.0, **kw}
+    enc = {}
+    if "audio" in mods:
+        enc["audio"] = WaveStem(16, stem_layers(50))
+    if "text" in mods:
+        enc["text"] = TokenEmbedding(vocab, 16)
+    return DistillStudent({"student": cfg, "inputs": {m: e.spec for m, e in enc.items()}}, enc)
+
+
+def test_student_learns_to_match_a_synthetic_teacher():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    B, N, L, V = 8, 1600, 6, 50
+    proj_a, table = torch.randn(400, 12, generator=g), torch.randn(V, 10, generator=g)
+
+    def batch_and_teacher():
+        wave = torch.randn(B, N, generator=g)
+        ids = torch.randint(2, V, (B, L), generator=g)
+        frames = wave.unfold(1, 400, 320)                      # [B, 4, 400]: the stem's frames
+        ta = torch.tanh(frames @ proj_a / 20)
+        tt = torch.tanh(table[ids])
+        ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
+        batch = {"wave": wave, "wave_mask": ones(wave), "ids": ids, "ids_mask": ones(ids)}
+        return batch, {"audio": (ta, ones(ta)), "text": (tt, ones(tt))}
+
+    data = [batch_and_teacher() for _ in range(4)]
+    model = Distiller(_student(vocab=V), {"audio": 12, "text": 10}, d_z=32, kappa=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        start = float(np.mean([model(b, t)[0].item() for b, t in data]))
+    for step in range(80):
+        b, t = data[step % len(data)]
+        loss, parts = model(b, t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = float(np.mean([model(b, t)[0].item() for b, t in data]))
+    chance = 2 * math.log(B)                  # log B per modality
+    assert start > 0.8 * chance
+    assert end < 0.3 * start and end < 0.5 * chance, (start, end)
+
+
+def test_late_fusion_and_unimodal_students_run():
+    ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
+    wave, ids = torch.randn(2, 2000), torch.randint(2, 20, (2, 5))
+    b = {"wave": wave, "wave_mask": ones(wave), "ids": ids, "ids_mask": ones(ids)}
+    x, m = _student(fusion="late", vocab=20)(b)
+    assert x["audio"].shape[-1] == 32 and x["text"].shape == (2, 5, 32)
+    x, m = _student(mods=("text",), vocab=20)(b)
+    assert set(x) == {"text"}
+    st = _student(mods=("audio",), vocab=20).add_heads(3, 32, kappa=0.1)
+    logp = st.classify(b)
+    assert logp.shape == (2, 3) and torch.allclose(logp.exp().sum(-1), torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- parameter counts
+def test_parameter_counts_teacher_vs_student_base_size():
+    from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
+
+    with torch.device("meta"):
+        w2v = Wav2Vec2Model(Wav2Vec2Config())
+        bert = BertModel(BertConfig())
+    ta, tt = LiveAudioTeacher(w2v, device=None), LiveTextTeacher(bert, device=None)
+    assert 93e6 < ta.n_parameters < 96e6
+    assert 108e6 < tt.n_parameters < 111e6
+    with torch.device("meta"):
+        student, _ = make_student(DEFAULTS["student"], {"audio": ta, "text": tt})
+    per = modality_parameters(student)
+    assert 4e6 < per["audio"] < 6e6, per       # paper: ~5M
+    assert 23e6 < per["text"] < 25e6, per      # paper: ~24M
+    assert count_parameters(student) == sum(per.values())
+
+
+# ----------------------------------------------------------------------------- the stage
+CLASSES = ("angry", "happy", "sad")
+
+
+@pytest.fixture(scope="module")
+def feats(tmp_path_factory):
+    """8 short wavs, a 50 Hz audio teacher store and a token-level text teacher store."""
+    root = tmp_path_factory.mktemp("distill") / "feats"
+    (root / "wav").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    wa = StoreWriter(root / "ta.h5", {"feature": "ta", "kind": "audio", "dim": 12, "frame_rate_hz": 50.0,
+                                      "extractor": {"name": "ta"}})
+    wt = StoreWriter(root / "tt.h5", {"feature": "tt", "kind": "text", "dim": 10, "unit": "token",
+                                      "extractor": {"name": "tt"}})
+    utts = []
+    words = ["yes", "no", "maybe", "so", "good", "bad"]
+    for i in range(12):
+        c = i % 3
+        n = int(rng.integers(4000, 8000))
+        path = root / "wav" / f"u{i:02d}.wav"
+        sf.write(path, (0.1 * rng.normal(size=n)).astype(np.float32), 16000)
+        toks = [words[int(k)] for k in rng.integers(0, 6, size=int(rng.integers(3, 6)))]
+        utts.append(Utterance(id=f"u{i:02d}", audio=str(path), duration=n / 16000, sample_rate=16000,
+                              text=" ".join(toks), label=CLASSES[c], speaker=f"s{i % 4}"))
+        wa.add(f"u{i:02d}", rng.normal(size=(int(math.ceil(n / 320)), 12)).astype(np.float32))
+        wt.add(f"u{i:02d}", rng.normal(size=(len(toks), 10)).astype(np.float32), {"tokens": toks})
+    wa.finalize()
+    wt.finalize()
+    write_manifest(utts, root / "manifest.jsonl")
+    return root
+
+
+TINY = ["distill.epochs=3", "distill.warmup_epochs=1", "distill.budget=24000", "distill.lr=1e-3",
+        "student.stem_channels=8", "student.text_embed_dim=8", "student.ffn_dim=32", "distill.dev_fraction=0.25"]
+
+
+def test_distill_then_finetune_end_to_end(feats, tmp_path):
+    exp = tmp_path / "exp"
+    m = run_distill(feats, exp, teacher_audio="ta", teacher_text="tt", overrides=TINY, progress=False)
+    assert (exp / "student.safetensors").exists() and (exp / "distill.yaml").exists()
+    log = [json.loads(l) for l in (exp / "distill_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and m["best_epoch"] in (0, 1, 2)
+    assert set(m["parameters"]["student"]) == {"audio", "text"}
+    student = load_student(exp / "student.safetensors")
+    assert student.modalities == ("audio", "text")
+    r = run_finetune(exp, overrides=["finetune.epochs=2", "finetune.protocol=kfold:2", "finetune.budget=24000"],
+                     progress=False)
+    assert len(r["runs"]) == 2
+    assert set(r["summary"]["per_class_f1"]) == set(CLASSES)
+    assert abs(sum(v["mean"] for v in r["summary"]["dominance"].values()) - 1) < 1e-6
+    assert "macro-F1" in (exp / "finetune" / "report.md").read_text()
+
+
+def test_distill_text_only_and_errors(feats, tmp_path):
+    exp = tmp_path / "exp_t"
+    run_distill(feats, exp, teacher_text="tt", overrides=TINY + ["student.modalities=[text]", "distill.epochs=1"],
+                progress=False)
+    assert load_student(exp / "student.safetensors").modalities == ("text",)
+    with pytest.raises(ValueError, match="already holds"):
+        run_distill(feats, exp, teacher_text="tt", overrides=["student.modalities=[text]"], progress=False)
+    with pytest.raises(ValueError, match="no teacher"):
+        run_distill(feats, tmp_path / "e2", teacher_text="tt", progress=False)
+    with pytest.raises(ValueError, match="unknown config key"):
+        run_distill(feats, tmp_path / "e3", teacher_text="tt", overrides=["distill.nope=1"], progress=False)
+
+
+def test_cli_distill(feats, tmp_path):
+    exp = tmp_path / "exp_cli"
+    res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(exp), "--teacher-audio", "ta",
+                                   "--teacher-text", "tt", "-q", *sum((["--set", s] for s in TINY), []),
+                                   "--set", "distill.epochs=1"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert (exp / "student.safetensors").exists()
+    res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(tmp_path / "bad"), "--teacher-text", "tt", "-q"])
+    assert res.exit_code == 1 and "no teacher" in res.output
+
+
+def test_live_teachers_lend_their_input_encoders(tmp_path):
+    """Tiny random wav2vec2 / BERT teachers run live: the student starts from their input
+    encoders' weights, distils for a step, and reloads from safetensors without the teachers."""
+    from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
+
+    from sertool.distill import save_student
+
+    torch.manual_seed(0)
+    w2v = Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, conv_dim=(16,) * 7, num_conv_pos_embeddings=8))
+    bert = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=32))
+    ta, tt = LiveAudioTeacher(w2v, device="cpu"), LiveTextTeacher(bert, device="cpu")
+    student, vocab = make_student({**DEFAULTS["student"], "dropout": 0.0}, {"audio": ta, "text": tt})
+    assert vocab is None
+    assert torch.equal(student.encoders["text"].emb.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    wave = torch.randn(3, 4000)
+    ids = torch.randint(1, 40, (3, 7))
+    ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
+    b = {"wave": wave, "wave_mask": ones(wave), "ids": ids, "ids_mask": ones(ids)}
+    teacher = {"audio": ta(wave, ones(wave)), "text": tt(ids, ones(ids))}
+    assert teacher["audio"][0].shape[1] == student(b)[0]["audio"].shape[1] == 12  # same frames as the teacher
+    dist = Distiller(student, {"audio": 16, "text": 16})
+    loss, parts = dist(b, teacher)
+    loss.backward()
+    assert set(parts) == {"audio", "text"} and torch.isfinite(loss)
+    assert all(p.grad is None for p in w2v.parameters())  # teachers stay frozen
+    save_student(student, tmp_path / "s.safetensors")
+    again = load_student(tmp_path / "s.safetensors")
+    student.eval(), again.eval()
+    with torch.no_grad():
+        x1, x2 = student(b)[0], again(b)[0]
+    assert all(torch.allclose(x1[m], x2[m]) for m in x1)
