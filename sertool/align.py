@@ -89,8 +89,8 @@ class AlignReport:
         if self.words_without_frames:
             lines.append(f"{self.words_without_frames} word(s) had no audio frame inside their span: nearest frame used")
         if self.partial:
-            lines.append(f"{len(self.partial)} partly aligned (approximate timings or words without features): "
-                         f"see {self.report_path}")
+            lines.append(f"{len(self.partial)} aligned with a caveat (fallback or approximate timings, words "
+                         f"interpolated, guessed or without text features): see {self.report_path}")
         if self.dropped:
             reasons = Counter(r.split(":")[0] for _, r in self.dropped)
             lines.append(f"{len(self.dropped)} DROPPED (" + "; ".join(f"{k}: {v}" for k, v in reasons.most_common())

@@ -520,8 +520,8 @@ def run_predict(
     exp_dir, spec = read_predictor_spec(exp)
     table = Transcripts(transcripts, root) if transcripts else None
     # the model's text needs, checked before any model is loaded
-    text_inputs = [m for m, prov in (spec.get("features") or {}).items()
-                   if prov.get("kind") == "text" and m in (spec.get("inputs") or {m: 1})]
+    inputs = spec.get("inputs") or spec.get("features") or {}
+    text_inputs = [m for m, prov in (spec.get("features") or {}).items() if prov.get("kind") == "text" and m in inputs]
     if text_inputs and table is None and not asr and not any(f.with_suffix(".txt").is_file() for f in files):
         feature = spec["features"][text_inputs[0]].get("feature", text_inputs[0])
         raise PredictError(f"the model in {exp_dir} needs the text of each recording (its {text_inputs[0]} input is "
@@ -543,6 +543,8 @@ def run_predict(
             report.n_skipped += 1
         else:
             todo.append(_File(p, name))
+    if not files:
+        log(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     if report.n_skipped:
         log(f"--resume: {report.n_skipped} file(s) already in {output.target}; {len(todo)} to do")
 

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from sertool.cli import cli
-from sertool.export import example_inputs, run_export, run_exported
+from sertool.export import example_inputs, run_exported
 from sertool.predict import collate, load_predictor
 
 from test_predict import MFCC13, write_exp  # noqa: F401  (the helper that writes an EXP folder)

@@ -24,12 +24,11 @@ from sertool.cli import cli
 from sertool.data import Normalizer
 from sertool.extract import run_extract
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.predict import (DEFAULT_MODEL_DIR, PredictError, Predictor, iter_rows, load_predictor, run_predict,
+from sertool.predict import (DEFAULT_MODEL_DIR, iter_rows, load_predictor, run_predict,
                              segment_bounds)
 from sertool.store import open_store
 from sertool.train import run_train
 
-ROOT = Path(__file__).resolve().parents[1]
 SR = 16000
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from sertool.audio import load_audio
 from sertool.corpora.base import Utterance
 from sertool.features.base import ExtractorError
-from sertool.features.hub import ResolvedModel, pick_device, quiet_transformers, resolve_model
+from sertool.features.hub import ResolvedModel, pick_device, quiet_transformers
 
 DEFAULT_ASR_MODEL = "tiny.en"
 SAMPLE_RATE = 16000
