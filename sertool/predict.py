@@ -237,36 +237,11 @@ def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP")
 
 
 def _build_extractor(config: dict, device: str):
-    """`sertool.features.base.build_extractor`, importing only the extractor modules needed.
-
-    The registry's `resolve` imports every extractor module (openSMILE, transformers …), which
-    costs seconds of start-up; here the modules are imported in registry order until the name
-    is registered (the result is the same; unknown names take the full path and its message).
-    """
-    import importlib
-
+    """Rebuild a recorded extractor, on `device` when it takes one (the registry imports only
+    the extractor module it needs, so start-up stays short)."""
     from sertool.features import base
 
-    name = config["name"]
-    registry, presets = getattr(base, "_REGISTRY", None), getattr(base, "_PRESETS", None)
-    if isinstance(registry, dict) and isinstance(presets, dict) and not os.environ.get("SERTOOL_PLUGINS"):
-        for module in getattr(base, "_MODULES", ()):
-            if name in registry or name in presets:
-                break
-            try:
-                importlib.import_module(module)
-            except Exception:  # noqa: BLE001 - reported by the full path below if it matters
-                break
-        base_name, preset_params = presets.get(name, (name, {}))
-        cls = registry.get(base_name)
-        if cls is not None:
-            params = {**preset_params, **config.get("params", {}),
-                      **{param: device for option, param in cls.cli_options.items() if option == "device"}}
-            try:
-                return cls(**params)
-            except TypeError as e:
-                raise base.ExtractorError(f"feature {name!r}: bad parameters {params}: {e}") from None
-    cls, _ = base.resolve(name)
+    cls, _ = base.resolve(config["name"])
     return base.build_extractor(config, {param: device for option, param in cls.cli_options.items() if option == "device"})
 
 

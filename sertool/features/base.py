@@ -108,25 +108,47 @@ def register_preset(preset: str, base: str, **params: Any) -> None:
     _PRESETS[preset] = (base, params)
 
 
-def _load_modules() -> None:
+def _load_plugins() -> None:
     # SERTOOL_PLUGINS=pkg.module,other.module registers a user's own extractors (they must be
     # importable in --nj worker processes too, so they are named by module, not passed around).
     plugins = tuple(m.strip() for m in os.environ.get("SERTOOL_PLUGINS", "").split(",") if m.strip())
     for module in plugins:
-        importlib.import_module(module)
-    for module in _MODULES:
-        if module in _IMPORTED or module in _IMPORT_ERRORS:
-            continue
-        try:
+        if module not in _IMPORTED:
             importlib.import_module(module)
             _IMPORTED.add(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # not part of this installation
-                continue
-            # an optional third-party dependency is missing: its extractors stay unregistered
-            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
-        except Exception as e:  # noqa: BLE001 - one broken extractor module must not hide the others
-            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+
+
+def _load_module(module: str) -> None:
+    if module in _IMPORTED or module in _IMPORT_ERRORS:
+        return
+    try:
+        importlib.import_module(module)
+        _IMPORTED.add(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:  # not part of this installation
+            return
+        # an optional third-party dependency is missing: its extractors stay unregistered
+        _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - one broken extractor module must not hide the others
+        _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+
+
+def _load_modules() -> None:
+    _load_plugins()
+    for module in _MODULES:
+        _load_module(module)
+
+
+def _find(name: str) -> bool:
+    """Import extractor modules in order until `name` is registered: start-up stays fast
+    (building `mfcc` need not import transformers or openSMILE)."""
+    _load_plugins()
+    for module in (None, *_MODULES):
+        if module is not None:
+            _load_module(module)
+        if name in _REGISTRY or name in _PRESETS:
+            return True
+    return False
 
 
 _IMPORTED: set[str] = set()
@@ -143,7 +165,8 @@ def list_extractors() -> dict[str, str]:
 
 
 def resolve(name: str, params: dict[str, Any] | None = None) -> tuple[type[Extractor], dict[str, Any]]:
-    _load_modules()
+    if not _find(name):
+        _load_modules()
     params = dict(params or {})
     if name in _PRESETS:
         base, preset_params = _PRESETS[name]
