@@ -11,8 +11,9 @@
 2. Student (paper Sections 3.1, 4.2; :class:`DistillStudent`): per modality an input encoder:
    the live teacher's own input encoder with its weights (wav2vec2's convolutional feature
    encoder on the waveform; BERT's embedding layer on the token ids), otherwise a convolutional
-   stem on the waveform at the teacher's frame rate (audio) or a token embedding over the
-   vocabulary of the cached store's tokens (text); then the CMD student core
+   stem on the waveform at the teacher's frame rate (audio) or a token embedding (plus sinusoidal
+   positions, as BERT's embedding layer has positions) over the vocabulary of the cached store's
+   tokens (text); then the CMD student core
    (:class:`sertool.models.cmd_student.CMDStudent`: Conv1d to d = 32, L = 3 blocks of
    cross-attention then self-attention ("early fusion"; ``student.fusion=late``: self then
    cross), 2 heads).  A unimodal student (``student.modalities=[text]``) has self-attention
@@ -49,7 +50,6 @@ import copy
 import datetime as _dt
 import importlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 import yaml
 
 from sertool.batching import budget_batches, crop_lengths
-from sertool.models.blocks import TransformerLayer, masked_mean
+from sertool.models.blocks import TransformerLayer, masked_mean, sinusoidal_positions
 from sertool.models.encoders import ConvStack
 
 MODALITIES = ("audio", "text")
@@ -376,14 +376,18 @@ class TeacherTokenEncoder(nn.Module):
 class TokenEmbedding(nn.Module):
     """A token embedding over a vocabulary (0 = padding, 1 = unknown)."""
 
-    def __init__(self, vocab_size: int, dim: int):
+    def __init__(self, vocab_size: int, dim: int, positions: bool = True):
         super().__init__()
         self.emb = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.out_dim = dim
-        self.spec = {"type": "embedding", "vocab_size": vocab_size, "dim": dim}
+        self.positions = bool(positions)
+        self.spec = {"type": "embedding", "vocab_size": vocab_size, "dim": dim, "positions": self.positions}
 
     def forward(self, ids, mask):
-        return self.emb(ids), mask
+        x = self.emb(ids)
+        if self.positions:  # as BERT's embedding layer: the student core has no positions of its own
+            x = x + sinusoidal_positions(ids.shape[1], x.shape[-1], device=x.device, dtype=x.dtype)[None]
+        return x * mask[..., None].to(x.dtype), mask
 
 
 def build_input_encoder(spec: dict) -> nn.Module:
@@ -391,7 +395,7 @@ def build_input_encoder(spec: dict) -> nn.Module:
     if t == "stem":
         return WaveStem(spec["channels"], spec["layers"])
     if t == "embedding":
-        return TokenEmbedding(spec["vocab_size"], spec["dim"])
+        return TokenEmbedding(spec["vocab_size"], spec["dim"], spec.get("positions", True))
     if t == "teacher_cnn":
         return TeacherWaveEncoder(_rebuild_module(spec["module"]), spec["kernels"], spec["strides"], spec["out_dim"],
                                   spec=spec["module"])
@@ -591,6 +595,14 @@ class DistillData:
             self._ids[u.id] = np.asarray(ids, np.int64)
         return self._ids[u.id]
 
+    def token_strings(self, i: int) -> list[str]:
+        ids = self.token_ids(i)
+        t = self.teachers["text"]
+        if isinstance(t, CachedTeacher):
+            return t.tokens(self.ids[i])[: len(ids)]
+        tok = getattr(t, "tokenizer", None)
+        return tok.convert_ids_to_tokens([int(x) for x in ids]) if tok is not None else [str(int(x)) for x in ids]
+
     def lengths(self) -> np.ndarray:
         """Audio samples (bimodal / audio students) or tokens (text students) per utterance."""
         if "audio" in self.modalities:
@@ -746,6 +758,8 @@ def run_distill(feats, exp, *, teacher_audio=None, teacher_text=None, config_fil
         if feats is None or not (feats / "manifest.jsonl").exists():
             raise DistillError(f"{feats}: no manifest.jsonl (give FEATS, the output of `sertool extract`)")
         utts = read_manifest(feats / "manifest.jsonl")
+    if exp.exists() and any(exp.iterdir()) and not overwrite:
+        raise DistillError(f"{exp} already holds an experiment; use --overwrite")
     mods = list(s["modalities"])
     device = _pick_device(d["device"])
     if int(d["threads"] or 0) > 0:
@@ -781,8 +795,6 @@ def run_distill(feats, exp, *, teacher_audio=None, teacher_text=None, config_fil
     opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=float(d["lr"]))
 
     if exp.exists() and any(exp.iterdir()):
-        if not overwrite:
-            raise DistillError(f"{exp} already holds an experiment; use --overwrite")
         shutil.rmtree(exp)
     exp.mkdir(parents=True, exist_ok=True)
     params = {"student": modality_parameters(student), "student_total": count_parameters(student),
@@ -961,7 +973,8 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
                 if int(ft["early_stopping"]) and bad >= int(ft["early_stopping"]):
                     break
             student.load_state_dict(best_state)
-            test_m = _score(student, data["test"], lens["test"], budget, device, labels.classes, dominance=True)
+            test_m = _score(student, data["test"], lens["test"], budget, device, labels.classes, dominance=True,
+                            n_saliency=5)
             rd = out_dir / "folds" / fold.name / f"seed{seed}"
             rd.mkdir(parents=True, exist_ok=True)
             save_student(student, rd / "model.safetensors", {"epoch": best_epoch, "fold": fold.name, "seed": seed})
@@ -1000,29 +1013,56 @@ class _TokenizerOnly:
         return list(self.tokenizer(text or "", truncation=True, max_length=512)["input_ids"])
 
 
-def _score(student, data, lengths, budget, device, classes, dominance: bool = False) -> dict:
+def _score(student, data, lengths, budget, device, classes, dominance: bool = False, n_saliency: int = 0) -> dict:
+    """Metrics on ``data``; with ``dominance`` also the share of |dL/dlogits| per modality (Table 6)
+    and, for the first ``n_saliency`` utterances, the text tokens' saliency (Table 7): |grad . x|
+    of the loss w.r.t. the text encoder's output, per token, normalised to sum 1."""
     from sertool import metrics as M
 
     student.eval()
-    preds, grads = [], {m: [] for m in student.modalities}
-    for idx in budget_batches(lengths, budget):
-        batch = _to(data.collate(idx, lengths, with_teacher=False), device)
-        with torch.enable_grad() if dominance else torch.no_grad():
-            logits = student.modality_logits(batch)
-            if dominance:  # Table 6: gradient of the loss w.r.t. each modality's logits
-                for v in logits.values():
-                    v.retain_grad()
-                F.nll_loss(student.classify(batch, logits), batch["target"], reduction="sum").backward()
-                for m, v in logits.items():
-                    grads[m].append(v.grad.abs().sum(-1).detach().cpu())
-            out = student.classify(batch, logits)
-        preds.append(out.argmax(-1).detach().cpu().numpy())
+    preds, grads, saliency = [], {m: [] for m in student.modalities}, []
+    captured = {}
+    hook = None
+    if dominance and n_saliency and "text" in student.modalities:
+        def keep(module, inputs, output):
+            x = output[0]
+            if not x.requires_grad:
+                x.requires_grad_(True)
+            x.retain_grad()
+            captured["x"] = x
+        hook = student.encoders["text"].register_forward_hook(keep)
+    try:
+        for idx in budget_batches(lengths, budget):
+            batch = _to(data.collate(idx, lengths, with_teacher=False), device)
+            with torch.enable_grad() if dominance else torch.no_grad():
+                logits = student.modality_logits(batch)
+                if dominance:  # Table 6: gradient of the loss w.r.t. each modality's logits
+                    for v in logits.values():
+                        v.retain_grad()
+                    F.nll_loss(student.classify(batch, logits), batch["target"], reduction="sum").backward()
+                    for m, v in logits.items():
+                        grads[m].append(v.grad.abs().sum(-1).detach().cpu())
+                    x = captured.pop("x", None)
+                    if x is not None and x.grad is not None and len(saliency) < n_saliency:
+                        sal = (x.grad * x).sum(-1).abs().detach().cpu().numpy()
+                        for b, i in enumerate(idx[: n_saliency - len(saliency)]):
+                            n = int(batch["ids_mask"][b].sum())
+                            v = sal[b, :n] / max(float(sal[b, :n].sum()), 1e-12)
+                            saliency.append({"id": data.ids[int(i)], "label": classes[int(data.targets[int(i)])],
+                                             "tokens": data.token_strings(int(i)), "saliency": [round(float(a), 4) for a in v]})
+                out = student.classify(batch, logits)
+            preds.append(out.argmax(-1).detach().cpu().numpy())
+    finally:
+        if hook is not None:
+            hook.remove()
     student.zero_grad(set_to_none=True)
     m = M.classification_metrics(data.targets, np.concatenate(preds), labels=classes)
     if dominance:
         mean = {k: float(torch.cat(v).mean()) for k, v in grads.items()}
         tot = sum(mean.values()) or 1.0
         m["dominance"] = {k: v / tot for k, v in mean.items()}
+        if saliency:
+            m["saliency"] = saliency
     return m
 
 
@@ -1038,6 +1078,15 @@ def report_markdown(result: dict, rec: dict) -> str:
               f"UA {fmt(s['UA'])}, WA {fmt(s['WA'])}", "", "## Modality dominance (share of |dL/dlogits|)", "",
               "| modality | share |", "|---|---|"]
     lines += [f"| {m} | {v['mean']:.3f} ± {v['std']:.3f} |" for m, v in s["dominance"].items()]
+    examples = [e for r in result["runs"][:1] for e in r["test"].get("saliency", [])]
+    if examples:
+        lines += ["", "## Token saliency (|grad . x| of the loss at the text input; top 3 in bold)", "",
+                  "| label | tokens |", "|---|---|"]
+        for e in examples:
+            top = set(np.argsort(e["saliency"])[::-1][:3].tolist())
+            toks = " ".join(f"**{t}** ({100 * v:.0f}%)" if k in top else t.replace("|", "\\|")
+                            for k, (t, v) in enumerate(zip(e["tokens"], e["saliency"])))
+            lines.append(f"| {e['label']} | {toks} |")
     p = result.get("parameters") or {}
     if p:
         lines += ["", "## Parameters", "", "| modality | teacher | student |", "|---|---|---|"]

@@ -8,7 +8,7 @@ Sources, in the order `align` prefers them (``--timings corpus,forced,asr,unifor
 ``forced``
     Forced alignment of the known transcript to the audio, with one of three aligners, or
     ``auto`` (the default): pocketsphinx, and Whisper for the utterances it cannot align
-    (pocketsphinx was closer to the true boundaries on continuous speech and 15x faster in
+    (pocketsphinx was closer to the true boundaries on continuous speech and about 10x faster in
     ``benchmarks/bench_align.py``; docs/align.md has the figures):
 
     * ``whisper`` (offline): faster-whisper's ``find_alignment`` (cross-attention
@@ -569,8 +569,8 @@ def _dist_version(name: str) -> str:
 
 
 class FallbackAligner(Aligner):
-    """The default: pocketsphinx first (closer boundaries on continuous speech and on RAVDESS,
-    15x faster), Whisper for the utterances it cannot align; Whisper alone when pocketsphinx is
+    """The default: pocketsphinx first (closer boundaries on continuous speech, about 10x faster),
+    Whisper for the utterances it cannot align; Whisper alone when pocketsphinx is
     not installed."""
 
     name = "auto"

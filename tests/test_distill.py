@@ -124,7 +124,7 @@ def test_student_learns_to_match_a_synthetic_teacher():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     with torch.no_grad():
         start = float(np.mean([model(b, t)[0].item() for b, t in data]))
-    for step in range(80):
+    for step in range(120):
         b, t = data[step % len(data)]
         loss, parts = model(b, t)
         opt.zero_grad()
@@ -218,7 +218,10 @@ def test_distill_then_finetune_end_to_end(feats, tmp_path):
     assert len(r["runs"]) == 2
     assert set(r["summary"]["per_class_f1"]) == set(CLASSES)
     assert abs(sum(v["mean"] for v in r["summary"]["dominance"].values()) - 1) < 1e-6
-    assert "macro-F1" in (exp / "finetune" / "report.md").read_text()
+    report = (exp / "finetune" / "report.md").read_text()
+    assert "macro-F1" in report and "Token saliency" in report
+    sal = r["runs"][0]["test"]["saliency"]
+    assert sal and all(abs(sum(e["saliency"]) - 1) < 1e-3 and len(e["saliency"]) == len(e["tokens"]) for e in sal)
 
 
 def test_distill_text_only_and_errors(feats, tmp_path):
@@ -241,6 +244,11 @@ def test_cli_distill(feats, tmp_path):
                                    "--set", "distill.epochs=1"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert (exp / "student.safetensors").exists()
+    res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(exp), "--finetune-only", "-q", "--set",
+                                   "finetune.epochs=1", "--set", "finetune.protocol=kfold:2", "--set",
+                                   "finetune.budget=24000"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "macro-F1" in res.output and (exp / "finetune" / "metrics.json").exists()
     res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(tmp_path / "bad"), "--teacher-text", "tt", "-q"])
     assert res.exit_code == 1 and "no teacher" in res.output
 
