@@ -338,36 +338,17 @@ def _check_store(store: FeatureStore, kind: str, option: str) -> None:
 
 
 class _Reader:
-    """Fast per-utterance reads: one group lookup per file, low-level reads into fresh arrays.
-
-    (FeatureStore looks the group up again on each access and decodes every attribute; at
-    20,000 utterances that overhead is most of the stage's time.)"""
+    """Per-utterance reads through the store's fast path (FeatureStore.read_with_attr)."""
 
     def __init__(self, store: FeatureStore):
         self.store = store
-        self.groups = [f["utts"] for f in store._files]  # noqa: SLF001 - no public per-file access yet
-        self.gids = [g.id for g in self.groups]
-        self.where = store._where  # noqa: SLF001
 
     def __contains__(self, uid: str) -> bool:
-        return uid in self.where
+        return uid in self.store
 
     def read(self, uid: str, attr: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The utterance's [T, D] rows as float32 and one numeric attribute (None when absent)."""
-        gid = self.gids[self.where[uid]]
-        dsid = h5py.h5d.open(gid, uid.encode())
-        data = np.empty(dsid.shape, dsid.dtype)
-        if data.size:
-            dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, data)
-        value = None
-        if attr is not None and h5py.h5a.exists(dsid, attr.encode()):
-            handle = h5py.h5a.open(dsid, attr.encode())
-            if handle.dtype.kind in "iuf":  # numeric (word_index): read straight into an array
-                value = np.empty(handle.shape, handle.dtype)
-                handle.read(value)
-            else:
-                value = self.groups[self.where[uid]][uid].attrs[attr]
-        return data.astype(np.float32, copy=False), value
+        return self.store.read_with_attr(uid, attr)
 
 
 @dataclass

@@ -184,6 +184,32 @@ class FeatureStore:
     def __getitem__(self, uid: str) -> np.ndarray:
         return np.asarray(self._dataset(uid)[()], dtype=np.float32)
 
+    def read_with_attr(self, uid: str, attr: str | None = None) -> tuple[np.ndarray, Any]:
+        """Fast path for bulk readers (align): the [T, D] data as float32 and one raw attribute.
+
+        Uses h5py's low-level calls, skipping the per-access group lookup and the decoding of
+        every attribute that `__getitem__`/`utt_attrs` do; numeric attributes (word_index) come
+        back as arrays, others undecoded (None when absent).
+        """
+        index = self._where.get(uid)
+        if index is None:
+            raise KeyError(f"utterance {uid!r} is not in feature store {self.paths[0]}")
+        if not hasattr(self, "_group_ids"):
+            self._group_ids = [f["utts"].id for f in self._files]
+        dsid = h5py.h5d.open(self._group_ids[index], uid.encode())
+        data = np.empty(dsid.shape, dsid.dtype)
+        if data.size:
+            dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, data)
+        value = None
+        if attr is not None and h5py.h5a.exists(dsid, attr.encode()):
+            handle = h5py.h5a.open(dsid, attr.encode())
+            if handle.dtype.kind in "iuf":
+                value = np.empty(handle.shape, handle.dtype)
+                handle.read(value)
+            else:
+                value = self._files[index]["utts"][uid].attrs[attr]
+        return data.astype(np.float32, copy=False), value
+
     def utt_attrs(self, uid: str) -> dict:
         return _decode_attrs(self._dataset(uid).attrs)
 

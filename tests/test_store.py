@@ -162,3 +162,18 @@ def test_incomplete_shard_set_is_an_error(tmp_path):
             w.add(f"u{i}", np.zeros((1, 3)))
     with pytest.raises(StoreError, match=r"shard\(s\) \[1\] are missing"):
         open_store(base)
+
+
+def test_fast_read_path_equals_the_plain_one(tmp_path):
+    data = make(3)
+    with StoreWriter(tmp_path / "toy.h5", ATTRS) as w:
+        for uid, x in data.items():
+            w.add(uid, x, {"word_index": np.arange(len(x), dtype=np.int32), "tokens": ["a"]})
+    with open_store(tmp_path / "toy.h5") as s:
+        for uid, x in data.items():
+            rows, index = s.read_with_attr(uid, "word_index")
+            np.testing.assert_array_equal(rows, x)
+            np.testing.assert_array_equal(index, np.arange(len(x)))
+            assert s.read_with_attr(uid, "missing")[1] is None
+        with pytest.raises(KeyError, match="not in feature store"):
+            s.read_with_attr("nope")
