@@ -11,7 +11,10 @@ index or float score) and ``ids``.  Padding is zero after normalisation.
 
 Features are read once into one contiguous array per modality (``preload``; the default when
 they fit in ``preload_gb`` of memory), so building a batch is a few slices and one copy; larger
-stores are read from HDF5 per batch.  Aligned files (``sertool align``: datasets ``ids``,
+stores are read from HDF5 per batch (lazily: only the lengths are read up front).
+``preload`` may also be a number: a memory budget in GB over all inputs, filled in order; an
+input that does not fit is read lazily.  A lazily read store is reopened in every process that
+uses it (DataLoader workers, forked or spawned), so no HDF5 handle is shared across processes.  Aligned files (``sertool align``: datasets ``ids``,
 ``audio``/``text``/``visual`` ``[N, n, D]`` and ``mask`` or ``<modality>_mask`` ``[N, n]``)
 give one source per modality, with only the real steps kept.
 """
@@ -19,6 +22,7 @@ give one source per modality, with only the real steps kept.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -67,14 +71,16 @@ class StoreSource(Source):
     def __init__(self, store: FeatureStore, preload: bool | str = "auto", preload_gb: float = 4.0,
                  only: set[str] | None = None):
         self.store = store
+        self._pid = os.getpid()
         self.path = store.paths[0] if len(store.paths) == 1 else store.paths[0].parent
         self.name = store.name
         self.attrs = dict(store.attrs)
         self.dim = store.dim
+        self._paths = list(store.paths)
         wanted = [u for u in store.ids if only is None or u in only]
         self._index = {u: i for i, u in enumerate(wanted)}
         self._lengths = np.array([store.shape(u)[0] for u in wanted], dtype=np.int64)
-        total = int(self._lengths.sum()) * self.dim * 4
+        total = self.nbytes
         if preload == "auto":
             preload = total <= preload_gb * 2**30
         self.preloaded = bool(preload)
@@ -91,11 +97,30 @@ class StoreSource(Source):
     def length(self, uid: str) -> int:
         return int(self._lengths[self._index[uid]])
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the features take when preloaded (float32)."""
+        return int(self._lengths.sum()) * self.dim * 4
+
+    def _handle(self) -> FeatureStore:
+        """This process's HDF5 handle: a process that did not open the store (a forked or
+        spawned DataLoader worker) opens its own."""
+        if self.store is None or self._pid != os.getpid():
+            self.store = FeatureStore(self._paths)
+            self._pid = os.getpid()
+        return self.store
+
     def get(self, uid: str) -> np.ndarray:
         if self.preloaded:
             i = self._index[uid]
             return self._data[self._offsets[i]:self._offsets[i + 1]]
-        return self.store[uid]
+        return self._handle()[uid]
+
+    def __getstate__(self):  # h5py handles do not pickle: a spawned worker reopens the store
+        state = dict(self.__dict__)
+        state["store"] = None
+        state["_paths"] = list(self._paths)
+        return state
 
 
 class AlignedSource(Source):
@@ -151,9 +176,20 @@ def _is_aligned(path: Path) -> bool:
 def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: bool | str = "auto",
                  preload_gb: float = 4.0, only: set[str] | None = None) -> dict[str, Source]:
     """Open the source of every modality in ``spec`` (store name in FEATS, a .h5 path, or an
-    aligned file); raises DataError naming the missing store and what FEATS holds."""
+    aligned file); raises DataError naming the missing store and what FEATS holds.
+
+    ``preload``: ``auto`` (a store is held in memory when it fits in ``preload_gb``), ``True``,
+    ``False`` (read lazily from HDF5), or a number: a memory budget in GB over all the stores,
+    filled in ``spec`` order (aligned files are always held in memory and count against it)."""
     from sertool.store import list_stores
 
+    budget = None
+    if isinstance(preload, (int, float)) and not isinstance(preload, bool):
+        if preload < 0:
+            raise DataError(f"data.preload = {preload!r}: a memory budget in GB must be >= 0")
+        budget = float(preload) * 2**30
+    elif preload not in (True, False, "auto"):
+        raise DataError(f"data.preload = {preload!r}: expected auto, true, false or a memory budget in GB")
     sources: dict[str, Source] = {}
     for modality, name in spec.items():
         if modality not in MODALITIES:
@@ -168,6 +204,8 @@ def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: boo
             path = Path(feats) / name
         if path.exists() and _is_aligned(path):
             sources[modality] = AlignedSource(path, modality, only)
+            if budget is not None:
+                budget -= sources[modality]._x.nbytes
             continue
         try:
             store = open_store(path)
@@ -175,7 +213,12 @@ def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: boo
             have = list_stores(feats) if feats is not None and Path(feats).is_dir() else []
             raise DataError(f"data.{modality} = {name!r}: {e}" + (f"; {feats} has: {', '.join(have) or 'no stores'}"
                                                                    if feats is not None else "")) from None
-        sources[modality] = StoreSource(store, preload=preload, preload_gb=preload_gb, only=only)
+        if budget is None:
+            sources[modality] = StoreSource(store, preload=preload, preload_gb=preload_gb, only=only)
+        else:
+            sources[modality] = src = StoreSource(store, preload="auto", preload_gb=max(budget, 0) / 2**30, only=only)
+            if src.preloaded:
+                budget -= src.nbytes
     return sources
 
 
@@ -335,6 +378,96 @@ class SERDataset:
                 epoch: int = 0) -> Iterator[dict]:
         for idx in self.batch_indices(batch_size, max_frames, shuffle, seed, epoch):
             yield self.collate(idx)
+
+
+# ----------------------------------------------------------------------------------- distributed batching
+def shard_batch(idx: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray, bool]:
+    """Rank ``rank``'s share of a *global* batch: every ``world_size``-th item from ``rank``.
+
+    Returns ``(local_idx, real)``.  Frame-budget batches are sorted by length, so the strided
+    shares have near-equal padded sizes.  A batch with fewer items than ranks leaves some ranks
+    without an item: they get the batch's first item with ``real = False`` and must give it zero
+    weight (DDP needs every rank to run forward/backward on every step)."""
+    idx = np.asarray(idx)
+    local = idx[rank::world_size]
+    if len(local) == 0:
+        return idx[:1], False
+    return local, True
+
+
+def distributed_batch_indices(ds: "SERDataset", batch_size: int, max_frames: int | None = None,
+                              shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
+                              world_size: int = 1) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """The same global batches as ``ds.batch_indices`` (fixed size or frame budget, a function
+    of ``(seed, epoch)`` only), each as ``(global_idx, local_idx, real)`` for this rank.
+
+    Unlike ``torch.utils.data.DistributedSampler``, which gives each rank a slice of the
+    dataset and so changes which items are batched together, every global batch here is the one
+    a single process would see: with the loss of a share scaled by its share of the global
+    batch, N processes take the same optimiser steps as one."""
+    out = []
+    for g in ds.batch_indices(batch_size, max_frames, shuffle, seed, epoch):
+        local, real = shard_batch(g, rank, world_size)
+        out.append((g, local, real))
+    return out
+
+
+class DistributedBatchSampler:
+    """A ``batch_sampler`` for ``torch.utils.data.DataLoader``: this rank's shares of the global
+    (fixed-size or frame-budget) batches of ``ds``; ``set_epoch`` as with DistributedSampler.
+
+        sampler = DistributedBatchSampler(ds, 32, max_frames=6000, shuffle=True, seed=0,
+                                          rank=rank, world_size=world)
+        loader = DataLoader(ds_items, batch_sampler=sampler, collate_fn=..., num_workers=2)
+    """
+
+    def __init__(self, ds: "SERDataset", batch_size: int, max_frames: int | None = None, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.ds, self.batch_size, self.max_frames = ds, batch_size, max_frames
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self):
+        return distributed_batch_indices(self.ds, self.batch_size, self.max_frames, self.shuffle, self.seed,
+                                         self.epoch, self.rank, self.world_size)
+
+    def __iter__(self):
+        for _, local, _ in self._batches():
+            yield [int(i) for i in local]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class CollatedBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``k`` is ``ds.collate(batches[k])``: with
+    ``DataLoader(CollatedBatches(ds, batches), batch_size=None, num_workers=W)`` worker
+    processes read (each through its own HDF5 handle), pad and normalise the batches ahead of the
+    training step, in order."""
+
+    def __init__(self, ds: "SERDataset", batches: list[np.ndarray]):
+        self.ds, self.batches = ds, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> dict:
+        return self.ds.collate(self.batches[k])
+
+
+def iterate_batches(ds: "SERDataset", batches: list[np.ndarray], workers: int = 0) -> Iterator[dict]:
+    """``ds.collate(b)`` for every ``b`` in order: in this process (``workers = 0``) or prefetched
+    by ``workers`` DataLoader processes."""
+    if workers <= 0 or len(batches) == 0:
+        for b in batches:
+            yield ds.collate(b)
+        return
+    loader = torch.utils.data.DataLoader(CollatedBatches(ds, batches), batch_size=None, shuffle=False,
+                                         num_workers=workers, prefetch_factor=2)
+    yield from loader
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -49,7 +49,9 @@ import yaml
 
 from sertool import metrics as M
 from sertool.corpora.base import read_manifest
-from sertool.data import DataError, Normalizer, SERDataset, Source, check_ids, open_sources, to_device
+from sertool import distributed as D
+from sertool.data import (DataError, Normalizer, SERDataset, Source, check_ids, distributed_batch_indices,
+                          iterate_batches, open_sources, to_device)
 from sertool.labels import LabelSet, apply as apply_labels, label_set
 from sertool.protocols import Fold, make_folds
 
@@ -85,7 +87,8 @@ STAGE_DEFAULTS: dict[str, dict] = {
         "normalize": {"audio": "global", "text": "none", "visual": "global"},
         "max_steps": {"audio": None, "text": None, "visual": None},  # crop to the first L steps
         "missing": "error",         # error | drop: utterances absent from a store
-        "preload": "auto",          # auto | true | false: hold the features in memory
+        "preload": "auto",          # auto | true | false | GB: hold the features in memory (a number = budget)
+        "workers": 0,               # DataLoader processes collating training batches (own HDF5 handles)
     },
     "protocol": {"name": "corpus", "dev_fraction": 0.1, "seed": 0, "dev": "auto"},
     "run": {"seeds": 1, "seed": 0, "device": "auto", "final": "best-dev",
@@ -461,19 +464,41 @@ def _autocast(device: torch.device, enabled: bool):
 @torch.no_grad()
 def predict(cfg: dict, model, ds: SERDataset, device: torch.device, batch_size: int | None = None,
             weight: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
-    """Predictions for every item of ``ds`` (in order) and the mean loss."""
+    """Predictions for every item of ``ds`` (in order) and the mean loss.
+
+    In a distributed run each rank predicts every ``world``-th item and the predictions are
+    all-gathered, so every rank returns the same arrays as a single process would."""
     model.eval()
     bs = batch_size or cfg["train"]["eval_batch_size"] or 2 * cfg["train"]["batch_size"]
-    outs, total, n = [], 0.0, 0
-    for batch in ds.batches(bs):
-        batch = to_device(batch, device)
+    w = D.world()
+    if not w.distributed:
+        outs, total, n = [], 0.0, 0
+        for batch in ds.batches(bs):
+            batch = to_device(batch, device)
+            with _autocast(device, cfg["train"]["amp"]):
+                out = model(batch)
+            target = batch["target"]
+            total += float(compute_loss(cfg, out, target, weight)) * len(target)
+            n += len(target)
+            outs.append(outputs_to_predictions(cfg, out))
+        return np.concatenate(outs), total / max(n, 1)
+    mine = np.arange(w.rank, len(ds), w.size)
+    outs, total = [], 0.0
+    for i in range(0, len(mine), bs):
+        batch = to_device(ds.collate(mine[i:i + bs]), device)
         with _autocast(device, cfg["train"]["amp"]):
             out = model(batch)
         target = batch["target"]
         total += float(compute_loss(cfg, out, target, weight)) * len(target)
-        n += len(target)
         outs.append(outputs_to_predictions(cfg, out))
-    return np.concatenate(outs), total / max(n, 1)
+    local = np.concatenate(outs) if outs else None
+    parts = D.all_gather_object((mine, local, total))
+    first = next(p[1] for p in parts if p[1] is not None)
+    preds = np.empty((len(ds), *first.shape[1:]), dtype=first.dtype)
+    for where, p, _ in parts:
+        if p is not None:
+            preds[where] = p
+    return preds, sum(p[2] for p in parts) / max(len(ds), 1)
 
 
 def score_predictions(cfg: dict, preds: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
@@ -519,9 +544,18 @@ class RunResult:
 def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, norm: Normalizer, device: torch.device,
               *, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
               kill_step: Callable[[], None] | None = None) -> RunResult:
-    """Train one (fold, seed): early stopping and selection on dev; the selected model on test."""
+    """Train one (fold, seed): early stopping and selection on dev; the selected model on test.
+
+    Under torchrun (a process group of N > 1) the model is wrapped in DistributedDataParallel,
+    every rank takes its share of each global batch, dev/test predictions are gathered, and rank 0
+    alone writes the run's files (see sertool/distributed.py)."""
     t0 = time.time()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    w = D.world()
+    main = w.main
+    if not main:
+        progress, log = False, (lambda s: None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     target = inputs.target_of
     regression = inputs.labels.regression
     crop = crop_lengths(cfg)
@@ -537,6 +571,7 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
 
     seed_everything(seed)
     model = build(cfg).to(device)
+    D.broadcast_module(model)  # identical initial weights on every rank (they are: same seed)
     optimizer = make_optimizer(cfg, model)
     spe = len(train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0))
     sched = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher)
@@ -544,6 +579,7 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "stopped": False}
     history: list[dict] = []
     log_path = run_dir / "log.jsonl"
+    D.barrier()  # rank 0 has made run_dir
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt, model, optimizer)
         sched.load(state["schedule"])
@@ -551,11 +587,23 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
             history = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
             history = [h for h in history if h["epoch"] < state["epoch"]]
         log(f"[{fold.name} seed {seed}] resuming after epoch {state['epoch']}")
-    else:
+    elif main:
         for p in (ckpt, best_path, log_path):
             p.unlink(missing_ok=True)
-    _write_jsonl(log_path, history)
+    D.barrier()  # every rank has read the checkpoint before rank 0 rewrites anything
+    if main:
+        _write_jsonl(log_path, history)
+    net = model
+    if w.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1")
+    # weight of each item in the loss (class weights for ce/nll), to split a global batch's mean loss
+    item_w = (weight.detach().cpu().numpy()[train_ds.targets] if weight is not None and not regression
+              else np.ones(len(train_ds), dtype=np.float64))
     scaler_ctx = tr["amp"]
+    workers = int(cfg["data"].get("workers") or 0)
     clip = float(cfg["optim"]["grad_clip"] or 0)
     patience = int(tr["early_stopping"] or 0)
     from tqdm.auto import tqdm
@@ -563,30 +611,38 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     while state["epoch"] < tr["epochs"] and not state["stopped"]:
         epoch = state["epoch"]
         model.train()
-        batches = train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, epoch)
-        bar = tqdm(batches, desc=f"{fold.name} s{seed} ep{epoch + 1}/{tr['epochs']}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        batches = distributed_batch_indices(train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, seed,
+                                            epoch, w.rank, w.size)
+        collated = iterate_batches(train_ds, [idx for _, idx, _ in batches], workers)
+        bar = tqdm(zip(batches, collated), total=len(batches), desc=f"{fold.name} s{seed} ep{epoch + 1}/{tr['epochs']}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
         total, n, te = 0.0, 0, time.time()
-        for idx in bar:
-            batch = to_device(train_ds.collate(idx), device)
+        for (gidx, idx, real), batch in bar:
+            batch = to_device(batch, device)
             lr = sched.lr(state["step"])
             for g in optimizer.param_groups:
                 g["lr"] = lr
             with _autocast(device, scaler_ctx):
-                out = model(batch)
+                out = net(batch)
             loss = compute_loss(cfg, out, batch["target"], weight)
+            # this rank's share of the global batch's mean loss; DDP averages gradients over the
+            # ranks, hence the factor w.size (1 and an unchanged loss in a single process)
+            share = float(item_w[idx].sum() / item_w[gidx].sum()) if real else 0.0
+            scaled = loss * (share * w.size) if w.distributed else loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaled.backward()
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             state["step"] += 1
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
+            total += float(loss.detach()) * (share * len(gidx) if w.distributed else len(idx))
+            n += len(gidx)
             bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
             if kill_step is not None:
                 kill_step()
         train_seconds = time.time() - te
+        if w.distributed:
+            total = D.all_sum([total])[0]
         preds, dev_loss = predict(cfg, model, dev_ds, device, weight=weight)
         dev_m = score_predictions(cfg, preds, dev_ds.targets, inputs.labels.classes)
         dev_m["loss"] = dev_loss
@@ -594,7 +650,8 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
         improved = state["best"] is None or (score > state["best"] if higher else score < state["best"])
         if improved:
             state.update(best=score, best_epoch=epoch, bad=0)
-            save_weights(model, best_path, {"epoch": str(epoch), "fold": fold.name, "seed": str(seed)})
+            if main:
+                save_weights(model, best_path, {"epoch": str(epoch), "fold": fold.name, "seed": str(seed)})
         else:
             state["bad"] += 1
         sched.end_epoch(score)
@@ -602,18 +659,23 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
                   "train_loss": total / max(n, 1), "dev_loss": dev_loss,
                   **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
                   "best": improved, "seconds": round(train_seconds, 3)}
+        if w.distributed:
+            record["world_size"] = w.size
         history.append(record)
-        _append_jsonl(log_path, record)
+        if main:
+            _append_jsonl(log_path, record)
         state["epoch"] = epoch + 1
         if patience and state["bad"] >= patience:
             state["stopped"] = True
         state["schedule"] = sched.state()
-        save_checkpoint(ckpt, model, optimizer, state)
+        if main:
+            save_checkpoint(ckpt, model, optimizer, state)
         if progress:
             shown = " ".join(f"{k[4:]} {record[k]:.4f}" for k in ("dev_UA", "dev_WA", "dev_MAE") if k in record)
             log(f"[{fold.name} seed {seed}] epoch {epoch + 1}: train loss {record['train_loss']:.4f}, "
                 f"dev loss {dev_loss:.4f} {shown}{' *' if improved else ''}")
     # the selected (best dev) model, evaluated once on the test split
+    D.barrier()  # rank 0 has written best.safetensors
     if not best_path.exists():
         raise TrainError(f"{run_dir}: no model was selected (train.epochs = {tr['epochs']})")
     meta = load_weights(model, best_path)
@@ -623,13 +685,16 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     preds_dev, dev_loss = predict(cfg, model, dev_ds, device, weight=weight)
     dev_m = score_predictions(cfg, preds_dev, dev_ds.targets, inputs.labels.classes)
     dev_m["loss"] = dev_loss
-    os.replace(best_path, run_dir / "model.safetensors")
     result = RunResult(fold.name, seed, int(meta.get("epoch", state["best_epoch"])), _compact(dev_m), _compact(test_m),
                        round(time.time() - t0, 2))
-    _write_json(run_dir / "metrics.json", {"fold": fold.name, "seed": seed, "best_epoch": result.best_epoch,
-                                           "selected_on": f"dev {select}", "dev": result.dev, "test": result.test,
-                                           "epochs_run": state["epoch"], "seconds": result.seconds})
-    ckpt.unlink(missing_ok=True)
+    D.barrier()  # every rank has read best.safetensors
+    if main:
+        os.replace(best_path, run_dir / "model.safetensors")
+        _write_json(run_dir / "metrics.json", {"fold": fold.name, "seed": seed, "best_epoch": result.best_epoch,
+                                               "selected_on": f"dev {select}", "dev": result.dev, "test": result.test,
+                                               "epochs_run": state["epoch"], "seconds": result.seconds})
+        ckpt.unlink(missing_ok=True)
+    D.barrier()  # the run's files are complete before any rank looks at the next run
     return result
 
 
@@ -680,7 +745,10 @@ def seeds_of(cfg: dict) -> list[int]:
 def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, config_file=None,
               overrides: Iterable[str] = (), resume: bool = False, overwrite: bool = False, progress: bool = True,
               log: Callable[[str], None] = print, folds_only: Iterable[str] | None = None) -> dict:
-    """Train ``model`` on FEATS into EXP; returns the content of EXP/metrics.json."""
+    """Train ``model`` on FEATS into EXP; returns the content of EXP/metrics.json.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1) it joins the process group and trains with
+    DistributedDataParallel; every rank returns the same result, rank 0 writes EXP."""
     exp = Path(exp)
     overrides = list(overrides)
     cfg = resolve_config(model, config_file, [*overrides, f"data.feats={Path(feats).resolve()}"])
@@ -688,7 +756,23 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
     finalize_model_config(cfg, inputs)
     build(cfg)  # a model that cannot be built fails before any training
     seeds = seeds_of(cfg)
-    device = pick_device(cfg["run"]["device"])
+    started_group = D.launched_by_torchrun() and not D.world().distributed
+    w, device_name = D.setup(cfg["run"]["device"])
+    try:
+        return _run_train(cfg, inputs, seeds, exp, w, device_name, resume=resume, overwrite=overwrite,
+                          progress=progress, log=log, folds_only=folds_only)
+    finally:
+        if started_group:
+            D.shutdown()
+
+
+def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.World", device_name: str, *,
+               resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None],
+               folds_only: Iterable[str] | None) -> dict:
+    main = w.main
+    if not main:
+        progress, log = False, (lambda s: None)
+    device = pick_device(device_name)
     if int(cfg["run"].get("threads") or 0) > 0:
         torch.set_num_threads(int(cfg["run"]["threads"]))
     select = _select_key(cfg)
@@ -700,24 +784,17 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
               "experiment": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                              "command": " ".join(sys.argv), "device": str(device), "seeds": seeds,
                              "folds": [f.name for f in inputs.folds], "selected_on": f"dev {select}",
-                             "sertool": __import__("sertool").__version__, "torch": torch.__version__}}
-    if exp.exists() and any(exp.iterdir()):
-        if overwrite:
-            shutil.rmtree(exp)
-        elif not resume:
-            raise TrainError(f"{exp} already holds an experiment; use --resume to continue it or --overwrite")
-        elif cfg_path.exists():
-            old = yaml.safe_load(cfg_path.read_text())
-            old_settings = {k: v for k, v in old.items() if k not in RECORD_KEYS}
-            new_settings = json.loads(json.dumps({k: v for k, v in cfg.items()}))
-            if old_settings != new_settings:
-                diff = [k for k in set(old_settings) | set(new_settings) if old_settings.get(k) != new_settings.get(k)]
-                raise TrainError(f"--resume: the settings differ from those of {exp} (sections {sorted(diff)}); "
-                                 "resume with the same command, or use --overwrite")
-            record["experiment"]["created"] = old.get("experiment", {}).get("created")
-    exp.mkdir(parents=True, exist_ok=True)
-    _write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(record, default=_json_default)), sort_keys=False))
-    _write_json(exp / "folds.json", {"protocol": cfg["protocol"], "folds": [f.to_json() for f in inputs.folds]})
+                             "sertool": __import__("sertool").__version__, "torch": torch.__version__,
+                             **({"world_size": w.size, "backend": w.backend} if w.distributed else {})}}
+    error = None
+    if main:
+        try:
+            _prepare_exp(exp, cfg, record, cfg_path, inputs, resume=resume, overwrite=overwrite)
+        except TrainError as e:
+            error = str(e)
+    error = D.broadcast_object(error)  # rank 0 has checked and written EXP (or every rank fails alike)
+    if error is not None:
+        raise TrainError(error)
 
     kill = _kill_hook()
     results: list[RunResult] = []
@@ -726,12 +803,16 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
         if wanted is not None and fold.name not in wanted:
             continue
         norm_path = exp / "folds" / fold.name / "norm.safetensors"
-        norm_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and norm_path.exists():
+        if main:
+            norm_path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and norm_path.exists():
+                norm = Normalizer.load(norm_path)
+            else:
+                norm = Normalizer.fit(inputs.sources, fold.train, cfg["data"]["normalize"])
+                norm.save(norm_path)
+        D.barrier()  # rank 0 has written the fold's statistics
+        if not main:
             norm = Normalizer.load(norm_path)
-        else:
-            norm = Normalizer.fit(inputs.sources, fold.train, cfg["data"]["normalize"])
-            norm.save(norm_path)
         for seed in seeds:
             rd = run_dir_of(exp, fold.name, seed)
             done = rd / "metrics.json"
@@ -752,16 +833,41 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
     summary = _summarize(results)
     out = {"task": _task(cfg), "labels": inputs.labels.classes, "selected_on": f"dev {select}",
            "summary": summary, "runs": [r.__dict__ for r in results]}
-    _write_json(exp / "metrics.json", out)
-    # EXP/log.jsonl: every run's epochs
-    rows = []
-    for r in results:
-        lp = run_dir_of(exp, r.fold, r.seed) / "log.jsonl"
-        rows += [json.loads(l) for l in lp.read_text().splitlines() if l.strip()] if lp.exists() else []
-    _write_jsonl(exp / "log.jsonl", rows)
-    if results:
-        write_predictor(exp, cfg, results, select)
+    if main:
+        _write_json(exp / "metrics.json", out)
+        # EXP/log.jsonl: every run's epochs
+        rows = []
+        for r in results:
+            lp = run_dir_of(exp, r.fold, r.seed) / "log.jsonl"
+            rows += [json.loads(l) for l in lp.read_text().splitlines() if l.strip()] if lp.exists() else []
+        _write_jsonl(exp / "log.jsonl", rows)
+        if results:
+            write_predictor(exp, cfg, results, select)
+    D.barrier()  # EXP is complete when any rank returns
     return out
+
+
+def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inputs, *, resume: bool,
+                 overwrite: bool) -> None:
+    """Check EXP (refuse to overwrite, or to resume with other settings); write config.yaml and folds.json."""
+    if exp.exists() and any(exp.iterdir()):
+        if overwrite:
+            shutil.rmtree(exp)
+        elif not resume:
+            raise TrainError(f"{exp} already holds an experiment; use --resume to continue it or --overwrite")
+        elif cfg_path.exists():
+            old = yaml.safe_load(cfg_path.read_text())
+            old_settings = {k: v for k, v in old.items() if k not in RECORD_KEYS}
+            _fill(old_settings, json.loads(json.dumps(STAGE_DEFAULTS)))  # keys added since then: defaults
+            new_settings = json.loads(json.dumps({k: v for k, v in cfg.items()}))
+            if old_settings != new_settings:
+                diff = [k for k in set(old_settings) | set(new_settings) if old_settings.get(k) != new_settings.get(k)]
+                raise TrainError(f"--resume: the settings differ from those of {exp} (sections {sorted(diff)}); "
+                                 "resume with the same command, or use --overwrite")
+            record["experiment"]["created"] = old.get("experiment", {}).get("created")
+    exp.mkdir(parents=True, exist_ok=True)
+    _write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(record, default=_json_default)), sort_keys=False))
+    _write_json(exp / "folds.json", {"protocol": cfg["protocol"], "folds": [f.to_json() for f in inputs.folds]})
 
 
 def _summarize(results: list[RunResult]) -> dict:

@@ -1,5 +1,4 @@
 """Model registry, configs, parameter counts and padded-batch behaviour of every model."""
-import math
 
 import pytest
 import torch

@@ -87,6 +87,9 @@ class Covarep(Extractor):
         self._fwcep = phase.warped_cepstrum_matrix(self._nfft_env // 2 + 1, N_MCEP - 1, self.alpha)
         self._fwcep_pdd = phase.warped_cepstrum_matrix(self._nfft_env // 2 + 1, N_PDD - 1, self.alpha)
         self._pdm_pos = phase.loglin_harmonic_positions(N_PDM, 8.0, self.sample_rate / 2 / self.f0min)
+        self._mcep_maps: dict[float, np.ndarray] = {}  # F0 -> [K, N_MCEP] (see _mcep)
+        self._lifter_ops: dict[int, np.ndarray] = {}  # cepstral order -> [bins, N_MCEP]
+        self._cep_basis = None
 
     def params(self) -> dict[str, Any]:
         return {"f0min": self.f0min, "f0max": self.f0max, "hop_ms": self.hop_ms, "alpha": self.alpha,
@@ -136,7 +139,10 @@ class Covarep(Extractor):
 
         # GCIs, glottal flow (IAIF) and per-cycle voice-quality parameters
         f0_med = float(np.median(f0[voiced])) if voiced.any() else 100.0
-        gcis = glottal.mean_based_gcis(x, res, fs, f0_med)
+        # GCIs are kept in voiced frames only (sample n belongs to the first frame centred at or after it)
+        act_gci = np.repeat(voiced, np.diff(np.concatenate([[-1], centres])))
+        act_gci = np.concatenate([act_gci, np.full(max(0, x.size - act_gci.size), voiced[-1])])
+        gcis = glottal.mean_based_gcis(x, res, fs, f0_med, active=act_gci)
         if gcis.size:
             frame_of = np.clip(np.searchsorted(centres, gcis), 0, T - 1)
             gcis = gcis[voiced[frame_of]]
@@ -168,14 +174,19 @@ class Covarep(Extractor):
         # MCEP: warped cepstrum of the cepstrally smoothed harmonic envelope
         out[:, 11:11 + N_MCEP] = self._mcep(amp, nharm, f0_h) + np.r_[np.log(peak), np.zeros(N_MCEP - 1)]
 
-        # HMPD: phase distortion mean and deviation
-        pd, mask = phase.phase_distortion(amp, ph, nharm)
-        mask = mask * voiced[:, None]
-        mean_frames = max(3, int(round(6 / f0_med / (self.hop / fs))) | 1)
-        pdm, pdd = phase.hmpd_stats(pd, mask, mean_frames, 3)
-        n_pd = np.maximum(nharm - 1, 0)
-        out[:, 36:36 + N_PDM] = phase.sample_harmonics(pdm, self._pdm_pos, n_pd, circular=True)
-        out[:, 61:61 + N_PDD] = self._pdd_cepstrum(pdd, n_pd, f0_h)
+        # HMPD: phase distortion mean and deviation (only voiced frames carry them; the
+        # moving statistics give unvoiced frames zero weight)
+        vi = np.nonzero(voiced)[0]
+        if vi.size:
+            kv = max(int(nharm[vi].max()), 2)  # harmonics beyond the voiced frames' last are masked
+            pd = np.zeros((T, kv - 1))
+            mask = np.zeros_like(pd)
+            pd[vi], mask[vi] = phase.phase_distortion(amp[vi, :kv], ph[vi, :kv], nharm[vi])
+            mean_frames = max(3, int(round(6 / f0_med / (self.hop / fs))) | 1)
+            pdm, pdd = phase.hmpd_stats(pd, mask, mean_frames, 3)
+            n_pd = np.maximum(nharm[vi] - 1, 0)
+            out[vi, 36:36 + N_PDM] = phase.sample_harmonics(pdm[vi], self._pdm_pos, n_pd, circular=True)
+            out[vi, 61:61 + N_PDD] = self._pdd_cepstrum(pdd[vi], n_pd, f0_h[vi])
         unv = ~voiced
         out[unv, 2:10] = 0.0
         out[unv, 36:] = 0.0
@@ -191,7 +202,7 @@ class Covarep(Extractor):
         out = np.zeros(centres.size)
         if not act.any():
             return out
-        h2h1, _ = glottal.kd_h2h1(res, fs, centres, f0_mean)
+        h2h1, _ = glottal.kd_h2h1(res, fs, centres, f0_mean, need=act)
         prom = glottal.kd_peak_prominence(res, fs, centres[act], f0_mean, energy_db[act])
         pwp, ifp, ips = glottal.ishi_cues(x, fs, centres[act])
         out[act] = creak_probability(h2h1[act], prom, pwp, ifp, ips)
@@ -212,7 +223,56 @@ class Covarep(Extractor):
         return values[r, i0] * (1 - w) + values[r, i1] * w
 
     def _mcep(self, amp: np.ndarray, nharm: np.ndarray, f0: np.ndarray) -> np.ndarray:
-        logenv = self._envelope_grid(np.log(amp + 1e-9), nharm, f0)
+        la = np.log(amp + 1e-9)
+        uf0, inv = np.unique(f0, return_inverse=True)
+        if not np.array_equal(uf0, np.round(uf0)):
+            return self._mcep_direct(la, nharm, f0)
+        # log harmonic amplitudes -> envelope grid -> cepstral smoothing -> warped cepstrum is
+        # linear for a given F0 (the grid and the smoothing order depend on F0 only): one
+        # [K, N_MCEP] matrix per F0 value (SRH F0s lie on a 1 Hz grid), applied per group
+        out = np.empty((f0.size, N_MCEP))
+        order = np.argsort(inv, kind="stable")
+        bounds = np.searchsorted(inv[order], np.arange(uf0.size + 1))
+        for i, f in enumerate(uf0):
+            rows = order[bounds[i]:bounds[i + 1]]
+            P = self._mcep_map(float(f))
+            out[rows] = la[rows, :P.shape[0]] @ P
+        return out
+
+    def _mcep_map(self, f0: float) -> np.ndarray:
+        """[K, N_MCEP]: _mcep_direct as a matrix for one F0, W_f0 @ S_order, where W_f0 [K, bins]
+        is the envelope-grid interpolation and S_order [bins, N_MCEP] the liftering + warped
+        cepstrum (sum over kept quefrencies q of outer(irfft row q, (rfft.real @ fwcep) row q))."""
+        P = self._mcep_maps.get(f0)
+        if P is None:
+            fs, n = self.sample_rate, self._nfft_env
+            K = max(int(np.floor((fs / 2 - f0 / 2) / f0)), 1)  # harmonic_analysis' nharm
+            # _envelope_grid's interpolation weights as a matrix (row k: harmonic k + 1)
+            nb = n // 2 + 1
+            h = np.clip(np.linspace(0, fs / 2, nb) / f0, 1, K)
+            i0 = np.clip(np.floor(h).astype(int) - 1, 0, K - 1)
+            i1 = np.clip(i0 + 1, 0, K - 1)
+            w = h - np.floor(h)
+            W = np.zeros((K, nb))
+            cols = np.arange(nb)
+            W[i0, cols] = 1 - w
+            W[i1, cols] += w
+            order = int(np.round(0.5 * fs / f0))
+            S = self._lifter_ops.get(order)
+            if S is None:
+                if self._cep_basis is None:
+                    R = scipy.fft.irfft(np.eye(n // 2 + 1), n=n, axis=1)  # [bins, n]: log spectrum -> cepstrum
+                    G = scipy.fft.rfft(np.eye(n), axis=1).real @ self._fwcep  # [n, N_MCEP]
+                    self._cep_basis = (R, G)
+                R, G = self._cep_basis
+                q = np.minimum(np.arange(n), n - np.arange(n))
+                keep = q <= order
+                S = self._lifter_ops[order] = R[:, keep] @ G[keep]
+            P = self._mcep_maps[f0] = W @ S
+        return P
+
+    def _mcep_direct(self, logamp: np.ndarray, nharm: np.ndarray, f0: np.ndarray) -> np.ndarray:
+        logenv = self._envelope_grid(logamp, nharm, f0)
         # cepstral smoothing to the True Envelope's order round(0.5 fs / f0)
         n = self._nfft_env
         cep = scipy.fft.irfft(logenv, n=n, axis=1)

@@ -13,8 +13,33 @@ import scipy.fft
 import scipy.ndimage
 import scipy.signal
 import scipy.sparse
+from functools import lru_cache
 
 TINY = 1e-12
+
+
+@lru_cache(maxsize=32)
+def _butter(order: int, cutoff_hz: float, fs: int, btype: str) -> tuple[np.ndarray, np.ndarray]:
+    """scipy.signal.butter(order, cutoff / (fs/2), btype), designed once per setting."""
+    return scipy.signal.butter(order, cutoff_hz / (fs / 2), btype)
+
+
+@lru_cache(maxsize=8)
+def _reskew_sos(fs: int) -> np.ndarray:
+    order, wn = scipy.signal.ellipord(480 / (fs / 2), 500 / (fs / 2), 3, 60)
+    return scipy.signal.ellip(order, 3, 60, wn, "high", output="sos")
+
+
+def _skew(a: np.ndarray) -> float:
+    """scipy.stats.skew(a) (biased moments; NaN for a constant signal) without its overhead."""
+    mean = a.mean()
+    d = a - mean
+    d2 = d * d
+    m2 = d2.mean()
+    m3 = (d2 * d).mean()
+    if m2 <= (np.finfo(np.float64).resolution * mean) ** 2:
+        return float("nan")
+    return float(m3 / m2 ** 1.5)
 
 
 def levinson(r: np.ndarray, order: int) -> np.ndarray:
@@ -32,12 +57,17 @@ def levinson(r: np.ndarray, order: int) -> np.ndarray:
     return a
 
 
-def lpc(frames: np.ndarray, order: int) -> np.ndarray:
-    """LPC polynomials [T, order+1] of already windowed frames [T, L] (autocorrelation method)."""
+def lpc(frames: np.ndarray, order: int, float32: bool = False) -> np.ndarray:
+    """LPC polynomials [T, order+1] of already windowed frames [T, L] (autocorrelation method;
+    with `float32`, the autocorrelation comes from float32 FFTs, Levinson stays float64)."""
+    if order == 1:  # two lags: direct products
+        r = np.stack([np.einsum("ij,ij->i", frames, frames),
+                      np.einsum("ij,ij->i", frames[:, 1:], frames[:, :-1])], axis=1)
+        return levinson(r.astype(np.float64), 1)
     n = scipy.fft.next_fast_len(frames.shape[1] + order + 1, real=True)
-    spec = scipy.fft.rfft(frames, n=n, axis=1)
+    spec = scipy.fft.rfft(frames.astype(np.float32) if float32 else frames, n=n, axis=1)
     r = scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n, axis=1)[:, :order + 1]
-    return levinson(r, order)
+    return levinson(r.astype(np.float64), order)
 
 
 def fir_frames(padded: np.ndarray, starts: np.ndarray, length: int, a: np.ndarray) -> np.ndarray:
@@ -72,6 +102,18 @@ def overlap_add(frames: np.ndarray, hop: int, n: int) -> np.ndarray:
             for t in range(T):
                 out[q + t * hop:q + t * hop + w] += block[t]
     return out[:n]
+
+
+def _overlap_add_rows(frames: np.ndarray, rows: np.ndarray, hop: int, n: int) -> np.ndarray:
+    """overlap_add of a [n_frames, L] array (L a multiple of hop) that is zero except for the
+    given (distinct) rows, from those rows only."""
+    m, L = frames.shape
+    n_frames = int(rows.max()) + 1 if rows.size else 0
+    nb = max(-(-n // hop), n_frames + L // hop)
+    out = np.zeros((nb, hop))
+    for j in range(L // hop):
+        out[rows + j] += frames[:, j * hop:(j + 1) * hop]
+    return out.reshape(-1)[:n]
 
 
 def lpc_residual(x: np.ndarray, length: int, hop: int, order: int, lpc_source: np.ndarray | None = None) -> np.ndarray:
@@ -133,22 +175,19 @@ def levinson_orders(r: np.ndarray, orders: tuple[int, ...]) -> list[np.ndarray]:
 
 def reskew_highpass(x: np.ndarray, fs: int) -> np.ndarray:
     """The > 500 Hz elliptic high-passed signal RESKEW takes its LPC from."""
-    order, wn = scipy.signal.ellipord(480 / (fs / 2), 500 / (fs / 2), 3, 60)
-    sos = scipy.signal.ellip(order, 3, 60, wn, "high", output="sos")
-    return scipy.signal.sosfilt(sos, x)  # one pass: only the frames' power spectra (LPC) use it
+    return scipy.signal.sosfilt(_reskew_sos(fs), x)  # one pass: only the frames' power spectra (LPC) use it
 
 
 def polarity_reskew(x: np.ndarray, fs: int, residual: np.ndarray | None = None,
                     residual_hp: np.ndarray | None = None) -> float:
     """RESKEW (Drugman 2013): sign of skew(residual) - skew(residual with LPC from >500 Hz)."""
-    import scipy.stats
     if x.size < 0.05 * fs or np.max(np.abs(x)) < 1e-6:
         return 1.0
     L, hop, p = round(0.025 * fs), round(0.005 * fs), round(fs / 1000) + 2
     if residual is None or residual_hp is None:
         residual, residual_hp = lpc_residuals(x, L, hop, (p,), extra_source=reskew_highpass(x, fs))
-    v1 = scipy.stats.skew(residual_hp)
-    v2 = scipy.stats.skew(residual)
+    v1 = _skew(residual_hp)
+    v2 = _skew(residual)
     s = np.sign(v2 - v1)
     return float(s) if s != 0 and np.isfinite(s) else 1.0
 
@@ -250,11 +289,19 @@ class SRH:
         lf = np.log2(f)
         acc = v[0].copy()
         back = np.zeros((T, K), dtype=int)
+        # transition costs of all voiced-to-voiced steps at once; the loop only accumulates
+        both = np.nonzero(voiced[1:] & voiced[:-1])[0] + 1
+        cost = np.zeros((T, K, K))
+        cost[both] = self.OCTAVE_COST * np.abs(lf[both][:, :, None] - lf[both - 1][:, None, :])
+        is_both = np.zeros(T, bool)
+        is_both[both] = True
+        rows = np.arange(K)
         for t in range(1, T):
-            if voiced[t] and voiced[t - 1]:
-                trans = acc[None, :] - self.OCTAVE_COST * np.abs(lf[t][:, None] - lf[t - 1][None, :])
-                back[t] = trans.argmax(1)
-                acc = v[t] + trans[np.arange(K), back[t]]
+            if is_both[t]:
+                trans = acc[None, :] - cost[t]
+                bt = trans.argmax(1)
+                back[t] = bt
+                acc = v[t] + trans[rows, bt]
             else:
                 back[t] = int(acc.argmax())
                 acc = v[t] + acc.max()
@@ -274,15 +321,18 @@ class SRH:
         return out
 
 
-def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float) -> np.ndarray:
+def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float,
+                    active: np.ndarray | None = None) -> np.ndarray:
     """SEDREAMS-style GCIs (Drugman et al. 2012): the mean-based signal (Blackman window of
     1.75 mean periods) gives one interval per cycle, from each minimum to the next maximum,
-    and the GCI is the largest LP-residual peak in that interval."""
+    and the GCI is the largest LP-residual peak in that interval. With `active` (a boolean
+    per sample), only intervals containing an active sample are searched (the others' GCIs
+    would fall on inactive samples)."""
     T0 = fs / max(f0_mean, 30.0)
     half = int(round(1.75 * T0 / 2))
     win = np.blackman(2 * half + 1)
     mbs = scipy.signal.fftconvolve(x, win / win.sum(), mode="same")
-    b, a = scipy.signal.butter(2, 50 / (fs / 2), "high")
+    b, a = _butter(2, 50.0, fs, "high")
     mbs = scipy.signal.filtfilt(b, a, mbs) if mbs.size > 15 else mbs
     d = np.diff(mbs)
     mins = np.nonzero((d[:-1] < 0) & (d[1:] >= 0))[0] + 1
@@ -292,10 +342,29 @@ def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float) -> 
     nxt = np.searchsorted(maxs, mins)
     ok = nxt < maxs.size
     starts, stops = mins[ok], maxs[nxt[ok]]
-    gcis = np.empty(starts.size, int)
-    for i, (s, e) in enumerate(zip(starts, stops)):
-        gcis[i] = s + int(np.argmax(res[s:e + 1]))
+    if active is not None:
+        csum = np.concatenate([[0], np.cumsum(active[:x.size], dtype=np.int64)])
+        hit = csum[np.minimum(stops + 1, csum.size - 1)] > csum[np.minimum(starts, csum.size - 1)]
+        starts, stops = starts[hit], stops[hit]
+    gcis = starts + _segment_argmax(res, starts, stops - starts + 1)
     return np.unique(gcis)
+
+
+def _segment_argmax(v: np.ndarray, starts: np.ndarray, lengths: np.ndarray, cap: int = 1024) -> np.ndarray:
+    """argmax of v[s:s+n] for every (s, n) (first maximum, as np.argmax): segments up to `cap`
+    samples in one padded gather, longer ones one by one."""
+    out = np.zeros(starts.size, int)
+    short = lengths <= cap
+    if short.any():
+        s, n = starts[short], lengths[short]
+        L = int(n.max())
+        j = np.arange(L)[None, :]
+        seg = v[np.minimum(s[:, None] + j, v.size - 1)]
+        seg = np.where(j < n[:, None], seg, -np.inf)
+        out[short] = seg.argmax(1)
+    for i in np.nonzero(~short)[0]:
+        out[i] = int(np.argmax(v[starts[i]:starts[i] + lengths[i]]))
+    return out
 
 
 def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: float = 0.99,
@@ -305,7 +374,7 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
     boolean per sample), only frames within 20 ms of an active sample are analysed (the flow
     derivative is 0 elsewhere)."""
     p_vt, p_gl = 2 * round(fs / 2000) + 4, 2 * round(fs / 4000)
-    b, a = scipy.signal.butter(4, 40 / (fs / 2), "high")  # COVAREP hpfilt: remove < 40 Hz
+    b, a = _butter(4, 40.0, fs, "high")  # COVAREP hpfilt: remove < 40 Hz
     x = scipy.signal.filtfilt(b, a, x) if x.size > 27 else x
     L, hop = int(round(win_ms * fs / 1000)), int(round(hop_ms * fs / 1000))
     L = hop * int(round(L / hop))
@@ -335,24 +404,26 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
         return y[:, pre:pre + L].astype(np.float64)
     g1 = lpc(frames * win, 1)
     y = inv(g1)
-    hvt1 = lpc(y * win, p_vt)
+    hvt1 = lpc(y * win, p_vt, float32=False)
     g = scipy.signal.lfilter(*integ, inv(hvt1), axis=1)
-    hg1 = lpc(g * win, p_gl)
+    hg1 = lpc(g * win, p_gl, float32=False)
     y = scipy.signal.lfilter(*integ, inv(hg1), axis=1)
-    hvt2 = lpc(y * win, p_vt)
-    dg = np.zeros((n_frames, L))
-    dg[keep] = inv(hvt2)
-    dg_sig = overlap_add(dg * win, hop, x.size + L)
-    norm = overlap_add(np.broadcast_to(win, dg.shape).copy(), hop, x.size + L)
+    hvt2 = lpc(y * win, p_vt, float32=False)
+    kept = np.nonzero(keep)[0]
+    dg_sig = _overlap_add_rows(inv(hvt2) * win, kept, hop, x.size + L)  # frames not analysed are 0
+    norm = _overlap_add_rows(np.broadcast_to(win, (n_frames, L)), np.arange(n_frames), hop, x.size + L)
     dg_sig = (dg_sig / np.maximum(norm, 1e-3))[:x.size]
     gf = scipy.signal.lfilter(*integ, dg_sig)
     return gf, dg_sig
 
 
+_PSP_BINS = 256  # bins of the 2048-point pulse spectrum that PSP's parabola fit reads
+
+
 def _psp_a(X: np.ndarray, ne_min: float = 0.01) -> np.ndarray:
     """Alku 1997 PSP 'a' for many spectra at once: the largest N (from 3) for which the
     parabola a k^2 + b fits the first N dB bins with normalised error < ne_min."""
-    X = X[:, :256]  # the fit stops within the first few dozen bins of a 2048-point spectrum
+    X = X[:, :_PSP_BINS]  # the fit stops within the first few dozen bins of a 2048-point spectrum
     M, K = X.shape
     k2 = np.arange(K, dtype=float) ** 2
     N = np.arange(1, K + 1, dtype=float)
@@ -424,7 +495,7 @@ def vq_params(gf: np.ndarray, dgf: np.ndarray, fs: int, gcis: np.ndarray):
     nfft = 2048
     p = np.where(inside, seg - np.where(inside, seg, np.inf).min(1, keepdims=True), 0.0)
     p = p / (p.max(1, keepdims=True) + TINY)
-    X = 20 * np.log10(np.abs(scipy.fft.rfft(p[:, :nfft], n=nfft, axis=1)) + TINY)
+    X = 20 * np.log10(np.abs(scipy.fft.rfft(p[:, :nfft], n=nfft, axis=1)[:, :_PSP_BINS]) + TINY)
     a = _psp_a(X)
     amax = np.array([_psp_amax(int(t0), nfft) for t0 in T0])
     out[rows + 1, 3] = a / amax
@@ -512,15 +583,22 @@ def mdq(res_resp: np.ndarray, fs: int, gcis: np.ndarray) -> tuple[np.ndarray, np
     vals = np.full(gcis.size, np.nan)
     if gcis.size < 2:
         return gcis / fs, vals
-    mag = np.abs(res_resp)
-    N = mag.shape[1]
-    for i in range(1, gcis.size):
-        T0 = gcis[i] - gcis[i - 1]
-        if T0 <= 0 or not (20 < fs / T0 < 500):
-            continue
-        lo, hi = max(0, gcis[i] - T0 // 4), min(N, gcis[i] + T0 // 4 + 1)
-        loc = lo + mag[:, lo:hi].argmax(1)
-        vals[i] = np.mean(np.abs(loc - gcis[i])) / T0
+    N = res_resp.shape[1]
+    T0 = np.diff(gcis)
+    g = gcis[1:]
+    ok = (T0 > 0) & (fs / np.maximum(T0, 1) > 20) & (fs / np.maximum(T0, 1) < 500)
+    rows = np.nonzero(ok)[0]
+    if rows.size == 0:
+        return gcis / fs, vals
+    T0, g = T0[rows], g[rows]
+    lo, hi = np.maximum(0, g - T0 // 4), np.minimum(N, g + T0 // 4 + 1)
+    W = int((hi - lo).max())
+    j = np.arange(W)[None, :]
+    idx = np.minimum(lo[:, None] + j, N - 1)
+    mag = np.abs(res_resp[:, idx])  # [S, m, W]
+    mag = np.where((j < (hi - lo)[:, None])[None], mag, -1.0)
+    loc = lo[None, :] + mag.argmax(2)  # [S, m]
+    vals[rows + 1] = np.mean(np.abs(loc - g[None, :]), axis=0) / T0
     return gcis / fs, vals
 
 
@@ -567,17 +645,24 @@ def _unit_acf(frames: np.ndarray, max_lag: int, n: int | None = None) -> np.ndar
     return acf / (acf[:, :1] + TINY)
 
 
-def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float) -> tuple[np.ndarray, np.ndarray]:
+def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
+            need: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Kane-Drugman H2-H1 (dB) of the residual through a resonator at the mean F0 (get_creak_h2h1):
     50 ms Hann frames; the 'creak F0' is the autocorrelation peak after the first zero
     crossing of the rho = 0.8 resonator output, H1 and H2 are read at 1 and 2 x that F0 on the
     power spectrum (= spectrum of the two-sided autocorrelation; COVAREP takes the one-sided
     one) of the rho = 0.97 output; 100 ms moving average. Computed every 20 ms and linearly
     interpolated to the frames (the contour is smoothed over 100 ms anyway).
+    With `need` (a boolean per frame), only the 20 ms analyses that reach those frames through
+    the interpolation and the smoothing are made; the other frames' values are then not valid.
     Returns (H2H1, creak F0)."""
     L = int(round(0.05 * fs))
     win = np.hanning(L).astype(np.float32)
-    sub = centres[::2]
+    n_sub = (centres.size + 1) // 2
+    calc = np.ones(n_sub, bool)
+    if need is not None:  # the 10-frame moving average and the interpolation reach 6 frames
+        calc = scipy.ndimage.maximum_filter1d(need.astype(np.uint8), size=17, mode="constant")[::2] > 0
+    sub = centres[::2][calc]
     rep = _resonator(res, f0_mean, 0.97, fs).astype(np.float32)
     rep2 = _resonator(res, f0_mean, 0.8, fs).astype(np.float32)
     nfft = scipy.fft.next_fast_len(2 * L, real=True)
@@ -598,10 +683,12 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float) -> tu
         i = np.clip(np.floor(b).astype(int), 0, P.shape[1] - 2)
         w = np.clip(b - i, 0, 1)
         return P[rows, i] * (1 - w) + P[rows, i + 1] * w
-    h2h1 = 10 * np.log10((at(2 * b1) + TINY) / (at(b1) + TINY))
+    h2h1_c, f0c_c = np.zeros(n_sub), np.full(n_sub, fs / 5.0)
+    h2h1_c[calc] = 10 * np.log10((at(2 * b1) + TINY) / (at(b1) + TINY))
+    f0c_c[calc] = f0c
     t = np.arange(centres.size)
-    h2h1 = np.interp(t, t[::2], h2h1)
-    f0c = np.interp(t, t[::2], f0c)
+    h2h1 = np.interp(t, t[::2], h2h1_c)
+    f0c = np.interp(t, t[::2], f0c_c)
     return scipy.ndimage.uniform_filter1d(h2h1, 10, mode="nearest"), f0c
 
 

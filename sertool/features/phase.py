@@ -25,6 +25,12 @@ def wrap(p):
     return np.mod(p + np.pi, 2 * np.pi) - np.pi
 
 
+def wrap_fast(p):
+    """wrap() by rounding to the nearest multiple of 2 pi (cheaper than mod; for squared phase
+    errors: it differs from wrap() only at +-pi and by rounding)."""
+    return p - (2 * np.pi) * np.rint(p * (0.5 / np.pi))
+
+
 def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarray, n_periods: float = 3.0,
                       nfft: int = 2048, max_harm: int | None = None):
     """Amplitudes and phases of harmonics k*f0 (k = 1..K) at each frame centre.
@@ -59,14 +65,22 @@ def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarra
     r2 = np.arange(T)[:, None]
     best = np.clip(centre_bin, 1, half - 1)
     best_val = mag[r2, best]
+    # offsets o = -reach..reach (first maximum wins), each only for the frames whose reach
+    # f0/4 covers |o|: with frames sorted by F0, those are a leading block
+    perm = np.argsort(-f0, kind="stable")
+    reach_sorted = reach_t[perm, 0]
     for o in range(-reach, reach + 1):
         if o == 0:
             continue
-        b = np.clip(centre_bin + o, 1, half - 1)
-        v = np.where(abs(o) <= reach_t, mag[r2, b], -1.0)
-        better = v > best_val
-        best = np.where(better, b, best)
-        best_val = np.where(better, v, best_val)
+        n_o = int(np.count_nonzero(abs(o) <= reach_sorted))
+        if n_o == 0:
+            continue
+        rows = perm[:n_o]
+        b = np.clip(centre_bin[rows] + o, 1, half - 1)
+        v = mag[rows[:, None], b]
+        better = v > best_val[rows]
+        best[rows] = np.where(better, b, best[rows])
+        best_val[rows] = np.where(better, v, best_val[rows])
     lm, l0, lp = (np.log(mag[r2, best + o].astype(np.float64) + TINY) for o in (-1, 0, 1))
     den = lm - 2 * l0 + lp
     delta = np.where(np.abs(den) > TINY, 0.5 * (lm - lp) / np.where(den == 0, 1, den), 0.0)
@@ -158,33 +172,93 @@ def msp_table(K: int) -> tuple[np.ndarray, np.ndarray]:
     return Q, A
 
 
+def _second_diff_op(P: np.ndarray) -> np.ndarray:
+    """The MSPD2 phase differences P[k+1] - P[k] - P[1] for k = 2..o (last axis), the ones
+    rd_msp's error averages (k = 1 is P[2] - 2 P[1], also used; index 0 of diff is unused)."""
+    return P[..., 2:] - P[..., 1:-1] - P[..., 1:2]
+
+
+@lru_cache(maxsize=512)
+def _msp_table2(K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Q restricted to harmonics 1..K [o+1, K], D = second differences of A [nRd, o-1])."""
+    Q, A = msp_table(K)
+    return np.ascontiguousarray(Q[:, 1:]), np.ascontiguousarray(_second_diff_op(A))
+
+
 def rd_msp(amp: np.ndarray, phase: np.ndarray, nharm: np.ndarray, voiced: np.ndarray):
     """Rd (grid 0.3..2.5 step 0.01 + parabolic refinement, instead of Brent's search) and its
-    confidence 1 - sqrt(err)/pi per frame; NaN where unvoiced or fewer than 3 harmonics."""
+    confidence 1 - sqrt(err)/pi per frame; NaN where unvoiced or fewer than 3 harmonics.
+
+    MSPD2 error of candidate Rd for a frame: mean over k = 2..o of wrap(P[k+1] - P[k] - P[1])^2
+    with P = phi - Q log|M| + A_Rd, i.e. wrap(b + D_Rd)^2 with b the second differences of
+    phi - Q log|M| (per frame) and D_Rd those of A (per harmonic count, tabled): frames of
+    every harmonic count are searched in one broadcast (Q's column for harmonic 0 multiplies
+    log(0 + TINY), a constant, folded into b)."""
     T = amp.shape[0]
     rd = np.full(T, np.nan)
     conf = np.full(T, np.nan)
     usable = voiced & (nharm >= 3)
-    for K in np.unique(nharm[usable]):
-        idx = np.nonzero(usable & (nharm == K))[0]
-        Q, A = msp_table(int(K))
-        o = A.shape[1] - 1
-        lm = np.log(np.concatenate([np.zeros((idx.size, 1)), amp[idx, :K]], axis=1) + TINY)
-        ph = np.concatenate([np.zeros((idx.size, 1)), phase[idx, :o]], axis=1)
-        base = ph - lm @ Q.T  # [n, o+1]
-        P = base[:, None, :] + A[None]  # [n, nRd, o+1]
-        pd2 = wrap(np.diff(P, axis=2) - P[:, :, 1:2])
-        err = (pd2[:, :, 1:o] ** 2).mean(2) if o > 1 else np.zeros(P.shape[:2])
-        best = err.argmin(1)
-        b = np.clip(best, 1, len(RD_GRID) - 2)
-        e_m, e_0, e_p = (err[np.arange(idx.size), b + s] for s in (-1, 0, 1))
-        den = e_m - 2 * e_0 + e_p
-        shift = np.where(den > TINY, 0.5 * (e_m - e_p) / np.where(den == 0, 1, den), 0.0)
-        shift = np.where(best == b, np.clip(shift, -0.5, 0.5), 0.0)
-        step = RD_GRID[1] - RD_GRID[0]
-        rd[idx] = RD_GRID[best] + shift * step
-        conf[idx] = 1 - np.sqrt(err[np.arange(idx.size), best]) / np.pi
+    idx = np.nonzero(usable)[0]
+    if idx.size == 0:
+        return rd, conf
+    Ks = nharm[idx]
+    uK, inv = np.unique(Ks, return_inverse=True)
+    orders = np.array([min(int(K) - 1, MSP_ORDER) for K in uK])
+    o = int(orders.max())
+    if np.any(orders != o) or o < 2:  # rare (F0 above fs/2/10): search each harmonic count alone
+        for K in uK:
+            sel = np.nonzero(usable & (nharm == K))[0]
+            r, c = _rd_msp_group(amp, phase, int(K), sel)
+            rd[sel], conf[sel] = r[sel], c[sel]
+        return rd, conf
+    kmax = int(uK.max())
+    lm = np.log(amp[idx, :kmax] + TINY)
+    lm = np.where(np.arange(kmax)[None, :] < Ks[:, None], lm, 0.0)
+    Qs = np.zeros((uK.size, o + 1, kmax))
+    Ds = np.empty((uK.size, len(RD_GRID), o - 1))
+    for i, K in enumerate(uK):
+        Q1, D = _msp_table2(int(K))
+        Qs[i, :, :K] = Q1
+        Ds[i] = D
+    q0 = np.stack([msp_table(int(K))[0][:, 0] for K in uK])  # [U, o+1] column of harmonic 0
+    ph = np.concatenate([np.zeros((idx.size, 1)), phase[idx, :o]], axis=1)
+    base = ph - np.einsum("nk,nqk->nq", lm, Qs[inv]) - q0[inv] * np.log(TINY)
+    b = _second_diff_op(base)  # [n, o-1]
+    W = (b[:, None, :] + Ds[inv]).astype(np.float32)
+    W = wrap_fast(W)
+    err = np.einsum("nrj,nrj->nr", W, W, dtype=np.float64) / (o - 1)
+    _refine(err, idx, rd, conf)
     return rd, conf
+
+
+def _rd_msp_group(amp, phase, K, idx):
+    """MSP search for frames `idx` that share harmonic count K (the reference formulation)."""
+    T = amp.shape[0]
+    rd = np.full(T, np.nan)
+    conf = np.full(T, np.nan)
+    Q, A = msp_table(int(K))
+    o = A.shape[1] - 1
+    lm = np.log(np.concatenate([np.zeros((idx.size, 1)), amp[idx, :K]], axis=1) + TINY)
+    ph = np.concatenate([np.zeros((idx.size, 1)), phase[idx, :o]], axis=1)
+    base = ph - lm @ Q.T  # [n, o+1]
+    P = base[:, None, :] + A[None]  # [n, nRd, o+1]
+    pd2 = wrap(np.diff(P, axis=2) - P[:, :, 1:2])
+    err = (pd2[:, :, 1:o] ** 2).mean(2) if o > 1 else np.zeros(P.shape[:2])
+    _refine(err, idx, rd, conf)
+    return rd, conf
+
+
+def _refine(err: np.ndarray, idx: np.ndarray, rd: np.ndarray, conf: np.ndarray) -> None:
+    """Grid minimum of err [n, nRd] + parabolic refinement, written to rd/conf at idx."""
+    best = err.argmin(1)
+    b = np.clip(best, 1, len(RD_GRID) - 2)
+    e_m, e_0, e_p = (err[np.arange(idx.size), b + s] for s in (-1, 0, 1))
+    den = e_m - 2 * e_0 + e_p
+    shift = np.where(den > TINY, 0.5 * (e_m - e_p) / np.where(den == 0, 1, den), 0.0)
+    shift = np.where(best == b, np.clip(shift, -0.5, 0.5), 0.0)
+    step = RD_GRID[1] - RD_GRID[0]
+    rd[idx] = RD_GRID[best] + shift * step
+    conf[idx] = 1 - np.sqrt(err[np.arange(idx.size), best]) / np.pi
 
 
 # ---- HMPD ------------------------------------------------------------------------------------

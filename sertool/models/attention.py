@@ -27,7 +27,6 @@ the mask; only non-renormalised key-sparse attention and requested weights use t
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
