@@ -1,6 +1,6 @@
 """Training throughput (samples/s) with 1 process vs N processes (torchrun + DDP, gloo on CPU).
 
-    python benchmarks/bench_ddp.py                        # 1 process x 1 thread, 1 x 2, 2 x 1 (torchrun)
+    python benchmarks/bench_ddp.py                        # 1 x 1 thread, 2 x 1 (torchrun), 1 x 2 threads
     python benchmarks/bench_ddp.py --utts 3000 --epochs 2 --nproc 1 2 4
 
 A synthetic corpus (IEMOCAP-like: audio 120-d with 50-300 frames, text 300-d with 5-40 tokens,

@@ -101,7 +101,7 @@ if stage_on 6; then
     log "stage 6: predict ${sample} with ${tag} (transcripts from the manifest)"
     write_transcripts "${feats}/manifest.jsonl" "${sample}" "${exp_root}/${tag}/transcripts-sample.csv"
     sertool predict "${exp_root}/${tag}" "${sample}" --transcripts "${exp_root}/${tag}/transcripts-sample.csv" \
-      --device "${device}" -o "${exp_root}/${tag}/predictions-sample.csv" --overwrite -q || true
+      --device "${device}" -o "${exp_root}/${tag}/predictions-sample.csv" --overwrite -q
     head -n 4 "${exp_root}/${tag}/predictions-sample.csv" | cut -c1-160
     break
   done

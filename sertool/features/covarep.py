@@ -202,8 +202,9 @@ class Covarep(Extractor):
         out = np.zeros(centres.size)
         if not act.any():
             return out
-        h2h1, _ = glottal.kd_h2h1(res, fs, centres, f0_mean, need=act)
-        prom = glottal.kd_peak_prominence(res, fs, centres[act], f0_mean, energy_db[act])
+        rep08 = glottal._resonator(res, f0_mean, 0.8, fs)  # shared by both Kane-Drugman cues
+        h2h1, _ = glottal.kd_h2h1(res, fs, centres, f0_mean, need=act, resonated=rep08)
+        prom = glottal.kd_peak_prominence(res, fs, centres[act], f0_mean, energy_db[act], resonated=rep08)
         pwp, ifp, ips = glottal.ishi_cues(x, fs, centres[act])
         out[act] = creak_probability(h2h1[act], prom, pwp, ifp, ips)
         return out

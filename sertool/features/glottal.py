@@ -50,7 +50,7 @@ def levinson(r: np.ndarray, order: int) -> np.ndarray:
     err = r[:, 0] * (1 + 1e-6) + TINY  # white-noise correction (-60 dB): float32 spectra
     for i in range(1, order + 1):
         acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
-        k = np.clip(-acc / err, -0.99999, 0.99999)  # keep the filter minimum-phase
+        k = np.minimum(np.maximum(-acc / err, -0.99999), 0.99999)  # keep the filter minimum-phase
         prev = a[:, :i + 1].copy()
         a[:, 1:i + 1] = prev[:, 1:i + 1] + k[:, None] * prev[:, i - 1::-1]
         err = np.maximum(err * (1 - k * k), TINY)
@@ -164,7 +164,7 @@ def levinson_orders(r: np.ndarray, orders: tuple[int, ...]) -> list[np.ndarray]:
     out = {}
     for i in range(1, top + 1):
         acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
-        k = np.clip(-acc / err, -0.99999, 0.99999)  # keep the filter minimum-phase
+        k = np.minimum(np.maximum(-acc / err, -0.99999), 0.99999)  # keep the filter minimum-phase
         prev = a[:, :i + 1].copy()
         a[:, 1:i + 1] = prev[:, 1:i + 1] + k[:, None] * prev[:, i - 1::-1]
         err = np.maximum(err * (1 - k * k), TINY)
@@ -196,7 +196,7 @@ def gather_frames(x: np.ndarray, centres: np.ndarray, length: int) -> np.ndarray
     """[T, length] frames starting length//2 before each centre, zero outside the signal."""
     half = length // 2
     padded = np.pad(x, (half, length))
-    return padded[centres[:, None] + np.arange(length)[None, :]]
+    return np.lib.stride_tricks.sliding_window_view(padded, length)[centres]
 
 
 class SRH:
@@ -205,8 +205,10 @@ class SRH:
     the range to [F0med/2, 2 F0med], voicing threshold 0.07 (0.085 when std(SRH) > 0.05).
 
     COVAREP takes a 1 Hz-resolution FFT (size fs) per frame; the same spectrum values are
-    read here from a 2048-point FFT by linear interpolation (the 100 ms window's main lobe is
-    60 Hz wide), with the spectrum norm computed by Parseval, so thresholds keep their meaning.
+    read here from a 1600-point FFT (10 Hz bins) by linear interpolation (the 100 ms window's
+    main lobe is 60 Hz wide), with the spectrum norm computed by Parseval, so thresholds keep
+    their meaning. Only the bins up to n_harm x f0max are kept (the normalised magnitude
+    spectrum returned as the 4th value has `n_bins` columns).
     """
 
     def __init__(self, fs: int, f0min: float = 50, f0max: float = 500, n_harm: int = 5):
@@ -231,13 +233,15 @@ class SRH:
                 ok = i < n_bins
                 rows.append(i[ok]); cols.append(col[ok]); vals.append(sign * ww[ok])
 
+        rows = np.concatenate(rows)
+        self.n_bins = int(rows.max()) + 1  # spectrum bins SRH reads (up to n_harm x f0max)
         self._weights = scipy.sparse.csr_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_bins, self.cands.size))
+            (np.concatenate(vals), (rows, np.concatenate(cols))), shape=(self.n_bins, self.cands.size))
 
     def __call__(self, residual: np.ndarray, centres: np.ndarray):
         frames = gather_frames(residual.astype(np.float32), centres, self.length) * self.win.astype(np.float32)
         frames -= frames.mean(1, keepdims=True)
-        spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1))
+        spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1)[:, :self.n_bins])
         # sum over 0..fs/2 of |X|^2 at 1 Hz resolution = (fs/2) * sum(x^2) (Parseval, half)
         denom = np.sqrt(self.fs / 2 * (frames.astype(np.float64) ** 2).sum(1)) + TINY
         spec /= denom[:, None]
@@ -296,19 +300,34 @@ class SRH:
         is_both = np.zeros(T, bool)
         is_both[both] = True
         rows = np.arange(K)
-        for t in range(1, T):
+        # a run of steps that are not voiced-to-voiced (t = i..j-1) only carries the best score
+        # on: acc_t = v[t] + max(acc_{t-1}), back_t = argmax(acc_{t-1}); its maxima are the
+        # running sums of the per-frame maxima (fl(a + m) is monotone in a), so the run is
+        # done at once with the same roundings as step by step
+        run_end = np.r_[both, T]  # first voiced-to-voiced step at or after each t
+        t = 1
+        while t < T:
             if is_both[t]:
                 trans = acc[None, :] - cost[t]
                 bt = trans.argmax(1)
                 back[t] = bt
                 acc = v[t] + trans[rows, bt]
+                t += 1
             else:
+                j = int(run_end[np.searchsorted(run_end, t)])
+                m = np.cumsum(np.r_[acc.max(), v[t:j - 1].max(1)])
+                accs = v[t:j] + m[:, None]
                 back[t] = int(acc.argmax())
-                acc = v[t] + acc.max()
+                back[t + 1:j] = accs[:-1].argmax(1)[:, None]
+                acc = accs[-1]
+                t = j
         path = np.empty(T, dtype=int)
         path[-1] = int(acc.argmax())
+        back_l = back.tolist()
+        p = int(path[-1])
         for t in range(T - 1, 0, -1):
-            path[t - 1] = back[t, path[t]]
+            p = back_l[t][p]
+            path[t - 1] = p
         return self._odd_multiple_check(srh, f[np.arange(T), path], lo)
 
     def _odd_multiple_check(self, srh: np.ndarray, f0: np.ndarray, lo: float) -> np.ndarray:
@@ -354,15 +373,15 @@ def _segment_argmax(v: np.ndarray, starts: np.ndarray, lengths: np.ndarray, cap:
     """argmax of v[s:s+n] for every (s, n) (first maximum, as np.argmax): segments up to `cap`
     samples in one padded gather, longer ones one by one."""
     out = np.zeros(starts.size, int)
-    short = lengths <= cap
-    if short.any():
-        s, n = starts[short], lengths[short]
+    short = np.nonzero(lengths <= cap)[0]
+    for sel in _length_buckets(lengths[short], 2.0):
+        s, n = starts[short[sel]], lengths[short[sel]]
         L = int(n.max())
         j = np.arange(L)[None, :]
         seg = v[np.minimum(s[:, None] + j, v.size - 1)]
         seg = np.where(j < n[:, None], seg, -np.inf)
-        out[short] = seg.argmax(1)
-    for i in np.nonzero(~short)[0]:
+        out[short[sel]] = seg.argmax(1)
+    for i in np.nonzero(lengths > cap)[0]:
         out[i] = int(np.argmax(v[starts[i]:starts[i] + lengths[i]]))
     return out
 
@@ -404,11 +423,11 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
         return y[:, pre:pre + L].astype(np.float64)
     g1 = lpc(frames * win, 1)
     y = inv(g1)
-    hvt1 = lpc(y * win, p_vt, float32=False)
+    hvt1 = lpc(y * win, p_vt, float32=True)
     g = scipy.signal.lfilter(*integ, inv(hvt1), axis=1)
-    hg1 = lpc(g * win, p_gl, float32=False)
+    hg1 = lpc(g * win, p_gl, float32=True)
     y = scipy.signal.lfilter(*integ, inv(hg1), axis=1)
-    hvt2 = lpc(y * win, p_vt, float32=False)
+    hvt2 = lpc(y * win, p_vt, float32=True)
     kept = np.nonzero(keep)[0]
     dg_sig = _overlap_add_rows(inv(hvt2) * win, kept, hop, x.size + L)  # frames not analysed are 0
     norm = _overlap_add_rows(np.broadcast_to(win, (n_frames, L)), np.arange(n_frames), hop, x.size + L)
@@ -420,10 +439,23 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
 _PSP_BINS = 256  # bins of the 2048-point pulse spectrum that PSP's parabola fit reads
 
 
-def _psp_a(X: np.ndarray, ne_min: float = 0.01) -> np.ndarray:
+def _psp_a(X: np.ndarray, ne_min: float = 0.01, first: int = 128) -> np.ndarray:
     """Alku 1997 PSP 'a' for many spectra at once: the largest N (from 3) for which the
-    parabola a k^2 + b fits the first N dB bins with normalised error < ne_min."""
+    parabola a k^2 + b fits the first N dB bins with normalised error < ne_min. The fit is
+    tried on the first `first` bins (the fit stops there for ~99 % of pulses; the running sums
+    are prefixes, so the result is the same), then on all _PSP_BINS for the pulses that fit
+    further."""
     X = X[:, :_PSP_BINS]  # the fit stops within the first few dozen bins of a 2048-point spectrum
+    if first < X.shape[1]:
+        a, fits_on = _psp_a_bins(X[:, :first], ne_min)
+        if fits_on.any():
+            a[fits_on] = _psp_a_bins(X[fits_on], ne_min)[0]
+        return a
+    return _psp_a_bins(X, ne_min)[0]
+
+
+def _psp_a_bins(X: np.ndarray, ne_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """(_psp_a over the given bins, rows where no N up to the last bin fails)."""
     M, K = X.shape
     k2 = np.arange(K, dtype=float) ** 2
     N = np.arange(1, K + 1, dtype=float)
@@ -435,9 +467,11 @@ def _psp_a(X: np.ndarray, ne_min: float = 0.01) -> np.ndarray:
     sse = s_x2 - 2 * a * s_xk2 - 2 * b * s_x + a * a * s_k4 + 2 * a * b * s_k2 + N * b * b
     ne = sse / np.maximum(s_x2, TINY)
     ne[:, :2] = 0  # N starts at 3
-    stop = np.argmax(ne >= ne_min, axis=1)  # first N (index) that fails
-    stop[~(ne >= ne_min).any(1)] = K - 1
-    return a[np.arange(M), stop]
+    fail = ne >= ne_min
+    stop = np.argmax(fail, axis=1)  # first N (index) that fails
+    never = ~fail.any(1)
+    stop[never] = K - 1
+    return a[np.arange(M), stop], never
 
 
 _PSP_AMAX: dict[tuple[int, int], float] = {}
@@ -461,6 +495,27 @@ def vq_params(gf: np.ndarray, dgf: np.ndarray, fs: int, gcis: np.ndarray):
     if rows.size == 0:
         return gcis / fs, out
     start, stop, T0 = start[rows], stop[rows], T0[rows]
+    # cycles in buckets of similar length (each padded to its own longest: exact, and far
+    # less padding than one [m, longest] array when a few cycles are long)
+    for sel in _length_buckets(T0):
+        _vq_cycles(gf, dgf, fs, shift, rows[sel], start[sel], stop[sel], T0[sel], out)
+    return gcis / fs, out
+
+
+def _length_buckets(lengths: np.ndarray, ratio: float = 1.5) -> list[np.ndarray]:
+    """Indices of `lengths` (> 0) grouped so that within a group the longest is at most `ratio`
+    times the shortest (for padded per-row batches: little padding, few batches)."""
+    order = np.argsort(lengths, kind="stable")
+    if order.size == 0:
+        return []
+    ls = lengths[order]
+    edges = np.searchsorted(ls, max(int(ls[0]), 1) * ratio ** np.arange(1, 64), side="right")
+    edges = np.unique(np.concatenate([[0], edges[edges < order.size], [order.size]]))
+    return [order[b0:b1] for b0, b1 in zip(edges[:-1], edges[1:])]
+
+
+def _vq_cycles(gf, dgf, fs, shift, rows, start, stop, T0, out) -> None:
+    """vq_params for the given cycles (rows of `out` minus 1), written into out."""
     L = int(T0.max()) + 1
     j = np.arange(L)[None, :]
     inside = j <= T0[:, None]
@@ -495,11 +550,13 @@ def vq_params(gf: np.ndarray, dgf: np.ndarray, fs: int, gcis: np.ndarray):
     nfft = 2048
     p = np.where(inside, seg - np.where(inside, seg, np.inf).min(1, keepdims=True), 0.0)
     p = p / (p.max(1, keepdims=True) + TINY)
-    X = 20 * np.log10(np.abs(scipy.fft.rfft(p[:, :nfft], n=nfft, axis=1)[:, :_PSP_BINS]) + TINY)
+    # float32 FFT (the pulse is normalised to [0, 1]; the fit reads dB values of the first bins)
+    spec = scipy.fft.rfft(p[:, :nfft].astype(np.float32), n=nfft, axis=1)[:, :_PSP_BINS]
+    X = 20 * np.log10(np.abs(spec).astype(np.float64) + TINY)
     a = _psp_a(X)
-    amax = np.array([_psp_amax(int(t0), nfft) for t0 in T0])
+    ut0, inv = np.unique(T0, return_inverse=True)
+    amax = np.array([_psp_amax(int(t0), nfft) for t0 in ut0])[inv]
     out[rows + 1, 3] = a / amax
-    return gcis / fs, out
 
 
 def _psp_amax(T0: int, nfft: int) -> float:
@@ -591,14 +648,16 @@ def mdq(res_resp: np.ndarray, fs: int, gcis: np.ndarray) -> tuple[np.ndarray, np
     if rows.size == 0:
         return gcis / fs, vals
     T0, g = T0[rows], g[rows]
-    lo, hi = np.maximum(0, g - T0 // 4), np.minimum(N, g + T0 // 4 + 1)
-    W = int((hi - lo).max())
-    j = np.arange(W)[None, :]
-    idx = np.minimum(lo[:, None] + j, N - 1)
-    mag = np.abs(res_resp[:, idx])  # [S, m, W]
-    mag = np.where((j < (hi - lo)[:, None])[None], mag, -1.0)
-    loc = lo[None, :] + mag.argmax(2)  # [S, m]
-    vals[rows + 1] = np.mean(np.abs(loc - g[None, :]), axis=0) / T0
+    for sel in _length_buckets(T0):
+        t0, gg = T0[sel], g[sel]
+        lo, hi = np.maximum(0, gg - t0 // 4), np.minimum(N, gg + t0 // 4 + 1)
+        W = int((hi - lo).max())
+        j = np.arange(W)[None, :]
+        idx = np.minimum(lo[:, None] + j, N - 1)
+        mag = np.abs(res_resp[:, idx])  # [S, m, W]
+        mag = np.where((j < (hi - lo)[:, None])[None], mag, -1.0)
+        loc = lo[None, :] + mag.argmax(2)  # [S, m]
+        vals[rows[sel] + 1] = np.mean(np.abs(loc - gg[None, :]), axis=0) / t0
     return gcis / fs, vals
 
 
@@ -646,7 +705,7 @@ def _unit_acf(frames: np.ndarray, max_lag: int, n: int | None = None) -> np.ndar
 
 
 def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
-            need: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            need: np.ndarray | None = None, resonated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Kane-Drugman H2-H1 (dB) of the residual through a resonator at the mean F0 (get_creak_h2h1):
     50 ms Hann frames; the 'creak F0' is the autocorrelation peak after the first zero
     crossing of the rho = 0.8 resonator output, H1 and H2 are read at 1 and 2 x that F0 on the
@@ -655,6 +714,7 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
     interpolated to the frames (the contour is smoothed over 100 ms anyway).
     With `need` (a boolean per frame), only the 20 ms analyses that reach those frames through
     the interpolation and the smoothing are made; the other frames' values are then not valid.
+    `resonated`: the rho = 0.8 resonator output when already computed (kd_peak_prominence's).
     Returns (H2H1, creak F0)."""
     L = int(round(0.05 * fs))
     win = np.hanning(L).astype(np.float32)
@@ -664,7 +724,7 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
         calc = scipy.ndimage.maximum_filter1d(need.astype(np.uint8), size=17, mode="constant")[::2] > 0
     sub = centres[::2][calc]
     rep = _resonator(res, f0_mean, 0.97, fs).astype(np.float32)
-    rep2 = _resonator(res, f0_mean, 0.8, fs).astype(np.float32)
+    rep2 = (_resonator(res, f0_mean, 0.8, fs) if resonated is None else resonated).astype(np.float32)
     nfft = scipy.fft.next_fast_len(2 * L, real=True)
     acf2 = _unit_acf(gather_frames(rep2, sub, L) * win, L - 1, nfft)
     k = np.arange(L)
@@ -692,7 +752,8 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
     return scipy.ndimage.uniform_filter1d(h2h1, 10, mode="nearest"), f0c
 
 
-def kd_peak_prominence(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float, energy_db: np.ndarray) -> np.ndarray:
+def kd_peak_prominence(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float, energy_db: np.ndarray,
+                       resonated: np.ndarray | None = None) -> np.ndarray:
     """Residual peak prominence (res_peak / get_res_peak_prom): the residual through a rho = 0.8
     resonator at the mean F0; in a window of two periods of the highest plausible creak F0
     (90, 65 or 55 Hz by the mean F0) re-centred on its largest peak, 1 - (largest positive
@@ -701,7 +762,7 @@ def kd_peak_prominence(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: f
     max_creak_f0 = 90.0 if f0_mean > 100 else (65.0 if f0_mean >= 85 else 55.0)
     W = 2 * int(round(fs / max_creak_f0))
     half = W // 2
-    rep = _resonator(res, f0_mean, 0.8, fs)
+    rep = _resonator(res, f0_mean, 0.8, fs) if resonated is None else resonated
     n = rep.size
     fr = gather_frames(np.abs(rep), centres, W)
     m = centres - half + fr.argmax(1)  # peak sample

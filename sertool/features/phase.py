@@ -53,9 +53,12 @@ def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarra
     u = offs[None, :] / hw[:, None].astype(np.float32)
     wins = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0).astype(np.float32)
     spec = scipy.fft.rfft(frames * wins[inv], axis=1)
-    mag = np.abs(spec) * (2 / np.maximum(wins.sum(1), TINY))[inv][:, None]
     nharm = np.floor((fs / 2 - f0 / 2) / f0).astype(int)
     kmax = int(nharm.max()) if max_harm is None else max_harm
+    # only the bins the peak picking can read (all of them unless max_harm is small)
+    n_read = min(spec.shape[1], int(np.ceil(kmax * f0.max() * nfft / fs + f0.max() / 4 * nfft / fs)) + 3)
+    spec = spec[:, :n_read]
+    mag = np.abs(spec) * (2 / np.maximum(wins.sum(1), TINY))[inv][:, None]
     nharm = np.minimum(nharm, kmax)
     k = np.arange(1, kmax + 1)
     df = fs / nfft
