@@ -237,8 +237,11 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
     out = run_train(model, feats, exp, config_file=config_file, overrides=overrides, resume=resume,
                     overwrite=overwrite, progress=not quiet, log=(lambda s: None) if quiet else click.echo,
                     folds_only=folds or None)
-    shown = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in out["summary"].items())
-    click.echo(f"{exp}: {len(out['runs'])} run(s); test {shown}")
+    import os
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun every process returns the summary: print once
+        shown = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in out["summary"].items())
+        click.echo(f"{exp}: {len(out['runs'])} run(s); test {shown}")
 
 
 # ----------------------------------------------------------------------------------- evaluate

@@ -799,6 +799,9 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
     kill = _kill_hook()
     results: list[RunResult] = []
     wanted = set(folds_only) if folds_only else None
+    if wanted is not None and wanted - {f.name for f in inputs.folds}:
+        raise TrainError(f"--fold {', '.join(sorted(wanted - {f.name for f in inputs.folds}))}: no such fold; "
+                         f"this protocol's folds are {', '.join(f.name for f in inputs.folds)}")
     for fold in inputs.folds:
         if wanted is not None and fold.name not in wanted:
             continue

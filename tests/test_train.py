@@ -175,6 +175,12 @@ def test_missing_feature_store(feats, tmp_path):
     assert "no feature store is named for text" in out
 
 
+def test_unknown_fold_name(feats, tmp_path):
+    """`--fold 0` (folds are named fold1..foldK) must not silently train nothing."""
+    out = _bad(feats, tmp_path / "e", "--audio", "fa", "--protocol", "speaker-kfold:2", "--fold", "0")
+    assert "--fold 0: no such fold" in out and "fold1, fold2" in out
+
+
 def test_label_absent_from_training(tmp_path):
     # "sad" only spoken by speaker 1, who is the test speaker of fold 1
     f = make_feats(tmp_path / "f", label_of=lambda s, i: "sad" if s == 0 and i % 4 == 3 else CLASSES[i % 3])
@@ -288,3 +294,4 @@ def test_class_weights_selection_metric_and_dynamic_batches(feats, tmp_path):
     assert out["selected_on"] == "dev macro_f1" and len(out["runs"]) == 4
     pred = json.loads((tmp_path / "e" / "predictor.json").read_text())
     assert "dev_macro_f1" in pred["selection"]
+
