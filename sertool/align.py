@@ -49,7 +49,7 @@ import h5py
 import numpy as np
 
 from sertool.corpora.base import Utterance, read_manifest
-from sertool.store import FeatureStore, StoreError, _decode_attrs, _encode_attrs, library_versions, open_store
+from sertool.store import FeatureStore, StoreError, decode_attrs as _decode_attrs, encode_attrs as _encode_attrs, library_versions, open_store
 from sertool.timings import (ALIGNERS, SOURCES, NotApplicable, Timings, TimingError, corpus_timings, make_aligner,
                              uniform_timings)
 

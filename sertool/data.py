@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 import torch
 
-from sertool.store import FeatureStore, StoreError, open_store
+from sertool.store import FeatureStore, StoreError, decode_attrs, open_store
 
 MODALITIES = ("audio", "text", "visual")
 
@@ -137,7 +137,7 @@ class AlignedSource(Source):
             x = np.asarray(f[modality][()], dtype=np.float32)
             mask_key = f"{modality}_mask" if f"{modality}_mask" in f else "mask" if "mask" in f else None
             mask = np.asarray(f[mask_key][()], dtype=bool) if mask_key else np.ones(x.shape[:2], dtype=bool)
-            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+            self.attrs = decode_attrs(f.attrs)  # JSON-valued attrs (provenance) come back as dicts
             self.attrs.setdefault("feature", f"{self.path.stem}:{modality}")
             self.attrs["kind"] = modality
         if x.ndim != 3 or mask.shape != x.shape[:2] or len(ids) != x.shape[0]:

@@ -81,6 +81,11 @@ def _decode_attrs(source: h5py.AttributeManager) -> dict[str, Any]:
     return out
 
 
+# Public names: aligned files and experiment records use the same attribute encoding.
+encode_attrs = _encode_attrs
+decode_attrs = _decode_attrs
+
+
 def library_versions() -> dict[str, str]:
     from importlib import metadata
 

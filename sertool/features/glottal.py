@@ -404,10 +404,10 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
     keep = np.ones(n_frames, bool)
     if active is not None:
         margin = int(0.02 * fs)
-        csum = np.concatenate([[0], np.cumsum(active[:x.size].astype(np.int64))])
+        pos = np.flatnonzero(active[:x.size])  # sorted active samples
         s0 = np.clip(starts_all - pre - margin, 0, x.size)
         s1 = np.clip(starts_all - pre + L + margin, 0, x.size)
-        keep = csum[s1] > csum[s0]
+        keep = np.searchsorted(pos, s1) > np.searchsorted(pos, s0)  # an active sample in [s0, s1)
     starts = starts_all[keep]
     if starts.size == 0:
         return np.zeros(x.size), np.zeros(x.size)

@@ -47,11 +47,8 @@ def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarra
     # zero-phase layout's phases are the centred frame's plus pi k (a circular shift by half)
     padded = np.pad(np.asarray(x, dtype=np.float32), (half, half))
     frames = np.lib.stride_tricks.sliding_window_view(padded, nfft)[centres]
-    offs = (np.arange(nfft) - half).astype(np.float32)
     uf0, inv = np.unique(f0, return_inverse=True)  # SRH F0s lie on a 1 Hz grid: few windows
-    hw = np.minimum(n_periods * fs / uf0 / 2, half - 1)
-    u = offs[None, :] / hw[:, None].astype(np.float32)
-    wins = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0).astype(np.float32)
+    wins = np.stack([_blackman_window(float(f), fs, n_periods, nfft) for f in uf0])
     spec = scipy.fft.rfft(frames * wins[inv], axis=1)
     nharm = np.floor((fs / 2 - f0 / 2) / f0).astype(int)
     kmax = int(nharm.max()) if max_harm is None else max_harm
@@ -92,6 +89,19 @@ def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarra
     phase = wrap(np.angle(spec[r2, best]).astype(np.float64) + np.pi * best)
     valid = k[None, :] <= nharm[:, None]
     return np.where(valid, amp, 0.0), np.where(valid, phase, 0.0), nharm
+
+
+@lru_cache(maxsize=2048)
+def _blackman_window(f0: float, fs: int, n_periods: float, nfft: int) -> np.ndarray:
+    """harmonic_analysis' zero-phase Blackman window of n_periods periods of f0, float32, as
+    laid out in its centred nfft-sample frames (cached: F0s repeat across frames and files)."""
+    half = nfft // 2
+    offs = (np.arange(nfft) - half).astype(np.float32)
+    hw = np.minimum(n_periods * fs / np.array([f0]) / 2, half - 1)
+    u = offs[None, :] / hw[:, None].astype(np.float32)
+    w = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0).astype(np.float32)[0]
+    w.setflags(write=False)
+    return w
 
 
 # ---- Liljencrants-Fant model -------------------------------------------------------------
