@@ -70,7 +70,7 @@ def test_iemocap_recipe_on_a_generated_corpus(tmp_path):
     feats, exp = tmp_path / "feats", tmp_path / "exp"
     out = run_recipe("iemocap", "--fake", "true", "--fake_per_label", "1", "--fake_audio", "synthetic", "--corpus_dir", str(tmp_path / "IEMOCAP"),
                      "--feats", str(feats), "--exp_root", str(exp), "--models", "cma self_attn cmd",
-                     "--ssl_feat", "mfcc", "--lm_feat", "bert", "--epochs", "1", "--folds", "ses-Session1 fold1",
+                     "--ssl_feat", "mfcc", "--lm_feat", "bert", "--epochs", "1", "--folds4", "ses-Session1", "--folds7", "fold1",
                      "--distill_opts", "--set distill.epochs=1 --set finetune.epochs=1 --set student.modalities=[text]",
                      "--device", "cpu")
     assert len((feats / "manifest.jsonl").read_text().splitlines()) == 80

@@ -35,9 +35,10 @@ word_feat=glove                # Rajan et al.: GloVe (packaged 6B-50d; glove:pat
 models="ks_transformer cma cmd self_attn cross_attn"
 seeds=1
 epochs=                        # empty: each model's configured epochs
-folds=                         # empty: all folds (e.g. "ses-Session1" for a smoke run)
+folds4=                        # 4-class folds to train (empty: all; e.g. "ses-Session1" for a smoke run)
+folds7=                        # 7-class (Rajan) folds to train (empty: all; e.g. "fold1")
 distill_opts=                  # extra `sertool distill` options, e.g. "--set distill.epochs=5"
-RECIPE_OPTIONS="stage stop_stage nj device threads corpus_dir fake fake_per_label fake_audio feats conf_dir exp_root ssl_feat lm_feat text_model acoustic_feat word_feat models seeds epochs folds distill_opts"
+RECIPE_OPTIONS="stage stop_stage nj device threads corpus_dir fake fake_per_label fake_audio feats conf_dir exp_root ssl_feat lm_feat text_model acoustic_feat word_feat models seeds epochs folds4 folds7 distill_opts"
 parse_options "$@"
 
 if stage_on 0; then
@@ -68,10 +69,12 @@ fi
 if stage_on 3; then
   log "stage 3: 4 classes, leave-one-session-out"
   four=(--labels iemocap4 --protocol loso-session)
+  folds=${folds4}
   train_exp ks_transformer ks_transformer --audio "${ssl_feat}" --text "${lm_feat}" "${four[@]}"
   train_exp cma cma --audio "${ssl_feat}" --text "${lm_feat}" "${four[@]}"
   log "stage 3: 7 classes, Rajan et al. 8 : 0.5 : 1.5 x 5"
   seven=(--labels iemocap7 --protocol rajan:5)
+  folds=${folds7}
   train_exp self_attn self_attn --audio "${acoustic_feat}" --text "${word_feat}" "${seven[@]}"
   train_exp cross_attn cross_attn --audio "${acoustic_feat}" --text "${word_feat}" "${seven[@]}"
 fi

@@ -91,7 +91,8 @@ if stage_on 5; then
 fi
 
 if stage_on 6; then
-  sample=$(ls -d "${corpus_dir}"/Actor_01 2>/dev/null || ls -d "${corpus_dir}"/*/ | head -n 1)
+  sample=$(find "${corpus_dir}" -type d -name Actor_01 | head -n 1)
+  [ -n "${sample}" ] || sample=${corpus_dir}
   for tag in ${models}; do
     [ -f "${exp_root}/${tag}/predictor.json" ] || continue
     log "stage 6: predict ${sample} with ${tag}"

@@ -88,7 +88,6 @@ class Covarep(Extractor):
         self._fwcep_pdd = phase.warped_cepstrum_matrix(self._nfft_env // 2 + 1, N_PDD - 1, self.alpha)
         self._pdm_pos = phase.loglin_harmonic_positions(N_PDM, 8.0, self.sample_rate / 2 / self.f0min)
         self._mcep_maps: dict[float, np.ndarray] = {}  # F0 -> [K, N_MCEP] (see _mcep)
-        self._lifter_ops: dict[int, np.ndarray] = {}  # cepstral order -> [bins, N_MCEP]
         self._cep_basis = None
 
     def params(self) -> dict[str, Any]:
@@ -175,18 +174,23 @@ class Covarep(Extractor):
         out[:, 11:11 + N_MCEP] = self._mcep(amp, nharm, f0_h) + np.r_[np.log(peak), np.zeros(N_MCEP - 1)]
 
         # HMPD: phase distortion mean and deviation (only voiced frames carry them; the
-        # moving statistics give unvoiced frames zero weight)
+        # moving statistics give unvoiced frames zero weight, so they are taken over the frames
+        # from the first to the last voiced one plus a margin of zero-weight frames wider than
+        # the windows: the running sums reach the first voiced frame at exactly 0 either way)
         vi = np.nonzero(voiced)[0]
         if vi.size:
             kv = max(int(nharm[vi].max()), 2)  # harmonics beyond the voiced frames' last are masked
-            pd = np.zeros((T, kv - 1))
-            mask = np.zeros_like(pd)
-            pd[vi], mask[vi] = phase.phase_distortion(amp[vi, :kv], ph[vi, :kv], nharm[vi])
             mean_frames = max(3, int(round(6 / f0_med / (self.hop / fs))) | 1)
+            margin = mean_frames + 3
+            a, b = max(0, int(vi[0]) - margin), min(T, int(vi[-1]) + 1 + margin)
+            rv = vi - a
+            pd = np.zeros((b - a, kv - 1))
+            mask = np.zeros_like(pd)
+            pd[rv], mask[rv] = phase.phase_distortion(amp[vi, :kv], ph[vi, :kv], nharm[vi])
             pdm, pdd = phase.hmpd_stats(pd, mask, mean_frames, 3)
             n_pd = np.maximum(nharm[vi] - 1, 0)
-            out[vi, 36:36 + N_PDM] = phase.sample_harmonics(pdm[vi], self._pdm_pos, n_pd, circular=True)
-            out[vi, 61:61 + N_PDD] = self._pdd_cepstrum(pdd[vi], n_pd, f0_h[vi])
+            out[vi, 36:36 + N_PDM] = phase.sample_harmonics(pdm[rv], self._pdm_pos, n_pd, circular=True)
+            out[vi, 61:61 + N_PDD] = self._pdd_cepstrum(pdd[rv], n_pd, f0_h[vi])
         unv = ~voiced
         out[unv, 2:10] = 0.0
         out[unv, 36:] = 0.0
@@ -259,16 +263,14 @@ class Covarep(Extractor):
             W[i0, cols] = 1 - w
             W[i1, cols] += w
             order = int(np.round(0.5 * fs / f0))
-            S = self._lifter_ops.get(order)
-            if S is None:
-                if self._cep_basis is None:
-                    R = scipy.fft.irfft(np.eye(n // 2 + 1), n=n, axis=1)  # [bins, n]: log spectrum -> cepstrum
-                    G = scipy.fft.rfft(np.eye(n), axis=1).real @ self._fwcep  # [n, N_MCEP]
-                    self._cep_basis = (R, G)
-                R, G = self._cep_basis
-                q = np.minimum(np.arange(n), n - np.arange(n))
-                keep = q <= order
-                S = self._lifter_ops[order] = R[:, keep] @ G[keep]
+            if self._cep_basis is None:
+                R = scipy.fft.irfft(np.eye(n // 2 + 1), n=n, axis=1)  # [bins, n]: log spectrum -> cepstrum
+                G = scipy.fft.rfft(np.eye(n), axis=1).real @ self._fwcep  # [n, N_MCEP]
+                self._cep_basis = (R, G)
+            R, G = self._cep_basis
+            q = np.minimum(np.arange(n), n - np.arange(n))
+            keep = q <= order
+            S = R[:, keep] @ G[keep]  # liftering + warped cepstrum [bins, N_MCEP]
             P = self._mcep_maps[f0] = W @ S
         return P
 

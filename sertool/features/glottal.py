@@ -3,17 +3,19 @@
 No maintained Python library implements these COVAREP methods (SRH pitch, RESKEW polarity,
 SEDREAMS-like GCIs, IAIF, NAQ/QOQ/H1-H2/PSP, MDQ, peakSlope), so they are written here from
 the papers and the public COVAREP MATLAB sources (read, not copied); every per-frame step is a
-batched array operation, and the only Python loops run over LPC orders or glottal cycles.
+batched array operation; the Python loops run over LPC orders, groups of glottal cycles of
+similar length, and the voiced-to-voiced steps of the F0 Viterbi search.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 import scipy.fft
 import scipy.ndimage
 import scipy.signal
 import scipy.sparse
-from functools import lru_cache
 
 TINY = 1e-12
 
@@ -51,21 +53,19 @@ def levinson(r: np.ndarray, order: int) -> np.ndarray:
     for i in range(1, order + 1):
         acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
         k = np.minimum(np.maximum(-acc / err, -0.99999), 0.99999)  # keep the filter minimum-phase
-        prev = a[:, :i + 1].copy()
-        a[:, 1:i + 1] = prev[:, 1:i + 1] + k[:, None] * prev[:, i - 1::-1]
+        a[:, 1:i + 1] += k[:, None] * a[:, i - 1::-1]  # the product is formed first: old values
         err = np.maximum(err * (1 - k * k), TINY)
     return a
 
 
-def lpc(frames: np.ndarray, order: int, float32: bool = False) -> np.ndarray:
-    """LPC polynomials [T, order+1] of already windowed frames [T, L] (autocorrelation method;
-    with `float32`, the autocorrelation comes from float32 FFTs, Levinson stays float64)."""
+def lpc(frames: np.ndarray, order: int) -> np.ndarray:
+    """LPC polynomials [T, order+1] of already windowed frames [T, L] (autocorrelation method)."""
     if order == 1:  # two lags: direct products
         r = np.stack([np.einsum("ij,ij->i", frames, frames),
                       np.einsum("ij,ij->i", frames[:, 1:], frames[:, :-1])], axis=1)
         return levinson(r.astype(np.float64), 1)
     n = scipy.fft.next_fast_len(frames.shape[1] + order + 1, real=True)
-    spec = scipy.fft.rfft(frames.astype(np.float32) if float32 else frames, n=n, axis=1)
+    spec = scipy.fft.rfft(frames, n=n, axis=1)
     r = scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n, axis=1)[:, :order + 1]
     return levinson(r.astype(np.float64), order)
 
@@ -165,8 +165,7 @@ def levinson_orders(r: np.ndarray, orders: tuple[int, ...]) -> list[np.ndarray]:
     for i in range(1, top + 1):
         acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
         k = np.minimum(np.maximum(-acc / err, -0.99999), 0.99999)  # keep the filter minimum-phase
-        prev = a[:, :i + 1].copy()
-        a[:, 1:i + 1] = prev[:, 1:i + 1] + k[:, None] * prev[:, i - 1::-1]
+        a[:, 1:i + 1] += k[:, None] * a[:, i - 1::-1]  # the product is formed first: old values
         err = np.maximum(err * (1 - k * k), TINY)
         if i in orders:
             out[i] = a[:, :i + 1].copy()
@@ -239,7 +238,8 @@ class SRH:
             (np.concatenate(vals), (rows, np.concatenate(cols))), shape=(self.n_bins, self.cands.size))
 
     def __call__(self, residual: np.ndarray, centres: np.ndarray):
-        frames = gather_frames(residual.astype(np.float32), centres, self.length) * self.win.astype(np.float32)
+        frames = gather_frames(residual.astype(np.float32), centres, self.length)  # a copy: scaled in place
+        frames *= self.win.astype(np.float32)
         frames -= frames.mean(1, keepdims=True)
         spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1)[:, :self.n_bins])
         # sum over 0..fs/2 of |X|^2 at 1 Hz resolution = (fs/2) * sum(x^2) (Parseval, half)
@@ -423,11 +423,11 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
         return y[:, pre:pre + L].astype(np.float64)
     g1 = lpc(frames * win, 1)
     y = inv(g1)
-    hvt1 = lpc(y * win, p_vt, float32=True)
+    hvt1 = lpc(y * win, p_vt)
     g = scipy.signal.lfilter(*integ, inv(hvt1), axis=1)
-    hg1 = lpc(g * win, p_gl, float32=True)
+    hg1 = lpc(g * win, p_gl)
     y = scipy.signal.lfilter(*integ, inv(hg1), axis=1)
-    hvt2 = lpc(y * win, p_vt, float32=True)
+    hvt2 = lpc(y * win, p_vt)
     kept = np.nonzero(keep)[0]
     dg_sig = _overlap_add_rows(inv(hvt2) * win, kept, hop, x.size + L)  # frames not analysed are 0
     norm = _overlap_add_rows(np.broadcast_to(win, (n_frames, L)), np.arange(n_frames), hop, x.size + L)
@@ -735,14 +735,14 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
     lag = np.where(k[None, :] >= first[:, None], acf2, -np.inf).argmax(1)
     lag = np.maximum(lag, 5)
     f0c = fs / lag
-    P = np.abs(scipy.fft.rfft(gather_frames(rep, sub, L) * win, n=nfft, axis=1)) ** 2
+    spec = scipy.fft.rfft(gather_frames(rep, sub, L) * win, n=nfft, axis=1)  # power read at 4 bins per frame
     b1 = f0c * nfft / fs
     rows = np.arange(sub.size)
 
     def at(b):
-        i = np.clip(np.floor(b).astype(int), 0, P.shape[1] - 2)
+        i = np.clip(np.floor(b).astype(int), 0, spec.shape[1] - 2)
         w = np.clip(b - i, 0, 1)
-        return P[rows, i] * (1 - w) + P[rows, i + 1] * w
+        return np.abs(spec[rows, i]) ** 2 * (1 - w) + np.abs(spec[rows, i + 1]) ** 2 * w
     h2h1_c, f0c_c = np.zeros(n_sub), np.full(n_sub, fs / 5.0)
     h2h1_c[calc] = 10 * np.log10((at(2 * b1) + TINY) / (at(b1) + TINY))
     f0c_c[calc] = f0c
