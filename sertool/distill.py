@@ -752,6 +752,9 @@ def run_distill(feats, exp, *, teacher_audio=None, teacher_text=None, config_fil
     t0 = time.time()
     cfg = resolve_config(config_file, overrides)
     d, s = cfg["distill"], cfg["student"]
+    for section, key in (("distill", "epochs"), ("finetune", "epochs")):
+        if int(cfg[section][key]) < 1:
+            raise DistillError(f"{section}.{key} = {cfg[section][key]!r}: must be at least 1")
     feats = Path(feats) if feats is not None else None
     exp = Path(exp)
     if utts is None:

@@ -160,6 +160,14 @@ def test_mosei_csd(tmp_path):
     with open_store(out) as s:
         assert s.attrs["frame_rate_hz"] == 100.0 and s["vidA__0"].shape == (200, 74)
         np.testing.assert_array_equal(s["vidA__1"], covarep[200:400])
+    vectors = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # row 1 is the `sp` padding token
+    write_csd(tmp_path / "CMU_MOSEI_TimestampedWordVectors.csd", "glove_vectors",
+              {"vidA": (vectors, [[0.1, 0.5], [0.5, 0.7], [0.7, 1.9], [2.1, 2.6]])})
+    out = import_csd_features(tmp_path / "CMU_MOSEI_TimestampedWordVectors.csd", utts,
+                              tmp_path / "feats" / "csd_glove.h5", name="csd_glove", kind="text")
+    with open_store(out) as s:  # one row per kept word: the `sp` row is dropped
+        np.testing.assert_array_equal(s["vidA__0"], vectors[[0, 2]])
+        np.testing.assert_array_equal(s["vidA__1"], vectors[[3]])
 
 
 # ------------------------------------------------------------------ manifest and validation

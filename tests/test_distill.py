@@ -235,6 +235,9 @@ def test_distill_text_only_and_errors(feats, tmp_path):
         run_distill(feats, tmp_path / "e2", teacher_text="tt", progress=False)
     with pytest.raises(ValueError, match="unknown config key"):
         run_distill(feats, tmp_path / "e3", teacher_text="tt", overrides=["distill.nope=1"], progress=False)
+    with pytest.raises(ValueError, match="distill.epochs = 0: must be at least 1"):
+        run_distill(feats, tmp_path / "e4", teacher_text="tt", overrides=["student.modalities=[text]", "distill.epochs=0"],
+                    progress=False)
 
 
 def test_cli_distill(feats, tmp_path):

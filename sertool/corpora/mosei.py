@@ -165,9 +165,17 @@ def import_csd_features(csd_path: str | os.PathLike, utts: list[Utterance], out_
                 inside = (intervals[:, 0] >= lo - 1e-3) & (intervals[:, 1] <= hi + 1e-3)
                 feats = np.nan_to_num(np.asarray(data[video]["features"][()][inside], dtype=np.float32),
                                       nan=0.0, posinf=0.0, neginf=0.0)
-                if kind == "text":
-                    words = data[video]["features"][()][inside]
-                    feats = feats[: len(words)]
+                if kind == "text" and u.words is not None:
+                    # word-level sequences carry the SDK's padding tokens (`sp`) as rows; the
+                    # reader dropped them from `words`, so keep exactly the rows whose start
+                    # matches a kept word (one vector per word, as align expects)
+                    starts = intervals[inside, 0]
+                    wanted = np.array([lo + w[1] for w in u.words])
+                    if len(wanted):
+                        hit = np.abs(starts[:, None] - wanted[None, :]) < 2e-3
+                        feats = feats[hit.any(axis=1)]
+                    else:
+                        feats = feats[:0]
                 writer.add(u.id, feats.reshape(-1, dim), {"source": csd_path.name, "video": video, "segment": k})
     finally:
         f.close()
