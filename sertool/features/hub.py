@@ -371,3 +371,25 @@ def quiet_transformers():
                 tlog.enable_progress_bar()
 
     return cm()
+
+
+def bind_model(extractor: Any, model: str, model_path: str | None, model_checksum: str | None, device: str,
+               dtype: str, *, option: str) -> ResolvedModel:
+    """Resolve a model-based extractor's weights and set its identity and device attributes.
+
+    `model_path` (a recorded resolved folder) is used when it exists on this machine, so a
+    store's `extractor` record rebuilds the same model; `check_weights` refuses other weights.
+    Sets `resolved`, `model_name`, `model_checksum`, `device`, `dtype_name`, `torch_dtype`.
+    """
+    if model_path and os.path.isdir(model_path):  # rebuilt from a record on the same machine
+        resolved = resolve_model(model_path, option=option)
+        resolved.name = model
+    else:
+        resolved = resolve_model(model, option=option)
+    extractor.resolved = resolved
+    extractor.model_name = str(model)
+    extractor.model_checksum = check_weights(resolved, model_checksum)
+    extractor.device = pick_device(device)
+    extractor.dtype_name = dtype
+    extractor.torch_dtype = pick_dtype(dtype, extractor.device)
+    return resolved

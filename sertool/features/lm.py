@@ -25,9 +25,8 @@ import numpy as np
 
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.features.hub import (ResolvedModel, check_weights, combine_states, layer_indices, parse_layers,
-                                  pick_device, pick_dtype, quiet_transformers,
-                                  resolve_model)
+from sertool.features.hub import (ResolvedModel, bind_model, combine_states, layer_indices, parse_layers,
+                                  quiet_transformers)
 
 DEFAULT_TEXT_MODEL = "minilm"
 
@@ -86,22 +85,10 @@ class LMFeatures(Extractor):
     def __init__(self, model: str = DEFAULT_TEXT_MODEL, layer: Any = -1, combine: str = "mean", max_length: int = 512,
                  special_tokens: bool = True, dtype: str = "auto", device: str = "auto", batch_size: int = 16,
                  model_path: str | None = None, model_checksum: str | None = None):
-        import os
-
         if combine not in ("mean", "stack"):
             raise ExtractorError(f"combine={combine!r}: choose mean or stack")
         model = model or DEFAULT_TEXT_MODEL
-        if model_path and os.path.isdir(model_path):  # rebuilt from a record on the same machine
-            resolved = resolve_model(model_path, option="--text-model")
-            resolved.name = model
-        else:
-            resolved = resolve_model(model, option="--text-model")
-        self.resolved = resolved
-        self.model_name = str(model)
-        self.model_checksum = check_weights(resolved, model_checksum)
-        self.device = pick_device(device)
-        self.dtype_name = dtype
-        self.torch_dtype = pick_dtype(dtype, self.device)
+        resolved = bind_model(self, model, model_path, model_checksum, device, dtype, option="--text-model")
         self.config_, self.tokenizer, self.model = load_text_model(resolved, self.device, self.torch_dtype)
         self.layer = parse_layers(layer)
         self.combine = combine if (isinstance(self.layer, list) or isinstance(self.layer, str)) else "mean"

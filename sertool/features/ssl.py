@@ -35,8 +35,7 @@ import numpy as np
 
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.features.hub import (check_weights, combine_states, layer_indices, parse_layers, pick_device, pick_dtype,
-                                  quiet_transformers, resolve_model)
+from sertool.features.hub import bind_model, combine_states, layer_indices, parse_layers, quiet_transformers
 
 DEFAULT_SSL_MODEL = "facebook/wav2vec2-base"
 # Models whose output for the real frames changes when the batch is zero-padded, besides those
@@ -59,8 +58,6 @@ class SSLFeatures(Extractor):
     def __init__(self, model: str = DEFAULT_SSL_MODEL, layer: Any = -1, combine: str = "mean", chunk_s: float = 30.0,
                  context_s: float = 2.0, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
                  model_path: str | None = None, model_checksum: str | None = None):
-        import os
-
         import torch
         from transformers import AutoFeatureExtractor, AutoModel
 
@@ -69,17 +66,7 @@ class SSLFeatures(Extractor):
         if chunk_s <= 0 or context_s < 0:
             raise ExtractorError("chunk_s must be > 0 and context_s >= 0")
         model = model or DEFAULT_SSL_MODEL
-        if model_path and os.path.isdir(model_path):
-            resolved = resolve_model(model_path, option="--ssl-model")
-            resolved.name = model
-        else:
-            resolved = resolve_model(model, option="--ssl-model")
-        self.resolved = resolved
-        self.model_name = str(model)
-        self.model_checksum = check_weights(resolved, model_checksum)
-        self.device = pick_device(device)
-        self.dtype_name = dtype
-        self.torch_dtype = pick_dtype(dtype, self.device)
+        resolved = bind_model(self, model, model_path, model_checksum, device, dtype, option="--ssl-model")
         path = str(resolved.path)
         try:
             with quiet_transformers():
