@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 import torch
 
+from sertool.weights import load_tensors
 from sertool.store import FeatureStore, StoreError, decode_attrs, open_store
 
 MODALITIES = ("audio", "text", "visual")
@@ -283,9 +284,8 @@ class Normalizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
-        from safetensors.torch import load_file
 
-        t = load_file(str(path))
+        t = load_tensors(path)
         stats = {}
         for key in t:
             if key.endswith(".mean"):

@@ -63,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from sertool.weights import load_tensors
 from sertool.batching import budget_batches, crop_lengths
 from sertool.models.blocks import TransformerLayer, masked_mean, sinusoidal_positions
 from sertool.models.encoders import ConvStack
@@ -882,14 +883,13 @@ def save_student(student: DistillStudent, path: Path, meta: dict | None = None) 
 
 def load_student(path: Path) -> DistillStudent:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "sertool-cmd-student":
         raise DistillError(f"{path}: not a sertool CMD student")
     student = DistillStudent(json.loads(meta["spec"]))
-    student.load_state_dict(load_file(str(path)))
+    student.load_state_dict(load_tensors(path))
     return student
 
 

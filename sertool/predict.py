@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from sertool.weights import load_tensors
 from sertool.audio import AudioError, audio_info, load_audio
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
 
@@ -184,7 +185,6 @@ def load_predictor(exp: str | os.PathLike | None = None, device: str = "auto") -
 
 def load_model(path: Path, spec: dict, device: str = "auto"):
     """(model in eval mode on `device`, {modality: (mean, std)}) from the files predictor.json names."""
-    from safetensors.torch import load_file
 
     from sertool.models import build_model
 
@@ -196,11 +196,11 @@ def load_model(path: Path, spec: dict, device: str = "auto"):
             raise PredictError(f"{f} is missing: the experiment folder is incomplete")
     try:
         model = build_model({"model": dict(spec["model_config"])})
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(load_tensors(weights))
     except (KeyError, RuntimeError, ValueError) as e:
         raise PredictError(f"{weights}: cannot rebuild the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     model.eval().to(dev)
-    tensors = load_file(str(norm_file))
+    tensors = load_tensors(norm_file)
     stats = {k[: -len(".mean")]: (tensors[k].numpy(), tensors[k[: -len(".mean")] + ".std"].numpy())
              for k in tensors if k.endswith(".mean")}
     return model, stats

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from sertool.weights import load_tensors
 from sertool import metrics as M
 from sertool.corpora.base import read_manifest
 from sertool import distributed as D
@@ -306,9 +307,8 @@ def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = Non
 
 def load_weights(model: torch.nn.Module, path: Path) -> dict:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    state = load_file(str(path))
+    state = load_tensors(path)
     model.load_state_dict(state)
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
@@ -406,9 +406,8 @@ def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     if meta.get("format") != "sertool-checkpoint":
