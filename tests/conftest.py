@@ -60,5 +60,17 @@ def plugin_env(monkeypatch):
     return env
 
 
+@pytest.fixture
+def one_torch_thread():
+    """The machine is shared: one torch thread is faster than two contended ones.
+    Test modules that train models use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sertool_cmd() -> list[str]:
     return [sys.executable, "-m", "sertool"]

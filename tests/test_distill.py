@@ -21,12 +21,7 @@ from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, DistillStudent,
 from sertool.store import StoreWriter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- loss

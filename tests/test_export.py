@@ -15,12 +15,7 @@ from sertool.predict import collate, load_predictor
 from test_predict import MFCC13, write_exp  # noqa: F401  (the helper that writes an EXP folder)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -58,12 +58,7 @@ class CharFeatures(Extractor):
         return FeatureResult(np.asarray(rows, np.float32) * self.scale, {})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tone(freq, seconds, sr=SR, channels=1, seed=0):

@@ -53,15 +53,7 @@ def make_feats(root, n_spk=4, per=12, seed=0, da=6, dt=5, score=False, drop_from
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: one torch thread is faster than two contended ones."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
