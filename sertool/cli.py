@@ -218,15 +218,21 @@ def models(sets):
 @click.option("--fold", "folds", multiple=True, metavar="NAME", help="Train only these folds (repeatable; e.g. to spread folds over jobs).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted experiment (same settings).")
 @click.option("--overwrite", is_flag=True, help="Delete EXP first.")
+@click.option("--init", "init", type=click.Path(file_okay=False, path_type=Path), metavar="DISTILL_EXP",
+              help="--model cmd: fine-tune the student of this `sertool distill` experiment (finetune.* keys).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @_fail_cleanly
 def train(feats, model, exp, config_file, sets, audio, text, visual, labels, protocol, seeds, epochs, device, threads,
-          folds, resume, overwrite, quiet):
+          folds, resume, overwrite, init, quiet):
     """Train MODEL on the feature stores in FEATS, over a protocol's folds and seeds, into EXP.
 
     Model selection and early stopping use a dev split carved from the training data, never the
     test split. Example: sertool train -m self_attn feats/rav --audio mfcc --text glove
     --protocol speaker-kfold:6 --labels ravdess8 --seeds 3 -o exp/rav-self
+
+    CMD (cross-modal distillation): sertool distill FEATS -o DEXP ..., then
+    sertool train FEATS -m cmd --init DEXP --protocol speaker-kfold:6 --labels ravdess8 -o EXP
+    fine-tunes the distilled student (the --set keys are finetune.*).
     """
     from sertool.train import run_train
 
@@ -234,6 +240,26 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
                "protocol.name": protocol, "run.seeds": seeds, "train.epochs": epochs, "run.device": device,
                "run.threads": threads}
     overrides = [f"{k}={v}" for k, v in options.items() if v is not None] + list(sets)
+    if init is not None:
+        if model not in ("cmd", "cmd_student"):
+            raise click.UsageError(f"--init is for --model cmd (fine-tuning a `sertool distill` student), "
+                                   f"not --model {model}")
+        given = [name for name, v in (("--audio", audio), ("--text", text), ("--visual", visual),
+                                      ("--config", config_file), ("--fold", folds), ("--resume", resume)) if v]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: not available with --init (the inputs are the distillation "
+                                   "experiment's teachers)")
+        from sertool.distill import train_from_distillation
+
+        r = train_from_distillation(init, feats, exp, overrides=overrides, overwrite=overwrite, progress=not quiet,
+                                    log=(lambda s: None) if quiet else click.echo)
+        s = r["summary"]
+        click.echo(f"{exp}: {len(r['runs'])} run(s); test " + ", ".join(
+            f"{k} {s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("WA", "UA", "macro_f1")))
+        return
+    if model == "cmd":
+        raise click.UsageError("--model cmd fine-tunes a distilled student: give --init DISTILL_EXP "
+                               "(the output folder of `sertool distill`)")
     out = run_train(model, feats, exp, config_file=config_file, overrides=overrides, resume=resume,
                     overwrite=overwrite, progress=not quiet, log=(lambda s: None) if quiet else click.echo,
                     folds_only=folds or None)
@@ -394,6 +420,8 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 @click.option("--transcripts", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Text per file for models with a text input: csv/tsv with columns file, text.")
 @click.option("--asr", metavar="MODEL", help="Transcribe files that have no text (e.g. tiny.en, packaged, offline).")
+@click.option("--asr-beam", default=1, show_default=True, type=click.IntRange(1), metavar="N",
+              help="ASR beam size (1 = greedy, fastest; sertool extract uses 5).")
 @click.option("--segments", is_flag=True, help="Also write one row per segment of files longer than --window.")
 @click.option("--window", default=30.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Seconds: longer files are cut into equal segments no longer than this.")
@@ -404,14 +432,16 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
-def predict(paths, out, transcripts, asr, segments, window, batch_size, device, fmt, resume, overwrite, quiet):
+def predict(paths, out, transcripts, asr, asr_beam, segments, window, batch_size, device, fmt, resume, overwrite,
+            quiet):
     """Predict the emotion of every recording in WAV_DIR (recursive; or one audio file) with the
     model of EXP, or with the packaged default model when EXP is left out.
 
     The features the model was trained on are recomputed with the same extractors and
     normalisation. Rows are written as files finish; --resume continues an interrupted run. A
     file that cannot be processed gets a row with its `error` and the run goes on; the exit
-    status is the number of such files (capped at 100). Example:
+    status is then 3 and the last stderr line gives their number (1 = fatal error, 2 = usage
+    error). Example:
     sertool predict exp/rav-probe recordings/ -o predictions.csv
     """
     from sertool.predict import run_predict
@@ -423,7 +453,8 @@ def predict(paths, out, transcripts, asr, segments, window, batch_size, device, 
         raise click.UsageError(f"{wav_dir} is an experiment folder; give the recordings too: sertool predict EXP WAV_DIR")
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     try:
-        report = run_predict(exp, wav_dir, out, transcripts=transcripts, asr=asr, segments=segments, window=window,
+        report = run_predict(exp, wav_dir, out, transcripts=transcripts, asr=asr, asr_beam=asr_beam,
+                             segments=segments, window=window,
                              batch_size=batch_size, device=device, fmt=fmt, resume=resume, overwrite=overwrite,
                              progress=not quiet, log=log)
     except BrokenPipeError:  # `sertool predict ... | head`: the reader has gone, stop quietly
@@ -434,7 +465,9 @@ def predict(paths, out, transcripts, asr, segments, window, batch_size, device, 
     log(f"{report.n_done} file(s) predicted ({report.audio_seconds:.1f} s of audio, {report.seconds:.1f} s, "
         f"{report.real_time_factor:.0f}x real time)" + (f", {report.n_skipped} already done" if report.n_skipped else "")
         + (f" -> {report.output}" if report.output != "-" else ""))
-    if report.n_failed:
+    if report.asr:
+        log("ASR: " + ", ".join(f"{k} {v}" for k, v in report.asr.items()))
+    if report.n_failed:  # always said (also with -q), as the last line on stderr
         click.echo(f"{report.n_failed} file(s) failed (see the error column)", err=True)
         sys.exit(report.exit_status)
 

@@ -894,24 +894,15 @@ def load_student(path: Path) -> DistillStudent:
 
 
 # =================================================================================== fine-tuning
-def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bool = True,
-                 log: Callable[[str], None] = print, teacher_text_tokenizer=None) -> dict:
-    """Fine-tune the distilled student of EXP for classification over a protocol's folds x seeds:
-    EXP/finetune/ (metrics.json, report.md, folds/<fold>/seed<s>/model.safetensors)."""
-    from sertool import metrics as M
+def _finetune_inputs(rec: dict, cfg: dict, feats, teacher_text_tokenizer=None):
+    """Manifest, label set, targets and teachers (cached stores / tokenizer) of a fine-tuning run."""
     from sertool.corpora.base import read_manifest
     from sertool.labels import apply as apply_labels, label_set
-    from sertool.models.registry import apply_overrides
-    from sertool.protocols import make_folds
 
-    exp = Path(exp)
-    if not (exp / "distill.yaml").exists() or not (exp / "student.safetensors").exists():
-        raise DistillError(f"{exp}: no distilled student (run `sertool distill` first)")
-    rec = yaml.safe_load((exp / "distill.yaml").read_text())
-    cfg = {k: rec[k] for k in DEFAULTS}
-    apply_overrides(cfg, list(overrides))
-    ft, d = cfg["finetune"], cfg["distill"]
+    ft = cfg["finetune"]
     feats = Path(feats or rec["data"]["feats"])
+    if not (feats / "manifest.jsonl").exists():
+        raise DistillError(f"{feats}: no manifest.jsonl (give FEATS, the output of `sertool extract`)")
     utts = read_manifest(feats / "manifest.jsonl")
     labels = label_set(ft["labels"], utts)
     if labels.regression:
@@ -930,23 +921,101 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
     keep = [i for i, u in enumerate(utts) if all(teachers[m] is None or not isinstance(teachers[m], CachedTeacher)
                                                  or u.id in teachers[m] for m in mods)]
     utts, targets = [utts[i] for i in keep], [targets[i] for i in keep]
+    return feats, labels, utts, targets, mods, teachers
+
+
+def _finetune_data(fold, part: str, utts, targets, mods, teachers, vocab, max_samples) -> "DistillData":
+    by_id = {u.id: i for i, u in enumerate(utts)}
+    ids = getattr(fold, part)
+    return DistillData([utts[by_id[u]] for u in ids], mods, teachers, vocab, max_samples,
+                       [targets[by_id[u]] for u in ids])
+
+
+@torch.no_grad()
+def _prediction_rows(student, data, lengths, budget, device, classes, fold: str, seed: int) -> list[dict]:
+    """One row per utterance (in data order): id, fold, seed, true, pred, p_<class> (as `sertool evaluate`)."""
+    student.eval()
+    probs = np.zeros((len(data), len(classes)), dtype=np.float64)
+    for idx in budget_batches(lengths, budget):
+        batch = _to(data.collate(idx, lengths, with_teacher=False), device)
+        probs[np.asarray(idx)] = student.classify(batch).exp().float().cpu().numpy()
+    rows = []
+    for i, uid in enumerate(data.ids):
+        row = {"id": uid, "fold": fold, "seed": seed, "true": classes[int(data.targets[i])],
+               "pred": classes[int(probs[i].argmax())]}
+        row.update({f"p_{c}": float(probs[i, j]) for j, c in enumerate(classes)})
+        rows.append(row)
+    return rows
+
+
+SELECT_ON = {"ua": "UA", "wa": "WA", "macro_f1": "macro_f1", "weighted_f1": "weighted_f1"}
+
+
+def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bool = True,
+                 log: Callable[[str], None] = print, teacher_text_tokenizer=None, out_dir=None,
+                 command: str | None = None) -> dict:
+    """Fine-tune the distilled student of EXP for classification over a protocol's folds x seeds, into
+    ``out_dir`` (default EXP/finetune): metrics.json, report.md, predictions.csv (test splits),
+    log.jsonl, folds/<fold>/seed<s>/{model.safetensors, log.jsonl, metrics.json}, and config.yaml +
+    folds.json + distill.yaml (+ vocab.json) so that `sertool evaluate OUT` re-predicts every run.
+    ``sertool distill --finetune`` and ``sertool train --model cmd --init EXP`` both land here."""
+    from sertool import metrics as M
+    from sertool.models.registry import apply_overrides
+    from sertool.protocols import make_folds
+
+    exp = Path(exp)
+    if not (exp / "distill.yaml").exists() or not (exp / "student.safetensors").exists():
+        raise DistillError(f"{exp}: no distilled student (distill.yaml + student.safetensors); "
+                           "give the output folder of `sertool distill`")
+    rec = yaml.safe_load((exp / "distill.yaml").read_text())
+    cfg = {k: rec[k] for k in DEFAULTS}
+    apply_overrides(cfg, list(overrides))
+    ft, d = cfg["finetune"], cfg["distill"]
+    ft["select_on"] = SELECT_ON.get(str(ft["select_on"]).lower(), ft["select_on"])
+    if ft["select_on"] not in SELECT_ON.values():
+        raise DistillError(f"finetune.select_on {ft['select_on']!r}: expected UA, WA, macro_f1 or weighted_f1")
+    if int(ft["epochs"]) < 1 or int(ft["seeds"]) < 1:
+        raise DistillError("finetune.epochs and finetune.seeds must be at least 1")
+    if int(d.get("threads") or 0) > 0:
+        torch.set_num_threads(int(d["threads"]))
+    feats, labels, utts, targets, mods, teachers = _finetune_inputs(rec, cfg, feats, teacher_text_tokenizer)
     vocab = json.loads((exp / "vocab.json").read_text()) if (exp / "vocab.json").exists() else None
     folds = make_folds(utts, targets, ft["protocol"], dev_fraction=ft["dev_fraction"], seed=int(ft["seed"]), dev=ft["dev"])
-    by_id = {u.id: i for i, u in enumerate(utts)}
     device = _pick_device(d["device"])
     kappa = float(ft["kappa"] if ft["kappa"] is not None else d["kappa"])
     budget = int(ft["budget"] if "audio" in mods else ft["text_budget"])
     max_samples = int(round(float(d["max_audio_s"] or 0) * SAMPLE_RATE))
-    out_dir = exp / "finetune"
+    seeds = list(range(int(ft["seed"]), int(ft["seed"]) + int(ft["seeds"])))
+    out_dir = Path(out_dir) if out_dir is not None else exp / "finetune"
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    runs = []
+    # the experiment record that `sertool evaluate` reads (load_experiment: config.yaml + folds.json)
+    shutil.copyfile(exp / "distill.yaml", out_dir / "distill.yaml")
+    if vocab is not None:
+        shutil.copyfile(exp / "vocab.json", out_dir / "vocab.json")
+    record = {
+        "model": {"name": "cmd", "modalities": mods},
+        "data": {"feats": str(feats.resolve()),
+                 **{m: rec["teachers"][m].get("feature") or rec["teachers"][m].get("model") for m in mods}},
+        "protocol": {"name": ft["protocol"], "dev_fraction": ft["dev_fraction"], "seed": ft["seed"], "dev": ft["dev"]},
+        "finetune": ft, "distill": {k: d[k] for k in ("kappa", "device", "max_audio_s")},
+        "init": str(exp.resolve()),
+        "label_set": {**labels.to_config()},
+        "experiment": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "command": command or " ".join(sys.argv), "seeds": seeds, "folds": [f.name for f in folds],
+                       "selected_on": f"dev {ft['select_on']}", "init": str(exp.resolve()),
+                       "sertool": importlib.import_module("sertool").__version__, "torch": torch.__version__},
+    }
+    _write(out_dir / "config.yaml", yaml.safe_dump(json.loads(json.dumps(record)), sort_keys=False))
+    _write(out_dir / "folds.json", json.dumps({"protocol": record["protocol"], "folds": [f.to_json() for f in folds]},
+                                              indent=2) + "\n")
+    runs, all_rows, pred_rows = [], [], []
     for fold in folds:
-        data = {part: DistillData([utts[by_id[u]] for u in getattr(fold, part)], mods, teachers, vocab, max_samples,
-                                  [targets[by_id[u]] for u in getattr(fold, part)]) for part in ("train", "dev", "test")}
+        data = {part: _finetune_data(fold, part, utts, targets, mods, teachers, vocab, max_samples)
+                for part in ("train", "dev", "test")}
         lens = {p: crop_lengths(v.lengths(), budget) for p, v in data.items()}
-        for seed in range(int(ft["seed"]), int(ft["seed"]) + int(ft["seeds"])):
+        for seed in seeds:
             torch.manual_seed(seed)
             student = load_student(exp / "student.safetensors").add_heads(len(labels.classes), int(ft["hidden"]), kappa)
             student.to(device)
@@ -965,23 +1034,27 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
                     total += float(loss.detach()) * len(idx)
                     n += len(idx)
                 dev_m = _score(student, data["dev"], lens["dev"], budget, device, labels.classes)
-                score = dev_m[ft["select_on"]] if ft["select_on"] in dev_m else dev_m["UA"]
+                score = dev_m[ft["select_on"]]
                 if best is None or score > best:
                     best, best_epoch, bad = score, epoch, 0
                     best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
                 else:
                     bad += 1
-                rows.append({"epoch": epoch, "train_loss": total / max(n, 1), "dev_UA": dev_m["UA"],
+                rows.append({"fold": fold.name, "seed": seed, "epoch": epoch, "train_loss": total / max(n, 1),
+                             "dev_loss": dev_m["loss"], "dev_UA": dev_m["UA"], "dev_WA": dev_m["WA"],
                              "dev_macro_f1": dev_m["macro_f1"], "best": epoch == best_epoch})
                 if int(ft["early_stopping"]) and bad >= int(ft["early_stopping"]):
                     break
             student.load_state_dict(best_state)
             test_m = _score(student, data["test"], lens["test"], budget, device, labels.classes, dominance=True,
                             n_saliency=5)
+            pred_rows += _prediction_rows(student, data["test"], lens["test"], budget, device, labels.classes,
+                                          fold.name, seed)
             rd = out_dir / "folds" / fold.name / f"seed{seed}"
             rd.mkdir(parents=True, exist_ok=True)
             save_student(student, rd / "model.safetensors", {"epoch": best_epoch, "fold": fold.name, "seed": seed})
             _write(rd / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            all_rows += rows
             run = {"fold": fold.name, "seed": seed, "best_epoch": best_epoch, "dev_" + ft["select_on"]: best,
                    "test": {k: v for k, v in test_m.items() if k not in ("confusion",)}}
             _write(rd / "metrics.json", json.dumps(run, indent=2) + "\n")
@@ -992,11 +1065,119 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
     summary = {k: M.summarize([r["test"][k] for r in runs]) for k in ("WA", "UA", "macro_f1", "weighted_f1")}
     summary["per_class_f1"] = {c: M.summarize([r["test"]["per_class"][c]["f1"] for r in runs]) for c in labels.classes}
     summary["dominance"] = {m: M.summarize([r["test"]["dominance"][m] for r in runs]) for m in mods}
-    result = {"labels": labels.classes, "selected_on": f"dev {ft['select_on']}", "summary": summary, "runs": runs,
-              "parameters": rec.get("parameters")}
+    result = {"task": "classification", "labels": labels.classes, "selected_on": f"dev {ft['select_on']}",
+              "summary": summary, "runs": runs, "parameters": rec.get("parameters"), "init": str(exp.resolve())}
     _write(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    _write(out_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
+    _write_predictions_csv(out_dir / "predictions.csv", pred_rows)
     _write(out_dir / "report.md", report_markdown(result, rec))
     return result
+
+
+def _write_predictions_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write(path, buf.getvalue())
+
+
+def finetune_predictions(exp, feats=None, *, crop_length: int | None = None, device: str = "auto",
+                         log: Callable[[str], None] = print, teacher_text_tokenizer=None) -> list[dict]:
+    """`sertool evaluate` of a CMD fine-tuning experiment (``model.name: cmd``): every run's
+    test split re-predicted from EXP alone (distill.yaml, vocab.json, folds.json, the runs' weights)."""
+    from sertool.protocols import Fold
+
+    exp = Path(exp)
+    if crop_length:
+        raise DistillError("--crop-length is not available for CMD experiments (inputs are waveforms and tokens)")
+    cfg_rec = yaml.safe_load((exp / "config.yaml").read_text())
+    rec = yaml.safe_load((exp / "distill.yaml").read_text())
+    cfg = {k: copy.deepcopy(rec[k]) for k in DEFAULTS}
+    cfg["finetune"] = cfg_rec["finetune"]
+    cfg["distill"].update(cfg_rec.get("distill") or {})
+    if device != "auto":
+        cfg["distill"]["device"] = device
+    ft, d = cfg["finetune"], cfg["distill"]
+    feats, labels, utts, targets, mods, teachers = _finetune_inputs(rec, cfg, feats or cfg_rec["data"]["feats"],
+                                                                    teacher_text_tokenizer)
+    recorded = cfg_rec.get("label_set", {}).get("classes")
+    if recorded is not None and list(recorded) != list(labels.classes):
+        raise DistillError(f"{exp}: classes {recorded} recorded at training, but FEATS gives {labels.classes}")
+    vocab = json.loads((exp / "vocab.json").read_text()) if (exp / "vocab.json").exists() else None
+    folds = [Fold.from_json(f) for f in json.loads((exp / "folds.json").read_text())["folds"]]
+    have = {u.id for u in utts}
+    dev = _pick_device(d["device"] if d["device"] != "auto" else "auto")
+    budget = int(ft["budget"] if "audio" in mods else ft["text_budget"])
+    max_samples = int(round(float(d["max_audio_s"] or 0) * SAMPLE_RATE))
+    rows: list[dict] = []
+    for fold in folds:
+        missing = [u for u in fold.test if u not in have]
+        if missing:
+            raise DistillError(f"fold {fold.name}: {len(missing)} test utterances are not in FEATS (e.g. {missing[0]})")
+        data = _finetune_data(fold, "test", utts, targets, mods, teachers, vocab, max_samples)
+        lens = crop_lengths(data.lengths(), budget)
+        for seed in cfg_rec["experiment"]["seeds"]:
+            path = exp / "folds" / fold.name / f"seed{seed}" / "model.safetensors"
+            if not path.exists():
+                continue
+            student = load_student(path).to(dev)
+            rows += _prediction_rows(student, data, lens, budget, dev, labels.classes, fold.name, seed)
+            log(f"[{fold.name} seed {seed}] {len(fold.test)} test utterances")
+    if not rows:
+        raise DistillError(f"{exp}: no trained run (folds/<fold>/seed<s>/model.safetensors)")
+    return rows
+
+
+# train-stage keys that mean something for CMD fine-tuning (`sertool train --model cmd --init EXP`)
+TRAIN_KEYS = {"protocol.name": "finetune.protocol", "protocol.dev_fraction": "finetune.dev_fraction",
+              "protocol.dev": "finetune.dev", "data.labels": "finetune.labels", "run.seeds": "finetune.seeds",
+              "run.seed": "finetune.seed", "train.epochs": "finetune.epochs", "optim.lr": "finetune.lr",
+              "train.early_stopping": "finetune.early_stopping", "train.select_on": "finetune.select_on",
+              "run.device": "distill.device", "run.threads": "distill.threads"}
+
+
+def finetune_overrides(overrides: Iterable[str]) -> list[str]:
+    """``sertool train`` overrides -> fine-tuning overrides: finetune.* (and distill.device/threads) as
+    they are, the train keys of TRAIN_KEYS renamed; any other key is an error naming it."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        key = key.strip()
+        if not eq:
+            raise DistillError(f"--set {o!r}: expected KEY=VALUE")
+        if key.startswith("finetune.") or key in ("distill.device", "distill.threads"):
+            out.append(f"{key}={value}")
+        elif key in TRAIN_KEYS:
+            out.append(f"{TRAIN_KEYS[key]}={value}")
+        elif key == "data.feats":
+            continue
+        else:
+            raise DistillError(f"{key}: not a setting of CMD fine-tuning (`--model cmd --init`); use finetune.* keys "
+                               f"or {', '.join(TRAIN_KEYS)}")
+    return out
+
+
+def train_from_distillation(init, feats, exp, *, overrides: Iterable[str] = (), overwrite: bool = False,
+                            progress: bool = True, log: Callable[[str], None] = print, teacher_text_tokenizer=None,
+                            command: str | None = None) -> dict:
+    """``sertool train FEATS --model cmd --init INIT -o EXP``: the CMD fine-tuning of INIT's student
+    (:func:`run_finetune`) written to EXP, evaluable with ``sertool evaluate EXP``."""
+    init, exp = Path(init), Path(exp)
+    if not (init / "distill.yaml").exists() or not (init / "student.safetensors").exists():
+        raise DistillError(f"--init {init}: not a distillation experiment (no distill.yaml + student.safetensors); "
+                           "give the output folder of `sertool distill`")
+    if exp.resolve() == init.resolve():
+        raise DistillError(f"-o {exp}: give a new folder, not the distillation experiment itself")
+    if exp.exists() and any(exp.iterdir()) and not overwrite:
+        raise DistillError(f"{exp} already holds an experiment; use --overwrite")
+    ft = finetune_overrides(overrides)
+    return run_finetune(init, feats, overrides=ft, progress=progress, log=log,
+                        teacher_text_tokenizer=teacher_text_tokenizer, out_dir=exp, command=command)
 
 
 class _TokenizerOnly:
@@ -1026,6 +1207,7 @@ def _score(student, data, lengths, budget, device, classes, dominance: bool = Fa
     preds, grads, saliency = [], {m: [] for m in student.modalities}, []
     captured = {}
     hook = None
+    loss_sum = 0.0
     if dominance and n_saliency and "text" in student.modalities:
         def keep(module, inputs, output):
             x = output[0]
@@ -1055,11 +1237,13 @@ def _score(student, data, lengths, budget, device, classes, dominance: bool = Fa
                                              "tokens": data.token_strings(int(i)), "saliency": [round(float(a), 4) for a in v]})
                 out = student.classify(batch, logits)
             preds.append(out.argmax(-1).detach().cpu().numpy())
+            loss_sum += float(F.nll_loss(out.detach().float(), batch["target"], reduction="sum"))
     finally:
         if hook is not None:
             hook.remove()
     student.zero_grad(set_to_none=True)
     m = M.classification_metrics(data.targets, np.concatenate(preds), labels=classes)
+    m["loss"] = loss_sum / max(len(data), 1)
     if dominance:
         mean = {k: float(torch.cat(v).mean()) for k, v in grads.items()}
         tot = sum(mean.values()) or 1.0

@@ -79,6 +79,17 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
     """Predict every run's test split; returns (metrics, prediction rows)."""
     exp = Path(exp)
     cfg0, folds0 = load_experiment(exp)
+    if (cfg0.get("model") or {}).get("name") == "cmd":  # CMD fine-tuning (sertool train -m cmd --init / distill --finetune)
+        from sertool.distill import DistillError, finetune_predictions
+
+        try:
+            rows = finetune_predictions(exp, feats, crop_length=crop_length, device=device, log=log)
+        except DistillError as e:
+            raise EvaluateError(f"{exp}: {e}") from None
+        metrics = metrics_from_predictions(rows, list(cfg0["label_set"]["classes"]), False)
+        metrics["crop_length"] = crop_length
+        metrics["selected_on"] = cfg0.get("experiment", {}).get("selected_on")
+        return metrics, rows
     test_ids = {u for f in folds0 for u in f.test}
     cfg, settings, folds, inputs, crop = _open(exp, feats, crop_length, only=test_ids)
     seeds = cfg.get("experiment", {}).get("seeds") or [int(settings["run"]["seed"])]

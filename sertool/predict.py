@@ -13,7 +13,9 @@
 3. Text, for models with a text input, per file, in this order: ``--transcripts FILE`` (csv/tsv,
    columns ``file`` and ``text``), a sidecar ``.txt`` next to the audio, ``--asr MODEL``.  A text
    model without any of them fails at once, naming the three.  The ``text_source`` column says
-   which was used.
+   which was used.  ASR decodes greedily by default (``asr_beam=1``, the fastest; the extract
+   stage keeps beam 5) and asks for word timestamps only for files longer than ``window``
+   (their segments get the words that start in them); ``PredictReport.asr`` records the settings.
 4. Per file: load (mono, resampled to each extractor's rate), cut files longer than ``window``
    seconds into equal segments no longer than the window, compute the features, normalise,
    pad, predict in batches (CUDA when available), and average the segments' probabilities
@@ -21,8 +23,9 @@
 5. Rows are written and flushed as each file is finished, so an interrupted run keeps what it
    did; ``resume=True`` reads the output back, drops a half-written last line and skips the
    files it already holds (error rows included).  A file that cannot be processed gets a row
-   with the ``error`` column filled and the run goes on; the report counts them (the CLI's exit
-   status is their number, capped at 100).
+   with the ``error`` column filled and the run goes on; the report counts them (the CLI exits
+   with status 3 when any file failed, as ``sertool extract`` does, and prints their number last
+   on stderr; 1 = a fatal error before any prediction, 2 = a usage error).
 
 Output columns: ``file, duration, label, p_<class>...`` (``score`` for regression models),
 ``n_segments, text, text_source, error``; with ``segments=True`` also ``segment, start, end``,
@@ -51,7 +54,7 @@ from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
 DEFAULT_WINDOW_S = 30.0
-EXIT_STATUS_CAP = 100
+EXIT_SOME_FAILED = 3  # as sertool extract: some files failed (1 = fatal error, 2 = usage error)
 TEXT_OPTIONS = ("--transcripts FILE.tsv|csv (columns file, text)", "a sidecar .txt file next to each audio file",
                 "--asr tiny.en (the packaged faster-whisper model, offline)")
 
@@ -172,6 +175,17 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
         raise PredictError(f"{spec_file}: unreadable ({e})") from None
     if spec.get("format") != "sertool-predictor":
         raise PredictError(f"{spec_file}: not a sertool predictor file (format {spec.get('format')!r})")
+    if spec.get("version") != 1:
+        raise PredictError(f"{spec_file}: predictor version {spec.get('version')!r} is not supported by this sertool "
+                           "(reads version 1)")
+    classes = spec.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
+        raise PredictError(f"{spec_file}: 'classes' must be a list of class names, got {classes!r}")
+    for key in ("model", "normalizer"):  # files from others never point outside their folder
+        name = spec.get(key)
+        if name is not None and (not isinstance(name, str) or os.path.isabs(name)
+                                 or not (path / name).resolve().is_relative_to(path.resolve())):
+            raise PredictError(f"{spec_file}: {key!r} must name a file inside the experiment folder, got {name!r}")
     return path, spec
 
 
@@ -417,10 +431,12 @@ class PredictReport:
     seconds: float = 0.0
     first_prediction_s: float | None = None  # from the start of run_predict to the first row written
     failures: list[tuple[str, str]] = field(default_factory=list)
+    asr: dict | None = None  # the ASR model and decoding settings, when --asr transcribed a file
 
     @property
     def exit_status(self) -> int:
-        return min(self.n_failed, EXIT_STATUS_CAP)
+        """0 when every file was predicted, 3 (EXIT_SOME_FAILED) when at least one failed."""
+        return EXIT_SOME_FAILED if self.n_failed else 0
 
     @property
     def real_time_factor(self) -> float:
@@ -475,6 +491,7 @@ def run_predict(
     *,
     transcripts: str | os.PathLike | None = None,
     asr: str | None = None,
+    asr_beam: int = 1,
     segments: bool = False,
     window: float = DEFAULT_WINDOW_S,
     batch_size: int = 32,
@@ -490,6 +507,8 @@ def run_predict(
         raise PredictError(f"--window must be > 0 seconds, got {window}")
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    if int(asr_beam) < 1:
+        raise PredictError(f"--asr-beam must be >= 1, got {asr_beam}")
     root = Path(wav_dir)
     files = find_inputs(root)  # before loading anything: a wrong path fails at once
     exp_dir, spec = read_predictor_spec(exp)
@@ -552,7 +571,7 @@ def run_predict(
         for f in todo:
             try:
                 if needs_text or asr or table is not None:
-                    recogniser = _attach_text(f, table, asr, recogniser, device, log)
+                    recogniser = _attach_text(f, table, asr, recogniser, device, log, asr_beam, window, report)
                     if needs_text and not f.text.strip():
                         raise PredictError("no text for this file: " + "; ".join(TEXT_OPTIONS))
                 feats = _features(f, predictor, window)
@@ -576,8 +595,11 @@ def run_predict(
     return report
 
 
-def _attach_text(f: _File, table: Transcripts | None, asr: str | None, recogniser, device: str, log):
-    """Text from --transcripts, else the sidecar .txt, else ASR; returns the (lazily loaded) recogniser."""
+def _attach_text(f: _File, table: Transcripts | None, asr: str | None, recogniser, device: str, log,
+                 asr_beam: int = 1, window: float = DEFAULT_WINDOW_S, report: PredictReport | None = None):
+    """Text from --transcripts, else the sidecar .txt, else ASR; returns the (lazily loaded) recogniser.
+    ASR: beam ``asr_beam``; word timestamps only for a file longer than ``window`` (its segments'
+    text comes from them)."""
     text = table.get(f.path) if table is not None else None
     if text is not None:
         f.text, f.text_source = text, "transcripts"
@@ -590,12 +612,15 @@ def _attach_text(f: _File, table: Transcripts | None, asr: str | None, recognise
         if recogniser is None:
             from sertool.features.asr import load_asr
 
-            log(f"loading ASR model {asr}")
-            recogniser = load_asr(asr, device)[0]
+            log(f"loading ASR model {asr} (beam {asr_beam})")
+            recogniser = load_asr(asr, device, beam_size=asr_beam, word_timestamps=False)[0]
+            if report is not None:
+                report.asr = {"model": asr, **dict(getattr(recogniser, "settings", {}) or {}),
+                              "word_timestamps": f"only for files longer than the {window:g} s window"}
         from sertool.features.asr import SAMPLE_RATE
 
         wave, _ = load_audio(f.path, SAMPLE_RATE)
-        f.text, f.words = recogniser(wave)
+        f.text, f.words = recogniser(wave, word_timestamps=len(wave) > window * SAMPLE_RATE)
         f.text_source = "asr"
     return recogniser
 

@@ -19,7 +19,10 @@
    log.jsonl, metrics.json}.
 5. EXP/metrics.json (per run and mean +/- std), EXP/log.jsonl, and the deployment model:
    EXP/model.safetensors + EXP/norm.safetensors + EXP/predictor.json = the run (fold, seed) with
-   the best *dev* score (``run.final: best-dev``), chosen without looking at any test score.
+   the best *dev* score (``run.final: best-dev``), chosen without looking at any test score; or
+   (``run.final: all``) one more model trained on every labelled utterance, normalised with
+   statistics of all of them, for the median of the runs' selected epoch counts (EXP/final/); the
+   cross-validation metrics stay those of the fold x seed runs.
 
 ``--resume`` continues an interrupted experiment: finished runs are skipped, an unfinished run
 restarts from its last end-of-epoch checkpoint, which holds the model, optimiser, schedule,
@@ -542,8 +545,14 @@ class RunResult:
 
 def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, norm: Normalizer, device: torch.device,
               *, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-              kill_step: Callable[[], None] | None = None) -> RunResult:
+              kill_step: Callable[[], None] | None = None, fixed_epochs: int | None = None) -> RunResult:
     """Train one (fold, seed): early stopping and selection on dev; the selected model on test.
+
+    ``fixed_epochs`` = N (the ``run.final: all`` deployment model): ``fold.dev`` and ``fold.test``
+    are empty; train exactly N epochs on ``fold.train`` (the learning-rate schedule keeps its
+    ``train.epochs`` horizon, so the first N epochs follow the folds' schedule; a plateau schedule
+    watches the training loss, there being no dev split), no early stopping, and the model after
+    epoch N is the result (its dev/test metrics are empty).
 
     Under torchrun (a process group of N > 1) the model is wrapped in DistributedDataParallel,
     every rank takes its share of each global batch, dev/test predictions are gathered, and rank 0
@@ -559,10 +568,13 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     regression = inputs.labels.regression
     crop = crop_lengths(cfg)
     mk = lambda ids: SERDataset(inputs.sources, ids, [target[u] for u in ids], norm, crop, regression)
-    train_ds, dev_ds, test_ds = mk(fold.train), mk(fold.dev), mk(fold.test)
+    final = fixed_epochs is not None
+    train_ds = mk(fold.train)
+    dev_ds, test_ds = (None, None) if final else (mk(fold.dev), mk(fold.test))
     tr = cfg["train"]
     select = _select_key(cfg)
     higher = select not in ("loss", "MAE")
+    epochs = int(fixed_epochs) if final else int(tr["epochs"])
     weight = None
     if tr["class_weights"] and not regression:
         counts = np.bincount(train_ds.targets, minlength=len(inputs.labels.classes)).astype(np.float64)
@@ -573,7 +585,7 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     D.broadcast_module(model)  # identical initial weights on every rank (they are: same seed)
     optimizer = make_optimizer(cfg, model)
     spe = len(train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0))
-    sched = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher)
+    sched = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher and not final)
     ckpt, best_path = run_dir / "checkpoint.safetensors", run_dir / "best.safetensors"
     state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "stopped": False}
     history: list[dict] = []
@@ -604,16 +616,16 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     scaler_ctx = tr["amp"]
     workers = int(cfg["data"].get("workers") or 0)
     clip = float(cfg["optim"]["grad_clip"] or 0)
-    patience = int(tr["early_stopping"] or 0)
+    patience = 0 if final else int(tr["early_stopping"] or 0)
     from tqdm.auto import tqdm
 
-    while state["epoch"] < tr["epochs"] and not state["stopped"]:
+    while state["epoch"] < epochs and not state["stopped"]:
         epoch = state["epoch"]
         model.train()
         batches = distributed_batch_indices(train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, seed,
                                             epoch, w.rank, w.size)
         collated = iterate_batches(train_ds, [idx for _, idx, _ in batches], workers)
-        bar = tqdm(zip(batches, collated), total=len(batches), desc=f"{fold.name} s{seed} ep{epoch + 1}/{tr['epochs']}",
+        bar = tqdm(zip(batches, collated), total=len(batches), desc=f"{fold.name} s{seed} ep{epoch + 1}/{epochs}",
                    disable=not progress, leave=False, dynamic_ncols=True)
         total, n, te = 0.0, 0, time.time()
         for (gidx, idx, real), batch in bar:
@@ -642,11 +654,16 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
         train_seconds = time.time() - te
         if w.distributed:
             total = D.all_sum([total])[0]
-        preds, dev_loss = predict(cfg, model, dev_ds, device, weight=weight)
-        dev_m = score_predictions(cfg, preds, dev_ds.targets, inputs.labels.classes)
-        dev_m["loss"] = dev_loss
-        score = float(dev_m[select])
-        improved = state["best"] is None or (score > state["best"] if higher else score < state["best"])
+        if final:  # no held-out data: the last epoch is the model; a plateau schedule watches the train loss
+            dev_m, dev_loss = {}, float("nan")
+            score = total / max(n, 1)
+            improved = True
+        else:
+            preds, dev_loss = predict(cfg, model, dev_ds, device, weight=weight)
+            dev_m = score_predictions(cfg, preds, dev_ds.targets, inputs.labels.classes)
+            dev_m["loss"] = dev_loss
+            score = float(dev_m[select])
+            improved = state["best"] is None or (score > state["best"] if higher else score < state["best"])
         if improved:
             state.update(best=score, best_epoch=epoch, bad=0)
             if main:
@@ -655,7 +672,7 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
             state["bad"] += 1
         sched.end_epoch(score)
         record = {"fold": fold.name, "seed": seed, "epoch": epoch, "lr": sched.lr(max(state["step"] - 1, 0)),
-                  "train_loss": total / max(n, 1), "dev_loss": dev_loss,
+                  "train_loss": total / max(n, 1), **({} if final else {"dev_loss": dev_loss}),
                   **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
                   "best": improved, "seconds": round(train_seconds, 3)}
         if w.distributed:
@@ -671,12 +688,23 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
             save_checkpoint(ckpt, model, optimizer, state)
         if progress:
             shown = " ".join(f"{k[4:]} {record[k]:.4f}" for k in ("dev_UA", "dev_WA", "dev_MAE") if k in record)
-            log(f"[{fold.name} seed {seed}] epoch {epoch + 1}: train loss {record['train_loss']:.4f}, "
-                f"dev loss {dev_loss:.4f} {shown}{' *' if improved else ''}")
+            log(f"[{fold.name} seed {seed}] epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
+                + ("" if final else f", dev loss {dev_loss:.4f} {shown}{' *' if improved else ''}"))
     # the selected (best dev) model, evaluated once on the test split
     D.barrier()  # rank 0 has written best.safetensors
     if not best_path.exists():
-        raise TrainError(f"{run_dir}: no model was selected (train.epochs = {tr['epochs']})")
+        raise TrainError(f"{run_dir}: no model was selected (train.epochs = {epochs})")
+    if final:
+        result = RunResult(fold.name, seed, epochs - 1, {}, {}, round(time.time() - t0, 2))
+        D.barrier()
+        if main:
+            os.replace(best_path, run_dir / "model.safetensors")
+            _write_json(run_dir / "metrics.json", {
+                "fold": fold.name, "seed": seed, "final": "all", "epochs": epochs, "n_utterances": len(fold.train),
+                "train_loss": history[-1]["train_loss"] if history else None, "seconds": result.seconds})
+            ckpt.unlink(missing_ok=True)
+        D.barrier()
+        return result
     meta = load_weights(model, best_path)
     preds, test_loss = predict(cfg, model, test_ds, device, weight=weight)
     test_m = score_predictions(cfg, preds, test_ds.targets, inputs.labels.classes)
@@ -754,6 +782,7 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
     inputs = load_inputs(cfg, feats)
     finalize_model_config(cfg, inputs)
     build(cfg)  # a model that cannot be built fails before any training
+    final_mode(cfg)
     seeds = seeds_of(cfg)
     started_group = D.launched_by_torchrun() and not D.world().distributed
     w, device_name = D.setup(cfg["run"]["device"])
@@ -828,6 +857,14 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
             results.append(res)
             shown = " ".join(f"{k} {res.test[k]:.4f}" for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in res.test)
             log(f"[{fold.name} seed {seed}] best epoch {res.best_epoch + 1}, test {shown}")
+    final_info = None
+    if final_mode(cfg) == "all":
+        if wanted is not None and wanted != {f.name for f in inputs.folds}:
+            log("run.final=all: the deployment model is trained once every fold is done "
+                "(run again with --resume and no --fold)")
+        elif results:
+            final_info = train_final(cfg, inputs, results, seeds[0], exp, device, resume=resume, progress=progress,
+                                     log=log, kill_step=kill)
     for src in inputs.sources.values():
         store = getattr(src, "store", None)
         if store is not None:
@@ -835,6 +872,8 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
     summary = _summarize(results)
     out = {"task": _task(cfg), "labels": inputs.labels.classes, "selected_on": f"dev {select}",
            "summary": summary, "runs": [r.__dict__ for r in results]}
+    if final_info is not None:
+        out["final"] = final_info
     if main:
         _write_json(exp / "metrics.json", out)
         # EXP/log.jsonl: every run's epochs
@@ -843,8 +882,12 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
             lp = run_dir_of(exp, r.fold, r.seed) / "log.jsonl"
             rows += [json.loads(l) for l in lp.read_text().splitlines() if l.strip()] if lp.exists() else []
         _write_jsonl(exp / "log.jsonl", rows)
-        if results:
-            write_predictor(exp, cfg, results, select)
+        if results and (final_mode(cfg) == "best-dev" or final_info is not None):
+            write_predictor(exp, cfg, results, select, final=final_info)
+        if final_info is not None:  # provenance of the deployment model in config.yaml's record
+            rec = yaml.safe_load(cfg_path.read_text())
+            rec["experiment"]["final"] = final_info
+            _write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(rec, default=_json_default)), sort_keys=False))
     D.barrier()  # EXP is complete when any rank returns
     return out
 
@@ -878,16 +921,79 @@ def _summarize(results: list[RunResult]) -> dict:
     return {k: M.summarize([r.test[k] for r in results]) for k in keys}
 
 
-def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str) -> dict:
-    """EXP/model.safetensors + norm.safetensors + predictor.json: the run with the best dev score."""
-    if cfg["run"]["final"] != "best-dev":
-        raise TrainError(f"run.final {cfg['run']['final']!r}: only best-dev is implemented")
+FINAL_MODES = ("best-dev", "all")
+
+
+def final_mode(cfg: dict) -> str:
+    mode = cfg["run"]["final"]
+    if mode not in FINAL_MODES:
+        raise TrainError(f"run.final {mode!r}: expected best-dev (the fold x seed run with the best dev score) or "
+                         "all (one more model trained on every labelled utterance)")
+    return mode
+
+
+def final_epochs(results: list[RunResult]) -> int:
+    """The number of epochs of the ``run.final: all`` model: the median, over the fold x seed runs, of
+    the epoch count of the selected (best dev) model, rounded half up, at least 1."""
+    counts = sorted(r.best_epoch + 1 for r in results)
+    return max(1, int(math.floor(float(np.median(counts)) + 0.5)))
+
+
+def train_final(cfg: dict, inputs: Inputs, results: list[RunResult], seed: int, exp: Path, device: torch.device, *,
+                resume: bool, progress: bool, log: Callable[[str], None],
+                kill_step: Callable[[], None] | None = None) -> dict:
+    """``run.final: all``: one deployment model on every labelled utterance (train + dev + test of all
+    folds), normalised with statistics of all of them, for ``final_epochs(results)`` epochs, into
+    EXP/final/ (norm.safetensors, ids.json, model.safetensors, log.jsonl, metrics.json).  Resumable:
+    a finished final model is kept, an interrupted one continues from its last checkpoint."""
+    main = D.world().main
+    ids = [u.id for u in inputs.utts]
+    epochs = final_epochs(results)
+    counts = [r.best_epoch + 1 for r in results]
+    info = {"final": "all", "n_utterances": len(ids), "epochs": epochs, "seed": seed,
+            "epochs_rule": f"median over the {len(results)} fold x seed runs of the selected (best dev) epoch count, "
+                           "rounded half up; no early stopping (no held-out data)",
+            "selected_epoch_counts": counts, "normalizer": "statistics of all n_utterances"}
+    fd = exp / "final"
+    norm_path, done = fd / "norm.safetensors", fd / "metrics.json"
+    if resume and done.exists() and (fd / "model.safetensors").exists() and norm_path.exists():
+        m = json.loads(done.read_text())
+        if m.get("epochs") == epochs and m.get("n_utterances") == len(ids):
+            log(f"[final seed {seed}] already done")
+            return {**info, "train_loss": m.get("train_loss")}
+    if main:
+        fd.mkdir(parents=True, exist_ok=True)
+        if resume and norm_path.exists():
+            norm = Normalizer.load(norm_path)
+        else:
+            norm = Normalizer.fit(inputs.sources, ids, cfg["data"]["normalize"])
+            norm.save(norm_path)
+        _write_json(fd / "ids.json", {"n_utterances": len(ids), "ids": ids})
+    D.barrier()
+    if not main:
+        norm = Normalizer.load(norm_path)
+    log(f"[final seed {seed}] training on all {len(ids)} utterances for {epochs} epochs "
+        f"(median of the folds' selected epochs {counts})")
+    fold = Fold("final", ids, [], [], {"final": "all"})
+    res = train_run(cfg, inputs, fold, seed, fd, norm, device, resume=resume, progress=progress, log=log,
+                    kill_step=kill_step, fixed_epochs=epochs)
+    m = json.loads(done.read_text()) if main else {}
+    return {**info, "train_loss": m.get("train_loss"), "seconds": res.seconds}
+
+
+def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str, final: dict | None = None) -> dict:
+    """EXP/model.safetensors + norm.safetensors + predictor.json: the run with the best dev score
+    (``run.final: best-dev``), or the model trained on all data (``final``, from ``train_final``)."""
+    mode = final_mode(cfg)
+    if mode == "all" and final is None:
+        raise TrainError("run.final all: the final model has not been trained")
     higher = select not in ("loss", "MAE")
     best = sorted(results, key=lambda r: (-(r.dev[select]) if higher else r.dev[select], r.fold, r.seed))[0]
-    rd = run_dir_of(exp, best.fold, best.seed)
-    shutil.copyfile(rd / "model.safetensors", exp / "model.safetensors.tmp")
+    src_dir = exp / "final" if mode == "all" else run_dir_of(exp, best.fold, best.seed)
+    norm_src = exp / "final" / "norm.safetensors" if mode == "all" else exp / "folds" / best.fold / "norm.safetensors"
+    shutil.copyfile(src_dir / "model.safetensors", exp / "model.safetensors.tmp")
     os.replace(exp / "model.safetensors.tmp", exp / "model.safetensors")
-    shutil.copyfile(exp / "folds" / best.fold / "norm.safetensors", exp / "norm.safetensors.tmp")
+    shutil.copyfile(norm_src, exp / "norm.safetensors.tmp")
     os.replace(exp / "norm.safetensors.tmp", exp / "norm.safetensors")
     cfg_rec = yaml.safe_load((exp / "config.yaml").read_text())
     predictor = {
@@ -897,8 +1003,12 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str)
         "classes": cfg_rec["label_set"]["classes"], "label_set": cfg_rec["label_set"]["preset"],
         "features": cfg_rec["features"], "inputs": {m: cfg["data"][m] for m in model_modalities(cfg)},
         "max_steps": crop_lengths(cfg),
-        "selection": {"rule": f"the fold x seed run with the best dev {select} (test scores not used)",
-                      "fold": best.fold, "seed": best.seed, f"dev_{select}": best.dev[select]},
+        "selection": ({"rule": f"the fold x seed run with the best dev {select} (test scores not used)",
+                       "final": "best-dev", "fold": best.fold, "seed": best.seed, f"dev_{select}": best.dev[select]}
+                      if mode == "best-dev" else
+                      {"rule": "final: all - one model trained on every labelled utterance for a fixed number of "
+                               "epochs; the cross-validation metrics (metrics.json) are those of the fold x seed runs",
+                       **final}),
     }
     _write_json(exp / "predictor.json", predictor)
     return predictor

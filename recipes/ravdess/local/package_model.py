@@ -76,8 +76,20 @@ def main() -> None:
     s = metrics["summary"]
     feature = spec["features"]["audio"]
     folds = {f["name"]: f for f in json.loads((exp / "folds.json").read_text())["folds"]}
-    chosen = folds[spec["selection"]["fold"]]
-    n_train, n_dev = len(chosen["train"]), len(chosen["dev"])
+    sel = spec["selection"]
+    if sel.get("final") == "all":
+        deployed = (f"one model trained on all {sel['n_utterances']} recordings (no held-out data) for\n"
+                    f"  {sel['epochs']} epochs, the median of the {len(sel['selected_epoch_counts'])} cross-validation runs' selected\n"
+                    "  (best dev UA) epoch counts, normalised with statistics of all recordings; the scores below\n"
+                    "  are those of the cross-validation runs, which never saw their test actors")
+        norm_note = "mean and standard deviation of all recordings"
+    else:
+        chosen = folds[sel["fold"]]
+        n_train, n_dev = len(chosen["train"]), len(chosen["dev"])
+        deployed = (f"the fold x seed run with the best *dev* UA ({sel['fold']}: trained on\n"
+                    f"  {n_train} recordings of the other actors, with {n_dev} recordings of held-out training actors\n"
+                    "  for early stopping; its test actors are listed below); test scores were not used to choose it")
+        norm_note = "training\n  split's mean and standard deviation"
     runs = "\n".join(f"| {r['fold']} | {', '.join(folds[r['fold']]['info'].get('test_speakers', []))} | "
                      f"{r['test']['WA']:.3f} | {r['test']['UA']:.3f} | {r['dev']['UA']:.3f} |" for r in metrics["runs"])
     (out / "README.md").write_text(f"""# {args.name}: the default model of `sertool predict`
@@ -89,11 +101,9 @@ def main() -> None:
   {feature['dim']}-d `{feature['feature']}` features, then one linear layer), cross-validated with
   `sertool train` on all 1,440 RAVDESS speech recordings (24 actors).
 * Features: `{feature['extractor']['name']}` with the parameters in predictor.json (no model download:
-  computed by sertool itself from the waveform, 16 kHz mono), normalised with the training
-  split's mean and standard deviation (norm.safetensors).
-* Deployed weights: the fold x seed run with the best *dev* UA ({spec['selection']['fold']}: trained on
-  {n_train} recordings of the other actors, with {n_dev} recordings of held-out training actors
-  for early stopping; its test actors are listed below); test scores were not used to choose it.
+  computed by sertool itself from the waveform, 16 kHz mono), normalised with the {norm_note}
+  (norm.safetensors).
+* Deployed weights: {deployed}.
 
 ## Speaker-independent accuracy (6-fold cross-validation by actors)
 
