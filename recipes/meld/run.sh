@@ -25,7 +25,7 @@ word_feat=glove              # packaged GloVe 6B-50d
 lm_feat=bert                 # packaged MiniLM token states
 text_model=minilm
 acoustic_feat=mfcc           # audio models, when the audio is present
-models="probe probe-bert self_attn cmd self_attn-av lgcct"
+models="probe probe-bert self_attn self_attn-bert cmd self_attn-av lgcct"
 seeds=1
 epochs=
 folds=
@@ -68,6 +68,7 @@ if stage_on 3; then
   train_exp probe probe --text "${word_feat}" "${p[@]}"
   train_exp probe-bert probe --text "${lm_feat}" "${p[@]}"
   train_exp self_attn self_attn --text "${word_feat}" "${p[@]}"
+  train_exp self_attn-bert self_attn --text "${lm_feat}" "${p[@]}"
   if has_audio; then
     log "stage 3: audio + text models (the MELD audio is present)"
     train_exp self_attn-av self_attn --audio "${acoustic_feat}" --text "${word_feat}" --set 'model.modalities=[audio,text]' "${p[@]}"
@@ -78,16 +79,17 @@ fi
 if stage_on 4 && in_list cmd "${models}"; then
   log "stage 4: CMD, text student distilled from cached ${lm_feat} states, fine-tuned on the MELD split"
   # shellcheck disable=SC2086
-  sertool distill "${feats}" -o "${exp_root}/cmd" --teacher-text "${lm_feat}" --config "${conf_dir}/cmd.yaml" \
-    --finetune --set finetune.protocol=corpus --set finetune.labels=meld7 --set finetune.seeds="${seeds}" \
+  sertool distill "${feats}" -o "${exp_root}/cmd-distill" --teacher-text "${lm_feat}" --config "${conf_dir}/cmd.yaml" \
     --set distill.device="${device}" --set distill.threads="${threads}" --overwrite -q ${distill_opts}
+  sertool train "${feats}" -m cmd --init "${exp_root}/cmd-distill" --labels meld7 --protocol corpus \
+    --seeds "${seeds}" --device "${device}" --threads "${threads}" --overwrite -q -o "${exp_root}/cmd"
 fi
 
 if stage_on 5; then
   log "stage 5: evaluate"
   evaluate_exps "MELD test split (meld7)"
-  if [ -f "${exp_root}/cmd/finetune/report.md" ]; then
-    echo; echo "CMD text student (from ${exp_root}/cmd/finetune/report.md):"; sed -n '1,12p' "${exp_root}/cmd/finetune/report.md"
+  if [ -f "${exp_root}/cmd/report.md" ]; then
+    echo; echo "CMD text student (from ${exp_root}/cmd/report.md):"; sed -n '1,12p' "${exp_root}/cmd/report.md"
   fi
 fi
 
