@@ -21,6 +21,9 @@ import soxr
 
 BLOCK_FRAMES = 1 << 18  # frames read per block when streaming a file
 SILENCE_PEAK = 1e-6  # peak amplitude below which a file is reported as silent
+# Sample rates outside this range are a corrupt header, not a recording: a file claiming 1 Hz
+# would be "resampled" into hours of 16 kHz audio (gigabytes) from a few kilobytes.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 768000
 
 
 class AudioError(RuntimeError):
@@ -46,6 +49,9 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for non-audio
         raise AudioError(f"{path}: not a readable audio file ({_short(e)})") from None
     frames = int(info.frames)
+    if not MIN_SAMPLE_RATE <= int(info.samplerate) <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: implausible sample rate {int(info.samplerate)} Hz (the header may be corrupt; "
+                         f"accepted {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
     if info.format == "WAV":
         _check_wav_truncation(path)
     return AudioInfo(path, int(info.samplerate), frames, int(info.channels),

@@ -74,7 +74,7 @@ def parse_feature_spec(text: str, overrides: dict[str, dict[str, Any]] | None = 
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"feature option {item!r} in {text!r} is not key=value")
-        params[key.strip()] = yaml.safe_load(value)
+        params[key.strip()] = _yaml_value(value, f"feature option {item!r} in {text!r}")
     store = store or name
     params.update((overrides or {}).get(store, {}))
     return FeatureSpec(store=store, extractor=name, params=params)
@@ -88,8 +88,15 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
         store, dot, param = key.partition(".")
         if not sep or not dot or not param:
             raise ValueError(f"--set {item!r}: expected FEATURE.PARAM=VALUE, e.g. mfcc.n_mfcc=20")
-        out.setdefault(store.strip(), {})[param.strip()] = yaml.safe_load(value)
+        out.setdefault(store.strip(), {})[param.strip()] = _yaml_value(value, f"--set {item!r}")
     return out
+
+
+def _yaml_value(value: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: {value!r} is not a valid value ({' '.join(str(e).split())[:120]})") from None
 
 
 def build_extractors(specs: list[FeatureSpec], cli_options: dict[str, Any]) -> dict[str, Extractor]:

@@ -85,7 +85,7 @@ def safe_id(raw: str) -> str:
     s = raw.replace("\\", "/").strip().strip("/")
     s = s.replace("/", "__")
     s = re.sub(r"[^A-Za-z0-9._\-\[\]+=,@]", "_", s)
-    s = s.lstrip("._-") or "utt"
+    s = re.sub(r"^[^A-Za-z0-9]+", "", s) or "utt"  # an id starts with a letter or digit (check_id)
     return s[:MAX_ID_LENGTH]
 
 

@@ -12,12 +12,14 @@ Ids are the relative path without extension, '/' written as '__'.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
 from sertool.corpora.base import AUDIO_EXTENSIONS, CorpusError, Utterance, safe_id
 
 METADATA_NAMES = ("metadata.csv", "metadata.tsv")
+_RAW_FILE = "\0file"  # the 'file' value before stripping (a key no column can have)
 _COLUMNS = ("file", "label", "text", "speaker", "session", "split", "score")
 _ALIASES = {"path": "file", "audio": "file", "wav": "file", "emotion": "label", "transcript": "text",
             "transcription": "text", "speaker_id": "speaker", "fold": "session", "sentiment_score": "score"}
@@ -51,7 +53,8 @@ def read_table(path: Path) -> list[dict[str, str]]:
     """Read a CSV/TSV file into rows with canonical column names (see _ALIASES)."""
     content = decode_table_bytes(path.read_bytes())
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(content.splitlines(keepends=True), delimiter=delimiter)
+    # StringIO(newline=""), not str.splitlines: that also breaks rows at \f, \x1c-\x1e, \x85, U+2028/9
+    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
     if reader.fieldnames is None:
         raise CorpusError(f"{path}: empty metadata file (no header line)")
     columns = [_ALIASES.get(c.strip().lower(), c.strip().lower()) for c in reader.fieldnames]
@@ -61,6 +64,9 @@ def read_table(path: Path) -> list[dict[str, str]]:
     for row in reader:
         values = list(row.values())
         rows.append({c: (v.strip() if isinstance(v, str) else "") for c, v in zip(columns, values)})
+        raw_file = values[columns.index("file")]
+        if isinstance(raw_file, str) and raw_file != rows[-1]["file"]:
+            rows[-1][_RAW_FILE] = raw_file  # a file name may itself begin or end with spaces
     return rows
 
 
@@ -78,6 +84,9 @@ def read_folder(root: str | os.PathLike, *, problems: list[tuple[str, str]] | No
                 problems.append((f"{meta_path}:{lineno}", "row has an empty 'file' value; skipped"))
                 continue
             path = (root / rel).resolve()
+            raw = row.pop(_RAW_FILE, None)
+            if raw is not None and not path.exists() and (root / raw).exists():
+                path = (root / raw).resolve()
             if not path.is_relative_to(root):
                 problems.append((f"{meta_path}:{lineno}", f"file {rel!r} lies outside the corpus folder; row skipped"))
                 continue

@@ -10,6 +10,7 @@ score (-1, 0, 1).
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
@@ -79,7 +80,7 @@ def read_table_meld(path: Path) -> list[dict[str, str]]:
     # MELD has no 'file' column; read it as a plain CSV with lower-case keys. The original
     # release has cp1252 characters where UTF-8 is expected; decode_table_bytes handles both.
     content = decode_table_bytes(path.read_bytes())
-    reader = csv.DictReader(content.splitlines(keepends=True))
+    reader = csv.DictReader(io.StringIO(content, newline=""))  # not splitlines: U+2028 in an utterance is no row end
     return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
 
 

@@ -18,7 +18,7 @@ EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "an
             "06": "fearful", "07": "disgust", "08": "surprised"}
 STATEMENTS = {"01": "Kids are talking by the door.", "02": "Dogs are sitting by the door."}
 INTENSITY = {"01": "normal", "02": "strong"}
-_NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+_NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$", re.ASCII)  # not other scripts' digits
 
 
 def looks_like(root: Path) -> bool:

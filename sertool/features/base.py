@@ -188,5 +188,5 @@ def build_extractor(spec: str | dict[str, Any], params: dict[str, Any] | None = 
     cls, params = resolve(name, params)
     try:
         return cls(**params)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # unknown parameter, or a value of the wrong type
         raise ExtractorError(f"feature {name!r}: bad parameters {params}: {e}") from None

@@ -87,6 +87,9 @@ def _coerce(default: Any, value: Any, key: str) -> Any:
             value = float(value)
         except ValueError:
             raise ValueError(f"config key '{key}': expected a number, got {value!r}") from None
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"config key '{key}': expected a number, got {value!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(default, list) and isinstance(value, str):
