@@ -1204,7 +1204,9 @@ def _score(student, data, lengths, budget, device, classes, dominance: bool = Fa
     from sertool import metrics as M
 
     student.eval()
-    preds, grads, saliency = [], {m: [] for m in student.modalities}, []
+    # budget_batches groups utterances by length, so predictions are put back in data order
+    preds = np.full(len(data), -1, dtype=np.int64)
+    grads, saliency = {m: [] for m in student.modalities}, []
     captured = {}
     hook = None
     loss_sum = 0.0
@@ -1236,13 +1238,13 @@ def _score(student, data, lengths, budget, device, classes, dominance: bool = Fa
                             saliency.append({"id": data.ids[int(i)], "label": classes[int(data.targets[int(i)])],
                                              "tokens": data.token_strings(int(i)), "saliency": [round(float(a), 4) for a in v]})
                 out = student.classify(batch, logits)
-            preds.append(out.argmax(-1).detach().cpu().numpy())
+            preds[np.asarray(idx)] = out.argmax(-1).detach().cpu().numpy()
             loss_sum += float(F.nll_loss(out.detach().float(), batch["target"], reduction="sum"))
     finally:
         if hook is not None:
             hook.remove()
     student.zero_grad(set_to_none=True)
-    m = M.classification_metrics(data.targets, np.concatenate(preds), labels=classes)
+    m = M.classification_metrics(data.targets, preds, labels=classes)
     m["loss"] = loss_sum / max(len(data), 1)
     if dominance:
         mean = {k: float(torch.cat(v).mean()) for k, v in grads.items()}

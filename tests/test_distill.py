@@ -320,7 +320,18 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {"id", "fold", "seed", "true", "pred", "p_angry"} <= set(rows[0])
     with open(exp / "predictions.csv") as f:
-        assert [r["pred"] for r in csv.DictReader(f)] == [r["pred"] for r in rows]
+        train_rows = list(csv.DictReader(f))
+    assert [r["pred"] for r in train_rows] == [r["pred"] for r in rows]
+    # the training-time scores (also used for model selection on dev) are those of the predictions:
+    # a regression test for scores computed in length-sorted batch order against data-order targets
+    from sertool import metrics as M
+
+    classes = ev["labels"]
+    for r in metrics["runs"]:
+        mine = [x for x in train_rows if x["fold"] == r["fold"] and int(x["seed"]) == r["seed"]]
+        m = M.classification_metrics([classes.index(x["true"]) for x in mine],
+                                     [classes.index(x["pred"]) for x in mine], labels=classes)
+        assert m["WA"] == pytest.approx(r["test"]["WA"]) and m["UA"] == pytest.approx(r["test"]["UA"])
     # an existing EXP is not overwritten silently
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "--overwrite" in res.output
@@ -343,3 +354,48 @@ def test_train_init_errors(feats, tmp_path):
         "finetune.protocol=loso", "finetune.hidden=16", "distill.device=cpu"]
     with pytest.raises(ValueError, match="model.d: not a setting of CMD fine-tuning"):
         finetune_overrides(["model.d=8"])
+
+
+def test_scores_follow_the_data_order_not_the_length_sorted_batches():
+    """A student that predicts every utterance's own label must score 1.0, although budget batching
+    groups utterances by length (regression: predictions were compared in batch order)."""
+    from sertool.distill import _prediction_rows, _score
+
+    rng = np.random.default_rng(3)
+    n, classes = 40, ["a", "b", "c", "d"]
+    targets = rng.integers(0, 4, size=n)
+    lengths = rng.permutation(np.arange(5, 5 + 3 * n, 3))  # all different, not sorted
+
+    class Data:
+        ids = [f"u{i}" for i in range(n)]
+
+        def __init__(self):
+            self.targets = targets
+
+        def __len__(self):
+            return n
+
+        def collate(self, idx, lengths, with_teacher=False):
+            idx = torch.as_tensor(np.asarray(idx))
+            return {"index": idx, "target": torch.as_tensor(targets)[idx]}
+
+    class Oracle(torch.nn.Module):
+        modalities = ["text"]
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def modality_logits(self, batch):
+            return {"text": self.w * 10 * F.one_hot(torch.as_tensor(targets)[batch["index"]], 4).float()}
+
+        def classify(self, batch, logits=None):
+            logits = logits or self.modality_logits(batch)
+            return torch.log_softmax(logits["text"], -1)
+
+    import torch.nn.functional as F
+
+    m = _score(Oracle(), Data(), lengths, budget=int(lengths.max()) * 4, device="cpu", classes=classes)
+    assert m["WA"] == 1.0 and m["UA"] == 1.0
+    rows = _prediction_rows(Oracle(), Data(), lengths, int(lengths.max()) * 4, "cpu", classes, "f", 0)
+    assert [r["pred"] for r in rows] == [classes[t] for t in targets]
