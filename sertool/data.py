@@ -174,6 +174,27 @@ def _is_aligned(path: Path) -> bool:
         return False
 
 
+def _holds(kind: str, attrs: dict) -> str:
+    if kind == "text":
+        unit = attrs.get("unit")
+        return f"text ({unit}) features" if unit else "text features"
+    return f"{kind} frames" if kind == "audio" else f"{kind} features"
+
+
+def _check_kind(store: FeatureStore, modality: str, name: str) -> None:
+    """A store records the modality it holds (attr ``kind``: audio, text or visual); one given as
+    another modality's input (a GloVe store as --audio) is refused before anything is trained.
+    Stores without a kind, or of another kind, are taken as they are; aligned files carry every
+    modality and never come here."""
+    kind = store.attrs.get("kind")
+    if kind == modality or kind not in MODALITIES:
+        return
+    store.close()
+    stored = store.name or Path(str(name)).stem
+    raise DataError(f"--{modality} {name}: store {stored!r} holds {_holds(kind, store.attrs)}, not "
+                    f"{_holds(modality, {'unit': 'word'})}; pass it as --{kind}")
+
+
 def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: bool | str = "auto",
                  preload_gb: float = 4.0, only: set[str] | None = None) -> dict[str, Source]:
     """Open the source of every modality in ``spec`` (store name in FEATS, a .h5 path, or an
@@ -214,6 +235,7 @@ def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: boo
             have = list_stores(feats) if feats is not None and Path(feats).is_dir() else []
             raise DataError(f"data.{modality} = {name!r}: {e}" + (f"; {feats} has: {', '.join(have) or 'no stores'}"
                                                                    if feats is not None else "")) from None
+        _check_kind(store, modality, name)
         if budget is None:
             sources[modality] = StoreSource(store, preload=preload, preload_gb=preload_gb, only=only)
         else:

@@ -47,6 +47,35 @@ from sertool.features.base import Extractor, ExtractorError, FeatureResult, regi
 AMIN = 1e-10  # power floor before the log (librosa / torchaudio amin)
 
 
+def _bad(feature: str, message: str) -> ExtractorError:
+    return ExtractorError(f"feature {feature!r}: {message}")
+
+
+def _positive_int(feature: str, name: str, value: Any) -> int:
+    """`value` as an int >= 1, or an ExtractorError naming the feature and the parameter.
+
+    A value that is not a number at all (``'abc'``) is left to ``int()``, whose ValueError the
+    registry reports as a bad parameter."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise _bad(feature, f"{name} must be a positive integer, got {value!r}")
+    number = int(value)
+    if number < 1:
+        raise _bad(feature, f"{name} must be a positive integer, got {value}")
+    return number
+
+
+def _number(feature: str, name: str, value: Any, *, low: float = 0.0, strict: bool = True,
+            high: float | None = None) -> float:
+    """`value` as a finite float > low (>= low when not `strict`, and <= high when given)."""
+    if isinstance(value, bool):
+        raise _bad(feature, f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not np.isfinite(number) or number < low or (strict and number == low) or (high is not None and number > high):
+        bound = f"{'>' if strict else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise _bad(feature, f"{name} must be a finite number {bound}, got {value}")
+    return number
+
+
 class MelCepstrum:
     """Precomputed window, mel filter bank and DCT matrix: wave -> [T, n_mfcc] cepstra."""
 
@@ -144,28 +173,45 @@ class MFCC(Extractor):
                  power: float = 2.0, log: str = "db", top_db: float | None = 80.0, center: bool = True,
                  pad_mode: str = "constant", preemphasis: float = 0.0, lifter: float = 0.0,
                  delta_width: int = 9, sample_rate: int = 16000):
-        if deltas not in (0, 1, 2):
-            raise ExtractorError(f"deltas must be 0, 1 or 2, got {deltas}")
+        # every parameter is checked here, when the extractor is built: before `sertool extract`
+        # writes anything (a negative n_mfcc used to surface only as "store dim is -9")
+        f = self.name or "mfcc"
+        if isinstance(deltas, bool) or deltas not in (0, 1, 2):
+            raise _bad(f, f"deltas must be 0, 1 or 2, got {deltas!r}")
         if mel_scale not in ("slaney", "htk"):
-            raise ExtractorError(f"mel_scale must be 'slaney' or 'htk', got {mel_scale!r}")
+            raise _bad(f, f"mel_scale must be 'slaney' or 'htk', got {mel_scale!r}")
         if log not in ("db", "log"):
-            raise ExtractorError(f"log must be 'db' or 'log', got {log!r}")
+            raise _bad(f, f"log must be 'db' or 'log', got {log!r}")
         if pad_mode not in ("constant", "reflect"):
-            raise ExtractorError(f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
-        if delta_width < 3 or delta_width % 2 == 0:
-            raise ExtractorError(f"delta_width must be odd and >= 3, got {delta_width}")
-        self.n_mfcc, self.deltas, self.window = int(n_mfcc), int(deltas), window
-        self.win_ms, self.hop_ms, self.n_fft, self.n_mels = float(win_ms), float(hop_ms), int(n_fft), int(n_mels)
-        self.fmin, self.fmax = float(fmin), (None if fmax is None else float(fmax))
-        self.mel_scale, self.mel_norm, self.power, self.log = mel_scale, mel_norm, float(power), log
-        self.top_db = None if top_db is None else float(top_db)
+            raise _bad(f, f"pad_mode must be 'constant' or 'reflect', got {pad_mode!r}")
+        if delta_width < 3 or delta_width % 2 != 1:
+            raise _bad(f, f"delta_width must be odd and >= 3, got {delta_width}")
+        self.n_mfcc, self.deltas, self.window = _positive_int(f, "n_mfcc", n_mfcc), int(deltas), window
+        self.n_fft, self.n_mels = _positive_int(f, "n_fft", n_fft), _positive_int(f, "n_mels", n_mels)
+        self.win_ms, self.hop_ms = _number(f, "win_ms", win_ms), _number(f, "hop_ms", hop_ms)
+        self.sample_rate = _positive_int(f, "sample_rate", sample_rate)
+        nyquist = self.sample_rate / 2
+        self.fmin = _number(f, "fmin", fmin, strict=False, high=nyquist)
+        self.fmax = None if fmax is None else _number(f, "fmax", fmax, high=nyquist)
+        if self.fmax is not None and self.fmax <= self.fmin:
+            raise _bad(f, f"fmax ({fmax}) must be greater than fmin ({fmin})")
+        if self.fmax is None and self.fmin >= nyquist:
+            raise _bad(f, f"fmin ({fmin}) must be below fmax (default sample_rate / 2 = {nyquist:g})")
+        if self.n_mfcc > self.n_mels:
+            raise _bad(f, f"n_mfcc ({self.n_mfcc}) must not exceed n_mels ({self.n_mels})")
+        self.mel_scale, self.mel_norm, self.log = mel_scale, mel_norm, log
+        self.power = _number(f, "power", power)
+        self.top_db = None if top_db is None else _number(f, "top_db", top_db)
         self.center, self.pad_mode = bool(center), pad_mode
-        self.preemphasis, self.lifter, self.delta_width = float(preemphasis), float(lifter), int(delta_width)
-        self.sample_rate = int(sample_rate)
+        self.preemphasis = _number(f, "preemphasis", preemphasis, strict=False, high=1.0)
+        self.lifter, self.delta_width = _number(f, "lifter", lifter, strict=False), int(delta_width)
         self.win_length = int(round(self.win_ms * self.sample_rate / 1000))
         self.hop_length = int(round(self.hop_ms * self.sample_rate / 1000))
         if self.hop_length < 1 or self.win_length < 2:
-            raise ExtractorError(f"window {win_ms} ms / hop {hop_ms} ms too short at {sample_rate} Hz")
+            raise _bad(f, f"window {win_ms} ms / hop {hop_ms} ms too short at {sample_rate} Hz")
+        if self.win_length > self.n_fft:
+            raise _bad(f, f"window of {win_ms} ms ({self.win_length} samples at {self.sample_rate} Hz) is longer "
+                          f"than n_fft {self.n_fft}")
         self._cepstrum = MelCepstrum(self.sample_rate, self.n_mfcc, self.n_fft, self.win_length, self.hop_length,
                                      window, self.n_mels, self.fmin, self.fmax, mel_scale, mel_norm, self.power,
                                      log, self.top_db, self.center, pad_mode, self.preemphasis, self.lifter)

@@ -141,3 +141,25 @@ def test_read_only_output_folder(feats, tmp_path, monkeypatch):
     line = refused(train(feats, exp, "--audio", "fa"), exp)
     assert line.startswith(f"Error: {out}") and line.endswith("Read-only file system")
     assert not exp.exists()
+
+
+def test_store_of_the_wrong_modality_is_refused(feats, tmp_path):
+    """A text store given as --audio (or an audio store as --text) is refused before training."""
+    exp = tmp_path / "e"
+    assert refused(train(feats, exp, "--audio", "ft"), exp) == \
+        "Error: --audio ft: store 'ft' holds text (token) features, not audio frames; pass it as --text"
+    res = CliRunner().invoke(cli, ["train", str(feats), "-m", "self_attn", "-o", str(exp), "-q", "--audio", "fa",
+                                   "--text", "fa", "--set", "model.modalities=[audio,text]"])
+    assert refused(res, exp) == \
+        "Error: --text fa: store 'fa' holds audio frames, not text (word) features; pass it as --audio"
+    assert not exp.exists()  # refused while the inputs are read, before the experiment folder is made
+
+
+def test_store_without_a_known_kind_is_taken_as_given(feats, tmp_path):
+    """Stores of other kinds (or none recorded) are not second-guessed: only audio/text/visual clash."""
+    f = tmp_path / "f"
+    shutil.copytree(feats, f)
+    with h5py.File(f / "fa.h5", "a") as h:
+        del h.attrs["kind"]
+    res = train(f, tmp_path / "e", "--audio", "fa", "--epochs", "1")
+    assert res.exit_code == 0, res.output
