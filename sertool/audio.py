@@ -167,4 +167,8 @@ def _check_file(path: str) -> None:
 
 def _short(e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # libsndfile says this of an existing regular file whose MP3 data it cannot parse (the file
+    # was checked by _check_file first), which misleads users into looking for a missing file
+    msg = msg.replace("File does not exist or is not a regular file (possibly a pipe?)",
+                      "unrecognised or corrupt audio data")
     return msg[:200]

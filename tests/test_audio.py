@@ -140,3 +140,12 @@ def test_hour_long_file_streams_in_bounded_memory(tmp_path):
     assert y.dtype == np.float32
     # result is 230 MB; reading the whole stereo file as float64 first would need ~1.2 GB more
     assert grown_mb < 700, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_text_posing_as_mp3_is_reported_as_bad_data_not_a_missing_file(tmp_path):
+    p = tmp_path / "notes.mp3"
+    p.write_bytes(b"this is not audio at all")
+    with pytest.raises(AudioError) as e:
+        audio_info(p)
+    assert str(p) in str(e.value) and "unrecognised or corrupt audio data" in str(e.value)
+    assert "does not exist" not in str(e.value)
