@@ -81,8 +81,10 @@ if stage_on 4 && in_list cmd "${models}"; then
   # shellcheck disable=SC2086
   sertool distill "${feats}" -o "${exp_root}/cmd-distill" --teacher-text "${lm_feat}" --config "${conf_dir}/cmd.yaml" \
     --set distill.device="${device}" --set distill.threads="${threads}" --overwrite -q ${distill_opts}
+  ft_args=(--seeds "${seeds}" --device "${device}" --threads "${threads}" --overwrite -q)
+  [ -n "${epochs}" ] && ft_args+=(--epochs "${epochs}")
   sertool train "${feats}" -m cmd --init "${exp_root}/cmd-distill" --labels meld7 --protocol corpus \
-    --seeds "${seeds}" --device "${device}" --threads "${threads}" --overwrite -q -o "${exp_root}/cmd"
+    "${ft_args[@]}" -o "${exp_root}/cmd"
 fi
 
 if stage_on 5; then
