@@ -23,28 +23,12 @@ VOLATILE_ATTRS = {"created", "creation_time", "created_at", "versions", "seconds
 
 
 def make_train_feats(root, n_spk=4, per=8, seed=0, da=6, dt=5, label_of=None, drop_from_text=()):
-    """Manifest + audio store `fa` + text store `ft`; class c shifts the features by c."""
-    rng = np.random.default_rng(seed)
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    wa = StoreWriter(root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": da, "frame_rate_hz": 100,
-                                      "extractor": {"name": "fa"}})
-    wt = StoreWriter(root / "ft.h5", {"feature": "ft", "kind": "text", "dim": dt, "unit": "token",
-                                      "extractor": {"name": "ft"}})
-    utts = []
-    for s in range(n_spk):
-        for i in range(per):
-            c = i % len(CLASSES)
-            uid = f"s{s}_u{i:03d}"
-            label = label_of(s, i) if label_of else CLASSES[c]
-            utts.append(Utterance(id=uid, text="hello", label=label, speaker=f"spk{s + 1}"))
-            wa.add(uid, ((rng.normal(size=(int(rng.integers(5, 15)), da)) + c) * 2 + 3).astype(np.float32))
-            if uid not in drop_from_text:
-                wt.add(uid, (rng.normal(size=(int(rng.integers(3, 8)), dt)) + 0.5 * c).astype(np.float32))
-    wa.finalize()
-    wt.finalize()
-    write_manifest(utts, root / "manifest.jsonl")
-    return root
+    """Manifest + audio store `fa` + text store `ft`; class c shifts the features by c (the builder of
+    tests/test_train.py, without splits)."""
+    from test_train import make_feats
+
+    return make_feats(root, n_spk=n_spk, per=per, seed=seed, da=da, dt=dt, label_of=label_of,
+                      drop_from_text=drop_from_text, splits=False)
 
 
 def make_align_feats(root, n=40, words=6, rate=100.0, seed=0):
