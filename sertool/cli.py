@@ -152,7 +152,7 @@ def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model
 # ----------------------------------------------------------------------------------- store
 @cli.group(context_settings=CONTEXT)
 def store() -> None:
-    """Inspect and merge feature stores."""
+    """Inspect, merge and concatenate feature stores."""
 
 
 @store.command("info", context_settings=CONTEXT)
@@ -183,6 +183,22 @@ def store_merge(path, keep):
     from sertool.store import merge_shards
 
     click.echo(f"merged {merge_shards(path, remove=not keep)}")
+
+
+@store.command("concat", context_settings=CONTEXT)
+@click.argument("feats", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("names", nargs=-1, required=True)
+@click.option("-o", "--out", "out_name", metavar="NAME", help="Name of the fused store (default: the names joined by +).")
+@click.option("--overwrite", is_flag=True, help="Recompute the fused store from scratch instead of resuming.")
+@_fail_cleanly
+def store_concat(feats, names, out_name, overwrite):
+    """Concatenate acoustic stores of FEATS frame by frame on the first one's frames (early fusion).
+
+    Example: sertool store concat feats/rav whisper compare   (writes feats/rav/whisper+compare.h5;
+    train on it with --audio whisper+compare; predict rebuilds the same features)."""
+    from sertool.features.fusion import concat_stores
+
+    click.echo(concat_stores(feats, list(names), out_name, overwrite=overwrite, log=click.echo))
 
 
 # ----------------------------------------------------------------------------------- models

@@ -92,6 +92,7 @@ _MODULES = (
     "sertool.features.lm",
     "sertool.features.ssl",
     "sertool.features.whisper",
+    "sertool.features.fusion",
 )
 
 
