@@ -10,8 +10,11 @@
      encoder or a BERT-family text encoder, run live on every batch (last hidden state).
 2. Student (paper Sections 3.1, 4.2; :class:`DistillStudent`): per modality an input encoder:
    the live teacher's own input encoder with its weights (wav2vec2's convolutional feature
-   encoder on the waveform; BERT's embedding layer on the token ids), otherwise a convolutional
-   stem on the waveform at the teacher's frame rate (audio) or a token embedding (plus sinusoidal
+   encoder on the waveform; BERT's embedding layer on the token ids), otherwise, for a cached
+   teacher, the architecture of its input encoder without weights: Whisper's log-Mel front end
+   and two convolutions for a Whisper store (``student.audio_stem=logmel``, the ``auto`` choice),
+   a convolutional stem on the waveform at the teacher's frame rate for any other (``waveform``),
+   and for text a token embedding (plus sinusoidal
    positions, as BERT's embedding layer has positions) over the vocabulary of the cached store's
    tokens (text); then the CMD student core
    (:class:`sertool.models.cmd_student.CMDStudent`: Conv1d to d = 32, L = 3 blocks of
@@ -79,6 +82,8 @@ DEFAULTS: dict = {
         "d": 32, "num_heads": 2, "num_blocks": 3, "ffn_dim": 128, "fusion": "early", "norm": "post",
         "dropout": 0.1, "proj_kernel": 1,
         "stem_channels": 64,          # conv stem width (cached audio teacher)
+        "audio_stem": "auto",         # cached audio teacher: waveform (wav2vec2-style conv stem) | logmel
+                                      # (Whisper's front end); auto = logmel for a Whisper store
         "text_embed_dim": 128,        # token embedding width (cached text teacher)
         "freeze_input_encoders": False,
     },
@@ -346,6 +351,60 @@ class WaveStem(nn.Module):
         return self.conv(wave[..., None], mask)
 
 
+class LogMelStem(nn.Module):
+    """Whisper's own input encoder for a cached Whisper teacher, the analogue of the paper's
+    wav2vec2 CNN for a wav2vec2 teacher: log-Mel spectrogram (80 bands, 25 ms / 10 ms, Whisper's
+    log10, 8-decade floor and (x + 4) / 4 scaling), Conv1d k3 + GELU, then Conv1d k3 stride 2 +
+    GELU per halving of the 100 Hz frame rate down to the teacher's (50 Hz: Whisper's two
+    convolutions).  Randomly initialised: CTranslate2 checkpoints do not expose their weights.
+    Far cheaper on CPU than a stem on the raw waveform."""
+
+    N_FFT, HOP, N_MELS = 400, 160, 80
+
+    def __init__(self, channels: int, halvings: int = 1, sample_rate: int = SAMPLE_RATE):
+        super().__init__()
+        import librosa
+
+        mel = librosa.filters.mel(sr=sample_rate, n_fft=self.N_FFT, n_mels=self.N_MELS)
+        self.register_buffer("mel", torch.from_numpy(np.asarray(mel, dtype=np.float32)), persistent=False)
+        self.register_buffer("window", torch.hann_window(self.N_FFT), persistent=False)
+        layers = [nn.Conv1d(self.N_MELS, channels, 3, padding=1)]
+        layers += [nn.Conv1d(channels, channels, 3, stride=2, padding=1) for _ in range(int(halvings))]
+        self.convs = nn.ModuleList(layers)
+        self.out_dim = channels
+        self.spec = {"type": "logmel", "channels": channels, "halvings": int(halvings), "sample_rate": sample_rate}
+
+    def forward(self, wave, mask):
+        # zero padding at the edges (not reflection): what Whisper sees after its 30 s zero padding,
+        # and it makes a padded batch give the same frames as each utterance alone
+        spec = torch.stft(wave.float(), self.N_FFT, self.HOP, window=self.window, center=True, pad_mode="constant",
+                          return_complex=True)
+        logmel = torch.log10((self.mel @ spec.abs().pow(2)).clamp_min(1e-10))  # [B, 80, T]
+        lengths = torch.div(mask.long().sum(1), self.HOP, rounding_mode="floor") + 1
+        valid = torch.arange(logmel.shape[-1], device=logmel.device)[None, :] < lengths[:, None]
+        peak = logmel.masked_fill(~valid[:, None], float("-inf")).amax(dim=(1, 2), keepdim=True)
+        x = (torch.maximum(logmel, peak - 8.0) + 4.0) / 4.0
+        for k, conv in enumerate(self.convs):
+            if k > 0:
+                lengths = torch.div(lengths - 1, 2, rounding_mode="floor") + 1
+            valid = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]
+            x = F.gelu(conv(x * valid[:, None].to(x.dtype)))
+        valid = torch.arange(x.shape[-1], device=x.device)[None, :] < lengths[:, None]
+        return x.transpose(1, 2) * valid[..., None].to(x.dtype), valid
+
+
+def logmel_halvings(frame_rate_hz: float | None) -> int:
+    """Stride-2 convolutions that bring the 100 Hz log-Mel frames to the teacher's rate."""
+    if not frame_rate_hz:
+        return 1
+    ratio = 100.0 / float(frame_rate_hz)
+    halvings = int(round(np.log2(ratio))) if ratio >= 1 else -1
+    if halvings < 0 or abs(2 ** halvings - ratio) > 1e-6:
+        raise DistillError(f"student.audio_stem=logmel: the teacher frame rate {frame_rate_hz} Hz is not 100 Hz "
+                           "halved a whole number of times; use student.audio_stem=waveform")
+    return halvings
+
+
 def stem_layers(frame_rate_hz: float | None, sample_rate: int = SAMPLE_RATE):
     """wav2vec2's (kernel, stride) layers, dropping stride-2 layers until the total stride gives
     ``frame_rate_hz``."""
@@ -395,6 +454,8 @@ def build_input_encoder(spec: dict) -> nn.Module:
     t = spec["type"]
     if t == "stem":
         return WaveStem(spec["channels"], spec["layers"])
+    if t == "logmel":
+        return LogMelStem(spec["channels"], spec["halvings"], spec.get("sample_rate", SAMPLE_RATE))
     if t == "embedding":
         return TokenEmbedding(spec["vocab_size"], spec["dim"], spec.get("positions", True))
     if t == "teacher_cnn":
@@ -517,7 +578,15 @@ def make_student(student_cfg: dict, teachers: dict, train_ids: Iterable[str] = (
         if t.live:
             encoders[m] = t.input_encoder()
         elif m == "audio":
-            encoders[m] = WaveStem(int(student_cfg["stem_channels"]), stem_layers(t.frame_rate_hz))
+            stem = student_cfg.get("audio_stem", "auto")
+            if stem not in ("auto", "waveform", "logmel"):
+                raise DistillError(f"student.audio_stem must be auto, waveform or logmel, got {stem!r}")
+            if stem == "auto":  # the analogue of the teacher's own input encoder
+                stem = "logmel" if (t.spec.get("extractor") or {}).get("name") == "whisper" else "waveform"
+            if stem == "logmel":
+                encoders[m] = LogMelStem(int(student_cfg["stem_channels"]), logmel_halvings(t.frame_rate_hz))
+            else:
+                encoders[m] = WaveStem(int(student_cfg["stem_channels"]), stem_layers(t.frame_rate_hz))
         else:
             vocab = build_vocab(t, train_ids)
             encoders[m] = TokenEmbedding(len(vocab), int(student_cfg["text_embed_dim"]))

@@ -16,7 +16,7 @@ from sertool.batching import batch_cost, budget_batches
 from sertool.cli import cli
 from sertool.corpora.base import Utterance, write_manifest
 from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, DistillStudent, LiveAudioTeacher, LiveTextTeacher,
-                             TokenEmbedding, WaveStem, contrastive_loss, count_parameters, load_student,
+                             LogMelStem, TokenEmbedding, logmel_halvings, WaveStem, contrastive_loss, count_parameters, load_student,
                              make_student, modality_parameters, run_distill, run_finetune, stem_layers)
 from sertool.store import StoreWriter
 
@@ -399,3 +399,44 @@ def test_scores_follow_the_data_order_not_the_length_sorted_batches():
     assert m["WA"] == 1.0 and m["UA"] == 1.0
     rows = _prediction_rows(Oracle(), Data(), lengths, int(lengths.max()) * 4, "cpu", classes, "f", 0)
     assert [r["pred"] for r in rows] == [classes[t] for t in targets]
+
+
+def test_logmel_stem_frames_padding_and_choice(feats, tmp_path):
+    """Whisper's front end as the student stem of a cached Whisper teacher: 50 Hz frames (one per
+    320 samples, +-1), the same frames for an utterance alone and inside a padded batch, chosen
+    automatically for a store made by the whisper extractor, kept through save and load."""
+    torch.manual_seed(0)
+    stem = LogMelStem(8, logmel_halvings(50.0)).eval()
+    rng = np.random.default_rng(1)
+    short, long_ = (torch.from_numpy(rng.normal(size=n).astype(np.float32)) for n in (9_600, 16_000))
+    batch = torch.zeros(2, 16_000)
+    batch[0, :9_600], batch[1] = short, long_
+    mask = torch.zeros(2, 16_000, dtype=torch.bool)
+    mask[0, :9_600], mask[1] = True, True
+    with torch.no_grad():
+        xb, mb = stem(batch, mask)
+        xa, ma = stem(short[None], torch.ones(1, 9_600, dtype=torch.bool))
+    n = int(ma.sum())
+    assert abs(n - math.ceil(9_600 / 320)) <= 1 and int(mb[1].sum()) in (50, 51)
+    assert int(mb[0].sum()) == n and not mb[0, n:].any()
+    torch.testing.assert_close(xb[0, :n], xa[0, :n], atol=1e-5, rtol=1e-5)
+    assert float(xb[0, n:].abs().sum()) == 0.0
+    assert logmel_halvings(25.0) == 2
+    with pytest.raises(Exception, match="not 100 Hz halved"):
+        logmel_halvings(30.0)
+    # auto: a store written by the whisper extractor gets the log-Mel stem, others the waveform stem
+    import h5py
+    whisper = tmp_path / "wh.h5"
+    import shutil
+    shutil.copy(feats / "ta.h5", whisper)
+    with h5py.File(whisper, "r+") as f:
+        f.attrs["extractor"] = json.dumps({"name": "whisper", "params": {}})
+    cfg = {**DEFAULTS["student"], "modalities": ["audio"], "stem_channels": 8}
+    student, _ = make_student(cfg, {"audio": CachedTeacher(whisper, "audio")})
+    assert isinstance(student.encoders["audio"], LogMelStem)
+    student, _ = make_student(cfg, {"audio": CachedTeacher(feats / "ta.h5", "audio")})
+    assert isinstance(student.encoders["audio"], WaveStem)
+    exp = tmp_path / "exp"
+    run_distill(feats, exp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["student.audio_stem=logmel",
+                                                                                     "distill.epochs=1"], progress=False)
+    assert isinstance(load_student(exp / "student.safetensors").encoders["audio"], LogMelStem)
