@@ -62,6 +62,15 @@ def test_build_from_config_dict_and_dims():
     assert m.modalities == ("text",)
     assert m({"text": torch.randn(2, 4, 5)}).shape == (2, 2)
     assert m.config["model"]["n_classes"] == 2
+    mlp = build_model(cfg, input_dim=10, n_classes=3, **{"model.hidden": 16})
+    assert sum(p.numel() for p in mlp.parameters()) == (20 * 16 + 16) + (16 * 3 + 3)
+    x, mask = torch.randn(2, 4, 10), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    padded = torch.cat([x, 100 * torch.randn(2, 3, 10)], 1)  # padding never reaches the output
+    mlp.eval()
+    torch.testing.assert_close(mlp({"audio": x, "audio_mask": mask}),
+                               mlp({"audio": padded, "audio_mask": torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)}))
+    with pytest.raises(ValueError, match="hidden"):
+        build_model(cfg, input_dim=10, n_classes=3, **{"model.hidden": -1})
 
 
 def test_describe_models_and_prefixed_overrides():

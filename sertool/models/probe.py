@@ -1,5 +1,9 @@
-"""Linear probe: statistics pooling (mean + std over real frames) of one feature store + a linear
-classifier.  A cheap baseline for comparing feature sets (not a published system)."""
+"""Probe: statistics pooling (mean + std over real frames) of one feature store + a linear
+classifier.  A cheap baseline for comparing feature sets (not a published system).
+
+``hidden: H`` (default 0 = linear) puts one hidden layer of H ReLU units (dropout after it)
+between the pooled statistics and the classes: the MLP probe, the usual next step up from a
+linear probe on frozen features."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -11,17 +15,23 @@ from .registry import MODALITIES, SERModel, register
 @register("probe")
 class Probe(SERModel):
     def __init__(self, modality: str = "audio", input_dim: int = 768, n_classes: int = 4,
-                 task: str = "classification", dropout: float = 0.0):
+                 task: str = "classification", dropout: float = 0.0, hidden: int = 0):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"model.modality must be one of {MODALITIES}, got {modality!r}")
         if task not in ("regression", "classification"):
             raise ValueError(f"model.task must be regression|classification, got {task!r}")
         self.modalities = (modality,)
+        if int(hidden) < 0:
+            raise ValueError(f"model.hidden must be >= 0 (0 = linear probe), got {hidden!r}")
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(2 * input_dim, 1 if task == "regression" else n_classes)
+        out_dim = 1 if task == "regression" else n_classes
+        self.hidden = (nn.Sequential(nn.Linear(2 * input_dim, int(hidden)), nn.ReLU(), nn.Dropout(dropout))
+                       if int(hidden) else None)
+        self.linear = nn.Linear(int(hidden) or 2 * input_dim, out_dim)
 
     def forward(self, batch: dict, return_attention: bool = False):
         x, mask = self._inputs(batch, self.modalities[0])
-        out = self.linear(self.dropout(statistics_pooling(x, mask)))
+        pooled = self.dropout(statistics_pooling(x, mask))
+        out = self.linear(pooled if self.hidden is None else self.hidden(pooled))
         return (out, {}) if return_attention else out
