@@ -904,6 +904,7 @@ def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inp
             old = yaml.safe_load(cfg_path.read_text())
             old_settings = {k: v for k, v in old.items() if k not in RECORD_KEYS}
             _fill(old_settings, json.loads(json.dumps(STAGE_DEFAULTS)))  # keys added since then: defaults
+            _fill(old_settings, _model_defaults((old_settings.get("model") or {}).get("name")))
             new_settings = json.loads(json.dumps({k: v for k, v in cfg.items()}))
             if old_settings != new_settings:
                 diff = [k for k in set(old_settings) | set(new_settings) if old_settings.get(k) != new_settings.get(k)]
@@ -913,6 +914,17 @@ def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inp
     exp.mkdir(parents=True, exist_ok=True)
     _write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(record, default=_json_default)), sort_keys=False))
     _write_json(exp / "folds.json", {"protocol": cfg["protocol"], "folds": [f.to_json() for f in inputs.folds]})
+
+
+def _model_defaults(name: str | None) -> dict:
+    """The registered default config of model `name` (keys a newer sertool added to it count as
+    unchanged when an older experiment is resumed); {} for an unknown name."""
+    from sertool.models.registry import default_config
+
+    try:
+        return json.loads(json.dumps(default_config(name))) if name else {}
+    except (KeyError, ValueError):
+        return {}
 
 
 def _summarize(results: list[RunResult]) -> dict:

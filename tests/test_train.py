@@ -151,6 +151,23 @@ def test_kill_mid_epoch_and_resume_gives_the_same_weights(feats, tmp_path):
     assert res.exit_code != 0 and "settings differ" in res.output
 
 
+def test_resume_an_experiment_from_before_a_model_option_existed(feats, tmp_path):
+    """A model option added by a newer sertool (absent from the old config.yaml, at its default
+    now) does not block --resume; a changed setting still does."""
+    exp = tmp_path / "exp"
+    args = ["train", str(feats), "-m", "probe", "--audio", "fa", "--protocol", "speaker-kfold:2", "--epochs", "1",
+            "--threads", "1", "-o", str(exp), "-q"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    cfg_file = exp / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text())
+    assert cfg["model"].pop("hidden") == 0  # as written before model.hidden existed
+    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    res = CliRunner().invoke(cli, args + ["--resume"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, args + ["--resume", "--set", "model.hidden=8"])
+    assert res.exit_code != 0 and "settings differ" in res.output and "model" in res.output
+
+
 # ----------------------------------------------------------------------------------- bad input
 def _bad(feats, exp, *extra, model="probe"):
     res = CliRunner().invoke(cli, ["train", str(feats), "-m", model, "-o", str(exp), "-q", *extra])
