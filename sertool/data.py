@@ -166,6 +166,53 @@ class AlignedSource(Source):
         return self._x[i][self._mask[i]]
 
 
+class SpeakerNormalizedSource(Source):
+    """``data.normalize.<modality>: speaker``: every frame of an utterance z-normalised with the
+    mean and standard deviation of all frames of its speaker (speaker-level feature
+    normalisation, e.g. Busso et al., "Iterative feature normalization scheme for automatic
+    emotion detection from speech", IEEE T-AC 2013).  The statistics of a speaker use only that
+    speaker's features, never labels, so a held-out speaker's come from its own (unlabelled)
+    recordings: the setting where the speaker of each test recording is known."""
+
+    def __init__(self, src: Source, speaker_of: dict[str, str], stats: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self.src, self.speaker_of, self.stats = src, speaker_of, stats
+        self.name, self.dim, self.attrs, self.path = src.name, src.dim, src.attrs, src.path
+        self._index = src._index
+        self.preloaded = getattr(src, "preloaded", False)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.src.ids
+
+    def length(self, uid: str) -> int:
+        return self.src.length(uid)
+
+    def get(self, uid: str) -> np.ndarray:
+        mean, std = self.stats[self.speaker_of[uid]]
+        return (self.src.get(uid) - mean) / std
+
+
+def speaker_statistics(src: Source, speaker_of: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per speaker: mean and std (float32) over all frames of the speaker's utterances in ``src``."""
+    sums: dict[str, list] = {}
+    for uid in src.ids:
+        spk = speaker_of.get(uid)
+        if spk is None:
+            continue
+        x = src.get(uid).astype(np.float64)
+        acc = sums.setdefault(spk, [np.zeros(src.dim), np.zeros(src.dim), 0])
+        acc[0] += x.sum(0)
+        acc[1] += (x * x).sum(0)
+        acc[2] += x.shape[0]
+    stats = {}
+    for spk, (s, ss, n) in sums.items():
+        mean = s / max(n, 1)
+        std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
+        std[std < 1e-8] = 1.0
+        stats[spk] = (mean.astype(np.float32), std.astype(np.float32))
+    return stats
+
+
 def _is_aligned(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
@@ -270,10 +317,10 @@ class Normalizer:
         stats = {}
         for m, src in sources.items():
             mode = modes.get(m, "none")
-            if mode == "none":
+            if mode in ("none", "speaker"):  # speaker: done by SpeakerNormalizedSource
                 continue
             if mode != "global":
-                raise DataError(f"data.normalize.{m} = {mode!r}: expected global or none")
+                raise DataError(f"data.normalize.{m} = {mode!r}: expected global, speaker or none")
             s = np.zeros(src.dim, dtype=np.float64)
             ss = np.zeros(src.dim, dtype=np.float64)
             n = 0

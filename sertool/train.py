@@ -54,7 +54,8 @@ from sertool.weights import load_tensors
 from sertool import metrics as M
 from sertool.corpora.base import read_manifest
 from sertool import distributed as D
-from sertool.data import (DataError, Normalizer, SERDataset, Source, check_ids, distributed_batch_indices,
+from sertool.data import (DataError, Normalizer, SERDataset, Source, SpeakerNormalizedSource, check_ids,
+                          distributed_batch_indices, speaker_statistics,
                           iterate_batches, open_sources, to_device)
 from sertool.labels import LabelSet, apply as apply_labels, label_set
 from sertool.protocols import Fold, make_folds
@@ -206,6 +207,7 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
         raise TrainError(f"train.loss {loss!r} does not fit a classifier; use ce (or nll); "
                          "e.g. --set train.loss=ce")
     utts, targets = apply_labels(labels, utts)
+    all_utts = list(utts)  # speaker statistics use every utterance of a speaker, whatever `only` keeps
     if only is not None:
         keep = [i for i, u in enumerate(utts) if u.id in only]
         utts, targets = [utts[i] for i in keep], [targets[i] for i in keep]
@@ -226,6 +228,7 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
         elif data["missing"] != "error":
             raise TrainError(f"data.missing must be error or drop, got {data['missing']!r}")
         check_ids(sources, [u.id for u in utts])
+        sources = speaker_normalize(sources, feats, spec, data, all_utts)
     except DataError as e:
         raise TrainError(str(e)) from None
     inputs = Inputs(utts, targets, labels, sources, dropped_missing=dropped)
@@ -234,6 +237,24 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
         inputs.folds = make_folds(utts, targets, p["name"], dev_fraction=p["dev_fraction"], seed=p["seed"], dev=p["dev"])
         check_label_coverage(inputs)
     return inputs
+
+
+def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data: dict, utts: list) -> dict[str, Source]:
+    """Wrap the sources whose ``data.normalize`` mode is ``speaker`` (statistics per speaker over
+    all of the speaker's utterances in the manifest, so train, evaluate and every fold agree)."""
+    wanted = [m for m in sources if (data.get("normalize") or {}).get(m) == "speaker"]
+    if not wanted:
+        return sources
+    no_speaker = [u.id for u in utts if not u.speaker]
+    if no_speaker:
+        raise DataError(f"data.normalize = speaker needs a speaker for every utterance; {len(no_speaker)} have none in "
+                        f"the manifest (e.g. {no_speaker[0]})")
+    speaker_of = {u.id: str(u.speaker) for u in utts}
+    out = dict(sources)
+    for m in wanted:
+        full = open_sources(feats, {m: spec[m]}, preload=False, only=set(speaker_of))[m]
+        out[m] = SpeakerNormalizedSource(sources[m], speaker_of, speaker_statistics(full, speaker_of))
+    return out
 
 
 def check_label_coverage(inputs: Inputs) -> None:
