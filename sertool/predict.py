@@ -181,6 +181,12 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     classes = spec.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
         raise PredictError(f"{spec_file}: 'classes' must be a list of class names, got {classes!r}")
+    speaker_norm = [m for m, mode in (spec.get("normalize") or {}).items() if mode == "speaker"]
+    if speaker_norm:
+        raise PredictError(f"{path} was trained with speaker-level normalisation (data.normalize.{speaker_norm[0]}="
+                           "speaker): its inputs need the statistics of every speaker's recordings, which predict and "
+                           "export do not compute; for deployment train with data.normalize."
+                           f"{speaker_norm[0]}=global")
     for key in ("model", "normalizer"):  # files from others never point outside their folder
         name = spec.get(key)
         if name is not None and (not isinstance(name, str) or os.path.isabs(name)

@@ -1035,6 +1035,7 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
         "model_config": cfg["model"], "task": _task(cfg), "loss": cfg["train"]["loss"],
         "classes": cfg_rec["label_set"]["classes"], "label_set": cfg_rec["label_set"]["preset"],
         "features": cfg_rec["features"], "inputs": {m: cfg["data"][m] for m in model_modalities(cfg)},
+        "normalize": {m: (cfg["data"].get("normalize") or {}).get(m, "none") for m in model_modalities(cfg)},
         "max_steps": crop_lengths(cfg),
         "selection": ({"rule": f"the fold x seed run with the best dev {select} (test scores not used)",
                        "final": "best-dev", "fold": best.fold, "seed": best.seed, f"dev_{select}": best.dev[select]}

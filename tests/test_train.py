@@ -16,7 +16,7 @@ from sertool.cli import cli
 from sertool.corpora.base import Utterance, write_manifest
 from sertool.data import Normalizer, SERDataset, open_sources
 from sertool.store import StoreWriter
-from sertool.train import Schedule, TrainError, run_train
+from sertool.train import Schedule, TrainError, load_inputs, resolve_config, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("angry", "happy", "neutral", "sad")
@@ -384,3 +384,52 @@ def test_final_all_trains_the_deployment_model_on_every_utterance(feats, tmp_pat
 def test_final_rejects_unknown_modes(feats, tmp_path):
     out = _bad(feats, tmp_path / "e", "--audio", "fa", "--set", "run.final=last")
     assert "run.final 'last'" in out and "all" in out
+
+
+# ----------------------------------------------------------------------------------- speaker normalisation
+def _speaker_offset_feats(root: Path) -> Path:
+    """3 classes (shift c) under large per-speaker offsets and scales: only speaker-level
+    normalisation makes the held-out speakers' features comparable to the training ones."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    w = StoreWriter(root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": 4, "frame_rate_hz": 100,
+                                     "extractor": {"name": "fa"}})
+    utts = []
+    for s in range(6):
+        offset, scale = rng.normal(scale=6.0, size=4), 1.0 + s * 0.5
+        for i in range(18):
+            c = i % 3
+            uid = f"s{s}_u{i:02d}"
+            utts.append(Utterance(id=uid, text="x", label=CLASSES[c], speaker=f"spk{s}"))
+            w.add(uid, ((rng.normal(size=(8, 4)) * 0.3 + c) * scale + offset).astype(np.float32))
+    w.finalize()
+    write_manifest(utts, root / "manifest.jsonl")
+    return root
+
+
+def test_speaker_normalisation(tmp_path):
+    feats = _speaker_offset_feats(tmp_path / "f")
+    base = ["data.audio=fa", "protocol.name=speaker-kfold:3", "train.epochs=30", "optim.lr=0.05", "run.threads=1",
+            "train.batch_size=16"]
+    # every speaker's frames: zero mean, unit std per dimension, whatever subset is loaded
+    cfg = resolve_config("probe", overrides=[*base, "data.normalize.audio=speaker"])
+    full = load_inputs(cfg, feats)
+    part = load_inputs(cfg, feats, make_protocol=False, only={"s2_u00", "s2_u01"})
+    x = np.concatenate([full.sources["audio"].get(f"s2_u{i:02d}") for i in range(18)])
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(x.std(0), 1, atol=1e-3)
+    np.testing.assert_allclose(part.sources["audio"].get("s2_u01"), full.sources["audio"].get("s2_u01"), atol=1e-6)
+    ua = {}
+    for mode in ("global", "speaker"):
+        exp = tmp_path / mode
+        out = run_train("probe", feats, exp, overrides=[*base, f"data.normalize.audio={mode}"], progress=False,
+                        log=lambda s: None)
+        ua[mode] = out["summary"]["UA"]["mean"]
+    assert ua["speaker"] > 0.9 and ua["speaker"] > ua["global"] + 0.2, ua
+    # evaluate recomputes the same speaker statistics and scores
+    from sertool.evaluate import run_evaluate
+    assert run_evaluate(tmp_path / "speaker", feats, log=lambda s: None)["UA"]["mean"] == pytest.approx(ua["speaker"], abs=1e-6)
+    # predict and export cannot know a new recording's speaker statistics: refused, naming the option
+    from sertool.predict import PredictError, load_predictor
+    with pytest.raises(PredictError, match="data.normalize.audio=global"):
+        load_predictor(tmp_path / "speaker", "cpu")
