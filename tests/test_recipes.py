@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -129,3 +130,11 @@ def test_ravdess_recipe_on_demo_clips(tmp_path):
     assert len((feats / "manifest.jsonl").read_text().splitlines()) == 32
     assert "| probe | probe | mfcc | loso | 1 |" in out
     assert len((exp / "probe" / "predictions-sample.csv").read_text().splitlines()) == 1 + 8
+    # the speaker-normalised probe (on MFCC here, for speed): trained and evaluated, skipped by predict
+    out = run_recipe("ravdess", "--corpus_dir", str(corpus), "--feats", str(feats), "--exp_root", str(exp),
+                     "--models", "probe probe-whisper-spk", "--ssl_feat", "mfcc", "--stage", "3", "--protocol", "loso",
+                     "--folds", "spk-Actor_01", "--epochs", "1", "--device", "cpu")
+    assert "| probe-whisper-spk | probe | mfcc | loso | 1 |" in out
+    cfg = yaml.safe_load((exp / "probe-whisper-spk" / "config.yaml").read_text())
+    assert cfg["data"]["normalize"]["audio"] == "speaker"
+    assert not (exp / "probe-whisper-spk" / "predictions-sample.csv").exists()

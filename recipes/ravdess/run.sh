@@ -29,7 +29,7 @@ lgcct_audio=covarep          # LGCCT: COVAREP-74 aligned with GloVe per word
 align_length=50
 protocol=speaker-kfold:6
 labels=ravdess8
-models="probe probe-whisper self_attn cross_attn cma lgcct cmd"   # ks_transformer: add it on a GPU (RESULTS.md)
+models="probe probe-whisper probe-whisper-spk self_attn cross_attn cma lgcct cmd"   # ks_transformer: add it on a GPU (RESULTS.md)
 seeds=1
 epochs=
 folds=                       # empty: all folds (e.g. "fold1" for a smoke run)
@@ -46,7 +46,7 @@ fi
 if stage_on 1; then
   fargs=()
   in_list probe "${models}" && fargs+=(-f "${acoustic_feat}")
-  for m in probe-whisper self_attn cross_attn ks_transformer cma cmd; do
+  for m in probe-whisper probe-whisper-spk self_attn cross_attn ks_transformer cma cmd; do
     in_list "${m}" "${models}" && fargs+=(-f "${ssl_feat}" -f "${lm_feat}") && break
   done
   in_list lgcct "${models}" && fargs+=(-f "${lgcct_audio}" -f "${word_feat}")
@@ -68,6 +68,7 @@ if stage_on 3; then
   p=(--labels "${labels}" --protocol "${protocol}")
   train_exp probe probe --audio "${acoustic_feat}" "${p[@]}"
   train_exp probe-whisper probe --audio "${ssl_feat}" "${p[@]}"
+  train_exp probe-whisper-spk probe --audio "${ssl_feat}" "${p[@]}"   # speaker-level normalisation
   train_exp self_attn self_attn --audio "${ssl_feat}" --text "${lm_feat}" "${p[@]}"
   train_exp cross_attn cross_attn --audio "${ssl_feat}" --text "${lm_feat}" "${p[@]}"
   train_exp ks_transformer ks_transformer --audio "${ssl_feat}" --text "${lm_feat}" "${p[@]}"
@@ -97,6 +98,7 @@ if stage_on 6; then
   [ -n "${sample}" ] || sample=${corpus_dir}
   for tag in ${models}; do
     [ -f "${exp_root}/${tag}/predictor.json" ] || continue
+    grep -q '"speaker"' "${exp_root}/${tag}/predictor.json" && continue   # speaker-normalised: not deployable
     log "stage 6: predict ${sample} with ${tag}"
     write_transcripts "${feats}/manifest.jsonl" "${sample}" "${exp_root}/${tag}/transcripts-sample.csv"
     sertool predict "${exp_root}/${tag}" "${sample}" --transcripts "${exp_root}/${tag}/transcripts-sample.csv" \
