@@ -261,12 +261,14 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
             raise click.UsageError(f"--init is for --model cmd (fine-tuning a `sertool distill` student), "
                                    f"not --model {model}")
         given = [name for name, v in (("--audio", audio), ("--text", text), ("--visual", visual),
-                                      ("--config", config_file), ("--fold", folds), ("--resume", resume)) if v]
+                                      ("--config", config_file), ("--resume", resume)) if v]
         if given:
             raise click.UsageError(f"{', '.join(given)}: not available with --init (the inputs are the distillation "
                                    "experiment's teachers)")
         from sertool.distill import train_from_distillation
 
+        if folds:
+            overrides.append(f"finetune.folds=[{', '.join(folds)}]")
         r = train_from_distillation(init, feats, exp, overrides=overrides, overwrite=overwrite, progress=not quiet,
                                     log=(lambda s: None) if quiet else click.echo)
         s = r["summary"]

@@ -106,6 +106,7 @@ DEFAULTS: dict = {
         "labels": "auto", "protocol": "corpus", "dev_fraction": 0.1, "dev": "auto",
         "seeds": 1, "seed": 0, "epochs": 30, "lr": 1.0e-4, "kappa": None, "hidden": 32,
         "early_stopping": 10, "select_on": "UA", "budget": 320000, "text_budget": 4096,
+        "folds": [],                  # fold names to train (empty = all; e.g. to spread folds over jobs)
     },
 }
 
@@ -1050,6 +1051,11 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
     feats, labels, utts, targets, mods, teachers = _finetune_inputs(rec, cfg, feats, teacher_text_tokenizer)
     vocab = json.loads((exp / "vocab.json").read_text()) if (exp / "vocab.json").exists() else None
     folds = make_folds(utts, targets, ft["protocol"], dev_fraction=ft["dev_fraction"], seed=int(ft["seed"]), dev=ft["dev"])
+    only = [str(f) for f in (ft.get("folds") or [])]
+    unknown = [f for f in only if f not in {fold.name for fold in folds}]
+    if unknown:
+        raise DistillError(f"finetune.folds: no fold named {', '.join(unknown)} in protocol {ft['protocol']!r} "
+                           f"(folds: {', '.join(f.name for f in folds)})")
     device = _pick_device(d["device"])
     kappa = float(ft["kappa"] if ft["kappa"] is not None else d["kappa"])
     budget = int(ft["budget"] if "audio" in mods else ft["text_budget"])
@@ -1081,6 +1087,8 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
                                               indent=2) + "\n")
     runs, all_rows, pred_rows = [], [], []
     for fold in folds:
+        if only and fold.name not in only:
+            continue
         data = {part: _finetune_data(fold, part, utts, targets, mods, teachers, vocab, max_samples)
                 for part in ("train", "dev", "test")}
         lens = {p: crop_lengths(v.lengths(), budget) for p, v in data.items()}

@@ -335,6 +335,14 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
     # an existing EXP is not overwritten silently
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "--overwrite" in res.output
+    # --fold trains only the named folds (folds spread over jobs); evaluate scores what was trained
+    part = tmp_path / "cmd-fold2"
+    args2 = [a if a != str(exp) else str(part) for a in args] + ["--fold", "fold2"]
+    res = CliRunner().invoke(cli, args2, catch_exceptions=False)
+    assert res.exit_code == 0 and "1 run(s)" in res.output, res.output
+    assert not (part / "folds" / "fold1").exists() and (part / "folds" / "fold2" / "seed0" / "model.safetensors").exists()
+    res = CliRunner().invoke(cli, [a if a != "fold2" else "fold9" for a in args2[:-2]] + ["--fold", "fold9", "--overwrite"])
+    assert res.exit_code == 1 and "no fold named fold9" in res.output
 
 
 def test_train_init_errors(feats, tmp_path):
