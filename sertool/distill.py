@@ -1038,7 +1038,8 @@ def run_finetune(exp, feats=None, *, overrides: Iterable[str] = (), progress: bo
         raise DistillError(f"{exp}: no distilled student (distill.yaml + student.safetensors); "
                            "give the output folder of `sertool distill`")
     rec = yaml.safe_load((exp / "distill.yaml").read_text())
-    cfg = {k: rec[k] for k in DEFAULTS}
+    # settings a newer sertool added since EXP was distilled take their defaults
+    cfg = {k: {**copy.deepcopy(v), **(rec.get(k) or {})} for k, v in DEFAULTS.items()}
     apply_overrides(cfg, list(overrides))
     ft, d = cfg["finetune"], cfg["distill"]
     ft["select_on"] = SELECT_ON.get(str(ft["select_on"]).lower(), ft["select_on"])

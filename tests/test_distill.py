@@ -335,7 +335,12 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
     # an existing EXP is not overwritten silently
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "--overwrite" in res.output
-    # --fold trains only the named folds (folds spread over jobs); evaluate scores what was trained
+    # --fold trains only the named folds (folds spread over jobs), also for a student distilled before
+    # the option existed (its distill.yaml lacks finetune.folds)
+    import yaml as _yaml
+    rec = _yaml.safe_load((dexp / "distill.yaml").read_text())
+    rec["finetune"].pop("folds")
+    (dexp / "distill.yaml").write_text(_yaml.safe_dump(rec))
     part = tmp_path / "cmd-fold2"
     args2 = [a if a != str(exp) else str(part) for a in args] + ["--fold", "fold2"]
     res = CliRunner().invoke(cli, args2, catch_exceptions=False)
