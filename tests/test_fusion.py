@@ -123,3 +123,17 @@ def test_text_store_is_refused(tmp_path):
     with pytest.raises(StoreError, match=r"words\.h5: holds text features"):
         concat_stores(tmp_path / "f", ["mfcc", "words"])
     assert not Path(tmp_path / "f" / "mfcc+words.h5").exists()
+
+
+def test_extract_concat_equals_store_concat(fused, tmp_path):
+    """`-f NAME=concat:parts=A+B` in one extraction gives the numbers of `store concat` of A and B."""
+    feats = tmp_path / "feats"
+    run_extract(fused["corpus"], feats, ["mfcc", "mfcc80", "both=concat:parts=mfcc80+mfcc"], progress=False,
+                log=lambda s: None)
+    concat_stores(feats, ["mfcc80", "mfcc"], "from_stores", log=lambda s: None)
+    with open_store(feats, "both") as a, open_store(feats, "from_stores") as b:
+        assert a.attrs["dim"] == b.attrs["dim"] == 80 + 120 and a.attrs["frame_rate_hz"] == 80  # mfcc: 40 + deltas
+        assert a.attrs["extractor"] == b.attrs["extractor"]
+        assert sorted(a.ids) == sorted(b.ids) and len(a.ids) == 24
+        for uid in a.ids[:5]:
+            np.testing.assert_allclose(a[uid], b[uid], atol=1e-5)
