@@ -252,7 +252,9 @@ def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data:
     speaker_of = {u.id: str(u.speaker) for u in utts}
     out = dict(sources)
     for m in wanted:
-        full = open_sources(feats, {m: spec[m]}, preload=False, only=set(speaker_of))[m]
+        # the loaded source already holds every utterance unless evaluate asked for a subset
+        full = (sources[m] if all(u in sources[m] for u in speaker_of)
+                else open_sources(feats, {m: spec[m]}, preload=False, only=set(speaker_of))[m])
         out[m] = SpeakerNormalizedSource(sources[m], speaker_of, speaker_statistics(full, speaker_of))
     return out
 
