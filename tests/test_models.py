@@ -264,3 +264,23 @@ def test_cmd_student_outputs():
     # paper sizes: d = 32, 2 heads, 3 blocks
     cfg = load_config("cmd_student")["model"]
     assert (cfg["d"], cfg["num_heads"], cfg["num_blocks"]) == (32, 2, 3)
+
+
+def test_default_configs_are_read_once_per_process(tmp_path, monkeypatch):
+    """A conf/*.yaml edited while a run goes on (a newer sertool installed over it) must not reach
+    the folds still to be built: the defaults are read once, and each caller gets its own copy."""
+    import shutil
+
+    from sertool.models import registry
+
+    conf = tmp_path / "conf"
+    shutil.copytree(registry.CONF_DIR, conf)
+    monkeypatch.setattr(registry, "CONF_DIR", conf)
+    monkeypatch.setattr(registry, "_DEFAULTS_READ", {})
+    first = registry.default_config("probe")
+    first["model"]["dropout"] = 0.9  # a caller's edit stays its own
+    (conf / "probe.yaml").write_text((conf / "probe.yaml").read_text().replace("  hidden: 0", "  hidden: 0\n  new_key: 1"))
+    again = registry.default_config("probe")
+    assert "new_key" not in again["model"] and again["model"]["dropout"] == 0.0
+    m = build_model({"name": "probe", "input_dim": 4, "n_classes": 2})
+    assert m.config["model"]["hidden"] == 0

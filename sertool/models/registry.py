@@ -71,13 +71,18 @@ def list_models() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- configs
+_DEFAULTS_READ: dict[str, dict] = {}
+
+
 def default_config(key: str) -> dict:
-    path = CONF_DIR / f"{key}.yaml"
+    """A copy of sertool/conf/KEY.yaml, read once per process: every fold and seed of a run is
+    built from the same defaults, even if the file changes on disk while the run goes on."""
     if key not in list_models():
         raise ValueError(f"unknown model {key!r}; known: {', '.join(list_models())}")
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    return cfg
+    if key not in _DEFAULTS_READ:
+        with open(CONF_DIR / f"{key}.yaml") as f:
+            _DEFAULTS_READ[key] = yaml.safe_load(f)
+    return copy.deepcopy(_DEFAULTS_READ[key])
 
 
 def _coerce(default: Any, value: Any, key: str) -> Any:
