@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -192,25 +192,30 @@ class SpeakerNormalizedSource(Source):
         return (self.src.get(uid) - mean) / std
 
 
+def frame_moments(src: Source, ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (float32) over all frames of utterances ``ids`` of ``src``;
+    constant dimensions get std 1 (left unscaled)."""
+    s = np.zeros(src.dim, dtype=np.float64)
+    ss = np.zeros(src.dim, dtype=np.float64)
+    n = 0
+    for u in ids:
+        x = src.get(u).astype(np.float64)
+        s += x.sum(0)
+        ss += (x * x).sum(0)
+        n += x.shape[0]
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
+    std[std < 1e-8] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def speaker_statistics(src: Source, speaker_of: dict[str, str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per speaker: mean and std (float32) over all frames of the speaker's utterances in ``src``."""
-    sums: dict[str, list] = {}
+    """Per speaker: :func:`frame_moments` over the speaker's utterances in ``src``."""
+    by_speaker: dict[str, list[str]] = {}
     for uid in src.ids:
-        spk = speaker_of.get(uid)
-        if spk is None:
-            continue
-        x = src.get(uid).astype(np.float64)
-        acc = sums.setdefault(spk, [np.zeros(src.dim), np.zeros(src.dim), 0])
-        acc[0] += x.sum(0)
-        acc[1] += (x * x).sum(0)
-        acc[2] += x.shape[0]
-    stats = {}
-    for spk, (s, ss, n) in sums.items():
-        mean = s / max(n, 1)
-        std = np.sqrt(np.maximum(ss / max(n, 1) - mean * mean, 0.0))
-        std[std < 1e-8] = 1.0
-        stats[spk] = (mean.astype(np.float32), std.astype(np.float32))
-    return stats
+        if uid in speaker_of:
+            by_speaker.setdefault(speaker_of[uid], []).append(uid)
+    return {spk: frame_moments(src, ids) for spk, ids in by_speaker.items()}
 
 
 def _is_aligned(path: Path) -> bool:
@@ -321,19 +326,7 @@ class Normalizer:
                 continue
             if mode != "global":
                 raise DataError(f"data.normalize.{m} = {mode!r}: expected global, speaker or none")
-            s = np.zeros(src.dim, dtype=np.float64)
-            ss = np.zeros(src.dim, dtype=np.float64)
-            n = 0
-            for u in ids:
-                x = src.get(u).astype(np.float64)
-                s += x.sum(0)
-                ss += (x * x).sum(0)
-                n += x.shape[0]
-            mean = s / max(n, 1)
-            var = np.maximum(ss / max(n, 1) - mean * mean, 0.0)
-            std = np.sqrt(var)
-            std[std < 1e-8] = 1.0  # constant dimensions are left unscaled
-            stats[m] = (mean.astype(np.float32), std.astype(np.float32))
+            stats[m] = frame_moments(src, ids)
         return cls(stats)
 
     def tensors(self) -> dict[str, torch.Tensor]:
