@@ -21,6 +21,7 @@ import numpy as np
 __all__ = [
     "DeviceError",
     "atomic_open",
+    "atomic_path",
     "atomic_write",
     "write_text",
     "write_json",
@@ -49,6 +50,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that want a file name (h5py, ONNX export,
+    another library); it replaces ``path`` when the block ends without an error."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
