@@ -31,6 +31,7 @@ early-stopping state and the RNG state, so the result equals that of an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -43,66 +44,31 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 
-from sertool.weights import load_tensors
+from sertool import distributed as D
 from sertool import metrics as M
 from sertool.corpora.base import read_manifest
-from sertool import distributed as D
-from sertool.data import (DataError, Normalizer, SERDataset, Source, SpeakerNormalizedSource, check_ids,
-                          distributed_batch_indices, speaker_statistics,
-                          iterate_batches, open_sources, to_device)
+from sertool.data import (MODALITIES, DataError, Normalizer, SERDataset, Source, SpeakerNormalizedSource, check_ids,
+                          distributed_batch_indices, iterate_batches, open_sources, speaker_statistics, to_device)
 from sertool.labels import LabelSet, apply as apply_labels, label_set
 from sertool.protocols import Fold, make_folds
+from sertool.utils import (DeviceError, append_jsonl, atomic_path, json_default, pick_device as _pick_device, save_tensors,
+                           write_json, write_jsonl, write_text)
+from sertool.weights import load_tensors
 
-# Keys the train stage adds to every model config (the model YAML's own values win).
-STAGE_DEFAULTS: dict[str, dict] = {
-    "optim": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0, "grad_clip": 0.0, "momentum": 0.9,
-              "betas": [0.9, 0.999]},
-    "schedule": {
-        "name": "none",         # none | step | halving | plateau | warmup_linear | cosine
-        "step_size": 0,         # step / halving: epochs between decays
-        "gamma": 1.0,           # step: decay factor; plateau: reduction factor
-        "warmup_epochs": 0.0,   # linear warm-up (any schedule), in epochs (fractions allowed)
-        "patience": 3,          # plateau: epochs without dev improvement before reducing
-        "min_lr": 0.0,
-    },
-    "train": {
-        "epochs": 30,
-        "batch_size": 32,
-        "loss": "ce",               # ce | nll (model returns log-probabilities) | l1 | mse
-        "early_stopping": 10,       # epochs without dev improvement; 0 = off (still selects the best)
-        "select_on": "auto",        # auto (UA; dev loss for regression) | ua | wa | macro_f1 | weighted_f1 | loss
-        "class_weights": False,     # true = inverse class frequency of the training split
-        "amp": True,                # bfloat16 autocast on CUDA (ignored on CPU)
-        "max_batch_frames": 0,      # > 0: dynamic batching by frames (longest x items <= this)
-        "eval_batch_size": 0,       # 0 = 2 x batch_size
-    },
-    "data": {
-        "feats": None,              # FEATS folder (manifest.jsonl + stores)
-        "audio": None,              # store name in FEATS, a store path, or an aligned file
-        "text": None,
-        "visual": None,
-        "labels": "auto",           # sertool.labels preset, "auto" or a comma list of classes
-        "normalize": {"audio": "global", "text": "none", "visual": "global"},
-        "max_steps": {"audio": None, "text": None, "visual": None},  # crop to the first L steps
-        "missing": "error",         # error | drop: utterances absent from a store
-        "preload": "auto",          # auto | true | false | GB: hold the features in memory (a number = budget)
-        "workers": 0,               # DataLoader processes collating training batches (own HDF5 handles)
-    },
-    "protocol": {"name": "corpus", "dev_fraction": 0.1, "seed": 0, "dev": "auto"},
-    "run": {"seeds": 1, "seed": 0, "device": "auto", "final": "best-dev",
-            "threads": 0},              # CPU threads for torch (0 = torch's default); 1 on a shared machine
-}
+# Keys the train stage adds to every model config (the model YAML's own values win): written once,
+# in sertool/conf/stages/train.yaml.
+STAGE_DEFAULTS: dict[str, dict] = yaml.safe_load(
+    (Path(__file__).resolve().parent / "conf" / "stages" / "train.yaml").read_text())
 # Sections of EXP/config.yaml that record what happened (not settings); ignored when the file is
 # given back as --config.
 RECORD_KEYS = ("features", "label_set", "experiment")
-LOWER_IS_BETTER = {"loss", "mae"}
 
 
 class TrainError(ValueError):
@@ -141,7 +107,51 @@ def resolve_config(model: str, config_file: str | os.PathLike | None = None, ove
         except ValueError as e:
             raise TrainError(f"{path}: {e}") from None
     apply_overrides(cfg, list(overrides))
+    prepare_model_config(cfg)
+    follow_inputs(cfg)
     return cfg
+
+
+def _model_class(cfg: dict):
+    from sertool.models.registry import _REGISTRY, list_models
+
+    list_models()  # imports every model module
+    return _REGISTRY[cfg["model"]["name"]]
+
+
+def prepare_model_config(cfg: dict) -> None:
+    """A model whose inputs or architecture come from elsewhere fills its config here, before any
+    input is read (``prepare_config(cfg)`` classmethod; e.g. ``cmd`` reads its distilled student
+    from ``model.init``).  Its errors are TrainErrors."""
+    hook = getattr(_model_class(cfg), "prepare_config", None)
+    if hook is not None:
+        try:
+            hook(cfg)
+        except (ValueError, OSError) as e:
+            raise TrainError(str(e)) from None
+
+
+def follow_inputs(cfg: dict) -> None:
+    """Modalities follow the inputs given: a model with a ``modalities`` list whose stores are named
+    for only some of them runs on those (``-m self_attn --audio mfcc`` is the audio-only model),
+    unless ``model.modalities`` was set explicitly; a model that cannot drop a modality says so."""
+    from sertool.models.registry import default_config
+
+    m = cfg["model"]
+    given = [x for x in MODALITIES if cfg["data"].get(x)]
+    if "modalities" not in m or not given or set(given) == set(m["modalities"]):
+        return
+    if list(m["modalities"]) != list(default_config(m["name"])["model"]["modalities"]):
+        return  # set by the user: load_inputs names a missing store
+    wanted = [x for x in m["modalities"] if x in given] or given
+    try:
+        with torch.device("meta"):
+            build({**cfg, "model": {**m, "modalities": wanted}})
+    except (ValueError, KeyError) as e:
+        missing = [x for x in m["modalities"] if x not in given]
+        raise TrainError(f"model {m['name']!r} consumes {', '.join(m['modalities'])}; it cannot run without "
+                         f"{', '.join(missing)} ({e}); give --{missing[0]} STORE") from None
+    m["modalities"] = wanted
 
 
 def model_modalities(cfg: dict) -> list[str]:
@@ -218,7 +228,8 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
                              f"named for {m} (use --{m} NAME or --set data.{m}=NAME)")
     spec = {m: data[m] for m in mods}
     try:
-        sources = open_sources(feats, spec, preload=data["preload"], only={u.id for u in utts})
+        sources = open_sources(feats, spec, preload=data["preload"], only={u.id for u in utts}, utts=all_utts,
+                               vocab=data.get("vocab"))
         dropped: list[str] = []
         if data["missing"] == "drop":
             dropped = [u.id for u in utts if any(u.id not in s for s in sources.values())]
@@ -278,6 +289,8 @@ def check_label_coverage(inputs: Inputs) -> None:
 def finalize_model_config(cfg: dict, inputs: Inputs) -> None:
     """Set input dims and the class count from the data."""
     for m, src in inputs.sources.items():
+        if src.dim == 0:  # waveform samples or token ids: the model's own input encoder reads them
+            continue
         cfg["model"][_dim_key(cfg, m)] = int(src.dim)
     if not inputs.labels.regression and "n_classes" in cfg["model"]:
         cfg["model"]["n_classes"] = len(inputs.labels.classes)
@@ -296,11 +309,10 @@ def crop_lengths(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------------- devices, seeds
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return _pick_device(name)
+    except DeviceError as e:
+        raise TrainError(str(e)) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -318,17 +330,8 @@ def build(cfg: dict) -> torch.nn.Module:
     return build_model({"model": copy.deepcopy(cfg["model"])})
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
-              metadata={k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-
-
 def save_weights(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
-    _atomic_save(model.state_dict(), path, {"format": "sertool-model", **(metadata or {})})
+    save_tensors(path, model.state_dict(), {"format": "sertool-model", **(metadata or {})})
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> dict:
@@ -427,7 +430,7 @@ def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
             tensors[f"rng.cuda{i}"] = s
     meta = {"format": "sertool-checkpoint", "state": state, "optim_groups": osd["param_groups"],
             "optim_scalars": scalars}
-    _atomic_save(tensors, path, meta)
+    save_tensors(path, tensors, meta)
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
@@ -457,7 +460,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return json.loads(meta["state"])
 
 
-# ----------------------------------------------------------------------------------- loops
+# ----------------------------------------------------------------------------------- batches
 def compute_loss(cfg: dict, out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     loss = cfg["train"]["loss"]
     out = out.float()
@@ -481,49 +484,43 @@ def outputs_to_predictions(cfg: dict, out: torch.Tensor) -> np.ndarray:
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
 @torch.no_grad()
 def predict(cfg: dict, model, ds: SERDataset, device: torch.device, batch_size: int | None = None,
             weight: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
-    """Predictions for every item of ``ds`` (in order) and the mean loss.
+    """Predictions for every item of ``ds`` (in order) and the mean loss.  Batches follow
+    ``train.max_batch_frames`` when it is set (grouped by length; the predictions are put back in
+    data order).
 
     In a distributed run each rank predicts every ``world``-th item and the predictions are
     all-gathered, so every rank returns the same arrays as a single process would."""
     model.eval()
     bs = batch_size or cfg["train"]["eval_batch_size"] or 2 * cfg["train"]["batch_size"]
     w = D.world()
-    if not w.distributed:
-        outs, total, n = [], 0.0, 0
-        for batch in ds.batches(bs):
-            batch = to_device(batch, device)
-            with _autocast(device, cfg["train"]["amp"]):
-                out = model(batch)
-            target = batch["target"]
-            total += float(compute_loss(cfg, out, target, weight)) * len(target)
-            n += len(target)
-            outs.append(outputs_to_predictions(cfg, out))
-        return np.concatenate(outs), total / max(n, 1)
-    mine = np.arange(w.rank, len(ds), w.size)
-    outs, total = [], 0.0
-    for i in range(0, len(mine), bs):
-        batch = to_device(ds.collate(mine[i:i + bs]), device)
+    if w.distributed:
+        mine = np.arange(w.rank, len(ds), w.size)
+        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
+    else:
+        batches = ds.batch_indices(bs, cfg["train"]["max_batch_frames"] or None)
+    outs, where, total = [], [], 0.0
+    for idx in batches:
+        batch = to_device(ds.collate(idx), device)
         with _autocast(device, cfg["train"]["amp"]):
             out = model(batch)
         target = batch["target"]
         total += float(compute_loss(cfg, out, target, weight)) * len(target)
         outs.append(outputs_to_predictions(cfg, out))
-    local = np.concatenate(outs) if outs else None
-    parts = D.all_gather_object((mine, local, total))
-    first = next(p[1] for p in parts if p[1] is not None)
+        where.append(np.asarray(idx))
+    local = (np.concatenate(where), np.concatenate(outs)) if outs else None
+    parts = D.all_gather_object((local, total)) if w.distributed else [(local, total)]
+    first = next(p[0][1] for p in parts if p[0] is not None)
     preds = np.empty((len(ds), *first.shape[1:]), dtype=first.dtype)
-    for where, p, _ in parts:
-        if p is not None:
-            preds[where] = p
-    return preds, sum(p[2] for p in parts) / max(len(ds), 1)
+    for part, _ in parts:
+        if part is not None:
+            preds[part[0]] = part[1]
+    return preds, sum(p[1] for p in parts) / max(len(ds), 1)
 
 
 def score_predictions(cfg: dict, preds: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
@@ -532,15 +529,17 @@ def score_predictions(cfg: dict, preds: np.ndarray, targets: np.ndarray, classes
     return M.classification_metrics(targets, preds.argmax(1), labels=classes)
 
 
+SELECT_KEYS = {"ua": "UA", "wa": "WA", "macro_f1": "macro_f1", "weighted_f1": "weighted_f1", "loss": "loss",
+               "mae": "MAE", "corr": "corr"}
+
+
 def _select_key(cfg: dict) -> str:
     key = cfg["train"]["select_on"]
     if key == "auto":
         return "loss" if _task(cfg) == "regression" else "UA"
-    table = {"ua": "UA", "wa": "WA", "macro_f1": "macro_f1", "weighted_f1": "weighted_f1", "loss": "loss",
-             "mae": "MAE", "corr": "corr"}
-    if key.lower() not in table:
-        raise TrainError(f"train.select_on {key!r}: expected auto, {', '.join(table)}")
-    return table[key.lower()]
+    if str(key).lower() not in SELECT_KEYS:
+        raise TrainError(f"train.select_on {key!r}: expected auto, {', '.join(SELECT_KEYS)}")
+    return SELECT_KEYS[str(key).lower()]
 
 
 def _kill_hook() -> Callable[[], None]:
@@ -556,6 +555,7 @@ def _kill_hook() -> Callable[[], None]:
     return step
 
 
+# ----------------------------------------------------------------------------------- one run
 @dataclass
 class RunResult:
     fold: str
@@ -564,6 +564,235 @@ class RunResult:
     dev: dict
     test: dict
     seconds: float
+
+
+@dataclass
+class Run:
+    """One (fold, seed) run in training: its data, model, optimiser, schedule and state.
+
+    ``final`` marks the ``run.final: all`` deployment model: no dev or test split, a fixed number
+    of epochs, the model after the last epoch is the result."""
+
+    cfg: dict
+    inputs: Inputs
+    fold: Fold
+    seed: int
+    run_dir: Path
+    device: torch.device
+    epochs: int
+    final: bool
+    train_ds: SERDataset
+    dev_ds: SERDataset | None
+    test_ds: SERDataset | None
+    model: torch.nn.Module
+    net: torch.nn.Module                   # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: "Schedule"
+    weight: torch.Tensor | None            # class weights of the loss (ce / nll)
+    item_weight: np.ndarray                # each training item's weight in a batch's mean loss
+    state: dict                            # epoch, step, best, best_epoch, bad, stopped (+ schedule)
+    history: list[dict]
+    t0: float
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoint.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.safetensors"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.jsonl"
+
+    @property
+    def select(self) -> str:
+        return _select_key(self.cfg)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.select not in ("loss", "MAE")
+
+
+def setup_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, norm: Normalizer,
+              device: torch.device, *, resume: bool, log: Callable[[str], None], fixed_epochs: int | None) -> Run:
+    """Datasets, model (pretrained weights for a new run), optimiser and schedule of one run; with
+    ``resume`` the state of the last end-of-epoch checkpoint."""
+    w = D.world()
+    if w.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    target = inputs.target_of
+    regression = inputs.labels.regression
+    crop = crop_lengths(cfg)
+    final = fixed_epochs is not None
+
+    def dataset(ids):
+        return SERDataset(inputs.sources, ids, [target[u] for u in ids], norm, crop, regression)
+
+    train_ds = dataset(fold.train)
+    dev_ds, test_ds = (None, None) if final else (dataset(fold.dev), dataset(fold.test))
+    tr = cfg["train"]
+    weight = None
+    if tr["class_weights"] and not regression:
+        counts = np.bincount(train_ds.targets, minlength=len(inputs.labels.classes)).astype(np.float64)
+        weight = torch.tensor(len(train_ds) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    item_weight = (weight.detach().cpu().numpy()[train_ds.targets] if weight is not None
+                   else np.ones(len(train_ds), dtype=np.float64))
+
+    seed_everything(seed)
+    model = build(cfg).to(device)
+    D.broadcast_module(model)  # identical initial weights on every rank (they are: same seed)
+    optimizer = make_optimizer(cfg, model)
+    spe = len(train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0))
+    higher = _select_key(cfg) not in ("loss", "MAE")
+    schedule = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher and not final)
+    run = Run(cfg, inputs, fold, seed, run_dir, device, int(fixed_epochs) if final else int(tr["epochs"]), final,
+              train_ds, dev_ds, test_ds, model, model, optimizer, schedule, weight, item_weight,
+              {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "stopped": False}, [], time.time())
+    D.barrier()  # rank 0 has made run_dir
+    if resume and run.checkpoint.exists():
+        run.state = load_checkpoint(run.checkpoint, model, optimizer)
+        schedule.load(run.state["schedule"])
+        if run.log_path.exists():
+            rows = [json.loads(line) for line in run.log_path.read_text().splitlines() if line.strip()]
+            run.history = [h for h in rows if h["epoch"] < run.state["epoch"]]
+        log(f"[{fold.name} seed {seed}] resuming after epoch {run.state['epoch']}")
+    else:
+        if hasattr(model, "load_pretrained"):  # e.g. a distilled student or a pretrained encoder
+            model.load_pretrained()
+        if w.main:
+            for p in (run.checkpoint, run.best_path, run.log_path):
+                p.unlink(missing_ok=True)
+    D.barrier()  # every rank has read the checkpoint before rank 0 rewrites anything
+    if w.main:
+        write_jsonl(run.log_path, run.history)
+    if w.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1")
+    return run
+
+
+def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | None) -> tuple[float, float]:
+    """One pass over the training split; returns (mean training loss, seconds)."""
+    from tqdm.auto import tqdm
+
+    cfg, tr, w = run.cfg, run.cfg["train"], D.world()
+    epoch = run.state["epoch"]
+    run.model.train()
+    batches = distributed_batch_indices(run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True,
+                                        run.seed, epoch, w.rank, w.size)
+    collated = iterate_batches(run.train_ds, [idx for _, idx, _ in batches], int(cfg["data"].get("workers") or 0))
+    bar = tqdm(zip(batches, collated), total=len(batches), desc=f"{run.fold.name} s{run.seed} ep{epoch + 1}/{run.epochs}",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    clip = float(cfg["optim"]["grad_clip"] or 0)
+    total, n, t0 = 0.0, 0, time.time()
+    for (gidx, idx, real), batch in bar:
+        batch = to_device(batch, run.device)
+        lr = run.schedule.lr(run.state["step"])
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        with _autocast(run.device, tr["amp"]):
+            out = run.net(batch)
+        loss = compute_loss(cfg, out, batch["target"], run.weight)
+        # this rank's share of the global batch's mean loss; DDP averages gradients over the
+        # ranks, hence the factor w.size (1 and an unchanged loss in a single process)
+        share = float(run.item_weight[idx].sum() / run.item_weight[gidx].sum()) if real else 0.0
+        scaled = loss * (share * w.size) if w.distributed else loss
+        run.optimizer.zero_grad(set_to_none=True)
+        scaled.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+        run.optimizer.step()
+        run.state["step"] += 1
+        total += float(loss.detach()) * (share * len(gidx) if w.distributed else len(idx))
+        n += len(gidx)
+        bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
+        if kill_step is not None:
+            kill_step()
+    if w.distributed:
+        total = D.all_sum([total])[0]
+    return total / max(n, 1), time.time() - t0
+
+
+def select_and_checkpoint(run: Run, train_loss: float, seconds: float, *, progress: bool,
+                          log: Callable[[str], None]) -> None:
+    """Score the epoch on dev (the final model: its training loss), keep the best model, stop
+    early after ``train.early_stopping`` epochs without improvement, log the epoch and write the
+    end-of-epoch checkpoint (model, optimiser, schedule, early-stopping and RNG state)."""
+    w, state = D.world(), run.state
+    epoch = state["epoch"]
+    if run.final:  # no held-out data: the last epoch is the model; a plateau schedule watches the train loss
+        dev_m, score, improved = {}, train_loss, True
+    else:
+        preds, dev_loss = predict(run.cfg, run.model, run.dev_ds, run.device, weight=run.weight)
+        dev_m = {**score_predictions(run.cfg, preds, run.dev_ds.targets, run.inputs.labels.classes), "loss": dev_loss}
+        score = float(dev_m[run.select])
+        best = state["best"]
+        improved = best is None or (score > best if run.higher_is_better else score < best)
+    if improved:
+        state.update(best=score, best_epoch=epoch, bad=0)
+        if w.main:
+            save_weights(run.model, run.best_path, {"epoch": str(epoch), "fold": run.fold.name, "seed": str(run.seed)})
+    else:
+        state["bad"] += 1
+    run.schedule.end_epoch(score)
+    record = {"fold": run.fold.name, "seed": run.seed, "epoch": epoch, "lr": run.schedule.lr(max(state["step"] - 1, 0)),
+              "train_loss": train_loss, **({} if run.final else {"dev_loss": dev_m["loss"]}),
+              **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
+              "best": improved, "seconds": round(seconds, 3)}
+    if w.distributed:
+        record["world_size"] = w.size
+    run.history.append(record)
+    if w.main:
+        append_jsonl(run.log_path, record)
+    state["epoch"] = epoch + 1
+    patience = 0 if run.final else int(run.cfg["train"]["early_stopping"] or 0)
+    if patience and state["bad"] >= patience:
+        state["stopped"] = True
+    state["schedule"] = run.schedule.state()
+    if w.main:
+        save_checkpoint(run.checkpoint, run.model, run.optimizer, state)
+    if progress:
+        shown = " ".join(f"{k[4:]} {record[k]:.4f}" for k in ("dev_UA", "dev_WA", "dev_MAE") if k in record)
+        log(f"[{run.fold.name} seed {run.seed}] epoch {epoch + 1}: train loss {train_loss:.4f}"
+            + ("" if run.final else f", dev loss {dev_m['loss']:.4f} {shown}{' *' if improved else ''}"))
+
+
+def finish_run(run: Run) -> RunResult:
+    """The selected model becomes the run's model.safetensors; a cross-validation run scores it
+    once on the test split (and again on dev), the final model records its training loss."""
+    w = D.world()
+    D.barrier()  # rank 0 has written best.safetensors
+    if not run.best_path.exists():
+        raise TrainError(f"{run.run_dir}: no model was selected (train.epochs = {run.epochs})")
+    seconds = lambda: round(time.time() - run.t0, 2)  # noqa: E731
+    if run.final:
+        result = RunResult(run.fold.name, run.seed, run.epochs - 1, {}, {}, seconds())
+        metrics = {"fold": run.fold.name, "seed": run.seed, "final": "all", "epochs": run.epochs,
+                   "n_utterances": len(run.fold.train),
+                   "train_loss": run.history[-1]["train_loss"] if run.history else None, "seconds": result.seconds}
+    else:
+        meta = load_weights(run.model, run.best_path)
+        scores = {}
+        for part, ds in (("test", run.test_ds), ("dev", run.dev_ds)):
+            preds, loss = predict(run.cfg, run.model, ds, run.device, weight=run.weight)
+            scores[part] = _compact({**score_predictions(run.cfg, preds, ds.targets, run.inputs.labels.classes),
+                                     "loss": loss})
+        result = RunResult(run.fold.name, run.seed, int(meta.get("epoch", run.state["best_epoch"])), scores["dev"],
+                           scores["test"], seconds())
+        metrics = {"fold": run.fold.name, "seed": run.seed, "best_epoch": result.best_epoch,
+                   "selected_on": f"dev {run.select}", "dev": result.dev, "test": result.test,
+                   "epochs_run": run.state["epoch"], "seconds": result.seconds}
+    D.barrier()  # every rank has read best.safetensors
+    if w.main:
+        os.replace(run.best_path, run.run_dir / "model.safetensors")
+        write_json(run.run_dir / "metrics.json", metrics)
+        run.checkpoint.unlink(missing_ok=True)
+    D.barrier()  # the run's files are complete before any rank looks at the next run
+    return result
 
 
 def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, norm: Normalizer, device: torch.device,
@@ -580,204 +809,21 @@ def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     Under torchrun (a process group of N > 1) the model is wrapped in DistributedDataParallel,
     every rank takes its share of each global batch, dev/test predictions are gathered, and rank 0
     alone writes the run's files (see sertool/distributed.py)."""
-    t0 = time.time()
-    w = D.world()
-    main = w.main
-    if not main:
+    if not D.world().main:
         progress, log = False, (lambda s: None)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    target = inputs.target_of
-    regression = inputs.labels.regression
-    crop = crop_lengths(cfg)
-    mk = lambda ids: SERDataset(inputs.sources, ids, [target[u] for u in ids], norm, crop, regression)
-    final = fixed_epochs is not None
-    train_ds = mk(fold.train)
-    dev_ds, test_ds = (None, None) if final else (mk(fold.dev), mk(fold.test))
-    tr = cfg["train"]
-    select = _select_key(cfg)
-    higher = select not in ("loss", "MAE")
-    epochs = int(fixed_epochs) if final else int(tr["epochs"])
-    weight = None
-    if tr["class_weights"] and not regression:
-        counts = np.bincount(train_ds.targets, minlength=len(inputs.labels.classes)).astype(np.float64)
-        weight = torch.tensor(len(train_ds) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-
-    seed_everything(seed)
-    model = build(cfg).to(device)
-    D.broadcast_module(model)  # identical initial weights on every rank (they are: same seed)
-    optimizer = make_optimizer(cfg, model)
-    spe = len(train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0))
-    sched = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher and not final)
-    ckpt, best_path = run_dir / "checkpoint.safetensors", run_dir / "best.safetensors"
-    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "stopped": False}
-    history: list[dict] = []
-    log_path = run_dir / "log.jsonl"
-    D.barrier()  # rank 0 has made run_dir
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, model, optimizer)
-        sched.load(state["schedule"])
-        if log_path.exists():
-            history = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()]
-            history = [h for h in history if h["epoch"] < state["epoch"]]
-        log(f"[{fold.name} seed {seed}] resuming after epoch {state['epoch']}")
-    elif main:
-        for p in (ckpt, best_path, log_path):
-            p.unlink(missing_ok=True)
-    D.barrier()  # every rank has read the checkpoint before rank 0 rewrites anything
-    if main:
-        _write_jsonl(log_path, history)
-    net = model
-    if w.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1")
-    # weight of each item in the loss (class weights for ce/nll), to split a global batch's mean loss
-    item_w = (weight.detach().cpu().numpy()[train_ds.targets] if weight is not None and not regression
-              else np.ones(len(train_ds), dtype=np.float64))
-    scaler_ctx = tr["amp"]
-    workers = int(cfg["data"].get("workers") or 0)
-    clip = float(cfg["optim"]["grad_clip"] or 0)
-    patience = 0 if final else int(tr["early_stopping"] or 0)
-    from tqdm.auto import tqdm
-
-    while state["epoch"] < epochs and not state["stopped"]:
-        epoch = state["epoch"]
-        model.train()
-        batches = distributed_batch_indices(train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, seed,
-                                            epoch, w.rank, w.size)
-        collated = iterate_batches(train_ds, [idx for _, idx, _ in batches], workers)
-        bar = tqdm(zip(batches, collated), total=len(batches), desc=f"{fold.name} s{seed} ep{epoch + 1}/{epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
-        total, n, te = 0.0, 0, time.time()
-        for (gidx, idx, real), batch in bar:
-            batch = to_device(batch, device)
-            lr = sched.lr(state["step"])
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with _autocast(device, scaler_ctx):
-                out = net(batch)
-            loss = compute_loss(cfg, out, batch["target"], weight)
-            # this rank's share of the global batch's mean loss; DDP averages gradients over the
-            # ranks, hence the factor w.size (1 and an unchanged loss in a single process)
-            share = float(item_w[idx].sum() / item_w[gidx].sum()) if real else 0.0
-            scaled = loss * (share * w.size) if w.distributed else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaled.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
-            state["step"] += 1
-            total += float(loss.detach()) * (share * len(gidx) if w.distributed else len(idx))
-            n += len(gidx)
-            bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
-            if kill_step is not None:
-                kill_step()
-        train_seconds = time.time() - te
-        if w.distributed:
-            total = D.all_sum([total])[0]
-        if final:  # no held-out data: the last epoch is the model; a plateau schedule watches the train loss
-            dev_m, dev_loss = {}, float("nan")
-            score = total / max(n, 1)
-            improved = True
-        else:
-            preds, dev_loss = predict(cfg, model, dev_ds, device, weight=weight)
-            dev_m = score_predictions(cfg, preds, dev_ds.targets, inputs.labels.classes)
-            dev_m["loss"] = dev_loss
-            score = float(dev_m[select])
-            improved = state["best"] is None or (score > state["best"] if higher else score < state["best"])
-        if improved:
-            state.update(best=score, best_epoch=epoch, bad=0)
-            if main:
-                save_weights(model, best_path, {"epoch": str(epoch), "fold": fold.name, "seed": str(seed)})
-        else:
-            state["bad"] += 1
-        sched.end_epoch(score)
-        record = {"fold": fold.name, "seed": seed, "epoch": epoch, "lr": sched.lr(max(state["step"] - 1, 0)),
-                  "train_loss": total / max(n, 1), **({} if final else {"dev_loss": dev_loss}),
-                  **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
-                  "best": improved, "seconds": round(train_seconds, 3)}
-        if w.distributed:
-            record["world_size"] = w.size
-        history.append(record)
-        if main:
-            _append_jsonl(log_path, record)
-        state["epoch"] = epoch + 1
-        if patience and state["bad"] >= patience:
-            state["stopped"] = True
-        state["schedule"] = sched.state()
-        if main:
-            save_checkpoint(ckpt, model, optimizer, state)
-        if progress:
-            shown = " ".join(f"{k[4:]} {record[k]:.4f}" for k in ("dev_UA", "dev_WA", "dev_MAE") if k in record)
-            log(f"[{fold.name} seed {seed}] epoch {epoch + 1}: train loss {record['train_loss']:.4f}"
-                + ("" if final else f", dev loss {dev_loss:.4f} {shown}{' *' if improved else ''}"))
-    # the selected (best dev) model, evaluated once on the test split
-    D.barrier()  # rank 0 has written best.safetensors
-    if not best_path.exists():
-        raise TrainError(f"{run_dir}: no model was selected (train.epochs = {epochs})")
-    if final:
-        result = RunResult(fold.name, seed, epochs - 1, {}, {}, round(time.time() - t0, 2))
-        D.barrier()
-        if main:
-            os.replace(best_path, run_dir / "model.safetensors")
-            _write_json(run_dir / "metrics.json", {
-                "fold": fold.name, "seed": seed, "final": "all", "epochs": epochs, "n_utterances": len(fold.train),
-                "train_loss": history[-1]["train_loss"] if history else None, "seconds": result.seconds})
-            ckpt.unlink(missing_ok=True)
-        D.barrier()
-        return result
-    meta = load_weights(model, best_path)
-    preds, test_loss = predict(cfg, model, test_ds, device, weight=weight)
-    test_m = score_predictions(cfg, preds, test_ds.targets, inputs.labels.classes)
-    test_m["loss"] = test_loss
-    preds_dev, dev_loss = predict(cfg, model, dev_ds, device, weight=weight)
-    dev_m = score_predictions(cfg, preds_dev, dev_ds.targets, inputs.labels.classes)
-    dev_m["loss"] = dev_loss
-    result = RunResult(fold.name, seed, int(meta.get("epoch", state["best_epoch"])), _compact(dev_m), _compact(test_m),
-                       round(time.time() - t0, 2))
-    D.barrier()  # every rank has read best.safetensors
-    if main:
-        os.replace(best_path, run_dir / "model.safetensors")
-        _write_json(run_dir / "metrics.json", {"fold": fold.name, "seed": seed, "best_epoch": result.best_epoch,
-                                               "selected_on": f"dev {select}", "dev": result.dev, "test": result.test,
-                                               "epochs_run": state["epoch"], "seconds": result.seconds})
-        ckpt.unlink(missing_ok=True)
-    D.barrier()  # the run's files are complete before any rank looks at the next run
-    return result
+    run = setup_run(cfg, inputs, fold, seed, run_dir, norm, device, resume=resume, log=log, fixed_epochs=fixed_epochs)
+    while run.state["epoch"] < run.epochs and not run.state["stopped"]:
+        train_loss, seconds = train_epoch(run, progress=progress, kill_step=kill_step)
+        select_and_checkpoint(run, train_loss, seconds, progress=progress, log=log)
+    return finish_run(run)
 
 
 def _compact(m: dict) -> dict:
     return {k: v for k, v in m.items() if k not in ("per_class",)}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=_json_default) + "\n")
-        f.flush()
+# evaluate.py's names for the shared writers (sertool.utils)
+_write_json, _write_text = write_json, write_text
 
 
 def run_dir_of(exp: Path, fold: str, seed: int) -> Path:
@@ -898,19 +944,19 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
     if final_info is not None:
         out["final"] = final_info
     if main:
-        _write_json(exp / "metrics.json", out)
+        write_json(exp / "metrics.json", out)
         # EXP/log.jsonl: every run's epochs
         rows = []
         for r in results:
             lp = run_dir_of(exp, r.fold, r.seed) / "log.jsonl"
             rows += [json.loads(l) for l in lp.read_text().splitlines() if l.strip()] if lp.exists() else []
-        _write_jsonl(exp / "log.jsonl", rows)
+        write_jsonl(exp / "log.jsonl", rows)
         if results and (final_mode(cfg) == "best-dev" or final_info is not None):
             write_predictor(exp, cfg, results, select, final=final_info)
         if final_info is not None:  # provenance of the deployment model in config.yaml's record
             rec = yaml.safe_load(cfg_path.read_text())
             rec["experiment"]["final"] = final_info
-            _write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(rec, default=_json_default)), sort_keys=False))
+            write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(rec, default=json_default)), sort_keys=False))
     D.barrier()  # EXP is complete when any rank returns
     return out
 
@@ -935,8 +981,8 @@ def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inp
                                  "resume with the same command, or use --overwrite")
             record["experiment"]["created"] = old.get("experiment", {}).get("created")
     exp.mkdir(parents=True, exist_ok=True)
-    _write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(record, default=_json_default)), sort_keys=False))
-    _write_json(exp / "folds.json", {"protocol": cfg["protocol"], "folds": [f.to_json() for f in inputs.folds]})
+    write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(record, default=json_default)), sort_keys=False))
+    write_json(exp / "folds.json", {"protocol": cfg["protocol"], "folds": [f.to_json() for f in inputs.folds]})
 
 
 def _model_defaults(name: str | None) -> dict:
@@ -1003,7 +1049,7 @@ def train_final(cfg: dict, inputs: Inputs, results: list[RunResult], seed: int, 
         else:
             norm = Normalizer.fit(inputs.sources, ids, cfg["data"]["normalize"])
             norm.save(norm_path)
-        _write_json(fd / "ids.json", {"n_utterances": len(ids), "ids": ids})
+        write_json(fd / "ids.json", {"n_utterances": len(ids), "ids": ids})
     D.barrier()
     if not main:
         norm = Normalizer.load(norm_path)
@@ -1026,10 +1072,9 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
     best = sorted(results, key=lambda r: (-(r.dev[select]) if higher else r.dev[select], r.fold, r.seed))[0]
     src_dir = exp / "final" if mode == "all" else run_dir_of(exp, best.fold, best.seed)
     norm_src = exp / "final" / "norm.safetensors" if mode == "all" else exp / "folds" / best.fold / "norm.safetensors"
-    shutil.copyfile(src_dir / "model.safetensors", exp / "model.safetensors.tmp")
-    os.replace(exp / "model.safetensors.tmp", exp / "model.safetensors")
-    shutil.copyfile(norm_src, exp / "norm.safetensors.tmp")
-    os.replace(exp / "norm.safetensors.tmp", exp / "norm.safetensors")
+    for src, name in ((src_dir / "model.safetensors", "model.safetensors"), (norm_src, "norm.safetensors")):
+        with atomic_path(exp / name) as tmp:
+            shutil.copyfile(src, tmp)
     cfg_rec = yaml.safe_load((exp / "config.yaml").read_text())
     predictor = {
         "format": "sertool-predictor", "version": 1,
@@ -1046,14 +1091,8 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
                                "epochs; the cross-validation metrics (metrics.json) are those of the fold x seed runs",
                        **final}),
     }
-    _write_json(exp / "predictor.json", predictor)
+    write_json(exp / "predictor.json", predictor)
     return predictor
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_experiment(exp: str | os.PathLike) -> tuple[dict, list[Fold]]:

@@ -1,5 +1,6 @@
 """CMD distillation: contrastive loss, frame-budget batcher, student learning, parameter counts,
-the stage end to end on a tiny synthetic corpus (cached teachers), fine-tuning and the CLI."""
+the stage end to end on a tiny synthetic corpus (cached teachers), fine-tuning through the train
+stage (`sertool train -m cmd --init`) and the CLI."""
 from __future__ import annotations
 
 import json
@@ -15,9 +16,11 @@ from click.testing import CliRunner
 from sertool.batching import batch_cost, budget_batches
 from sertool.cli import cli
 from sertool.corpora.base import Utterance, write_manifest
-from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, DistillStudent, LiveAudioTeacher, LiveTextTeacher,
-                             LogMelStem, TokenEmbedding, logmel_halvings, WaveStem, contrastive_loss, count_parameters, load_student,
-                             make_student, modality_parameters, run_distill, run_finetune, stem_layers)
+from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, LiveAudioTeacher, LiveTextTeacher, contrastive_loss,
+                             make_student, run_distill)
+from sertool.models.cmd import CMD, DistillStudent, count_parameters, load_student, modality_parameters
+from sertool.models.cmd_inputs import LogMelStem, TokenEmbedding, WaveStem, logmel_halvings, stem_layers
+from sertool.train import run_train
 from sertool.store import StoreWriter
 
 
@@ -111,7 +114,7 @@ def test_student_learns_to_match_a_synthetic_teacher():
         ta = torch.tanh(frames @ proj_a / 20)
         tt = torch.tanh(table[ids])
         ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
-        batch = {"wave": wave, "wave_mask": ones(wave), "ids": ids, "ids_mask": ones(ids)}
+        batch = {"audio": wave, "audio_mask": ones(wave), "text": ids, "text_mask": ones(ids)}
         return batch, {"audio": (ta, ones(ta)), "text": (tt, ones(tt))}
 
     data = [batch_and_teacher() for _ in range(4)]
@@ -135,13 +138,15 @@ def test_student_learns_to_match_a_synthetic_teacher():
 def test_late_fusion_and_unimodal_students_run():
     ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
     wave, ids = torch.randn(2, 2000), torch.randint(2, 20, (2, 5))
-    b = {"wave": wave, "wave_mask": ones(wave), "ids": ids, "ids_mask": ones(ids)}
+    b = {"audio": wave, "audio_mask": ones(wave), "text": ids, "text_mask": ones(ids)}
     x, m = _student(fusion="late", vocab=20)(b)
     assert x["audio"].shape[-1] == 32 and x["text"].shape == (2, 5, 32)
     x, m = _student(mods=("text",), vocab=20)(b)
     assert set(x) == {"text"}
-    st = _student(mods=("audio",), vocab=20).add_heads(3, 32, kappa=0.1)
-    logp = st.classify(b)
+    st = _student(mods=("audio",), vocab=20)
+    head = CMD(init=None, student=st.spec, modalities=["audio"], n_classes=3, hidden=32, kappa=0.1,
+               task="classification")
+    logp = head(b)
     assert logp.shape == (2, 3) and torch.allclose(logp.exp().sum(-1), torch.ones(2))
 
 
@@ -208,15 +213,13 @@ def test_distill_then_finetune_end_to_end(feats, tmp_path):
     assert set(m["parameters"]["student"]) == {"audio", "text"}
     student = load_student(exp / "student.safetensors")
     assert student.modalities == ("audio", "text")
-    r = run_finetune(exp, overrides=["finetune.epochs=2", "finetune.protocol=kfold:2", "finetune.budget=24000"],
-                     progress=False)
-    assert len(r["runs"]) == 2
-    assert set(r["summary"]["per_class_f1"]) == set(CLASSES)
-    assert abs(sum(v["mean"] for v in r["summary"]["dominance"].values()) - 1) < 1e-6
-    report = (exp / "finetune" / "report.md").read_text()
-    assert "macro-F1" in report and "Token saliency" in report
-    sal = r["runs"][0]["test"]["saliency"]
-    assert sal and all(abs(sum(e["saliency"]) - 1) < 1e-3 and len(e["saliency"]) == len(e["tokens"]) for e in sal)
+    r = run_train("cmd", feats, tmp_path / "ft", overrides=[f"model.init={exp}", "train.epochs=2", "protocol.name=kfold:2",
+                                                           "train.max_batch_frames=24000"], progress=False)
+    assert len(r["runs"]) == 2 and r["labels"] == list(CLASSES)
+    assert all(0 <= run["test"]["UA"] <= 1 for run in r["runs"])
+    # the fine-tuned model starts from the distilled student (not from random weights)
+    ft = json.loads((tmp_path / "ft" / "folds" / "fold1" / "seed0" / "metrics.json").read_text())
+    assert ft["epochs_run"] >= 1
 
 
 def test_distill_text_only_and_errors(feats, tmp_path):
@@ -242,11 +245,8 @@ def test_cli_distill(feats, tmp_path):
                                    "--set", "distill.epochs=1"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert (exp / "student.safetensors").exists()
-    res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(exp), "--finetune-only", "-q", "--set",
-                                   "finetune.epochs=1", "--set", "finetune.protocol=kfold:2", "--set",
-                                   "finetune.budget=24000"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    assert "macro-F1" in res.output and (exp / "finetune" / "metrics.json").exists()
+    res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(exp), "--finetune-only", "-q"])
+    assert res.exit_code == 2 and f"sertool train {feats} -m cmd --init {exp}" in res.output
     res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(tmp_path / "bad"), "--teacher-text", "tt", "-q"])
     assert res.exit_code == 1 and "no teacher" in res.output
 
@@ -270,7 +270,7 @@ def test_live_teachers_lend_their_input_encoders(tmp_path):
     wave = torch.randn(3, 4000)
     ids = torch.randint(1, 40, (3, 7))
     ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
-    b = {"wave": wave, "wave_mask": ones(wave), "ids": ids, "ids_mask": ones(ids)}
+    b = {"audio": wave, "audio_mask": ones(wave), "text": ids, "text_mask": ones(ids)}
     teacher = {"audio": ta(wave, ones(wave)), "text": tt(ids, ones(ids))}
     assert teacher["audio"][0].shape[1] == student(b)[0]["audio"].shape[1] == 12  # same frames as the teacher
     dist = Distiller(student, {"audio": 16, "text": 16})
@@ -290,25 +290,39 @@ def test_live_teachers_lend_their_input_encoders(tmp_path):
 def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_path):
     import csv
 
+    import yaml
+
+    from sertool.weights import load_tensors
+
     dexp = tmp_path / "dexp"
     run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"],
                 progress=False)
     exp = tmp_path / "cmd"
     args = ["train", str(feats), "-m", "cmd", "--init", str(dexp), "--protocol", "kfold:2", "--epochs", "2",
-            "--seeds", "1", "--set", "finetune.budget=24000", "--set", "optim.lr=1e-3", "-o", str(exp), "-q"]
+            "--seeds", "1", "--set", "train.max_batch_frames=24000", "--set", "optim.lr=1e-3", "-o", str(exp), "-q"]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert "2 run(s)" in res.output and not (dexp / "finetune").exists()
-    for name in ("config.yaml", "folds.json", "metrics.json", "predictions.csv", "report.md", "log.jsonl"):
+    assert "2 run(s)" in res.output
+    for name in ("config.yaml", "folds.json", "metrics.json", "log.jsonl", "predictor.json", "model.safetensors"):
         assert (exp / name).exists(), name
-    import yaml
-
     cfg = yaml.safe_load((exp / "config.yaml").read_text())
-    assert cfg["model"]["name"] == "cmd" and cfg["finetune"]["protocol"] == "kfold:2"
-    assert cfg["finetune"]["epochs"] == 2 and cfg["finetune"]["lr"] == pytest.approx(1e-3)
-    assert cfg["init"] == str(dexp.resolve())
+    assert cfg["model"]["name"] == "cmd" and cfg["protocol"]["name"] == "kfold:2"
+    assert cfg["train"]["epochs"] == 2 and cfg["optim"]["lr"] == pytest.approx(1e-3)
+    assert cfg["model"]["init"] == str(dexp.resolve())
+    assert cfg["data"]["audio"] == "wave" and cfg["data"]["text"] == f"tokens:{(feats / 'tt.h5').resolve()}"
+    assert cfg["model"]["kappa"] == pytest.approx(DEFAULTS["distill"]["kappa"])  # the distillation's temperature
+    vocab = json.loads((dexp / "vocab.json").read_text())
+    assert cfg["data"]["vocab"] == sorted(vocab, key=vocab.get)
+    # the run started from the distilled student: its input encoders moved away from those weights
+    # only by fine-tuning (a random start would be far from them)
+    student = load_tensors(dexp / "student.safetensors")
+    tuned = load_tensors(exp / "folds" / "fold1" / "seed0" / "model.safetensors")
+    key = next(k for k in student if k.startswith("encoders.text"))
+    drift = float((tuned[f"student.{key}"] - student[key]).abs().max())
+    assert drift < 0.1 * float(student[key].abs().max()), drift
     metrics = json.loads((exp / "metrics.json").read_text())
-    # sertool evaluate re-predicts every run from EXP and gets the training-time test scores
+    # sertool evaluate re-predicts every run from EXP (the distillation folder is not needed)
+    (dexp / "student.safetensors").rename(dexp / "moved.safetensors")
     res = CliRunner().invoke(cli, ["evaluate", str(exp), "-q"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     ev = json.loads((exp / "eval" / "metrics.json").read_text())
@@ -319,35 +333,25 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
     with open(exp / "eval" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {"id", "fold", "seed", "true", "pred", "p_angry"} <= set(rows[0])
-    with open(exp / "predictions.csv") as f:
-        train_rows = list(csv.DictReader(f))
-    assert [r["pred"] for r in train_rows] == [r["pred"] for r in rows]
-    # the training-time scores (also used for model selection on dev) are those of the predictions:
-    # a regression test for scores computed in length-sorted batch order against data-order targets
-    from sertool import metrics as M
-
-    classes = ev["labels"]
-    for r in metrics["runs"]:
-        mine = [x for x in train_rows if x["fold"] == r["fold"] and int(x["seed"]) == r["seed"]]
-        m = M.classification_metrics([classes.index(x["true"]) for x in mine],
-                                     [classes.index(x["pred"]) for x in mine], labels=classes)
-        assert m["WA"] == pytest.approx(r["test"]["WA"]) and m["UA"] == pytest.approx(r["test"]["UA"])
+    (dexp / "moved.safetensors").rename(dexp / "student.safetensors")
     # an existing EXP is not overwritten silently
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "--overwrite" in res.output
-    # --fold trains only the named folds (folds spread over jobs), also for a student distilled before
-    # the option existed (its distill.yaml lacks finetune.folds)
-    import yaml as _yaml
-    rec = _yaml.safe_load((dexp / "distill.yaml").read_text())
-    rec["finetune"].pop("folds")
-    (dexp / "distill.yaml").write_text(_yaml.safe_dump(rec))
+    # --fold trains only the named folds (folds spread over jobs); --resume continues them
     part = tmp_path / "cmd-fold2"
     args2 = [a if a != str(exp) else str(part) for a in args] + ["--fold", "fold2"]
     res = CliRunner().invoke(cli, args2, catch_exceptions=False)
     assert res.exit_code == 0 and "1 run(s)" in res.output, res.output
     assert not (part / "folds" / "fold1").exists() and (part / "folds" / "fold2" / "seed0" / "model.safetensors").exists()
-    res = CliRunner().invoke(cli, [a if a != "fold2" else "fold9" for a in args2[:-2]] + ["--fold", "fold9", "--overwrite"])
-    assert res.exit_code == 1 and "no fold named fold9" in res.output
+    done = (part / "folds" / "fold2" / "seed0" / "model.safetensors").read_bytes()
+    res = CliRunner().invoke(cli, args2[:-2] + ["--resume"], catch_exceptions=False)
+    assert res.exit_code == 0 and "2 run(s)" in res.output, res.output
+    assert (part / "folds" / "fold2" / "seed0" / "model.safetensors").read_bytes() == done  # kept, not retrained
+    res = CliRunner().invoke(cli, args2[:-2] + ["--fold", "fold9", "--overwrite"])
+    assert res.exit_code == 1 and "--fold fold9: no such fold" in res.output
+    # the inputs come from the distillation: another store is refused with the reason
+    res = CliRunner().invoke(cli, args + ["--audio", "ta", "--overwrite"])
+    assert res.exit_code == 1 and "--audio ta: the student of" in res.output and "reads wave" in res.output
 
 
 def test_train_init_errors(feats, tmp_path):
@@ -358,60 +362,43 @@ def test_train_init_errors(feats, tmp_path):
     res = run("-m", "cmd", "--init", str(tmp_path / "notdistill"))
     assert res.exit_code == 1 and "not a distillation experiment" in res.output and "Traceback" not in res.output
     res = run("-m", "cmd")
-    assert res.exit_code == 2 and "--init DISTILL_EXP" in res.output
-    res = run("-m", "cmd", "--init", str(tmp_path / "notdistill"), "--audio", "ta")
-    assert res.exit_code == 2 and "--audio" in res.output
-    from sertool.distill import finetune_overrides
-
-    assert finetune_overrides(["protocol.name=loso", "finetune.hidden=16", "run.device=cpu"]) == [
-        "finetune.protocol=loso", "finetune.hidden=16", "distill.device=cpu"]
-    with pytest.raises(ValueError, match="model.d: not a setting of CMD fine-tuning"):
-        finetune_overrides(["model.d=8"])
+    assert res.exit_code == 1 and "--init DISTILL_EXP" in res.output and "Traceback" not in res.output
 
 
-def test_scores_follow_the_data_order_not_the_length_sorted_batches():
-    """A student that predicts every utterance's own label must score 1.0, although budget batching
-    groups utterances by length (regression: predictions were compared in batch order)."""
-    from sertool.distill import _prediction_rows, _score
+def test_predictions_follow_the_data_order_not_the_length_sorted_batches():
+    """A model that predicts every utterance's own label must score 1.0 although frame-budget
+    batching groups utterances by length (regression: predictions were compared in batch order)."""
+    from sertool.data import SERDataset, Source
+    from sertool.train import predict, resolve_config, score_predictions
 
     rng = np.random.default_rng(3)
     n, classes = 40, ["a", "b", "c", "d"]
     targets = rng.integers(0, 4, size=n)
     lengths = rng.permutation(np.arange(5, 5 + 3 * n, 3))  # all different, not sorted
 
-    class Data:
-        ids = [f"u{i}" for i in range(n)]
+    class Tokens(Source):  # token ids whose first value is the utterance's label
+        name, dim, dtype, attrs, path = "t", 0, np.int64, {}, "-"
 
         def __init__(self):
-            self.targets = targets
+            self._index = {f"u{i}": i for i in range(n)}
 
-        def __len__(self):
-            return n
+        def get(self, uid):
+            i = self._index[uid]
+            return np.full(lengths[i], targets[i], dtype=np.int64)
 
-        def collate(self, idx, lengths, with_teacher=False):
-            idx = torch.as_tensor(np.asarray(idx))
-            return {"index": idx, "target": torch.as_tensor(targets)[idx]}
+        def length(self, uid):
+            return int(lengths[self._index[uid]])
 
     class Oracle(torch.nn.Module):
-        modalities = ["text"]
+        def forward(self, batch):
+            return 10 * torch.nn.functional.one_hot(batch["text"][:, 0], 4).float()
 
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def modality_logits(self, batch):
-            return {"text": self.w * 10 * F.one_hot(torch.as_tensor(targets)[batch["index"]], 4).float()}
-
-        def classify(self, batch, logits=None):
-            logits = logits or self.modality_logits(batch)
-            return torch.log_softmax(logits["text"], -1)
-
-    import torch.nn.functional as F
-
-    m = _score(Oracle(), Data(), lengths, budget=int(lengths.max()) * 4, device="cpu", classes=classes)
+    ds = SERDataset({"text": Tokens()}, [f"u{i}" for i in range(n)], list(targets))
+    cfg = resolve_config("probe", overrides=["train.max_batch_frames=300", "train.loss=ce"])
+    assert len(ds.batch_indices(64, 300)) > 1
+    preds, _ = predict(cfg, Oracle(), ds, torch.device("cpu"))
+    m = score_predictions(cfg, preds, ds.targets, classes)
     assert m["WA"] == 1.0 and m["UA"] == 1.0
-    rows = _prediction_rows(Oracle(), Data(), lengths, int(lengths.max()) * 4, "cpu", classes, "f", 0)
-    assert [r["pred"] for r in rows] == [classes[t] for t in targets]
 
 
 def test_logmel_stem_frames_padding_and_choice(feats, tmp_path):
