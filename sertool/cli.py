@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sertool import __version__
+from sertool.corpora import READERS
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -20,7 +21,10 @@ def _fail_cleanly(func):
     """Turn the library's validation errors into one clear line instead of a traceback."""
     import functools
 
+    import yaml
+
     from sertool.audio import AudioError
+    from sertool.config import yaml_problem
     from sertool.corpora.base import CorpusError
     from sertool.features.base import ExtractorError
     from sertool.store import StoreError
@@ -31,6 +35,8 @@ def _fail_cleanly(func):
             return func(*args, **kwargs)
         except (CorpusError, StoreError, ExtractorError, AudioError, ValueError) as e:
             raise SertoolError(str(e)) from None
+        except yaml.YAMLError as e:  # a file read without sertool.config.load_yaml: still one line
+            raise SertoolError(yaml_problem(e)) from None
         except OSError as e:  # read-only or full disk, a file where a folder is expected …
             where = f"{e.filename}: " if e.filename else ""
             raise SertoolError(f"{where}{e.strerror or e}") from None
@@ -76,7 +82,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
               help="Features folder to write (manifest.jsonl, NAME.h5 per feature, errors.tsv).")
 @click.option("-f", "--feature", "features", multiple=True, metavar="NAME[:k=v,...]",
               help="Feature set to extract (repeatable); `--list` shows them. Without any, only the manifest is written.")
-@click.option("--corpus", type=click.Choice(["folder", "ravdess", "iemocap", "meld", "mosei", "mosi"]),
+@click.option("--corpus", type=click.Choice(list(READERS)),
               help="Corpus layout (detected when omitted).")
 @click.option("--corpus-opt", "corpus_opts", multiple=True, metavar="KEY=VALUE",
               help="Reader option, e.g. labels=4class (iemocap), vocal=both (ravdess), audio=false (meld).")
@@ -104,8 +110,7 @@ def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model
     Re-running resumes: utterances already stored are skipped. A file that cannot be processed
     is listed in OUT/errors.tsv and the run goes on; the exit status is 3 when any failed.
     """
-    import yaml
-
+    from sertool.config import parse_assignment
     from sertool.extract import EXIT_SOME_FAILED, parse_overrides, run_extract
     from sertool.features import list_extractors
 
@@ -127,10 +132,11 @@ def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model
         raise click.UsageError("missing CORPUS_DIR")
     corpus_options = {}
     for item in corpus_opts:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--corpus-opt")
-        corpus_options[key] = yaml.safe_load(value)
+        try:
+            key, value = parse_assignment(item, repr(item), f"{item!r} is not KEY=VALUE")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--corpus-opt") from None
+        corpus_options[key] = value
     report = run_extract(
         corpus_dir, out_dir, list(features), corpus=corpus, corpus_options=corpus_options,
         overrides=parse_overrides(sets),
@@ -235,7 +241,7 @@ def models(sets):
 @click.option("--resume", is_flag=True, help="Continue an interrupted experiment (same settings).")
 @click.option("--overwrite", is_flag=True, help="Delete EXP first.")
 @click.option("--init", "init", type=click.Path(file_okay=False, path_type=Path), metavar="DISTILL_EXP",
-              help="--model cmd: fine-tune the student of this `sertool distill` experiment (finetune.* keys).")
+              help="--model cmd: fine-tune the student of this `sertool distill` experiment (= model.init).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @_fail_cleanly
 def train(feats, model, exp, config_file, sets, audio, text, visual, labels, protocol, seeds, epochs, device, threads,
@@ -248,7 +254,7 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
 
     CMD (cross-modal distillation): sertool distill FEATS -o DEXP ..., then
     sertool train FEATS -m cmd --init DEXP --protocol speaker-kfold:6 --labels ravdess8 -o EXP
-    fine-tunes the distilled student (the --set keys are finetune.*).
+    fine-tunes the distilled student like any other model (its inputs come from DEXP).
     """
     from sertool.train import run_train
 
@@ -257,27 +263,12 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
                "run.threads": threads}
     overrides = [f"{k}={v}" for k, v in options.items() if v is not None] + list(sets)
     if init is not None:
-        if model not in ("cmd", "cmd_student"):
+        from sertool.models import default_config
+
+        if "init" not in default_config(model)["model"]:
             raise click.UsageError(f"--init is for --model cmd (fine-tuning a `sertool distill` student), "
                                    f"not --model {model}")
-        given = [name for name, v in (("--audio", audio), ("--text", text), ("--visual", visual),
-                                      ("--config", config_file), ("--resume", resume)) if v]
-        if given:
-            raise click.UsageError(f"{', '.join(given)}: not available with --init (the inputs are the distillation "
-                                   "experiment's teachers)")
-        from sertool.distill import train_from_distillation
-
-        if folds:
-            overrides.append(f"finetune.folds=[{', '.join(folds)}]")
-        r = train_from_distillation(init, feats, exp, overrides=overrides, overwrite=overwrite, progress=not quiet,
-                                    log=(lambda s: None) if quiet else click.echo)
-        s = r["summary"]
-        click.echo(f"{exp}: {len(r['runs'])} run(s); test " + ", ".join(
-            f"{k} {s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in ("WA", "UA", "macro_f1")))
-        return
-    if model == "cmd":
-        raise click.UsageError("--model cmd fine-tunes a distilled student: give --init DISTILL_EXP "
-                               "(the output folder of `sertool distill`)")
+        overrides.insert(0, f"model.init={init}")
     out = run_train(model, feats, exp, config_file=config_file, overrides=overrides, resume=resume,
                     overwrite=overwrite, progress=not quiet, log=(lambda s: None) if quiet else click.echo,
                     folds_only=folds or None)
@@ -369,65 +360,40 @@ def align(feats_dir, audio, text, out, length, timings, aligner, align_model, as
         sys.exit(EXIT_SOME_DROPPED)
 
 
-# ------------------------------------------------------------------- stages still to come
-def _pending(stage: str, issue: int):
-    @cli.command(stage, context_settings={**CONTEXT, "ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args):
-        raise SertoolError(f"`sertool {stage}` is not available in sertool {__version__} yet (tracked in issue {issue}).")
-
-    command.help = f"(not available yet, issue {issue}) " + {
-        "train": "Train a model on feature stores with a protocol (splits, folds, seeds).",
-        "distill": "Cross-modal distillation (CMD) from speech and text teachers into students.",
-        "evaluate": "Metrics, statistics, reports and plots for an experiment.",
-        "predict": "Predict emotions for a folder of recordings with a trained experiment.",
-    }[stage]
-    command.short_help = f"(not available yet, issue {issue})"
-
-
-for _stage, _issue in ():
-    _pending(_stage, _issue)
-
-
 # ----------------------------------------------------------------------------------- distill
 @cli.command(context_settings=CONTEXT)
 @click.argument("feats", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--out", "exp", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Experiment folder (distill.yaml, student.safetensors, distill_log.jsonl, finetune/).")
+              help="Experiment folder (distill.yaml, student.safetensors, distill_log.jsonl, distill_metrics.json).")
 @click.option("--teacher-audio", metavar="SPEC", help="Audio teacher: a store in FEATS / .h5 path (cached states) or a "
               "wav2vec2-family transformers model (folder or hub id, run live).")
 @click.option("--teacher-text", metavar="SPEC", help="Text teacher: a store in FEATS / .h5 path or a BERT-family model.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML with student / distill / finetune sections (an EXP/distill.yaml works too).")
+              help="YAML with student / distill sections (an EXP/distill.yaml works too).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override, e.g. distill.kappa=0.1, student.modalities=[text], finetune.protocol=kfold:5.")
-@click.option("--finetune", is_flag=True, help="Then fine-tune the student for classification (folds x seeds).")
-@click.option("--finetune-only", is_flag=True, help="Only fine-tune the student already in EXP.")
+              help="Override, e.g. distill.kappa=0.1, student.modalities=[text].")
+@click.option("--finetune", "--finetune-only", "finetune", is_flag=True, hidden=True)
 @click.option("--overwrite", is_flag=True, help="Delete EXP first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @_fail_cleanly
-def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune, finetune_only, overwrite, quiet):
+def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune, overwrite, quiet):
     """Cross-modal distillation (CMD, Kim & Kang 2022): distil frozen speech and text teachers into
     small student transformers with a per-time-step contrastive loss, keeping the student with
-    the lowest validation loss; --finetune then trains it for emotion classification.
+    the lowest validation loss.  Fine-tune it for emotion classification with the train stage:
+    sertool train FEATS -m cmd --init EXP --protocol ... -o EXP_FT.
 
     Example: sertool distill feats/rav -o exp/rav-cmd --teacher-audio whisper --teacher-text bert
-    --finetune --set finetune.protocol=speaker-kfold:6
     """
-    from sertool.distill import run_distill, run_finetune
+    from sertool.distill import run_distill
 
+    if finetune:
+        raise click.UsageError(f"fine-tuning is the train stage's: sertool train {feats} -m cmd --init {exp} "
+                               "--protocol ... -o EXP_FT (evaluate and predict as any experiment)")
     log = (lambda s: None) if quiet else click.echo
-    if not finetune_only:
-        m = run_distill(feats, exp, teacher_audio=teacher_audio, teacher_text=teacher_text, config_file=config_file,
-                        overrides=list(sets), overwrite=overwrite, progress=not quiet, log=log)
-        click.echo(f"{exp}: student from epoch {m['best_epoch'] + 1}, val loss {m['best_val_loss']:.4f} "
-                   f"(parameters {m['parameters']['student']})")
-    if finetune or finetune_only:
-        ft_sets = [s for s in sets if s.startswith("finetune.")]
-        r = run_finetune(exp, feats, overrides=ft_sets, progress=not quiet, log=log)
-        s = r["summary"]
-        click.echo(f"{exp}/finetune: {len(r['runs'])} run(s); macro-F1 {s['macro_f1']['mean']:.4f} ± "
-                   f"{s['macro_f1']['std']:.4f}, UA {s['UA']['mean']:.4f} ± {s['UA']['std']:.4f}")
+    m = run_distill(feats, exp, teacher_audio=teacher_audio, teacher_text=teacher_text, config_file=config_file,
+                    overrides=list(sets), overwrite=overwrite, progress=not quiet, log=log)
+    click.echo(f"{exp}: student from epoch {m['best_epoch'] + 1}, val loss {m['best_val_loss']:.4f} "
+               f"(parameters {m['parameters']['student']})")
 
 
 # ----------------------------------------------------------------------------------- predict

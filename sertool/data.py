@@ -32,6 +32,7 @@ import torch
 
 from sertool.weights import load_tensors
 from sertool.store import FeatureStore, StoreError, decode_attrs, open_store
+from sertool.utils import save_tensors
 
 MODALITIES = ("audio", "text", "visual")
 
@@ -122,6 +123,131 @@ class StoreSource(Source):
         state["store"] = None
         state["_paths"] = list(self._paths)
         return state
+
+
+class WaveSource(Source):
+    """``data.audio: wave``: the manifest's recordings as 16 kHz mono samples, each utterance
+    z-normalised (zero mean, unit variance, as wav2vec 2.0's feature extractor does), for models
+    whose own input encoder reads the waveform.  ``get`` returns ``[N]`` float32 (``dim`` 0: one
+    value per step); recordings are read once and kept when ``preload`` allows."""
+
+    dtype = np.float32
+    raw = True
+
+    def __init__(self, utts: list, only: set[str] | None = None, sample_rate: int = 16000,
+                 preload: bool | str = "auto"):
+        self.utts = {u.id: u for u in utts if only is None or u.id in only}
+        no_audio = [uid for uid, u in self.utts.items() if not u.audio]
+        if no_audio:
+            raise DataError(f"data.audio = wave: {len(no_audio)} utterances have no audio in the manifest "
+                            f"(e.g. {no_audio[0]})")
+        self._index = {uid: i for i, uid in enumerate(self.utts)}
+        self.sample_rate = int(sample_rate)
+        self.keep = preload is not False
+        self._cache: dict[str, np.ndarray] = {}
+        self._lengths: dict[str, int] = {}
+        self.name, self.dim, self.preloaded = "wave", 0, False
+        self.path = Path("manifest.jsonl")
+        self.attrs = {"feature": "wave", "kind": "audio", "dim": 0, "frame_rate_hz": float(sample_rate),
+                      "unit": "sample", "source": "manifest", "normalize": "per-utterance z-score"}
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def _read(self, uid: str) -> np.ndarray:
+        from sertool.audio import AudioError, load_audio
+
+        u = self.utts[uid]
+        try:
+            x, _ = load_audio(u.audio, self.sample_rate, start=u.start, end=u.end)
+        except AudioError as e:
+            raise DataError(f"utterance {uid!r}: {e}") from None
+        x = np.asarray(x, np.float32)
+        return (x - x.mean()) / (x.std() + 1e-7) if len(x) else x
+
+    def get(self, uid: str) -> np.ndarray:
+        x = self._cache.get(uid)
+        if x is None:
+            x = self._read(uid)
+            self._lengths[uid] = len(x)
+            if self.keep:
+                self._cache[uid] = x
+        return x
+
+    def length(self, uid: str) -> int:
+        if uid not in self._lengths:
+            self.get(uid)
+        return self._lengths[uid]
+
+
+class TokenSource(Source):
+    """``data.text: tokens:STORE`` (the token strings a text store records per utterance, as ids
+    over ``data.vocab``: index = id, 0 padding, 1 unknown) or ``tokenizer:MODEL`` (a transformers
+    tokenizer on the manifest's text): ``get`` returns ``[L]`` int64 token ids (``dim`` 0)."""
+
+    dtype = np.int64
+    raw = True
+
+    def __init__(self, spec: str, utts: list, feats: str | Path | None, only: set[str] | None = None,
+                 vocab: list[str] | None = None):
+        kind, _, target = spec.partition(":")
+        self.name, self.dim, self.preloaded = spec, 0, True
+        self.utts = {u.id: u for u in utts if only is None or u.id in only}
+        self._ids: dict[str, np.ndarray] = {}
+        if kind == "tokens":
+            if not vocab:
+                raise DataError(f"data.text = {spec}: token ids need a vocabulary (data.vocab)")
+            path = Path(target)
+            if not path.exists() and feats is not None:
+                path = Path(feats) / (target if target.endswith(".h5") else f"{target}.h5")
+            try:
+                store = open_store(path)
+            except StoreError as e:
+                raise DataError(f"data.text = {spec}: {e}") from None
+            index = {tok: i for i, tok in enumerate(vocab)}
+            try:
+                for uid in self.utts:
+                    if uid not in store:
+                        continue
+                    toks = store.utt_attrs(uid).get("tokens")
+                    if toks is None:
+                        raise DataError(f"data.text = {spec}: {path} records no tokens for {uid!r} "
+                                        "(extract a token-level store, e.g. -f bert)")
+                    toks = [t.decode() if isinstance(t, bytes) else str(t) for t in toks]
+                    self._ids[uid] = np.asarray([index.get(t, 1) for t in toks], np.int64)
+            finally:
+                store.close()
+            self.path = path
+            self.attrs = {"feature": f"tokens:{store.attrs.get('feature') or path.stem}", "kind": "text", "dim": 0,
+                          "unit": "token", "source": str(path), "vocab_size": len(vocab)}
+        elif kind == "tokenizer":
+            from transformers import AutoTokenizer
+
+            from sertool.features.hub import resolve_model
+
+            resolved = resolve_model(target, option="data.text tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
+            limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+            for uid, u in self.utts.items():
+                self._ids[uid] = np.asarray(tokenizer(u.text or "", truncation=True, max_length=limit)["input_ids"],
+                                            np.int64)
+            self.path = Path(str(resolved.path))
+            self.attrs = {"feature": spec, "kind": "text", "dim": 0, "unit": "token", "source": "manifest",
+                          "tokenizer": resolved.record}
+        else:
+            raise DataError(f"data.text = {spec!r}: expected a store, tokens:STORE or tokenizer:MODEL")
+        self._index = {uid: i for i, uid in enumerate(self._ids)}
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def get(self, uid: str) -> np.ndarray:
+        return self._ids[uid]
+
+    def length(self, uid: str) -> int:
+        return len(self._ids[uid])
 
 
 class AlignedSource(Source):
@@ -248,9 +374,12 @@ def _check_kind(store: FeatureStore, modality: str, name: str) -> None:
 
 
 def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: bool | str = "auto",
-                 preload_gb: float = 4.0, only: set[str] | None = None) -> dict[str, Source]:
+                 preload_gb: float = 4.0, only: set[str] | None = None, utts: list | None = None,
+                 vocab: list[str] | None = None) -> dict[str, Source]:
     """Open the source of every modality in ``spec`` (store name in FEATS, a .h5 path, or an
-    aligned file); raises DataError naming the missing store and what FEATS holds.
+    aligned file; or the raw inputs of models with their own input encoders: ``wave``,
+    ``tokens:STORE``, ``tokenizer:MODEL``, which read the manifest's ``utts``); raises DataError
+    naming the missing store and what FEATS holds.
 
     ``preload``: ``auto`` (a store is held in memory when it fits in ``preload_gb``), ``True``,
     ``False`` (read lazily from HDF5), or a number: a memory budget in GB over all the stores,
@@ -271,6 +400,20 @@ def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: boo
         if not name:
             raise DataError(f"no feature store given for the {modality} input (e.g. --{modality} mfcc or "
                             f"--set data.{modality}=NAME)")
+        if str(name) == "wave" or str(name).startswith(("tokens:", "tokenizer:")):
+            if utts is None:
+                from sertool.corpora.base import read_manifest
+
+                utts = read_manifest(Path(feats) / "manifest.jsonl")
+            if str(name) == "wave":
+                if modality != "audio":
+                    raise DataError(f"data.{modality} = wave: waveforms are an audio input")
+                sources[modality] = WaveSource(utts, only, preload=preload if preload is not None else "auto")
+            else:
+                if modality != "text":
+                    raise DataError(f"data.{modality} = {name}: token ids are a text input")
+                sources[modality] = TokenSource(str(name), utts, feats, only, vocab)
+            continue
         path = Path(name)
         if path.suffix != ".h5" and feats is not None:
             path = Path(feats) / f"{name}.h5"
@@ -322,7 +465,7 @@ class Normalizer:
         stats = {}
         for m, src in sources.items():
             mode = modes.get(m, "none")
-            if mode in ("none", "speaker"):  # speaker: done by SpeakerNormalizedSource
+            if mode in ("none", "speaker") or src.dim == 0:  # speaker: SpeakerNormalizedSource; raw inputs: as they are
                 continue
             if mode != "global":
                 raise DataError(f"data.normalize.{m} = {mode!r}: expected global, speaker or none")
@@ -337,12 +480,7 @@ class Normalizer:
         return out
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = self.tensors() or {"_empty": torch.zeros(0)}
-        tmp = Path(str(path) + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "sertool-normalizer"})
-        tmp.replace(path)
+        save_tensors(path, self.tensors() or {"_empty": torch.zeros(0)}, {"format": "sertool-normalizer"})
 
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
@@ -390,7 +528,8 @@ class SERDataset:
         for m, src in self.sources.items():
             lens = self.lengths[m][idx]
             T = int(lens.max())
-            x = np.zeros((len(idx), T, src.dim), dtype=np.float32)
+            # a raw source (dim 0: waveform samples, token ids) gives [B, T] of its own dtype
+            x = np.zeros((len(idx), T, src.dim) if src.dim else (len(idx), T), dtype=getattr(src, "dtype", np.float32))
             for b, i in enumerate(idx):
                 x[b, : lens[b]] = src.get(self.ids[i])[: lens[b]]
             xt = torch.from_numpy(x)

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -30,8 +29,9 @@ import torch
 
 from sertool import metrics as M
 from sertool.data import Normalizer, SERDataset
-from sertool.train import (RECORD_KEYS, TrainError, _write_json, _write_text, build, crop_lengths, load_experiment,
-                           load_inputs, load_weights, model_modalities, pick_device, predict, run_dir_of)
+from sertool.train import (RECORD_KEYS, TrainError, build, crop_lengths, load_experiment, load_inputs, load_weights,
+                           model_modalities, predict, run_dir_of)
+from sertool.utils import pick_device, write_csv, write_json, write_text
 
 CLASS_METRICS = ("WA", "UA", "macro_f1", "weighted_f1")
 REG_METRICS = ("MAE", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0")
@@ -79,17 +79,6 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
     """Predict every run's test split; returns (metrics, prediction rows)."""
     exp = Path(exp)
     cfg0, folds0 = load_experiment(exp)
-    if (cfg0.get("model") or {}).get("name") == "cmd":  # CMD fine-tuning (sertool train -m cmd --init / distill --finetune)
-        from sertool.distill import DistillError, finetune_predictions
-
-        try:
-            rows = finetune_predictions(exp, feats, crop_length=crop_length, device=device, log=log)
-        except DistillError as e:
-            raise EvaluateError(f"{exp}: {e}") from None
-        metrics = metrics_from_predictions(rows, list(cfg0["label_set"]["classes"]), False)
-        metrics["crop_length"] = crop_length
-        metrics["selected_on"] = cfg0.get("experiment", {}).get("selected_on")
-        return metrics, rows
     test_ids = {u for f in folds0 for u in f.test}
     cfg, settings, folds, inputs, crop = _open(exp, feats, crop_length, only=test_ids)
     seeds = cfg.get("experiment", {}).get("seeds") or [int(settings["run"]["seed"])]
@@ -157,16 +146,6 @@ def metrics_from_predictions(rows: list[dict], classes: list[str], regression: b
             if k not in ("confusion", "labels")}
     out["runs"] = per_run
     return out
-
-
-def write_predictions(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
 
 
 def compare_runs(a: dict, b: dict) -> dict:
@@ -289,7 +268,7 @@ def write_report(path: Path, exp: Path, cfg: dict, metrics: dict, comparison: di
             if isinstance(v, dict):
                 lines.append(f"| {k} | {v['mean_a']:.4f} | {v['mean_b']:.4f} | {v['mean_diff']:+.4f} | {v['t']:.3f} | "
                              f"{v['p_ttest']:.4g} | {v['p_wilcoxon']:.4g} |")
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _flatten_attention(obj, name: str, out: list) -> None:
@@ -368,7 +347,7 @@ def run_evaluate(exp: str | os.PathLike, feats=None, *, out_dir=None, compare=No
     cfg, _ = load_experiment(exp)
     metrics, rows = evaluate_experiment(exp, feats, crop_length=crop_length, device=device, log=log)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.csv", rows)
+    write_csv(out / "predictions.csv", rows)
     comparison = None
     if compare:
         other = Path(compare)
@@ -385,7 +364,7 @@ def run_evaluate(exp: str | os.PathLike, feats=None, *, out_dir=None, compare=No
         plot_confusion(out / "confusion.png", metrics["confusion"], metrics["labels"],
                        f"{cfg['model']['name']}: summed over {metrics['n_runs']} run(s), row-normalised")
     has_curves = plot_curves(out / "curves.png", exp)
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     write_report(out / "report.md", exp, cfg, metrics, comparison, has_curves)
     if attention:
         path = plot_attention(exp, attention, out, feats, device)

@@ -10,20 +10,25 @@ three sections:
 ``schedule`` learning-rate schedule (``name`` = step | none, ``step_size`` epochs, ``gamma``);
 ``train``    ``epochs``, ``batch_size``, ``loss`` and what else the paper fixes.
 
+The ``model`` section is the one place for a model's defaults: constructors take their arguments
+keyword-only and without default values, and :func:`build_model` passes the whole section.
+
 Only keys present in the default config are accepted: a user YAML file or a ``key.sub=value``
 override naming any other key raises ``ValueError`` naming that key.  Override values are parsed
-with ``yaml.safe_load`` (``model.d=30``, ``model.gates=false``, ``optim.lr=1e-4``).
+with ``yaml.safe_load`` (``model.d=30``, ``model.gates=false``, ``optim.lr=1e-4``); the machinery
+(merge, coercion, overrides, safe YAML files) is :mod:`sertool.config`.
 """
 from __future__ import annotations
 
 import copy
 import importlib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-import yaml
+
+from sertool.config import apply_overrides, coerce, load_config_file, load_yaml, merge, split_override
 
 __all__ = [
     "register",
@@ -42,7 +47,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODALITIES = ("audio", "text", "visual")
 
 _REGISTRY: dict[str, type] = {}
-_MODULES = ("lgcct", "ks_transformer", "rajan", "cma", "cmd_student", "probe")
+_MODULES = ("lgcct", "ks_transformer", "rajan", "cma", "cmd_student", "cmd", "probe")
 
 
 def register(key: str):
@@ -80,53 +85,14 @@ def default_config(key: str) -> dict:
     if key not in list_models():
         raise ValueError(f"unknown model {key!r}; known: {', '.join(list_models())}")
     if key not in _DEFAULTS_READ:
-        with open(CONF_DIR / f"{key}.yaml") as f:
-            _DEFAULTS_READ[key] = yaml.safe_load(f)
+        _DEFAULTS_READ[key] = load_yaml(CONF_DIR / f"{key}.yaml")
     return copy.deepcopy(_DEFAULTS_READ[key])
 
 
-def _coerce(default: Any, value: Any, key: str) -> Any:
-    """Make YAML scalars match the default's type where that is unambiguous."""
-    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
-        try:  # PyYAML reads "1e-3" as a string
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"config key '{key}': expected a number, got {value!r}") from None
-    if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"config key '{key}': expected a number, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(default, list) and isinstance(value, str):
-        value = [value]  # model.modalities=audio
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise ValueError(f"config key '{key}': expected true/false, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return value
-
-
-def _merge(base: dict, update: dict, prefix: str = "") -> None:
-    for k, v in update.items():
-        name = f"{prefix}{k}"
-        if k not in base:
-            raise ValueError(f"unknown config key '{name}'")
-        if isinstance(base[k], dict):
-            if not isinstance(v, dict):
-                raise ValueError(f"config key '{name}' is a section; got {v!r}")
-            _merge(base[k], v, name + ".")
-        else:
-            base[k] = _coerce(base[k], v, name)
-
-
-def _split_override(ov: str) -> tuple[list[str], Any]:
-    if "=" not in ov:
-        raise ValueError(f"override {ov!r} is not of the form key.sub=value")
-    key, raw = ov.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ValueError(f"override {ov!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+# The config machinery lives in sertool.config; these names stay importable from here.
+_coerce = coerce
+_merge = merge
+_split_override = split_override
 
 
 def _has_path(cfg: dict, path: list[str]) -> bool:
@@ -138,40 +104,18 @@ def _has_path(cfg: dict, path: list[str]) -> bool:
     return True
 
 
-def apply_overrides(cfg: dict, overrides: Iterable[str] = ()) -> dict:
-    """Apply ``a.b=value`` overrides in place (unknown keys -> ValueError naming the key)."""
-    for ov in overrides or ():
-        path, value = _split_override(ov)
-        node = cfg
-        for i, p in enumerate(path[:-1]):
-            if not isinstance(node, dict) or p not in node or not isinstance(node[p], dict):
-                raise ValueError(f"unknown config key '{'.'.join(path[: i + 1])}' (in override {ov!r})")
-            node = node[p]
-        last = path[-1]
-        name = ".".join(path)
-        if not isinstance(node, dict) or last not in node:
-            raise ValueError(f"unknown config key '{name}' (in override {ov!r})")
-        if isinstance(node[last], dict) and not isinstance(value, dict):
-            raise ValueError(f"config key '{name}' is a section; got {value!r}")
-        if isinstance(node[last], dict):
-            _merge(node[last], value, name + ".")
-        else:
-            node[last] = _coerce(node[last], value, name)
-    return cfg
-
-
 def load_config(key: str, overrides: Iterable[str] = (), path: Optional[str] = None) -> dict:
     """Default config of ``key``, then the user YAML ``path`` merged on top, then overrides."""
     cfg = default_config(key)
     if path is not None:
-        with open(path) as f:
-            user = yaml.safe_load(f) or {}
-        if not isinstance(user, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping")
+        user = load_config_file(path)
         name = (user.get("model") or {}).get("name") if isinstance(user.get("model"), dict) else None
         if name is not None and name != key:
             raise ValueError(f"{path}: model.name is {name!r} but the model is {key!r}")
-        _merge(cfg, user)
+        try:
+            merge(cfg, user)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     apply_overrides(cfg, overrides)
     return cfg
 
@@ -217,14 +161,14 @@ def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), 
         if key is None:
             raise ValueError("config has no model.name")
         cfg = default_config(key)
-        _merge(cfg, given)
+        merge(cfg, given)
         apply_overrides(cfg, overrides)
     key = cfg["model"]["name"]
     for k, v in dims.items():
         k2 = k[len("model."):] if k.startswith("model.") else k
         if k2 not in cfg["model"]:
             raise ValueError(f"unknown config key 'model.{k2}'")
-        cfg["model"][k2] = _coerce(cfg["model"][k2], v, f"model.{k2}")
+        cfg["model"][k2] = coerce(cfg["model"][k2], v, f"model.{k2}")
     cls = _REGISTRY[key]
     kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
     model = cls(**kwargs)
@@ -251,7 +195,7 @@ def describe_models(overrides: Iterable[str] = ()) -> list[tuple[str, int]]:
         cfg = default_config(key)
         mine = []
         for i, ov in enumerate(overrides):
-            path, _ = _split_override(ov)
+            path, _ = split_override(ov)
             if path[0] in keys and len(path) > 1:
                 if path[0] == key:
                     mine.append(ov.split(".", 1)[1])
