@@ -35,7 +35,6 @@ length, collapse, padding, truncation, timing preference and aligner, sertool ve
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import os
@@ -52,6 +51,7 @@ from sertool.corpora.base import Utterance, read_manifest
 from sertool.store import FeatureStore, StoreError, decode_attrs as _decode_attrs, encode_attrs as _encode_attrs, library_versions, open_store
 from sertool.timings import (ALIGNERS, SOURCES, NotApplicable, Timings, TimingError, corpus_timings, make_aligner,
                              uniform_timings)
+from sertool.utils import atomic_path, stale_pid, write_tsv
 
 FORMAT = "sertool-aligned"
 FORMAT_VERSION = 1
@@ -604,11 +604,10 @@ def run_align(
     main = _BlockAligner(opt)
     timing_config: dict = dict(main.resolver.config)
     warned: set[str] = set()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     try:
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
             writer = _Writer(f, len(utts), length, main.a_store.dim, main.t_store.dim, dtype)
             bar = _progress(len(utts), progress)
             # 2-6, block by block (in worker processes with nj > 1; the output does not depend on nj)
@@ -632,26 +631,23 @@ def run_align(
             report.n_aligned = writer.finish()
             _encode_attrs(f.attrs, _provenance(main.a_store, main.t_store, audio, text, length, collapse, padding,
                                                truncate, timing_config, report, feats_dir))
-        if report.n_aligned == 0:
-            raise AlignError(f"no utterance could be aligned ({len(report.dropped)} dropped; first reason: "
-                             f"{report.dropped[0][1] if report.dropped else 'the manifest is empty'})")
-        os.replace(tmp, out)
+            if report.n_aligned == 0:
+                raise AlignError(f"no utterance could be aligned ({len(report.dropped)} dropped; first reason: "
+                                 f"{report.dropped[0][1] if report.dropped else 'the manifest is empty'})")
     finally:
         main.close()
-        if tmp.exists():
-            tmp.unlink()
     report.seconds = time.perf_counter() - t0
     _write_report(report)
     return report
 
 
 def _remove_stale(out: Path) -> None:
-    """Delete OUT.tmpPID files left by killed runs (their process is gone)."""
+    """Delete OUT.tmpPID.THREAD files left by killed runs (their process is gone)."""
     for leftover in out.parent.glob(out.name + ".tmp*"):
-        pid = leftover.name[len(out.name) + 4:]
-        if pid.isdigit():
+        pid = stale_pid(leftover, out)
+        if pid is not None:
             try:
-                os.kill(int(pid), 0)
+                os.kill(pid, 0)
             except ProcessLookupError:
                 leftover.unlink(missing_ok=True)
             except PermissionError:
@@ -708,12 +704,8 @@ def _provenance(a_store, t_store, audio, text, length, collapse, padding, trunca
 def _write_report(report: AlignReport) -> None:
     rows = [(uid, "dropped", reason) for uid, reason in report.dropped]
     rows += [(uid, "partial", reason) for uid, reason in report.partial]
-    tmp = report.report_path.with_name(report.report_path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["id", "status", "reason"])
-        w.writerows((uid, status, " ".join(reason.split())) for uid, status, reason in rows)
-    os.replace(tmp, report.report_path)
+    write_tsv(report.report_path, ["id", "status", "reason"],
+              ((uid, status, " ".join(reason.split())) for uid, status, reason in rows))
 
 
 # ---------------------------------------------------------------------------- reading

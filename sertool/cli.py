@@ -212,11 +212,12 @@ def store_concat(feats, names, out_name, overwrite):
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. model.gates=false.")
 @_fail_cleanly
 def models(sets):
-    """List the registered models with their parameter counts: KEY<TAB>PARAMS."""
+    """List the registered models with their parameter counts: KEY<TAB>PARAMS ('-' for cmd, whose
+    size is that of the distilled student given by --init)."""
     from sertool.models import describe_models
 
     for key, params in describe_models(list(sets)):
-        click.echo(f"{key}\t{params}")
+        click.echo(f"{key}\t{params if params is not None else '-'}")
 
 
 # ----------------------------------------------------------------------------------- train

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from sertool.predict import PredictError, load_model, read_predictor_spec
+from sertool.utils import atomic_path, write_json
 
 
 class ExportError(ValueError):
@@ -118,27 +119,22 @@ def run_export(exp: str | os.PathLike | None, out: str | os.PathLike, *, opset: 
     names = _input_names(spec)
     ex = example_inputs(spec, batch=2, frames=12)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     output_name = "score" if deploy.regression else "probabilities"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python values: checked below instead
-        if suffix == ".onnx":
-            _export_onnx(deploy, ex, tmp, names, output_name, opset)
-            fmt = f"ONNX (opset {opset})"
-        else:
-            traced = torch.jit.trace(deploy, ex, check_trace=False)
-            extra = {"sertool.json": json.dumps(_describe(spec, path, names, output_name))}
-            torch.jit.save(traced, str(tmp), _extra_files=extra)
-            fmt = "TorchScript"
-    info = {**_describe(spec, path, names, output_name), "format": fmt, "file": out.name}
-    try:
+    with atomic_path(out) as tmp:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python values: checked below instead
+            if suffix == ".onnx":
+                _export_onnx(deploy, ex, tmp, names, output_name, opset)
+                fmt = f"ONNX (opset {opset})"
+            else:
+                traced = torch.jit.trace(deploy, ex, check_trace=False)
+                extra = {"sertool.json": json.dumps(_describe(spec, path, names, output_name))}
+                torch.jit.save(traced, str(tmp), _extra_files=extra)
+                fmt = "TorchScript"
+        info = {**_describe(spec, path, names, output_name), "format": fmt, "file": out.name}
         if check:
             info["check"] = check_export(tmp, deploy, spec, suffix, atol)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side = out.with_name(out.name + ".json")
-    side.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out.with_name(out.name + ".json"), info)
     return info
 
 

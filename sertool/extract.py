@@ -15,9 +15,7 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -35,6 +33,7 @@ from sertool.corpora import read_corpus, write_manifest
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, FeatureResult, build_extractor, resolve
 from sertool.store import StoreWriter, library_versions, shard_path, store_path
+from sertool.utils import append_jsonl, pick_device, write_tsv
 
 EXIT_SOME_FAILED = 3
 
@@ -206,6 +205,8 @@ def run_extract(
     log=print,
 ) -> ExtractReport:
     t0 = time.perf_counter()
+    if (cli_options or {}).get("device") not in (None, "auto"):
+        pick_device(cli_options["device"])  # a device that does not exist here fails before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cli_options = dict(cli_options or {})
@@ -355,12 +356,7 @@ def _write_errors(path: Path, errors: list[tuple[str, str, str, str]]) -> None:
     if not errors:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter="\t", lineterminator="\n")
-        w.writerow(["file", "id", "feature", "reason"])
-        w.writerows(errors)
-    os.replace(tmp, path)
+    write_tsv(path, ["file", "id", "feature", "reason"], errors)
 
 
 def _append_log(path: Path, corpus_dir, specs, extractors, report: ExtractReport, shard, nj) -> None:
@@ -373,5 +369,4 @@ def _append_log(path: Path, corpus_dir, specs, extractors, report: ExtractReport
         "shard": list(shard) if shard else None, "nj": nj, "seconds": round(report.seconds, 2),
         "versions": library_versions(), "argv": sys.argv,
     }
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_jsonl(path, entry)

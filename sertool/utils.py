@@ -1,7 +1,7 @@
 """Small helpers every stage shares: atomic file writes and the choice of a torch device.
 
 Every file a stage writes goes through :func:`atomic_write` (or a typed wrapper): the content is
-written to a temporary file beside the target (unique per process) and moved over it with
+written to a temporary file beside the target (unique per process and thread) and moved over it with
 ``os.replace``, so a reader, or a run killed mid-write, sees the old file or the new one, never
 half of one.  ``tempfile``'s helpers do not rename into place, hence these few lines.
 """
@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
@@ -28,6 +29,8 @@ __all__ = [
     "write_jsonl",
     "append_jsonl",
     "write_csv",
+    "write_tsv",
+    "stale_pid",
     "save_tensors",
     "json_default",
     "pick_device",
@@ -35,31 +38,39 @@ __all__ = [
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+    """``NAME.tmpPID.THREAD`` (``stale_pid`` reads the PID back)."""
+    return path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+
+
+def stale_pid(tmp: Path, path: Path) -> int | None:
+    """The PID in a temporary name of ``path`` made here (None for another name)."""
+    pid = tmp.name[len(path.name) + 4:].split(".")[0] if tmp.name.startswith(path.name + ".tmp") else ""
+    return int(pid) if pid.isdigit() else None
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, fsync: bool = False, **kwargs) -> Iterator[IO]:
     """``open(path, mode)`` on a temporary file that replaces ``path`` when the block ends without
     an error (and is removed when it raises)."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` for writers that want a file name (h5py, ONNX export,
-    another library); it replaces ``path`` when the block ends without an error."""
+    another library); it replaces ``path`` when the block ends without an error.  ``fsync``: the
+    file reaches the disk before the rename (a power cut leaves the old file or the new one)."""
     path = Path(path)
     tmp = _tmp_path(path)
     try:
         yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.is_dir():
@@ -71,9 +82,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically."""
+    """Write ``data`` (bytes, or text as UTF-8, newlines as given) to ``path`` atomically."""
     mode = "wb" if isinstance(data, (bytes, bytearray)) else "w"
-    with atomic_open(path, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+    with atomic_open(path, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
         f.write(data)
 
 
@@ -120,19 +131,23 @@ def write_csv(path: str | os.PathLike, rows: list[dict], float_format: str = "{:
     atomic_write(path, buf.getvalue())
 
 
+def write_tsv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable]) -> None:
+    """A header line and rows, tab-separated, ``\n`` line ends."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     """A safetensors file written atomically; metadata values that are not strings are stored as JSON."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
                   metadata={k: (v if isinstance(v, str) else json.dumps(v, default=json_default))
                             for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class DeviceError(ValueError):

@@ -21,7 +21,8 @@ from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, LiveAudioTeache
 from sertool.models.cmd import CMD, DistillStudent, count_parameters, load_student, modality_parameters
 from sertool.models.cmd_inputs import LogMelStem, TokenEmbedding, WaveStem, logmel_halvings, stem_layers
 from sertool.train import run_train
-from sertool.store import StoreWriter
+
+from conftest import make_distill_feats
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -174,30 +175,8 @@ CLASSES = ("angry", "happy", "sad")
 
 @pytest.fixture(scope="module")
 def feats(tmp_path_factory):
-    """8 short wavs, a 50 Hz audio teacher store and a token-level text teacher store."""
-    root = tmp_path_factory.mktemp("distill") / "feats"
-    (root / "wav").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    wa = StoreWriter(root / "ta.h5", {"feature": "ta", "kind": "audio", "dim": 12, "frame_rate_hz": 50.0,
-                                      "extractor": {"name": "ta"}})
-    wt = StoreWriter(root / "tt.h5", {"feature": "tt", "kind": "text", "dim": 10, "unit": "token",
-                                      "extractor": {"name": "tt"}})
-    utts = []
-    words = ["yes", "no", "maybe", "so", "good", "bad"]
-    for i in range(12):
-        c = i % 3
-        n = int(rng.integers(4000, 8000))
-        path = root / "wav" / f"u{i:02d}.wav"
-        sf.write(path, (0.1 * rng.normal(size=n)).astype(np.float32), 16000)
-        toks = [words[int(k)] for k in rng.integers(0, 6, size=int(rng.integers(3, 6)))]
-        utts.append(Utterance(id=f"u{i:02d}", audio=str(path), duration=n / 16000, sample_rate=16000,
-                              text=" ".join(toks), label=CLASSES[c], speaker=f"s{i % 4}"))
-        wa.add(f"u{i:02d}", rng.normal(size=(int(math.ceil(n / 320)), 12)).astype(np.float32))
-        wt.add(f"u{i:02d}", rng.normal(size=(len(toks), 10)).astype(np.float32), {"tokens": toks})
-    wa.finalize()
-    wt.finalize()
-    write_manifest(utts, root / "manifest.jsonl")
-    return root
+    """12 short wavs, a 50 Hz audio teacher store and a token-level text teacher store."""
+    return make_distill_feats(tmp_path_factory.mktemp("distill") / "feats", CLASSES)
 
 
 TINY = ["distill.epochs=3", "distill.warmup_epochs=1", "distill.budget=24000", "distill.lr=1e-3",

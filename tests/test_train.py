@@ -180,8 +180,20 @@ def _bad(feats, exp, *extra, model="probe"):
 def test_missing_feature_store(feats, tmp_path):
     out = _bad(feats, tmp_path / "e", "--audio", "covarep")
     assert "covarep" in out and "fa, ft" in out
-    out = _bad(feats, tmp_path / "e", model="self_attn", *["--audio", "fa"])
-    assert "no feature store is named for text" in out
+    out = _bad(feats, tmp_path / "e", model="self_attn", *["--audio", "fa", "--set", "model.modalities=[audio,text]"])
+    assert "no feature store is named for text" in out  # modalities set explicitly: the store is missing
+    out = _bad(feats, tmp_path / "e", model="cross_attn", *["--audio", "fa"])
+    assert "cross_attn" in out and "cannot run without text, visual" in out and "--text STORE" in out
+
+
+def test_modalities_follow_the_inputs_given(feats):
+    """The README's example: `-m self_attn --audio mfcc` is the audio-only model."""
+    assert resolve_config("self_attn", overrides=["data.audio=fa"])["model"]["modalities"] == ["audio"]
+    cfg = resolve_config("self_attn", overrides=["data.audio=fa", "data.text=ft"])
+    assert cfg["model"]["modalities"] == ["audio", "text"]
+    assert resolve_config("cma", overrides=["data.text=ft"])["model"]["modalities"] == ["text"]
+    assert resolve_config("self_attn", overrides=["data.audio=fa", "model.modalities=[audio,text]"])["model"][
+        "modalities"] == ["audio", "text"]  # explicit: kept
 
 
 def test_unknown_fold_name(feats, tmp_path):

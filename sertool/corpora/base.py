@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from sertool.utils import atomic_open
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
 
 # An id is used as an HDF5 dataset name and as a file name, so it is restricted to a
@@ -132,16 +134,12 @@ def validate(utts: Iterable[Utterance], *, check_audio_exists: bool = True) -> l
 
 
 def write_manifest(utts: Iterable[Utterance], path: str | os.PathLike) -> Path:
-    """Write a manifest atomically (temporary file, then rename)."""
+    """Write a manifest atomically (temporary file, on disk, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", fsync=True, encoding="utf-8") as f:
         for u in utts:
             f.write(json.dumps(u.to_json(relative_to=path.parent), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -36,7 +36,8 @@ import numpy as np
 from sertool.audio import load_audio
 from sertool.corpora.base import Utterance
 from sertool.features.base import ExtractorError
-from sertool.features.hub import ResolvedModel, pick_device, quiet_transformers
+from sertool.features.hub import ResolvedModel, quiet_transformers
+from sertool.utils import pick_device
 
 DEFAULT_ASR_MODEL = "tiny.en"
 SAMPLE_RATE = 16000
@@ -192,7 +193,7 @@ def load_asr(model: str = DEFAULT_ASR_MODEL, device: str = "auto", language: str
     and always has word timings)."""
     from sertool.features.whisper import resolve_whisper
 
-    device = pick_device(device)
+    device = str(pick_device(device))
     resolved = resolve_whisper(model, option="--asr")
     if resolved.kind == "ctranslate2":
         return FasterWhisperASR(resolved, device, language, beam_size=beam_size, word_timestamps=word_timestamps), resolved

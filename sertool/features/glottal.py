@@ -70,20 +70,6 @@ def lpc(frames: np.ndarray, order: int) -> np.ndarray:
     return levinson(r.astype(np.float64), order)
 
 
-def fir_frames(padded: np.ndarray, starts: np.ndarray, length: int, a: np.ndarray) -> np.ndarray:
-    """Per-frame FIR filtering: frame t is padded[starts[t]:starts[t]+length] filtered by a[t]
-    with the true signal history (starts[t] >= order)."""
-    order = a.shape[1] - 1
-    need = int(starts.max()) + length
-    if padded.size < need:
-        padded = np.pad(padded, (0, need - padded.size))
-    win = np.lib.stride_tricks.sliding_window_view(padded, length + order)[starts - order]  # [T, L+p]
-    out = a[:, :1] * win[:, order:]
-    for k in range(1, order + 1):
-        out += a[:, k:k + 1] * win[:, order - k:order - k + length]
-    return out
-
-
 def frame_view(x: np.ndarray, length: int, hop: int) -> np.ndarray:
     if x.size < length:
         x = np.pad(x, (0, length - x.size))
@@ -661,18 +647,6 @@ def mdq(res_resp: np.ndarray, fs: int, gcis: np.ndarray) -> tuple[np.ndarray, np
     return gcis / fs, vals
 
 
-def residual_peak_prominence(res: np.ndarray, centres: np.ndarray, fs: int, win_ms: float = 30.0) -> np.ndarray:
-    """Ratio (dB) of the largest LP-residual peak in a 30 ms frame to the largest one at least
-    2.5 ms away: high in creaky voice's sparse, isolated excitations (Drugman et al. 2014)."""
-    L = int(round(win_ms * fs / 1000))
-    fr = np.abs(gather_frames(res, centres, L))
-    top = fr.argmax(1)
-    guard = int(round(2.5e-3 * fs))
-    idx = np.arange(L)[None, :]
-    masked = np.where(np.abs(idx - top[:, None]) <= guard, 0, fr)
-    return 20 * np.log10((fr.max(1) + TINY) / (masked.max(1) + TINY))
-
-
 def interp_events(times: np.ndarray, values: np.ndarray, frame_times: np.ndarray) -> np.ndarray:
     """Linear interpolation of per-cycle values to frame times; NaN (-> 0 later) outside."""
     ok = np.isfinite(values)
@@ -686,10 +660,6 @@ def interp_events(times: np.ndarray, values: np.ndarray, frame_times: np.ndarray
 
 
 # ---- creaky voice cues (Kane, Drugman & Gobl 2013; Drugman, Kane & Gobl 2014; Ishi et al. 2008)
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-
 
 def _resonator(x: np.ndarray, f: float, rho: float, fs: int) -> np.ndarray:
     phi = 2 * np.pi * f / fs

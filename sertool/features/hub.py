@@ -29,6 +29,7 @@ from typing import Any, Sequence
 from urllib.parse import urlparse
 
 from sertool.features.base import ExtractorError
+from sertool.utils import pick_device, write_text
 
 
 # ---------------------------------------------------------------------------- cache folder
@@ -215,10 +216,8 @@ def file_checksum(path: str | os.PathLike) -> str:
                 h.update(chunk)
         digest = "blake2b:" + h.hexdigest()
         index[skey] = digest
-        tmp = index_file.with_name(f"checksums.json.tmp{os.getpid()}.{threading.get_ident()}")
         try:
-            tmp.write_text(json.dumps(index))
-            os.replace(tmp, index_file)
+            write_text(index_file, json.dumps(index))
         except OSError:
             pass
     with _lock:
@@ -263,19 +262,6 @@ def check_weights(resolved: ResolvedModel, expected: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def pick_device(device: str | None) -> str:
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ExtractorError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise ExtractorError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)")
-    return device
-
-
 def pick_dtype(dtype: str | None, device: str):
     """'auto' -> float16 on CUDA, float32 elsewhere; or float32 / float16 / bfloat16."""
     import torch
@@ -389,7 +375,7 @@ def bind_model(extractor: Any, model: str, model_path: str | None, model_checksu
     extractor.resolved = resolved
     extractor.model_name = str(model)
     extractor.model_checksum = check_weights(resolved, model_checksum)
-    extractor.device = pick_device(device)
+    extractor.device = str(pick_device(device))
     extractor.dtype_name = dtype
     extractor.torch_dtype = pick_dtype(dtype, extractor.device)
     return resolved

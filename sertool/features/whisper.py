@@ -30,14 +30,14 @@ import numpy as np
 
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.features.hub import (check_weights, combine_states, layer_indices, parse_layers, pick_device, pick_dtype,
+from sertool.features.hub import (check_weights, combine_states, layer_indices, parse_layers, pick_dtype,
                                   quiet_transformers, resolve_model)
+from sertool.utils import pick_device
 
 DEFAULT_WHISPER_MODEL = "tiny.en"
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's input window
 SAMPLES_PER_FRAME = 320  # 10 ms Mel hop x 2 (the encoder's stride-2 convolution)
-WINDOW_FRAMES = WINDOW_SAMPLES // SAMPLES_PER_FRAME  # 1500
 
 
 def resolve_whisper(model: str, option: str = "--whisper-model"):
@@ -87,7 +87,7 @@ class WhisperFeatures(Extractor):
         self.resolved = resolved
         self.model_name = str(model)
         self.model_checksum = check_weights(resolved, model_checksum)
-        self.device = pick_device(device)
+        self.device = str(pick_device(device))
         self.dtype_name = dtype
         self.batch_size = int(batch_size)
         self.layer = parse_layers(layer)

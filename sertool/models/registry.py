@@ -181,7 +181,8 @@ def count_parameters(model: nn.Module, trainable: bool = True) -> int:
 
 
 def describe_models(overrides: Iterable[str] = ()) -> list[tuple[str, int]]:
-    """``(key, trainable parameter count)`` for every model with its default config.
+    """``(key, trainable parameter count)`` for every model with its default config (``None`` for a
+    model built from another experiment, ``model.init``: its size is that experiment's).
 
     Each override ``a.b=v`` is applied to every model whose config has the key ``a.b``; an
     override prefixed by a model key (``lgcct.model.gates=false``) applies to that model only.
@@ -203,6 +204,9 @@ def describe_models(overrides: Iterable[str] = ()) -> list[tuple[str, int]]:
             elif _has_path(cfg, path):
                 mine.append(ov)
                 used[i] = True
+        if "init" in cfg["model"] and cfg["model"]["init"] is None:
+            rows.append((key, None))  # built from another experiment (cmd: a distilled student)
+            continue
         with torch.device("meta"):
             model = build_model(key, mine)
         rows.append((key, count_parameters(model)))

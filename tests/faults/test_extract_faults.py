@@ -81,12 +81,12 @@ def test_output_is_a_file(tmp_path, folder_corpus):
 
 def test_unwritable_output_gets_one_clear_line(tmp_path, folder_corpus, monkeypatch):
     """A read-only or full disk: an OSError becomes one line naming the path, no traceback."""
-    import sertool.corpora.base as base
+    import sertool.utils as utils
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "f" / "manifest.jsonl.tmp1"))
 
-    monkeypatch.setattr(base, "open", no_space, raising=False)
+    monkeypatch.setattr(utils, "open", no_space, raising=False)
     r = run("extract", folder_corpus, "-o", tmp_path / "f")
     assert r.exit_code == 1 and "manifest.jsonl.tmp1: No space left on device" in r.output
     assert "Traceback" not in r.output
@@ -138,3 +138,10 @@ def test_out_of_range_extractor_parameters_are_refused_before_writing(tmp_path, 
     assert "Traceback" not in r.output
     assert [ln for ln in r.output.splitlines() if ln.strip()] == [f"Error: {message}"]
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_unknown_device_is_one_line_before_any_work(tmp_path, folder_corpus):
+    r = run("extract", folder_corpus, "-o", tmp_path / "f", "--device", "tpu", "-q")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines() == ["Error: device 'tpu': expected auto, cpu, cuda or cuda:N"]
+    assert not (tmp_path / "f").exists()

@@ -11,11 +11,12 @@ import soundfile as sf
 from safetensors.torch import load_file
 
 from sertool.align import run_align
+from sertool.distill import run_distill
 from sertool.extract import run_extract
 from sertool.predict import iter_rows
 from sertool.train import run_train
 
-from conftest import tone
+from conftest import make_distill_feats, tone
 from fault_helpers import env_one_thread, h5_contents, kill_when, make_align_feats, make_train_feats, sertool_cmd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,6 +91,13 @@ def test_train(tmp_path):
     assert not (exp / "predictor.json").exists(), "killed too late to test anything"
     again = kill_when(cmd + ["--resume"], lambda: False, seed=SEED)
     assert again.returncode == 0, again.stderr
+    _same_weights(ref, exp)
+    ma, mb = json.loads((ref / "metrics.json").read_text()), json.loads((exp / "metrics.json").read_text())
+    for key, value in ma["summary"].items():
+        assert value["mean"] == pytest.approx(mb["summary"][key]["mean"], abs=1e-6), key
+
+
+def _same_weights(ref, exp):
     weights = sorted(p.relative_to(ref) for p in ref.rglob("*.safetensors") if p.name != "checkpoint.safetensors")
     assert len([w for w in weights if w.name == "model.safetensors"]) >= 2
     assert weights == sorted(p.relative_to(exp) for p in exp.rglob("*.safetensors") if p.name != "checkpoint.safetensors")
@@ -98,9 +106,31 @@ def test_train(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-6, rtol=0, err_msg=f"{w} {k}")
-    ma, mb = json.loads((ref / "metrics.json").read_text()), json.loads((exp / "metrics.json").read_text())
-    for key, value in ma["summary"].items():
-        assert value["mean"] == pytest.approx(mb["summary"][key]["mean"], abs=1e-6), key
+
+
+def test_train_cmd_finetuning(tmp_path):
+    """CMD fine-tuning is an ordinary train-stage model: killed and resumed, same weights."""
+    feats = make_distill_feats(tmp_path / "f")
+    dexp = tmp_path / "dexp"
+    run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", progress=False, log=quiet,
+                overrides=["distill.epochs=1", "distill.budget=24000", "student.stem_channels=8",
+                           "student.text_embed_dim=8", "student.ffn_dim=32", "distill.dev_fraction=0.25"])
+    sets = ["protocol.name=kfold:2", "train.epochs=6", "train.max_batch_frames=16000", "optim.lr=1e-3",
+            "run.threads=1"]
+    ref = tmp_path / "ref"
+    run_train("cmd", feats, ref, overrides=[f"model.init={dexp}", *sets], progress=False, log=quiet)
+    exp = tmp_path / "exp"
+    cmd = sertool_cmd("train", feats, "-m", "cmd", "--init", dexp, "-o", exp, "-q", *sum((["--set", s] for s in sets), []))
+    epochs_at_kill = random.Random(SEED).randint(1, 10)  # of 2 folds x 6 epochs, one log line each
+
+    def started():
+        return sum(p.read_bytes().count(b"\n") for p in exp.glob("folds/*/seed0/log.jsonl")) >= epochs_at_kill
+
+    assert kill_when(cmd, started, seed=SEED, max_delay=0.05) is None
+    assert not (exp / "predictor.json").exists(), "killed too late to test anything"
+    again = kill_when(cmd + ["--resume"], lambda: False, seed=SEED)
+    assert again.returncode == 0, again.stderr
+    _same_weights(ref, exp)
 
 
 def test_predict(tmp_path):

@@ -157,3 +157,13 @@ def test_output_is_never_clobbered(clips, tmp_path):
     (tmp_path / "d").mkdir()
     res = predict(clips / "a_good.wav", "-o", tmp_path / "d", "-q")
     assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "Error: device 'tpu': expected auto, cpu, cuda or cuda:N"),
+    ("cuda:x", "Error: device 'cuda:x': expected auto, cpu, cuda or cuda:N"),
+])
+def test_unknown_device_is_one_line(clips, tmp_path, device, message):
+    line = refused(predict(clips / "a_good.wav", "-o", tmp_path / "p.csv", "--device", device, "-q"))
+    assert line == message
+    assert not (tmp_path / "p.csv").exists()
