@@ -63,7 +63,7 @@ class Source:
         return uid in self._index
 
     def provenance(self) -> dict:
-        keep = ("feature", "kind", "dim", "frame_rate_hz", "unit", "extractor", "dtype", "versions", "created")
+        keep = ("feature", "kind", "dim", "frame_rate_hz", "unit", "extractor", "dtype", "versions", "created", "source")
         return {"path": str(self.path), **{k: self.attrs[k] for k in keep if k in self.attrs}}
 
 

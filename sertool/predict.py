@@ -228,6 +228,12 @@ def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP")
     for modality in inputs or features:
         prov = features.get(modality) or {}
         config = prov.get("extractor")
+        if prov.get("source") is not None:  # a raw input read from the manifest (waveform, token ids)
+            raise PredictError(
+                f"{where}: the model reads its {modality} input raw ({prov.get('feature')!r}, from "
+                f"{prov['source']}) through its own input encoder; `sertool predict` rebuilds feature extractors "
+                f"only, so evaluate this experiment with `sertool evaluate`, or predict with a model trained on "
+                f"feature stores")
         if not isinstance(config, dict) or "name" not in config:
             raise PredictError(
                 f"{where}: the {modality} features ({prov.get('feature') or inputs.get(modality)!r}) were not made by "

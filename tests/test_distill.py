@@ -419,3 +419,17 @@ def test_logmel_stem_frames_padding_and_choice(feats, tmp_path):
     run_distill(feats, exp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["student.audio_stem=logmel",
                                                                                      "distill.epochs=1"], progress=False)
     assert isinstance(load_student(exp / "student.safetensors").encoders["audio"], LogMelStem)
+
+
+def test_predict_refuses_a_cmd_experiment_with_the_reason(feats, tmp_path):
+    dexp = tmp_path / "dexp"
+    run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"],
+                progress=False)
+    exp = tmp_path / "cmd"
+    run_train("cmd", feats, exp, overrides=[f"model.init={dexp}", "train.epochs=1", "protocol.name=kfold:2",
+                                            "train.max_batch_frames=24000"], progress=False)
+    (tmp_path / "t.csv").write_text("file,text\n" + "".join(f"{p.name},yes no\n" for p in (feats / "wav").glob("*.wav")))
+    res = CliRunner().invoke(cli, ["predict", str(exp), str(feats / "wav"), "-o", str(tmp_path / "p.csv"), "-q",
+                                   "--transcripts", str(tmp_path / "t.csv")])
+    assert res.exit_code == 1 and "reads its audio input raw ('wave'" in res.output, res.output
+    assert "Traceback" not in res.output
