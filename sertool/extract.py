@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from sertool.audio import AudioError, audio_info, file_checksum, is_silent, load_audio
+from sertool.config import parse_assignment
 from sertool.corpora import read_corpus, write_manifest
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, FeatureResult, build_extractor, resolve
@@ -70,10 +70,9 @@ def parse_feature_spec(text: str, overrides: dict[str, dict[str, Any]] | None = 
     name, _, param_text = rest.partition(":")
     params: dict[str, Any] = {}
     for item in filter(None, param_text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"feature option {item!r} in {text!r} is not key=value")
-        params[key.strip()] = _yaml_value(value, f"feature option {item!r} in {text!r}")
+        where = f"feature option {item!r} in {text!r}"
+        key, value = parse_assignment(item, where, f"{where} is not key=value")
+        params[key] = value
     store = store or name
     params.update((overrides or {}).get(store, {}))
     return FeatureSpec(store=store, extractor=name, params=params)
@@ -83,19 +82,13 @@ def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, Any]]:
     """`--set mfcc.n_mfcc=20` -> {"mfcc": {"n_mfcc": 20}}."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        malformed = f"--set {item!r}: expected FEATURE.PARAM=VALUE, e.g. mfcc.n_mfcc=20"
+        key, value = parse_assignment(item, f"--set {item!r}", malformed)
         store, dot, param = key.partition(".")
-        if not sep or not dot or not param:
-            raise ValueError(f"--set {item!r}: expected FEATURE.PARAM=VALUE, e.g. mfcc.n_mfcc=20")
-        out.setdefault(store.strip(), {})[param.strip()] = _yaml_value(value, f"--set {item!r}")
+        if not dot or not param.strip():
+            raise ValueError(malformed)
+        out.setdefault(store.strip(), {})[param.strip()] = value
     return out
-
-
-def _yaml_value(value: str, where: str) -> Any:
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ValueError(f"{where}: {value!r} is not a valid value ({' '.join(str(e).split())[:120]})") from None
 
 
 def build_extractors(specs: list[FeatureSpec], cli_options: dict[str, Any]) -> dict[str, Extractor]:

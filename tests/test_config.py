@@ -172,6 +172,17 @@ def test_a_misspelt_key_in_a_config_file_names_the_key(tmp_path):
         registry.load_config("cma", path=path)
 
 
+def test_merge_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model: {name: lgcct, d: 60}\nsertool_version: '1.0'\n")
+    cfg = config.merge_file(registry.default_config("lgcct"), path, ignore=["sertool_version"])
+    assert cfg["model"]["d"] == 60
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: unknown config key 'sertool_version'$"):
+        config.merge_file(registry.default_config("lgcct"), path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: model.name is 'lgcct' but the model is 'probe'$"):
+        config.merge_file(registry.default_config("probe"), path, ignore=["sertool_version"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.gatse=false", "unknown config key 'model.gatse' (in override 'model.gatse=false')"),
     ("optim.lr.x=1", "unknown config key 'optim.lr.x' (in override 'optim.lr.x=1')"),

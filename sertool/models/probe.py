@@ -14,8 +14,7 @@ from .registry import MODALITIES, SERModel, register
 
 @register("probe")
 class Probe(SERModel):
-    def __init__(self, modality: str = "audio", input_dim: int = 768, n_classes: int = 4,
-                 task: str = "classification", dropout: float = 0.0, hidden: int = 0):
+    def __init__(self, *, modality: str, input_dim: int, n_classes: int, task: str, dropout: float, hidden: int):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"model.modality must be one of {MODALITIES}, got {modality!r}")

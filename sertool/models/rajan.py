@@ -67,23 +67,24 @@ class _RajanBase(SERModel):
 
     def __init__(
         self,
-        modalities=("audio", "text", "visual"),
-        audio_dim: int = 120,
-        text_dim: int = 300,
-        visual_dim: int = 2048,
-        n_classes: int = 7,
-        task: str = "classification",
-        conv: str = "time",
-        conv_modalities=("audio", "visual"),
-        fixed_len=None,
-        time_conv_out=None,
-        local_kernel: int = 3,
-        local_channels=None,
-        gru_hidden: int = 60,
-        num_heads: int = 6,
-        fc_hidden: int = 60,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.0,
+        *,
+        modalities,
+        audio_dim: int,
+        text_dim: int,
+        visual_dim: int,
+        n_classes: int,
+        task: str,
+        conv: str,
+        conv_modalities,
+        fixed_len,
+        time_conv_out,
+        local_kernel: int,
+        local_channels,
+        gru_hidden: int,
+        num_heads: int,
+        fc_hidden: int,
+        dropout: float,
+        attn_dropout: float,
     ):
         super().__init__()
         self.modalities = _check_modalities(modalities)
@@ -93,8 +94,6 @@ class _RajanBase(SERModel):
             raise ValueError(f"model.conv must be time|local, got {conv!r}")
         if task not in ("regression", "classification"):
             raise ValueError(f"model.task must be regression|classification, got {task!r}")
-        fixed_len = fixed_len or {"audio": 1000, "text": 128, "visual": 32}
-        time_conv_out = time_conv_out or {"audio": 500, "text": None, "visual": 25}
         local_channels = local_channels or {}
         dims = {"audio": audio_dim, "text": text_dim, "visual": visual_dim}
         self.conv_mode = conv

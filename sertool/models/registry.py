@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from sertool.config import apply_overrides, coerce, load_config_file, load_yaml, merge, split_override
+from sertool.config import apply_overrides, coerce, load_yaml, merge, merge_file, split_override
 
 __all__ = [
     "register",
@@ -108,14 +108,7 @@ def load_config(key: str, overrides: Iterable[str] = (), path: Optional[str] = N
     """Default config of ``key``, then the user YAML ``path`` merged on top, then overrides."""
     cfg = default_config(key)
     if path is not None:
-        user = load_config_file(path)
-        name = (user.get("model") or {}).get("name") if isinstance(user.get("model"), dict) else None
-        if name is not None and name != key:
-            raise ValueError(f"{path}: model.name is {name!r} but the model is {key!r}")
-        try:
-            merge(cfg, user)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        merge_file(cfg, path)
     apply_overrides(cfg, overrides)
     return cfg
 
