@@ -89,7 +89,7 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
     if int(settings["run"].get("threads") or 0) > 0:
         torch.set_num_threads(int(settings["run"]["threads"]))
     rows: list[dict] = []
-    per_run = []
+    dominance: list[dict] = []
     for fold, seed, rd in _runs(exp, folds, seeds):
         missing = [u for u in fold.test if u not in target]
         if missing:
@@ -99,6 +99,8 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
         model = build(settings).to(dev)
         load_weights(model, rd / "model.safetensors")
         preds, loss = predict(settings, model, ds, dev)
+        if hasattr(model, "modality_logits") and not regression:
+            dominance.append(modality_dominance(settings, model, ds, dev))
         for i, uid in enumerate(fold.test):
             if regression:
                 rows.append({"id": uid, "fold": fold.name, "seed": seed, "true": float(ds.targets[i]),
@@ -112,10 +114,37 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
     metrics = metrics_from_predictions(rows, classes, regression)
     metrics["crop_length"] = crop_length
     metrics["selected_on"] = cfg.get("experiment", {}).get("selected_on")
+    if dominance:
+        metrics["dominance"] = {m: M.summarize([d[m] for d in dominance]) for m in dominance[0]}
     for src in inputs.sources.values():
         if getattr(src, "store", None) is not None:
             src.store.close()
     return metrics, rows
+
+
+def modality_dominance(cfg: dict, model, ds: SERDataset, device) -> dict[str, float]:
+    """Modality dominance (CMD, Kim & Kang 2022, Table 6) of a model with per-modality logits
+    (``model.modality_logits(batch)``): each modality's share of the mean |dL/dlogits| over the
+    utterances of ``ds``, L the model's loss on the true labels."""
+    from sertool.data import to_device
+    from sertool.train import compute_loss
+
+    model.eval()
+    grads: dict[str, float] = {}
+    bs = cfg["train"]["eval_batch_size"] or 2 * cfg["train"]["batch_size"]
+    for idx in ds.batch_indices(bs, cfg["train"]["max_batch_frames"] or None):
+        batch = to_device(ds.collate(idx), device)
+        logits = model.modality_logits(batch)
+        for v in logits.values():
+            v.retain_grad()
+        out = model.combine(logits) if hasattr(model, "combine") else model(batch)
+        loss = compute_loss(cfg, out, batch["target"], None) * len(idx)
+        loss.backward()
+        for m, v in logits.items():
+            grads[m] = grads.get(m, 0.0) + float(v.grad.abs().sum(-1).sum())
+        model.zero_grad(set_to_none=True)
+    total = sum(grads.values()) or 1.0
+    return {m: g / total for m, g in grads.items()}
 
 
 def metrics_from_predictions(rows: list[dict], classes: list[str], regression: bool) -> dict:
@@ -257,6 +286,10 @@ def write_report(path: Path, exp: Path, cfg: dict, metrics: dict, comparison: di
         for c, v in metrics["pooled"]["per_class"].items():
             lines.append(f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |")
         lines += ["", "![confusion](confusion.png)"]
+    if metrics.get("dominance"):
+        lines += ["", "## Modality dominance (share of mean |dL/dlogits| on the test splits; CMD Table 6)", "",
+                  "| modality | share |", "|---|---|"]
+        lines += [f"| {m} | {v['mean']:.3f} ± {v['std']:.3f} |" for m, v in metrics["dominance"].items()]
     if has_curves:
         lines += ["", "![curves](curves.png)"]
     if comparison:

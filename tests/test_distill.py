@@ -312,6 +312,10 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
     with open(exp / "eval" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {"id", "fold", "seed", "true", "pred", "p_angry"} <= set(rows[0])
+    # modality dominance (the paper's Table 6): shares of |dL/dlogits| per modality, summing to 1
+    dom = ev["dominance"]
+    assert set(dom) == {"audio", "text"} and abs(dom["audio"]["mean"] + dom["text"]["mean"] - 1) < 1e-6
+    assert 0 < dom["audio"]["mean"] < 1 and "Modality dominance" in (exp / "eval" / "report.md").read_text()
     (dexp / "moved.safetensors").rename(dexp / "student.safetensors")
     # an existing EXP is not overwritten silently
     res = CliRunner().invoke(cli, args)

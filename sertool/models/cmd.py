@@ -171,10 +171,13 @@ class CMD(SERModel):
         x, m = self.student(batch)
         return {k: self.heads[k](masked_mean(x[k], m[k])) for k in self.modalities}
 
-    def forward(self, batch: dict, return_attention: bool = False):
-        logits = self.modality_logits(batch)
+    def combine(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log of the per-modality softmax(logits / kappa), averaged over the modalities."""
         prob = sum((logits[k] / self.kappa).softmax(-1) for k in self.modalities) / len(self.modalities)
-        out = torch.log(prob.clamp_min(1e-12))
+        return torch.log(prob.clamp_min(1e-12))
+
+    def forward(self, batch: dict, return_attention: bool = False):
+        out = self.combine(self.modality_logits(batch))
         return (out, {}) if return_attention else out
 
     def load_pretrained(self) -> None:
