@@ -219,3 +219,12 @@ def test_mosei_import_through_cli(tmp_path):
     assert r.exit_code == 0, r.output
     with open_store(tmp_path / "out", "csd_covarep") as s:
         assert s.attrs["kind"] == "audio" and len(s) == 2
+
+
+def test_cli_corpus_choices_are_the_registered_readers():
+    """Adding a reader to READERS is all `sertool extract --corpus` needs (docs/extending.md)."""
+    from sertool.cli import extract
+    from sertool.corpora import READERS
+
+    option = next(p for p in extract.params if p.name == "corpus")
+    assert list(option.type.choices) == list(READERS)

@@ -143,7 +143,7 @@ def test_iemocap_recipe_on_a_generated_corpus(tmp_path):
         check_evaluated(exp / tag, 1)
         assert f"| {tag} | {tag} |" in out
         assert json.loads((exp / tag / "folds.json").read_text())["protocol"]["name"].startswith(protocol)
-    assert [f["name"] for f in json.loads((exp / "cma" / "folds.json").read_text())["folds"]] == ["ses-Session1"]
+    assert json.loads((exp / "cma" / "eval" / "metrics.json").read_text())["runs"][0]["fold"] == "ses-Session1"
     assert (exp / "cmd-distill" / "student.safetensors").exists()
     pred = (exp / "cma" / "predictions-sample.csv").read_text().splitlines()
     assert len(pred) == 1 + 16 and "p_happy" in pred[0]

@@ -47,18 +47,15 @@ if stage_on 0; then
     python "${here}/local/make_fake_corpus.py" "${corpus_dir}" --per_label "${fake_per_label}" --audio "${fake_audio}"
   fi
   log "stage 0: manifest of ${corpus_dir} (all labels; label sets are chosen at training time)"
-  sertool extract "${corpus_dir}" --corpus iemocap -o "${feats}" -q
+  extract_feats iemocap ""
 fi
 
 if stage_on 1; then
-  fargs=()
-  in_list ks_transformer "${models}" || in_list cma "${models}" || in_list cmd "${models}" && fargs+=(-f "${ssl_feat}" -f "${lm_feat}")
-  in_list self_attn "${models}" || in_list cross_attn "${models}" && fargs+=(-f "${acoustic_feat}" -f "${word_feat}")
-  # shellcheck disable=SC2207
-  fargs=($(printf '%s\n' "${fargs[@]}" | paste - - | sort -u | tr '\t' '\n'))
-  log "stage 1: extract ${fargs[*]} with ${nj} jobs"
-  sertool extract "${corpus_dir}" --corpus iemocap -o "${feats}" "${fargs[@]}" --text-model "${text_model}" \
-    --nj "${nj}" --device "${device}" -q
+  f=
+  in_list ks_transformer "${models}" || in_list cma "${models}" || in_list cmd "${models}" && f+=" ${ssl_feat} ${lm_feat}"
+  in_list self_attn "${models}" || in_list cross_attn "${models}" && f+=" ${acoustic_feat} ${word_feat}"
+  log "stage 1: extract${f} with ${nj} jobs"
+  extract_feats iemocap "${f}"
 fi
 
 if stage_on 2; then
@@ -81,32 +78,19 @@ fi
 
 if stage_on 4 && in_list cmd "${models}"; then
   log "stage 4: CMD distillation (teachers: cached ${ssl_feat} + ${lm_feat} states), fine-tuned leave-one-session-out"
-  # shellcheck disable=SC2086
-  sertool distill "${feats}" -o "${exp_root}/cmd" --teacher-audio "${ssl_feat}" --teacher-text "${lm_feat}" \
-    --config "${conf_dir}/cmd.yaml" --finetune --set finetune.protocol=loso-session --set finetune.labels=iemocap4 \
-    --set finetune.seeds="${seeds}" --set distill.device="${device}" --set distill.threads="${threads}" \
-    --overwrite -q ${distill_opts}
+  distill_exp --teacher-audio "${ssl_feat}" --teacher-text "${lm_feat}"
+  folds=${folds4}
+  train_exp cmd cmd --init "${exp_root}/cmd-distill" --labels iemocap4 --protocol loso-session
 fi
 
 if stage_on 5; then
   log "stage 5: evaluate"
-  evaluate_exps "IEMOCAP test folds (ks_transformer, cma: 4 classes LOSO; self_attn, cross_attn: 7 classes Rajan)"
-  if [ -f "${exp_root}/cmd/finetune/metrics.json" ]; then
-    echo; echo "CMD (4 classes, leave-one-session-out), from ${exp_root}/cmd/finetune/report.md:"
-    sed -n '1,12p' "${exp_root}/cmd/finetune/report.md"
-  fi
+  evaluate_exps "IEMOCAP test folds (ks_transformer, cma, cmd: 4 classes LOSO; self_attn, cross_attn: 7 classes Rajan)"
 fi
 
 if stage_on 6; then
   sample=$(ls -d "${corpus_dir}"/Session5/sentences/wav/*/ | head -n 1)
-  for tag in ${models}; do
-    [ -f "${exp_root}/${tag}/predictor.json" ] || continue
-    log "stage 6: predict ${sample} with ${tag} (transcripts from the manifest)"
-    write_transcripts "${feats}/manifest.jsonl" "${sample}" "${exp_root}/${tag}/transcripts-sample.csv"
-    sertool predict "${exp_root}/${tag}" "${sample}" --transcripts "${exp_root}/${tag}/transcripts-sample.csv" \
-      --device "${device}" -o "${exp_root}/${tag}/predictions-sample.csv" --overwrite -q
-    head -n 4 "${exp_root}/${tag}/predictions-sample.csv" | cut -c1-160
-    break
-  done
+  log "stage 6: predict a sample (${sample})"
+  predict_sample "${sample}"
 fi
 log "done: features in ${feats}, experiments in ${exp_root}"

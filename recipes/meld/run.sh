@@ -41,16 +41,15 @@ if stage_on 0; then
     python "${here}/local/make_fake_corpus.py" "${corpus_dir}" --per_label "${fake_per_label}"
   fi
   log "stage 0: manifest of ${corpus_dir}"
-  sertool extract "${corpus_dir}" --corpus meld -o "${feats}" -q
+  extract_feats meld ""
 fi
 
 if stage_on 1; then
-  fargs=(-f "${word_feat}")
-  in_list probe-bert "${models}" || in_list cmd "${models}" && fargs+=(-f "${lm_feat}")
-  has_audio && fargs+=(-f "${acoustic_feat}")
-  log "stage 1: extract ${fargs[*]}"
-  sertool extract "${corpus_dir}" --corpus meld -o "${feats}" "${fargs[@]}" --text-model "${text_model}" \
-    --nj "${nj}" --device "${device}" -q
+  f=${word_feat}
+  in_list probe-bert "${models}" || in_list cmd "${models}" && f+=" ${lm_feat}"
+  has_audio && f+=" ${acoustic_feat}"
+  log "stage 1: extract ${f}"
+  extract_feats meld "${f}"
 fi
 
 if stage_on 2; then
@@ -78,35 +77,20 @@ fi
 
 if stage_on 4 && in_list cmd "${models}"; then
   log "stage 4: CMD, text student distilled from cached ${lm_feat} states, fine-tuned on the MELD split"
-  # shellcheck disable=SC2086
-  sertool distill "${feats}" -o "${exp_root}/cmd-distill" --teacher-text "${lm_feat}" --config "${conf_dir}/cmd.yaml" \
-    --set distill.device="${device}" --set distill.threads="${threads}" --overwrite -q ${distill_opts}
-  ft_args=(--seeds "${seeds}" --device "${device}" --threads "${threads}" --overwrite -q)
-  [ -n "${epochs}" ] && ft_args+=(--epochs "${epochs}")
-  sertool train "${feats}" -m cmd --init "${exp_root}/cmd-distill" --labels meld7 --protocol corpus \
-    "${ft_args[@]}" -o "${exp_root}/cmd"
+  distill_exp --teacher-text "${lm_feat}"
+  train_exp cmd cmd --init "${exp_root}/cmd-distill" --labels meld7 --protocol corpus
 fi
 
 if stage_on 5; then
   log "stage 5: evaluate"
   evaluate_exps "MELD test split (meld7)"
-  if [ -f "${exp_root}/cmd/report.md" ]; then
-    echo; echo "CMD text student (from ${exp_root}/cmd/report.md):"; sed -n '1,12p' "${exp_root}/cmd/report.md"
-  fi
 fi
 
 if stage_on 6; then
   if has_audio; then
     sample=$(ls -d "${corpus_dir}"/test_splits* | head -n 1)
-    for tag in ${models}; do
-      [ -f "${exp_root}/${tag}/predictor.json" ] || continue
-      log "stage 6: predict ${sample} with ${tag}"
-      write_transcripts "${feats}/manifest.jsonl" "${sample}" "${exp_root}/${tag}/transcripts-sample.csv"
-      sertool predict "${exp_root}/${tag}" "${sample}" --transcripts "${exp_root}/${tag}/transcripts-sample.csv" \
-        --device "${device}" -o "${exp_root}/${tag}/predictions-sample.csv" --overwrite -q
-      head -n 4 "${exp_root}/${tag}/predictions-sample.csv" | cut -c1-160
-      break
-    done
+    log "stage 6: predict a sample (${sample})"
+    predict_sample "${sample}"
   else
     log "stage 6: skipped (sertool predict takes recordings; ${corpus_dir} has none)"
   fi

@@ -42,12 +42,12 @@ if stage_on 0; then
     python "${here}/local/make_fake_corpus.py" "${corpus_dir}" --videos "${fake_videos}"
   fi
   log "stage 0: manifest of ${corpus_dir} (segments of the labels .csd, words of the timestamped words)"
-  sertool extract "${corpus_dir}" --corpus mosei -o "${feats}" -q
+  extract_feats mosei ""
 fi
 
 if stage_on 1; then
   log "stage 1: import the .csd sequences (csd_<name> stores) and extract ${text_feat} of the words"
-  sertool extract "${corpus_dir}" --corpus mosei -o "${feats}" --import-csd -f "${text_feat}" --nj "${nj}" --device "${device}" -q
+  extract_feats mosei "${text_feat}" --import-csd
 fi
 
 if stage_on 2; then

@@ -40,21 +40,18 @@ aligned=aligned-${lgcct_audio}-${word_feat}-${align_length}.h5
 
 if stage_on 0; then
   log "stage 0: manifest of ${corpus_dir}"
-  sertool extract "${corpus_dir}" --corpus ravdess -o "${feats}" -q
+  extract_feats ravdess ""
 fi
 
 if stage_on 1; then
-  fargs=()
-  in_list probe "${models}" && fargs+=(-f "${acoustic_feat}")
+  f=
+  in_list probe "${models}" && f+=" ${acoustic_feat}"
   for m in probe-whisper probe-whisper-spk self_attn cross_attn ks_transformer cma cmd; do
-    in_list "${m}" "${models}" && fargs+=(-f "${ssl_feat}" -f "${lm_feat}") && break
+    in_list "${m}" "${models}" && f+=" ${ssl_feat} ${lm_feat}" && break
   done
-  in_list lgcct "${models}" && fargs+=(-f "${lgcct_audio}" -f "${word_feat}")
-  # shellcheck disable=SC2207
-  fargs=($(printf '%s\n' "${fargs[@]}" | paste - - | sort -u | tr '\t' '\n'))
-  log "stage 1: extract ${fargs[*]} with ${nj} jobs"
-  sertool extract "${corpus_dir}" --corpus ravdess -o "${feats}" "${fargs[@]}" --text-model "${text_model}" \
-    --nj "${nj}" --device "${device}" -q
+  in_list lgcct "${models}" && f+=" ${lgcct_audio} ${word_feat}"
+  log "stage 1: extract${f} with ${nj} jobs"
+  extract_feats ravdess "${f}"
 fi
 
 if stage_on 2 && in_list lgcct "${models}"; then
@@ -78,34 +75,19 @@ fi
 
 if stage_on 4 && in_list cmd "${models}"; then
   log "stage 4: CMD distillation (cached ${ssl_feat} + ${lm_feat} teachers), fine-tuned with ${protocol}"
-  # shellcheck disable=SC2086
-  sertool distill "${feats}" -o "${exp_root}/cmd" --teacher-audio "${ssl_feat}" --teacher-text "${lm_feat}" \
-    --config "${conf_dir}/cmd.yaml" --finetune --set finetune.protocol="${protocol}" --set finetune.labels="${labels}" \
-    --set finetune.seeds="${seeds}" --set distill.device="${device}" --set distill.threads="${threads}" \
-    --overwrite -q ${distill_opts}
+  distill_exp --teacher-audio "${ssl_feat}" --teacher-text "${lm_feat}"
+  train_exp cmd cmd --init "${exp_root}/cmd-distill" --labels "${labels}" --protocol "${protocol}"
 fi
 
 if stage_on 5; then
   log "stage 5: evaluate"
   evaluate_exps "RAVDESS test folds (${labels}, ${protocol})"
-  if [ -f "${exp_root}/cmd/finetune/report.md" ]; then
-    echo; echo "CMD (from ${exp_root}/cmd/finetune/report.md):"; sed -n '1,12p' "${exp_root}/cmd/finetune/report.md"
-  fi
 fi
 
 if stage_on 6; then
   sample=$(find "${corpus_dir}" -type d -name Actor_01 | head -n 1)
-  [ -n "${sample}" ] || sample=${corpus_dir}
-  for tag in ${models}; do
-    [ -f "${exp_root}/${tag}/predictor.json" ] || continue
-    grep -q '"speaker"' "${exp_root}/${tag}/predictor.json" && continue   # speaker-normalised: not deployable
-    log "stage 6: predict ${sample} with ${tag}"
-    write_transcripts "${feats}/manifest.jsonl" "${sample}" "${exp_root}/${tag}/transcripts-sample.csv"
-    sertool predict "${exp_root}/${tag}" "${sample}" --transcripts "${exp_root}/${tag}/transcripts-sample.csv" \
-      --device "${device}" -o "${exp_root}/${tag}/predictions-sample.csv" --overwrite -q
-    head -n 4 "${exp_root}/${tag}/predictions-sample.csv" | cut -c1-160
-    break
-  done
+  log "stage 6: predict a sample (${sample:-${corpus_dir}})"
+  predict_sample "${sample:-${corpus_dir}}"
 fi
 
 if [ "${stage}" -le 7 ] && [ "${stop_stage}" -ge 7 ]; then

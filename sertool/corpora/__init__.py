@@ -1,6 +1,8 @@
 """Corpus readers: pure functions `read_<corpus>(root, ...) -> list[Utterance]`, validated.
 
 `read_corpus(root)` picks the reader by `corpus=` or by looking at the folder.
+`READERS` is the registry (the CLI's `--corpus` choices come from it) and `DETECTORS` the layout
+tests: a new corpus is one module here plus its line in each (docs/extending.md).
 Readers never stop on one bad entry: they skip it and append (file, reason) to `problems`,
 which the extract stage writes to errors.tsv.
 """
@@ -11,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from sertool.corpora import iemocap, meld, mosei, ravdess
 from sertool.corpora.base import (  # noqa: F401
     AUDIO_EXTENSIONS,
     CorpusError,
@@ -36,21 +39,25 @@ READERS: dict[str, Callable[..., list[Utterance]]] = {
 }
 
 
+# Layout tests, in order (the first match wins): (corpus name, looks_like(root)); a test may
+# return the corpus name itself when one layout serves several corpora (mosei / mosi).
+DETECTORS: list[tuple[str, Callable[[Path], bool | str | None]]] = [
+    ("iemocap", iemocap.looks_like),
+    ("meld", meld.looks_like),
+    ("mosei", mosei.looks_like),
+    ("ravdess", ravdess.looks_like),
+]
+
+
 def detect_corpus(root: str | os.PathLike) -> str:
     """Guess the layout of a corpus folder (the generic `folder` layout when nothing matches)."""
-    from sertool.corpora import iemocap, meld, mosei, ravdess
-
     root = Path(root)
     if not root.is_dir():
         raise CorpusError(f"{root}: corpus folder does not exist or is not a folder")
-    if iemocap.looks_like(root):
-        return "iemocap"
-    if meld.looks_like(root):
-        return "meld"
-    if mosei.looks_like(root):
-        return mosei.looks_like(root)
-    if ravdess.looks_like(root):
-        return "ravdess"
+    for name, looks_like in DETECTORS:
+        found = looks_like(root)
+        if found:
+            return found if isinstance(found, str) else name
     return "folder"
 
 
