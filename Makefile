@@ -3,7 +3,7 @@
 #   make test   set up .venv, run the whole test suite
 VENV ?= .venv
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -13,6 +13,9 @@ demo: setup
 
 test: setup
 	@$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf recipes/demo/feats recipes/demo/exp

@@ -417,18 +417,19 @@ def build_vocab(teacher: CachedTeacher, ids: Iterable[str]) -> dict[str, int]:
 
 # =================================================================================== config
 def resolve_config(config_file=None, overrides: Iterable[str] = ()) -> dict:
-    from sertool.models.registry import _merge, apply_overrides
+    from sertool.config import apply_overrides, load_config_file, merge
 
     cfg = copy.deepcopy(DEFAULTS)
     if config_file is not None:
-        user = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(user, dict):
-            raise DistillError(f"{config_file}: a config file must be a YAML mapping")
+        user = load_config_file(config_file)
         if "finetune" in user and "experiment" not in user:  # a user's file, not an older EXP/distill.yaml
             raise DistillError(f"{config_file}: fine-tuning settings (finetune:) belong to the train stage now: "
                                "sertool train FEATS -m cmd --init EXP (optim.lr, train.epochs, ... in its --config)")
         user = {k: v for k, v in user.items() if k in DEFAULTS}  # the rest of an EXP/distill.yaml is its record
-        _merge(cfg, user)
+        try:
+            merge(cfg, user)
+        except ValueError as e:
+            raise DistillError(f"{config_file}: {e}") from None
     apply_overrides(cfg, list(overrides))
     if cfg["distill"]["similarity"] not in ("cosine", "dot"):
         raise DistillError(f"distill.similarity must be cosine or dot, got {cfg['distill']['similarity']!r}")

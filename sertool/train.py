@@ -53,6 +53,7 @@ import yaml
 
 from sertool import distributed as D
 from sertool import metrics as M
+from sertool.config import apply_overrides, load_config_file, merge_file
 from sertool.corpora.base import read_manifest
 from sertool.data import (MODALITIES, DataError, Normalizer, SERDataset, Source, SpeakerNormalizedSource, check_ids,
                           distributed_batch_indices, iterate_batches, open_sources, speaker_statistics, to_device)
@@ -86,26 +87,17 @@ def _fill(cfg: dict, defaults: dict) -> None:
 
 def resolve_config(model: str, config_file: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> dict:
     """Model defaults + stage defaults + user YAML + ``key=value`` overrides (strict keys)."""
-    from sertool.models.registry import _merge, apply_overrides, default_config
+    from sertool.models.registry import default_config
 
     cfg = default_config(model)
     _fill(cfg, STAGE_DEFAULTS)
     if config_file is not None:
-        path = Path(config_file)
-        if not path.exists():
-            raise TrainError(f"config file {path} does not exist")
-        with open(path) as f:
-            user = yaml.safe_load(f) or {}
-        if not isinstance(user, dict):
-            raise TrainError(f"{path}: a config file must be a YAML mapping")
-        user = {k: v for k, v in user.items() if k not in RECORD_KEYS}
-        name = (user.get("model") or {}).get("name") if isinstance(user.get("model"), dict) else None
-        if name is not None and name != model:
-            raise TrainError(f"{path}: model.name is {name!r} but the model is {model!r}")
+        if not Path(config_file).exists():
+            raise TrainError(f"config file {config_file} does not exist")
         try:
-            _merge(cfg, user)
+            merge_file(cfg, config_file, ignore=RECORD_KEYS)
         except ValueError as e:
-            raise TrainError(f"{path}: {e}") from None
+            raise TrainError(str(e)) from None
     apply_overrides(cfg, list(overrides))
     prepare_model_config(cfg)
     follow_inputs(cfg)
@@ -954,7 +946,7 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
         if results and (final_mode(cfg) == "best-dev" or final_info is not None):
             write_predictor(exp, cfg, results, select, final=final_info)
         if final_info is not None:  # provenance of the deployment model in config.yaml's record
-            rec = yaml.safe_load(cfg_path.read_text())
+            rec = load_config_file(cfg_path)
             rec["experiment"]["final"] = final_info
             write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(rec, default=json_default)), sort_keys=False))
     D.barrier()  # EXP is complete when any rank returns
@@ -970,7 +962,10 @@ def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inp
         elif not resume:
             raise TrainError(f"{exp} already holds an experiment; use --resume to continue it or --overwrite")
         elif cfg_path.exists():
-            old = yaml.safe_load(cfg_path.read_text())
+            try:
+                old = load_config_file(cfg_path)
+            except ValueError as e:
+                raise TrainError(f"--resume: {e}") from None
             old_settings = {k: v for k, v in old.items() if k not in RECORD_KEYS}
             _fill(old_settings, json.loads(json.dumps(STAGE_DEFAULTS)))  # keys added since then: defaults
             _fill(old_settings, _model_defaults((old_settings.get("model") or {}).get("name")))
@@ -1075,7 +1070,7 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
     for src, name in ((src_dir / "model.safetensors", "model.safetensors"), (norm_src, "norm.safetensors")):
         with atomic_path(exp / name) as tmp:
             shutil.copyfile(src, tmp)
-    cfg_rec = yaml.safe_load((exp / "config.yaml").read_text())
+    cfg_rec = load_config_file(exp / "config.yaml")
     predictor = {
         "format": "sertool-predictor", "version": 1,
         "model": "model.safetensors", "normalizer": "norm.safetensors", "config": "config.yaml",
@@ -1100,6 +1095,9 @@ def load_experiment(exp: str | os.PathLike) -> tuple[dict, list[Fold]]:
     exp = Path(exp)
     if not (exp / "config.yaml").exists():
         raise TrainError(f"{exp} is not an experiment directory (no config.yaml; run `sertool train` first)")
-    cfg = yaml.safe_load((exp / "config.yaml").read_text())
+    try:
+        cfg = load_config_file(exp / "config.yaml")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     folds = [Fold.from_json(f) for f in json.loads((exp / "folds.json").read_text())["folds"]]
     return cfg, folds

@@ -192,7 +192,7 @@ class CMD(SERModel):
     @classmethod
     def prepare_config(cls, cfg: dict) -> None:
         """Fill ``model`` and ``data`` from the distillation experiment ``model.init``."""
-        import yaml
+        from sertool.config import load_config_file
 
         m, data = cfg["model"], cfg["data"]
         if not m.get("init"):
@@ -202,7 +202,7 @@ class CMD(SERModel):
         if not (init / "distill.yaml").exists() or not (init / "student.safetensors").exists():
             raise ValueError(f"--init {init}: not a distillation experiment (no distill.yaml + student.safetensors); "
                              "give the output folder of `sertool distill`")
-        rec = yaml.safe_load((init / "distill.yaml").read_text())
+        rec = load_config_file(init / "distill.yaml")
         spec = read_student_spec(init / "student.safetensors")
         mods = list(spec["student"]["modalities"])
         m.update(init=str(init.resolve()), student=spec, modalities=mods)
