@@ -39,8 +39,10 @@ def main() -> None:
         raise SystemExit(f"no audio under {args.data}")
     waves = [load_audio(f, 16000)[0] for f in files]
     seconds = sum(w.size for w in waves) / 16000
-    print(f"{len(files)} files, {seconds:.1f} s of audio, {platform.processor() or platform.machine()}, "
-          f"python {platform.python_version()}, 1 thread")
+    print(
+        f"{len(files)} files, {seconds:.1f} s of audio, {platform.processor() or platform.machine()}, "
+        f"python {platform.python_version()}, 1 thread"
+    )
     rtf = {}
     for name in args.features.split(","):
         try:

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -61,7 +60,9 @@ SENTENCES = [
 
 
 # ---------------------------------------------------------------------------- tensors
-def write_feats(root: Path, n_utts: int, n_words: int, word_s: float, da: int = 74, dt: int = 300, seed: int = 0) -> dict:
+def write_feats(
+    root: Path, n_utts: int, n_words: int, word_s: float, da: int = 74, dt: int = 300, seed: int = 0
+) -> dict:
     import h5py
 
     from sertool.corpora.base import Utterance, write_manifest
@@ -75,10 +76,28 @@ def write_feats(root: Path, n_utts: int, n_words: int, word_s: float, da: int = 
     base = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": "float32", "corpus": "bench"}
     fa = h5py.File(root / "covarep.h5", "w")
     ft = h5py.File(root / "glove.h5", "w")
-    _encode_attrs(fa.attrs, {**base, "feature": "covarep", "kind": "audio", "dim": da, "frame_rate_hz": rate,
-                             "extractor": {"name": "covarep", "params": {"synthetic": True}}})
-    _encode_attrs(ft.attrs, {**base, "feature": "glove", "kind": "text", "dim": dt, "unit": "token",
-                             "extractor": {"name": "glove", "params": {"synthetic": True}}})
+    _encode_attrs(
+        fa.attrs,
+        {
+            **base,
+            "feature": "covarep",
+            "kind": "audio",
+            "dim": da,
+            "frame_rate_hz": rate,
+            "extractor": {"name": "covarep", "params": {"synthetic": True}},
+        },
+    )
+    _encode_attrs(
+        ft.attrs,
+        {
+            **base,
+            "feature": "glove",
+            "kind": "text",
+            "dim": dt,
+            "unit": "token",
+            "extractor": {"name": "glove", "params": {"synthetic": True}},
+        },
+    )
     ga, gt = fa.create_group("utts"), ft.create_group("utts")
     block_a = rng.standard_normal((n_frames, da)).astype(np.float32)  # contents do not matter for speed
     block_t = rng.standard_normal((n_words, dt)).astype(np.float32)
@@ -89,9 +108,18 @@ def write_feats(root: Path, n_utts: int, n_words: int, word_s: float, da: int = 
         starts = 0.25 + np.arange(n_words) * word_s + rng.uniform(0, 0.1 * word_s, n_words)
         ends = starts + word_s * rng.uniform(0.3, 0.85, n_words)  # pauses between words, as in speech
         words = [[f"w{j}", round(float(s), 3), round(float(e), 3)] for j, (s, e) in enumerate(zip(starts, ends))]
-        utts.append(Utterance(id=uid, audio=f"/nonexistent/{uid}.wav", duration=n_frames / rate,
-                              text=" ".join(w[0] for w in words), label="neutral" if i % 2 else "happy",
-                              score=float(i % 7 - 3), words=words, split="train"))
+        utts.append(
+            Utterance(
+                id=uid,
+                audio=f"/nonexistent/{uid}.wav",
+                duration=n_frames / rate,
+                text=" ".join(w[0] for w in words),
+                label="neutral" if i % 2 else "happy",
+                score=float(i % 7 - 3),
+                words=words,
+                split="train",
+            )
+        )
         ga.create_dataset(uid, data=block_a + np.float32(i % 13))
         ds = gt.create_dataset(uid, data=block_t)
         ds.attrs["word_index"] = word_index
@@ -100,8 +128,11 @@ def write_feats(root: Path, n_utts: int, n_words: int, word_s: float, da: int = 
     fa.close()
     ft.close()
     write_manifest(utts, root / "manifest.jsonl")
-    return {"frames_per_utt": n_frames, "audio_gb": n_utts * n_frames * da * 4 / 1e9,
-            "text_gb": n_utts * n_words * dt * 4 / 1e9}
+    return {
+        "frames_per_utt": n_frames,
+        "audio_gb": n_utts * n_frames * da * 4 / 1e9,
+        "text_gb": n_utts * n_words * dt * 4 / 1e9,
+    }
 
 
 _CHILD = r"""
@@ -149,7 +180,9 @@ def _tiny_base_ctc(folder: Path) -> str:
     transformers.Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), pad_token="<pad>").save_pretrained(folder)
     transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(folder)
     torch.manual_seed(0)
-    transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(vocab_size=len(vocab), pad_token_id=0)).save_pretrained(folder)
+    transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(vocab_size=len(vocab), pad_token_id=0)).save_pretrained(
+        folder
+    )
     return str(folder)
 
 
@@ -186,12 +219,20 @@ def bench_forced(aligners: list[str], threads: int) -> list[dict]:
                     t_align += time.perf_counter() - t
                     errors.append(np.abs(spans - truth).ravel())
                 err = np.concatenate(errors)
-                row = {"aligner": name, "speech": label, "audio_s": round(audio_s, 1), "load_s": round(load_s, 2),
-                       "rtf": round(t_align / audio_s, 3), "failed": f"{failed}/{len(data)}"}
+                row = {
+                    "aligner": name,
+                    "speech": label,
+                    "audio_s": round(audio_s, 1),
+                    "load_s": round(load_s, 2),
+                    "rtf": round(t_align / audio_s, 3),
+                    "failed": f"{failed}/{len(data)}",
+                }
                 if name != "wav2vec2":
-                    row.update(within_100ms=round(float((err < 0.1).mean()), 3),
-                               within_50ms=round(float((err < 0.05).mean()), 3),
-                               median_error_ms=round(float(np.median(err)) * 1000, 1))
+                    row.update(
+                        within_100ms=round(float((err < 0.1).mean()), 3),
+                        within_50ms=round(float((err < 0.05).mean()), 3),
+                        median_error_ms=round(float(np.median(err)) * 1000, 1),
+                    )
                 else:
                     row["failed"] = "n/a"
                 rows.append(row)
@@ -219,10 +260,12 @@ def main() -> None:
     if args.what in ("tensors", "all"):
         r = bench_tensors(args.utts, args.words, args.word_s, args.keep, args.nj)
         print(json.dumps({"bench": "tensors", **env, **r}))
-        print(f"\n| utterances | words | nj | align wall time | CPU time (all processes) | peak RSS main / worker |\n"
-              f"|---|---|---|---|---|---|\n"
-              f"| {r['utts']:,} | {r['words']} | {r['nj']} | {r['align_s']:.1f} s | {r['cpu_s']:.1f} s | "
-              f"{r['peak_rss_mb'] / 1024:.2f} / {r['worker_peak_rss_mb'] / 1024:.2f} GB |\n")
+        print(
+            f"\n| utterances | words | nj | align wall time | CPU time (all processes) | peak RSS main / worker |\n"
+            f"|---|---|---|---|---|---|\n"
+            f"| {r['utts']:,} | {r['words']} | {r['nj']} | {r['align_s']:.1f} s | {r['cpu_s']:.1f} s | "
+            f"{r['peak_rss_mb'] / 1024:.2f} / {r['worker_peak_rss_mb'] / 1024:.2f} GB |\n"
+        )
     if args.what in ("forced", "all"):
         rows = bench_forced(args.aligners, args.threads)
         print("| aligner | speech | audio s | load s | RTF | failed | within 100 ms | within 50 ms | median error ms |")
@@ -231,8 +274,10 @@ def main() -> None:
             if "error" in r:
                 print(f"| {r['aligner']} | {r['speech']} | error: {r['error']} |||||")
             else:
-                print(f"| {r['aligner']} | {r['speech']} | {r['audio_s']} | {r['load_s']} | {r['rtf']} | {r['failed']} | "
-                      f"{r.get('within_100ms', 'n/a')} | {r.get('within_50ms', 'n/a')} | {r.get('median_error_ms', 'n/a')} |")
+                print(
+                    f"| {r['aligner']} | {r['speech']} | {r['audio_s']} | {r['load_s']} | {r['rtf']} | {r['failed']} | "
+                    f"{r.get('within_100ms', 'n/a')} | {r.get('within_50ms', 'n/a')} | {r.get('median_error_ms', 'n/a')} |"  # noqa: E501
+                )
 
 
 if __name__ == "__main__":

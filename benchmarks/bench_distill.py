@@ -10,6 +10,7 @@ not timed).  Then an audio student is distilled for ``--epochs`` epochs twice: f
 resident memory (ru_maxrss) is its own.  Reported: utterances per second of the training epochs
 (the validation pass excluded), the speed-up, and the peak memory of each mode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,27 @@ def make_corpus(root: Path, n: int, seconds: float, size: str) -> None:
     from sertool.store import StoreWriter
 
     torch.manual_seed(0)
-    cfg = Wav2Vec2Config() if size == "base" else Wav2Vec2Config(hidden_size=256, num_hidden_layers=2,
-                                                                  num_attention_heads=4, intermediate_size=512)
+    cfg = (
+        Wav2Vec2Config()
+        if size == "base"
+        else Wav2Vec2Config(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+    )
     model = Wav2Vec2Model(cfg).eval()
     model.save_pretrained(root / "teacher")
     Wav2Vec2FeatureExtractor().save_pretrained(root / "teacher")
     rng = np.random.default_rng(0)
     (root / "wav").mkdir(parents=True, exist_ok=True)
     utts = []
-    w = StoreWriter(root / "feats" / "teacher.h5", {"feature": "teacher", "kind": "audio", "dim": cfg.hidden_size,
-                                                    "frame_rate_hz": 50.0, "extractor": {"name": "bench"}})
+    w = StoreWriter(
+        root / "feats" / "teacher.h5",
+        {
+            "feature": "teacher",
+            "kind": "audio",
+            "dim": cfg.hidden_size,
+            "frame_rate_hz": 50.0,
+            "extractor": {"name": "bench"},
+        },
+    )
     for i in range(n):
         x = (0.1 * rng.normal(size=int(seconds * 16000))).astype(np.float32)
         path = root / "wav" / f"u{i:03d}.wav"
@@ -69,14 +81,29 @@ def run_mode(root: Path, mode: str, epochs: int) -> dict:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     teacher = "teacher" if mode == "cached" else str(root / "teacher")
-    m = run_distill(root / "feats", root / f"exp-{mode}", teacher_audio=teacher, overwrite=True, progress=False,
-                    log=lambda s: None,
-                    overrides=["student.modalities=[audio]", f"distill.epochs={epochs}", "distill.warmup_epochs=0",
-                               "distill.dev_fraction=0.125", "distill.budget=320000"])
+    m = run_distill(
+        root / "feats",
+        root / f"exp-{mode}",
+        teacher_audio=teacher,
+        overwrite=True,
+        progress=False,
+        log=lambda s: None,
+        overrides=[
+            "student.modalities=[audio]",
+            f"distill.epochs={epochs}",
+            "distill.warmup_epochs=0",
+            "distill.dev_fraction=0.125",
+            "distill.budget=320000",
+        ],
+    )
     rows = [json.loads(l) for l in (root / f"exp-{mode}" / "distill_log.jsonl").read_text().splitlines()]
-    return {"mode": mode, "utts_per_s": sum(r["utts_per_s"] for r in rows) / len(rows),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "student_parameters": m["parameters"]["student"], "teacher_parameters": m["parameters"]["teacher"]}
+    return {
+        "mode": mode,
+        "utts_per_s": sum(r["utts_per_s"] for r in rows) / len(rows),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "student_parameters": m["parameters"]["student"],
+        "teacher_parameters": m["parameters"]["teacher"],
+    }
 
 
 def main() -> None:
@@ -97,13 +124,19 @@ def main() -> None:
         make_corpus(root, args.utts, args.seconds, args.size)
         results = {}
         for mode in ("cached", "live"):
-            out = subprocess.run([sys.executable, __file__, "--mode", mode, "--root", str(root),
-                                  "--epochs", str(args.epochs)], check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--mode", mode, "--root", str(root), "--epochs", str(args.epochs)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     c, l = results["cached"], results["live"]
-    print(f"# distill throughput, {args.utts} utterances x {args.seconds:.1f} s, teacher wav2vec2-{args.size} "
-          f"({l['teacher_parameters']['audio'] / 1e6:.1f}M), student audio {c['student_parameters']['audio'] / 1e6:.2f}M / "
-          f"{l['student_parameters']['audio'] / 1e6:.2f}M (stem / teacher CNN)")
+    print(
+        f"# distill throughput, {args.utts} utterances x {args.seconds:.1f} s, teacher wav2vec2-{args.size} "
+        f"({l['teacher_parameters']['audio'] / 1e6:.1f}M), student audio {c['student_parameters']['audio'] / 1e6:.2f}M / "  # noqa: E501
+        f"{l['student_parameters']['audio'] / 1e6:.2f}M (stem / teacher CNN)"
+    )
     print(f"# {platform.processor() or platform.machine()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     print("| teacher | utt/s | peak RSS (MB) |\n|---|---|---|")
     for r in (c, l):

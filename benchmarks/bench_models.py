@@ -17,6 +17,7 @@ is plain scaled dot-product attention (self_attn, cross_attn, cma, cmd_student).
 (length scaling) and ks_transformer (key-sparse top-k) it is the dense attention *without* those
 options, i.e. the cost of the options themselves ("approx." in the table).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,6 @@ def _rss_mb() -> float:
 
 def _swap_attention(model):
     """Replace every sertool MultiHeadAttention by an nn.MultiheadAttention adapter."""
-    import torch
     import torch.nn as nn
 
     from sertool.models.blocks import MultiHeadAttention
@@ -57,15 +57,17 @@ def _swap_attention(model):
             super().__init__()
             E = ours.embed_dim
             kdim, vdim = ours.k_proj.in_features, ours.v_proj.in_features
-            self.mha = nn.MultiheadAttention(E, ours.num_heads, dropout=ours.dropout, kdim=kdim, vdim=vdim,
-                                             batch_first=True)
+            self.mha = nn.MultiheadAttention(
+                E, ours.num_heads, dropout=ours.dropout, kdim=kdim, vdim=vdim, batch_first=True
+            )
 
         def forward(self, query, key=None, value=None, query_mask=None, key_mask=None, return_attention=False):
             if key is None:
                 key, key_mask = query, query_mask
             value = key if value is None else value
-            out, _ = self.mha(query, key, value, key_padding_mask=None if key_mask is None else ~key_mask,
-                              need_weights=False)
+            out, _ = self.mha(
+                query, key, value, key_padding_mask=None if key_mask is None else ~key_mask, need_weights=False
+            )
             if query_mask is not None:
                 out = out * query_mask[..., None].to(out.dtype)
             return out
@@ -111,10 +113,20 @@ def run_one(key: str, variant: str, repeats: int, threads: int) -> dict:
             times.append(dt)
             cpu.append(dc)
     peak = _rss_mb()
-    return {"key": key, "variant": variant, "params": n_params, "batch": B,
-            "median_s": statistics.median(times), "min_s": min(times), "cpu_s": statistics.median(cpu),
-            "repeats": repeats, "peak_mb": peak, "delta_mb": peak - base, "threads": threads,
-            "load1": os.getloadavg()[0]}
+    return {
+        "key": key,
+        "variant": variant,
+        "params": n_params,
+        "batch": B,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "cpu_s": statistics.median(cpu),
+        "repeats": repeats,
+        "peak_mb": peak,
+        "delta_mb": peak - base,
+        "threads": threads,
+        "load1": os.getloadavg()[0],
+    }
 
 
 def main(argv=None):
@@ -137,8 +149,17 @@ def main(argv=None):
         for variant in ("sertool", "torch"):
             if key == "probe" and variant == "torch":
                 continue  # no attention
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", key, variant,
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                key,
+                variant,
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 print(res.stderr, file=sys.stderr)
@@ -146,19 +167,28 @@ def main(argv=None):
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"# done {key} {variant}: {rows[-1]['median_s']:.3f} s", file=sys.stderr)
     load1 = os.getloadavg()
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-          f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after 1 warm-up; "
-          f"load average (1/5/15 min) {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at start, "
-          f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at end\n")
-    print("| model | attention | params | batch | inputs | fwd+bwd wall s/batch (median) | min wall s | "
-          "CPU s/batch | load | peak MB | +MB |")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after 1 warm-up; "
+        f"load average (1/5/15 min) {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at start, "
+        f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at end\n"
+    )
+    print(
+        "| model | attention | params | batch | inputs | fwd+bwd wall s/batch (median) | min wall s | "
+        "CPU s/batch | load | peak MB | +MB |"
+    )
     print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        att = "sertool" if r["variant"] == "sertool" else (
-            "nn.MultiheadAttention" + ("" if r["key"] in EXACT else " (approx.)"))
+        att = (
+            "sertool"
+            if r["variant"] == "sertool"
+            else ("nn.MultiheadAttention" + ("" if r["key"] in EXACT else " (approx.)"))
+        )
         inputs = ", ".join(f"{m} {T}x{D}" for m, (T, D) in SIZES[r["key"]][1].items())
-        print(f"| {r['key']} | {att} | {r['params']:,} | {r['batch']} | {inputs} | {r['median_s']:.3f} | "
-              f"{r['min_s']:.3f} | {r['cpu_s']:.3f} | {r['load1']:.1f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |")
+        print(
+            f"| {r['key']} | {att} | {r['params']:,} | {r['batch']} | {inputs} | {r['median_s']:.3f} | "
+            f"{r['min_s']:.3f} | {r['cpu_s']:.3f} | {r['load1']:.1f} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

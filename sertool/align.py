@@ -48,9 +48,28 @@ import h5py
 import numpy as np
 
 from sertool.corpora.base import Utterance, read_manifest
-from sertool.store import FeatureStore, StoreError, decode_attrs as _decode_attrs, encode_attrs as _encode_attrs, library_versions, open_store
-from sertool.timings import (ALIGNERS, SOURCES, NotApplicable, Timings, TimingError, corpus_timings, make_aligner,
-                             uniform_timings)
+from sertool.store import (
+    FeatureStore,
+    StoreError,
+    library_versions,
+    open_store,
+)
+from sertool.store import (
+    decode_attrs as _decode_attrs,
+)
+from sertool.store import (
+    encode_attrs as _encode_attrs,
+)
+from sertool.timings import (
+    ALIGNERS,
+    SOURCES,
+    NotApplicable,
+    TimingError,
+    Timings,
+    corpus_timings,
+    make_aligner,
+    uniform_timings,
+)
 from sertool.utils import atomic_path, stale_pid, write_tsv
 
 FORMAT = "sertool-aligned"
@@ -87,14 +106,21 @@ class AlignReport:
         if self.n_cut:
             lines.append(f"{self.n_cut} utterance(s) had more words than the length and were cut")
         if self.words_without_frames:
-            lines.append(f"{self.words_without_frames} word(s) had no audio frame inside their span: nearest frame used")
+            lines.append(
+                f"{self.words_without_frames} word(s) had no audio frame inside their span: nearest frame used"
+            )
         if self.partial:
-            lines.append(f"{len(self.partial)} aligned with a caveat (fallback or approximate timings, words "
-                         f"interpolated, guessed or without text features): see {self.report_path}")
+            lines.append(
+                f"{len(self.partial)} aligned with a caveat (fallback or approximate timings, words "
+                f"interpolated, guessed or without text features): see {self.report_path}"
+            )
         if self.dropped:
             reasons = Counter(r.split(":")[0] for _, r in self.dropped)
-            lines.append(f"{len(self.dropped)} DROPPED (" + "; ".join(f"{k}: {v}" for k, v in reasons.most_common())
-                         + f"): see {self.report_path}")
+            lines.append(
+                f"{len(self.dropped)} DROPPED ("
+                + "; ".join(f"{k}: {v}" for k, v in reasons.most_common())
+                + f"): see {self.report_path}"
+            )
         lines.append(f"done in {self.seconds:.1f} s")
         return lines
 
@@ -105,7 +131,9 @@ def parse_timings(value: str | Sequence[str]) -> list[str]:
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
     bad = [v for v in items if v not in SOURCES]
     if not items or bad:
-        raise AlignError(f"--timings {value!r}: use one or more of {', '.join(SOURCES)}, comma-separated in order of preference")
+        raise AlignError(
+            f"--timings {value!r}: use one or more of {', '.join(SOURCES)}, comma-separated in order of preference"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -125,8 +153,17 @@ def utterance_words(utt: Utterance) -> list[str]:
 class TimingResolver:
     """Tries the timing sources in order for each utterance; caches forced/ASR results on disk."""
 
-    def __init__(self, feats_dir: Path, order: list[str], aligner: str, align_model: str | None, asr_model: str | None,
-                 device: str, cache: bool, threads: int = 2):
+    def __init__(
+        self,
+        feats_dir: Path,
+        order: list[str],
+        aligner: str,
+        align_model: str | None,
+        asr_model: str | None,
+        device: str,
+        cache: bool,
+        threads: int = 2,
+    ):
         self.order, self.aligner_name, self.align_model = order, aligner, align_model
         self.asr_model, self.device, self.threads = asr_model, device, threads
         self.cache_dir = feats_dir / "timings" if cache else None
@@ -251,8 +288,9 @@ def text_per_word(rows: np.ndarray, word_index: np.ndarray | None, n_words: int)
     rows = np.asarray(rows, np.float32)
     if word_index is None:
         if len(rows) != n_words:
-            raise AlignError(f"the text features have {len(rows)} rows but no word_index, and the utterance has "
-                             f"{n_words} words")
+            raise AlignError(
+                f"the text features have {len(rows)} rows but no word_index, and the utterance has {n_words} words"
+            )
         return rows, np.ones(n_words, bool)
     wi = np.asarray(word_index, np.int64).reshape(-1)
     if len(wi) != len(rows):
@@ -404,8 +442,9 @@ class _BlockAligner:
         self.rate = float(self.a_store.attrs["frame_rate_hz"])
         self.offset = frame_offset(self.a_store.attrs)
         self.a_read, self.t_read = _Reader(self.a_store), _Reader(self.t_store)
-        self.resolver = TimingResolver(opt.feats_dir, opt.order, opt.aligner, opt.align_model, opt.asr_model,
-                                       opt.device, opt.cache, opt.threads)
+        self.resolver = TimingResolver(
+            opt.feats_dir, opt.order, opt.aligner, opt.align_model, opt.asr_model, opt.device, opt.cache, opt.threads
+        )
 
     def close(self) -> None:
         self.a_store.close()
@@ -413,9 +452,20 @@ class _BlockAligner:
 
     def block(self, utts: list[Utterance]) -> _Block:
         n = self.opt.length
-        out = _Block(np.zeros((len(utts), n, self.a_store.dim), np.float32),
-                     np.zeros((len(utts), n, self.t_store.dim), np.float32), np.zeros((len(utts), n), bool),
-                     [], [], [], Counter(), 0, 0, [], [], {})
+        out = _Block(
+            np.zeros((len(utts), n, self.a_store.dim), np.float32),
+            np.zeros((len(utts), n, self.t_store.dim), np.float32),
+            np.zeros((len(utts), n), bool),
+            [],
+            [],
+            [],
+            Counter(),
+            0,
+            0,
+            [],
+            [],
+            {},
+        )
         k = 0
         for utt in utts:
             try:
@@ -476,8 +526,19 @@ class _BlockAligner:
         m = len(audio_w)
         place = slice(0, m) if opt.padding == "end" else slice(n - m, n)
         out.audio[k, place], out.text[k, place], out.mask[k, place] = audio_w, text_w, True
-        out.meta.append((uid, utt.label or "", np.nan if utt.score is None else float(utt.score), utt.split or "",
-                         utt.speaker or "", utt.session or "", m, n_words, t.source))
+        out.meta.append(
+            (
+                uid,
+                utt.label or "",
+                np.nan if utt.score is None else float(utt.score),
+                utt.split or "",
+                utt.speaker or "",
+                utt.session or "",
+                m,
+                n_words,
+                t.source,
+            )
+        )
 
 
 # worker processes (--nj > 1): each opens the stores and the aligner once
@@ -499,7 +560,7 @@ def _blocks(opt: _Options, utts: list[Utterance], nj: int, first: _BlockAligner)
     # forced / ASR timings take about a second an utterance: small blocks share them evenly
     # among the workers and reach the timings cache sooner
     size = SLOW_BLOCK if {"forced", "asr"} & set(opt.order) else BLOCK
-    chunks = [utts[i:i + size] for i in range(0, len(utts), size)]
+    chunks = [utts[i : i + size] for i in range(0, len(utts), size)]
     if nj <= 1 or len(chunks) < 2:
         for chunk in chunks:
             yield len(chunk), first.block(chunk)
@@ -523,18 +584,20 @@ class _Writer:
         def chunks(d):
             return min(cap, max(1, (1 << 20) // max(1, length * d * 4))), length, d
 
-        self.audio = f.create_dataset("audio", (cap, length, da), dtype=dtype, chunks=chunks(da),
-                                      maxshape=(None, length, da))
-        self.text = f.create_dataset("text", (cap, length, dt), dtype=dtype, chunks=chunks(dt),
-                                     maxshape=(None, length, dt))
+        self.audio = f.create_dataset(
+            "audio", (cap, length, da), dtype=dtype, chunks=chunks(da), maxshape=(None, length, da)
+        )
+        self.text = f.create_dataset(
+            "text", (cap, length, dt), dtype=dtype, chunks=chunks(dt), maxshape=(None, length, dt)
+        )
         self.masks: list[np.ndarray] = []
         self.meta: list[tuple] = []
 
     def add(self, block: _Block) -> None:
         k = len(block.meta)
         if k:
-            self.audio[self.n:self.n + k] = block.audio
-            self.text[self.n:self.n + k] = block.text
+            self.audio[self.n : self.n + k] = block.audio
+            self.text[self.n : self.n + k] = block.text
             self.masks.append(block.mask)
             self.meta.extend(block.meta)
             self.n += k
@@ -599,8 +662,22 @@ def run_align(
     # 1. the manifest and the two stores (checked here, in this process, before any worker starts)
     utts = read_manifest(feats_dir)
     report.n_utterances = len(utts)
-    opt = _Options(feats_dir, audio, text, length, collapse, padding, truncate, order, aligner, align_model,
-                   asr_model, device, cache, threads=2 if nj == 1 else 1)
+    opt = _Options(
+        feats_dir,
+        audio,
+        text,
+        length,
+        collapse,
+        padding,
+        truncate,
+        order,
+        aligner,
+        align_model,
+        asr_model,
+        device,
+        cache,
+        threads=2 if nj == 1 else 1,
+    )
     main = _BlockAligner(opt)
     timing_config: dict = dict(main.resolver.config)
     warned: set[str] = set()
@@ -629,11 +706,27 @@ def run_align(
                 bar.update(size)
             bar.close()
             report.n_aligned = writer.finish()
-            _encode_attrs(f.attrs, _provenance(main.a_store, main.t_store, audio, text, length, collapse, padding,
-                                               truncate, timing_config, report, feats_dir))
+            _encode_attrs(
+                f.attrs,
+                _provenance(
+                    main.a_store,
+                    main.t_store,
+                    audio,
+                    text,
+                    length,
+                    collapse,
+                    padding,
+                    truncate,
+                    timing_config,
+                    report,
+                    feats_dir,
+                ),
+            )
             if report.n_aligned == 0:
-                raise AlignError(f"no utterance could be aligned ({len(report.dropped)} dropped; first reason: "
-                                 f"{report.dropped[0][1] if report.dropped else 'the manifest is empty'})")
+                raise AlignError(
+                    f"no utterance could be aligned ({len(report.dropped)} dropped; first reason: "
+                    f"{report.dropped[0][1] if report.dropped else 'the manifest is empty'})"
+                )
     finally:
         main.close()
     report.seconds = time.perf_counter() - t0
@@ -660,20 +753,35 @@ def _progress(total: int, enabled: bool):
 
         return tqdm(total=total, desc="align", unit="utt", disable=not enabled)
     except ModuleNotFoundError:  # pragma: no cover
+
         class _Null:
             def update(self, n): ...
             def close(self): ...
+
         return _Null()
 
 
 def _store_summary(store: FeatureStore, name: str) -> dict:
-    keep = ("feature", "kind", "dim", "frame_rate_hz", "unit", "frame_centre", "frame_shift_samples",
-            "frame_length_samples", "columns", "model", "corpus", "dtype")
+    keep = (
+        "feature",
+        "kind",
+        "dim",
+        "frame_rate_hz",
+        "unit",
+        "frame_centre",
+        "frame_shift_samples",
+        "frame_length_samples",
+        "columns",
+        "model",
+        "corpus",
+        "dtype",
+    )
     return {"name": name, "path": str(store.paths[0]), **{k: store.attrs[k] for k in keep if k in store.attrs}}
 
 
-def _provenance(a_store, t_store, audio, text, length, collapse, padding, truncate, timing_config, report,
-                feats_dir) -> dict:
+def _provenance(
+    a_store, t_store, audio, text, length, collapse, padding, truncate, timing_config, report, feats_dir
+) -> dict:
     import sertool
 
     return {
@@ -704,8 +812,11 @@ def _provenance(a_store, t_store, audio, text, length, collapse, padding, trunca
 def _write_report(report: AlignReport) -> None:
     rows = [(uid, "dropped", reason) for uid, reason in report.dropped]
     rows += [(uid, "partial", reason) for uid, reason in report.partial]
-    write_tsv(report.report_path, ["id", "status", "reason"],
-              ((uid, status, " ".join(reason.split())) for uid, status, reason in rows))
+    write_tsv(
+        report.report_path,
+        ["id", "status", "reason"],
+        ((uid, status, " ".join(reason.split())) for uid, status, reason in rows),
+    )
 
 
 # ---------------------------------------------------------------------------- reading
@@ -743,22 +854,40 @@ def open_aligned(path: str | os.PathLike) -> Aligned:
         fmt = attrs.get("format")
         if fmt != FORMAT:
             hint = " (a feature store: align it first with `sertool align`)" if fmt == "sertool-features" else ""
-            raise StoreError(f"{path}: not a sertool aligned file (attribute 'format' is {fmt!r}, expected {FORMAT!r}){hint}")
+            raise StoreError(
+                f"{path}: not a sertool aligned file (attribute 'format' is {fmt!r}, expected {FORMAT!r}){hint}"
+            )
         version = attrs.get("format_version")
         if version not in SUPPORTED_VERSIONS:
             newer = isinstance(version, int) and version > max(SUPPORTED_VERSIONS)
-            raise StoreError(f"{path}: aligned format version {version!r} is not supported (this sertool reads "
-                             f"{list(SUPPORTED_VERSIONS)}); " + ("upgrade sertool." if newer else "re-run `sertool align`."))
+            raise StoreError(
+                f"{path}: aligned format version {version!r} is not supported (this sertool reads "
+                f"{list(SUPPORTED_VERSIONS)}); " + ("upgrade sertool." if newer else "re-run `sertool align`.")
+            )
         need = ("audio", "text", "mask", "ids", "labels", "scores", "lengths", "timing_source")
         missing = [k for k in need if k not in f]
         if missing:
             raise StoreError(f"{path}: aligned file is incomplete (missing {', '.join(missing)})")
 
         def strings(key):
-            return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f[key][()]] if key in f else [""] * len(f["ids"])
+            return (
+                [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f[key][()]]
+                if key in f
+                else [""] * len(f["ids"])
+            )
 
         return Aligned(
-            audio=f["audio"][()], text=f["text"][()], mask=f["mask"][()].astype(bool), ids=strings("ids"),
-            labels=strings("labels"), scores=f["scores"][()], lengths=f["lengths"][()],
-            n_words=f["n_words"][()] if "n_words" in f else f["lengths"][()], timing_source=strings("timing_source"),
-            split=strings("split"), speaker=strings("speaker"), session=strings("session"), attrs=attrs)
+            audio=f["audio"][()],
+            text=f["text"][()],
+            mask=f["mask"][()].astype(bool),
+            ids=strings("ids"),
+            labels=strings("labels"),
+            scores=f["scores"][()],
+            lengths=f["lengths"][()],
+            n_words=f["n_words"][()] if "n_words" in f else f["lengths"][()],
+            timing_source=strings("timing_source"),
+            split=strings("split"),
+            speaker=strings("speaker"),
+            session=strings("session"),
+            attrs=attrs,
+        )

@@ -50,12 +50,21 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         raise AudioError(f"{path}: not a readable audio file ({_short(e)})") from None
     frames = int(info.frames)
     if not MIN_SAMPLE_RATE <= int(info.samplerate) <= MAX_SAMPLE_RATE:
-        raise AudioError(f"{path}: implausible sample rate {int(info.samplerate)} Hz (the header may be corrupt; "
-                         f"accepted {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
+        raise AudioError(
+            f"{path}: implausible sample rate {int(info.samplerate)} Hz (the header may be corrupt; "
+            f"accepted {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)"
+        )
     if info.format == "WAV":
         _check_wav_truncation(path)
-    return AudioInfo(path, int(info.samplerate), frames, int(info.channels),
-                     frames / info.samplerate if info.samplerate else 0.0, info.format, info.subtype)
+    return AudioInfo(
+        path,
+        int(info.samplerate),
+        frames,
+        int(info.channels),
+        frames / info.samplerate if info.samplerate else 0.0,
+        info.format,
+        info.subtype,
+    )
 
 
 def load_audio(
@@ -95,15 +104,19 @@ def load_audio(
                 read += block.shape[0]
                 mono = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
                 if not np.isfinite(mono).all():
-                    raise AudioError(f"{path}: contains NaN or infinite samples near {(first + read) / info.sample_rate:.2f} s")
+                    raise AudioError(
+                        f"{path}: contains NaN or infinite samples near {(first + read) / info.sample_rate:.2f} s"
+                    )
                 if resampler is not None:
                     mono = resampler.resample_chunk(mono, last=False)
                 pieces.append(np.ascontiguousarray(mono, dtype=np.float32))
     except AudioError:
         raise
     except Exception as e:
-        raise AudioError(f"{path}: failed while reading after {read} of {last - first} samples, "
-                         f"the file may be truncated or corrupt ({_short(e)})") from None
+        raise AudioError(
+            f"{path}: failed while reading after {read} of {last - first} samples, "
+            f"the file may be truncated or corrupt ({_short(e)})"
+        ) from None
     if read < last - first:
         raise AudioError(f"{path}: truncated: header says {last - first} samples, only {read} could be read")
     if resampler is not None:
@@ -150,8 +163,10 @@ def _check_wav_truncation(path: str) -> None:
                 if chunk_size in (0, 0xFFFFFFFF):  # streaming writers leave the size open
                     return
                 if offset + 8 + chunk_size > size:
-                    raise AudioError(f"{path}: truncated: the header announces {chunk_size} bytes of audio, "
-                                     f"the file holds {size - offset - 8}")
+                    raise AudioError(
+                        f"{path}: truncated: the header announces {chunk_size} bytes of audio, "
+                        f"the file holds {size - offset - 8}"
+                    )
                 return
             offset += 8 + chunk_size + (chunk_size & 1)
 
@@ -169,6 +184,7 @@ def _short(e: Exception) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # libsndfile says this of an existing regular file whose MP3 data it cannot parse (the file
     # was checked by _check_file first), which misleads users into looking for a missing file
-    msg = msg.replace("File does not exist or is not a regular file (possibly a pipe?)",
-                      "unrecognised or corrupt audio data")
+    msg = msg.replace(
+        "File does not exist or is not a regular file (possibly a pipe?)", "unrecognised or corrupt audio data"
+    )
     return msg[:200]

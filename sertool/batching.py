@@ -19,6 +19,7 @@ Within chunks of ``sort_chunk`` budgets' worth of utterances, items are sorted b
 batches have little padding; the chunks and the order of the batches are random per epoch
 (``shuffle``), reproducibly from ``(seed, epoch)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,19 @@ def batch_cost(lengths, batch, measure: str = "padded") -> int:
     return int(lens.max() * len(lens)) if measure == "padded" else int(lens.sum())
 
 
-def budget_batches(lengths, budget: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                   measure: str = "padded", crop: bool = True, sort: bool = True,
-                   sort_chunk: int = 50, max_items: int | None = None) -> list[np.ndarray]:
+def budget_batches(
+    lengths,
+    budget: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    measure: str = "padded",
+    crop: bool = True,
+    sort: bool = True,
+    sort_chunk: int = 50,
+    max_items: int | None = None,
+) -> list[np.ndarray]:
     """Index batches whose cost (see module docstring) is at most ``budget``."""
     if measure not in ("padded", "sum"):
         raise ValueError(f"measure must be padded or sum, got {measure!r}")
@@ -62,7 +73,7 @@ def budget_batches(lengths, budget: int, *, shuffle: bool = False, seed: int = 0
     if sort and n:
         # chunks of about `sort_chunk` budgets' worth of items, each sorted by length
         per_chunk = max(1, int(sort_chunk * budget // max(1, int(np.median(lens)))))
-        parts = [order[c:c + per_chunk] for c in range(0, n, per_chunk)]
+        parts = [order[c : c + per_chunk] for c in range(0, n, per_chunk)]
         order = np.concatenate([p[np.argsort(lens[p], kind="stable")] for p in parts])
     batches: list[np.ndarray] = []
     cur: list[int] = []

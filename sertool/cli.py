@@ -78,15 +78,32 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("corpus_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Features folder to write (manifest.jsonl, NAME.h5 per feature, errors.tsv).")
-@click.option("-f", "--feature", "features", multiple=True, metavar="NAME[:k=v,...]",
-              help="Feature set to extract (repeatable); `--list` shows them. Without any, only the manifest is written.")
-@click.option("--corpus", type=click.Choice(list(READERS)),
-              help="Corpus layout (detected when omitted).")
-@click.option("--corpus-opt", "corpus_opts", multiple=True, metavar="KEY=VALUE",
-              help="Reader option, e.g. labels=4class (iemocap), vocal=both (ravdess), audio=false (meld).")
-@click.option("--set", "sets", multiple=True, metavar="FEATURE.PARAM=VALUE", help="Extractor parameter, e.g. mfcc.n_mfcc=20.")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Features folder to write (manifest.jsonl, NAME.h5 per feature, errors.tsv).",
+)
+@click.option(
+    "-f",
+    "--feature",
+    "features",
+    multiple=True,
+    metavar="NAME[:k=v,...]",
+    help="Feature set to extract (repeatable); `--list` shows them. Without any, only the manifest is written.",
+)
+@click.option("--corpus", type=click.Choice(list(READERS)), help="Corpus layout (detected when omitted).")
+@click.option(
+    "--corpus-opt",
+    "corpus_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Reader option, e.g. labels=4class (iemocap), vocal=both (ravdess), audio=false (meld).",
+)
+@click.option(
+    "--set", "sets", multiple=True, metavar="FEATURE.PARAM=VALUE", help="Extractor parameter, e.g. mfcc.n_mfcc=20."
+)
 @click.option("--text-model", help="BERT-family model for -f bert: hub id, local directory or alias (minilm).")
 @click.option("--ssl-model", help="wav2vec2-family model for -f wav2vec2: hub id or local directory.")
 @click.option("--whisper-model", help="Whisper model for -f whisper: hub id, local directory or alias (tiny.en).")
@@ -97,14 +114,39 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--merge", is_flag=True, help="Merge the shards in OUT into one store per feature and exit.")
 @click.option("--overwrite", is_flag=True, help="Recompute stores from scratch instead of resuming.")
 @click.option("--float16", is_flag=True, help="Store features as float16 (half the disk).")
-@click.option("--flush-every", default=64, show_default=True, type=click.IntRange(1),
-              help="Utterances per checkpoint part: a crash loses at most this many.")
+@click.option(
+    "--flush-every",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Utterances per checkpoint part: a crash loses at most this many.",
+)
 @click.option("--import-csd", is_flag=True, help="CMU-MOSEI/MOSI: copy the pre-extracted .csd sequences into stores.")
 @click.option("--list", "list_features", is_flag=True, help="List the available feature sets and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
-def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model, ssl_model, whisper_model, asr,
-            device, nj, shard, merge, overwrite, float16, flush_every, import_csd, list_features, quiet):
+def extract(
+    corpus_dir,
+    out_dir,
+    features,
+    corpus,
+    corpus_opts,
+    sets,
+    text_model,
+    ssl_model,
+    whisper_model,
+    asr,
+    device,
+    nj,
+    shard,
+    merge,
+    overwrite,
+    float16,
+    flush_every,
+    import_csd,
+    list_features,
+    quiet,
+):
     """Read CORPUS_DIR; write OUT/manifest.jsonl and one HDF5 feature store per -f.
 
     Re-running resumes: utterances already stored are skipped. A file that cannot be processed
@@ -138,17 +180,34 @@ def extract(corpus_dir, out_dir, features, corpus, corpus_opts, sets, text_model
             raise click.BadParameter(str(e), param_hint="--corpus-opt") from None
         corpus_options[key] = value
     report = run_extract(
-        corpus_dir, out_dir, list(features), corpus=corpus, corpus_options=corpus_options,
+        corpus_dir,
+        out_dir,
+        list(features),
+        corpus=corpus,
+        corpus_options=corpus_options,
         overrides=parse_overrides(sets),
-        cli_options={"text_model": text_model, "ssl_model": ssl_model, "whisper_model": whisper_model,
-                     "device": device},
-        nj=nj, shard=_parse_shard(shard), overwrite=overwrite, asr=asr,
-        dtype="float16" if float16 else "float32", flush_every=flush_every, import_csd=import_csd, progress=not quiet, log=click.echo,
+        cli_options={
+            "text_model": text_model,
+            "ssl_model": ssl_model,
+            "whisper_model": whisper_model,
+            "device": device,
+        },
+        nj=nj,
+        shard=_parse_shard(shard),
+        overwrite=overwrite,
+        asr=asr,
+        dtype="float16" if float16 else "float32",
+        flush_every=flush_every,
+        import_csd=import_csd,
+        progress=not quiet,
+        log=click.echo,
     )
     for store, path in report.stores.items():
         if store in report.computed:
-            click.echo(f"{store}: {path} (computed {report.computed[store]}, already done "
-                       f"{report.skipped_done[store]}, no input {report.skipped_no_input[store]})")
+            click.echo(
+                f"{store}: {path} (computed {report.computed[store]}, already done "
+                f"{report.skipped_done[store]}, no input {report.skipped_no_input[store]})"
+            )
     click.echo(f"done in {report.seconds:.1f} s")
     if report.errors:
         click.echo(f"{report.n_failed} file(s) failed: see {out_dir / 'errors.tsv'}", err=True)
@@ -194,7 +253,9 @@ def store_merge(path, keep):
 @store.command("concat", context_settings=CONTEXT)
 @click.argument("feats", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("names", nargs=-1, required=True)
-@click.option("-o", "--out", "out_name", metavar="NAME", help="Name of the fused store (default: the names joined by +).")
+@click.option(
+    "-o", "--out", "out_name", metavar="NAME", help="Name of the fused store (default: the names joined by +)."
+)
 @click.option("--overwrite", is_flag=True, help="Recompute the fused store from scratch instead of resuming.")
 @_fail_cleanly
 def store_concat(feats, names, out_name, overwrite):
@@ -224,29 +285,77 @@ def models(sets):
 @cli.command(context_settings=CONTEXT)
 @click.argument("feats", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-m", "--model", required=True, help="Model key (`sertool models` lists them).")
-@click.option("-o", "--out", "exp", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Experiment folder to write (config.yaml, folds/, metrics.json, log.jsonl, predictor.json).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML merged over the model's defaults (an EXP/config.yaml works too).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. train.epochs=20 (last wins).")
-@click.option("--audio", metavar="STORE", help="Audio input: store name in FEATS, a .h5 path or an aligned file (= data.audio).")
+@click.option(
+    "-o",
+    "--out",
+    "exp",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Experiment folder to write (config.yaml, folds/, metrics.json, log.jsonl, predictor.json).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML merged over the model's defaults (an EXP/config.yaml works too).",
+)
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Config override, e.g. train.epochs=20 (last wins)."
+)
+@click.option(
+    "--audio", metavar="STORE", help="Audio input: store name in FEATS, a .h5 path or an aligned file (= data.audio)."
+)
 @click.option("--text", metavar="STORE", help="Text input (= data.text).")
 @click.option("--visual", metavar="STORE", help="Visual input (= data.visual).")
-@click.option("--labels", metavar="PRESET", help="Label set: auto, iemocap4, iemocap7, meld7, ravdess8/7/4, mosei, or a,b,c.")
-@click.option("--protocol", metavar="SPEC", help="corpus | kfold:K | loso | speaker-kfold:K | loso-session | rajan[:N].")
+@click.option(
+    "--labels", metavar="PRESET", help="Label set: auto, iemocap4, iemocap7, meld7, ravdess8/7/4, mosei, or a,b,c."
+)
+@click.option(
+    "--protocol", metavar="SPEC", help="corpus | kfold:K | loso | speaker-kfold:K | loso-session | rajan[:N]."
+)
 @click.option("--seeds", type=click.IntRange(1), help="Repeat every fold with this many seeds (= run.seeds).")
 @click.option("--epochs", type=click.IntRange(1), help="= train.epochs.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N (= run.device).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch (= run.threads); 1 on a shared machine.")
-@click.option("--fold", "folds", multiple=True, metavar="NAME", help="Train only these folds (repeatable; e.g. to spread folds over jobs).")
+@click.option(
+    "--fold",
+    "folds",
+    multiple=True,
+    metavar="NAME",
+    help="Train only these folds (repeatable; e.g. to spread folds over jobs).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted experiment (same settings).")
 @click.option("--overwrite", is_flag=True, help="Delete EXP first.")
-@click.option("--init", "init", type=click.Path(file_okay=False, path_type=Path), metavar="DISTILL_EXP",
-              help="--model cmd: fine-tune the student of this `sertool distill` experiment (= model.init).")
+@click.option(
+    "--init",
+    "init",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DISTILL_EXP",
+    help="--model cmd: fine-tune the student of this `sertool distill` experiment (= model.init).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @_fail_cleanly
-def train(feats, model, exp, config_file, sets, audio, text, visual, labels, protocol, seeds, epochs, device, threads,
-          folds, resume, overwrite, init, quiet):
+def train(
+    feats,
+    model,
+    exp,
+    config_file,
+    sets,
+    audio,
+    text,
+    visual,
+    labels,
+    protocol,
+    seeds,
+    epochs,
+    device,
+    threads,
+    folds,
+    resume,
+    overwrite,
+    init,
+    quiet,
+):
     """Train MODEL on the feature stores in FEATS, over a protocol's folds and seeds, into EXP.
 
     Model selection and early stopping use a dev split carved from the training data, never the
@@ -259,20 +368,38 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
     """
     from sertool.train import run_train
 
-    options = {"data.audio": audio, "data.text": text, "data.visual": visual, "data.labels": labels,
-               "protocol.name": protocol, "run.seeds": seeds, "train.epochs": epochs, "run.device": device,
-               "run.threads": threads}
+    options = {
+        "data.audio": audio,
+        "data.text": text,
+        "data.visual": visual,
+        "data.labels": labels,
+        "protocol.name": protocol,
+        "run.seeds": seeds,
+        "train.epochs": epochs,
+        "run.device": device,
+        "run.threads": threads,
+    }
     overrides = [f"{k}={v}" for k, v in options.items() if v is not None] + list(sets)
     if init is not None:
         from sertool.models import default_config
 
         if "init" not in default_config(model)["model"]:
-            raise click.UsageError(f"--init is for --model cmd (fine-tuning a `sertool distill` student), "
-                                   f"not --model {model}")
+            raise click.UsageError(
+                f"--init is for --model cmd (fine-tuning a `sertool distill` student), not --model {model}"
+            )
         overrides.insert(0, f"model.init={init}")
-    out = run_train(model, feats, exp, config_file=config_file, overrides=overrides, resume=resume,
-                    overwrite=overwrite, progress=not quiet, log=(lambda s: None) if quiet else click.echo,
-                    folds_only=folds or None)
+    out = run_train(
+        model,
+        feats,
+        exp,
+        config_file=config_file,
+        overrides=overrides,
+        resume=resume,
+        overwrite=overwrite,
+        progress=not quiet,
+        log=(lambda s: None) if quiet else click.echo,
+        folds_only=folds or None,
+    )
     import os
 
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun every process returns the summary: print once
@@ -284,10 +411,19 @@ def train(feats, model, exp, config_file, sets, audio, text, visual, labels, pro
 @cli.command(context_settings=CONTEXT)
 @click.argument("exp", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("feats", type=click.Path(file_okay=False, path_type=Path), required=False)
-@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default EXP/eval, or EXP/eval-crop<L>).")
-@click.option("--compare", type=click.Path(file_okay=False, path_type=Path), metavar="EXP_B",
-              help="Paired t-test and Wilcoxon test against EXP_B over matched folds x seeds.")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default EXP/eval, or EXP/eval-crop<L>).",
+)
+@click.option(
+    "--compare",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="EXP_B",
+    help="Paired t-test and Wilcoxon test against EXP_B over matched folds x seeds.",
+)
 @click.option("--crop-length", type=int, metavar="L", help="Evaluate on sequences cut to the first L steps.")
 @click.option("--attention", metavar="UTT_ID", help="Plot the attention maps of one test utterance.")
 @click.option("--device", default="auto", show_default=True)
@@ -299,15 +435,25 @@ def evaluate(exp, feats, out_dir, compare, crop_length, attention, device, quiet
     trained on."""
     from sertool.evaluate import CLASS_METRICS, REG_METRICS, run_evaluate
 
-    m = run_evaluate(exp, feats, out_dir=out_dir, compare=compare, crop_length=crop_length, attention=attention,
-                     device=device, log=(lambda s: None) if quiet else click.echo)
+    m = run_evaluate(
+        exp,
+        feats,
+        out_dir=out_dir,
+        compare=compare,
+        crop_length=crop_length,
+        attention=attention,
+        device=device,
+        log=(lambda s: None) if quiet else click.echo,
+    )
     keys = REG_METRICS if m["task"] == "regression" else CLASS_METRICS
     click.echo(", ".join(f"{k} {m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in keys))
     if "compare" in m:
         for k, v in m["compare"].items():
             if isinstance(v, dict):
-                click.echo(f"vs {compare}: {k} diff {v['mean_diff']:+.4f}, p(t) {v['p_ttest']:.4g}, "
-                           f"p(Wilcoxon) {v['p_wilcoxon']:.4g}")
+                click.echo(
+                    f"vs {compare}: {k} diff {v['mean_diff']:+.4f}, p(t) {v['p_ttest']:.4g}, "
+                    f"p(Wilcoxon) {v['p_wilcoxon']:.4g}"
+                )
 
 
 # ----------------------------------------------------------------------------------- align
@@ -315,33 +461,90 @@ def evaluate(exp, feats, out_dir, compare, crop_length, attention, device, quiet
 @click.argument("feats_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--audio", required=True, metavar="STORE", help="Audio feature store in FEATS (e.g. covarep, mfcc).")
 @click.option("--text", required=True, metavar="STORE", help="Text feature store in FEATS (e.g. glove, bert).")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Output file (default FEATS/aligned-AUDIO-TEXT-N.h5).")
-@click.option("--length", default=50, show_default=True, type=click.IntRange(1), help="Words per utterance (cut or padded).")
-@click.option("--timings", default="corpus,forced,asr,uniform", show_default=True, metavar="SOURCES",
-              help="Word-timing sources in order of preference: corpus, forced, asr, uniform (comma-separated).")
-@click.option("--aligner", type=click.Choice(["auto", "whisper", "pocketsphinx", "wav2vec2"]), default="auto",
-              show_default=True, help="Forced aligner (auto: pocketsphinx, faster-whisper tiny.en where it fails).")
-@click.option("--align-model", metavar="MODEL",
-              help="Whisper model of auto/whisper (faster-whisper name or folder; default tiny.en), or the "
-                   "wav2vec2-CTC folder / hub id of --aligner wav2vec2.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output file (default FEATS/aligned-AUDIO-TEXT-N.h5).",
+)
+@click.option(
+    "--length", default=50, show_default=True, type=click.IntRange(1), help="Words per utterance (cut or padded)."
+)
+@click.option(
+    "--timings",
+    default="corpus,forced,asr,uniform",
+    show_default=True,
+    metavar="SOURCES",
+    help="Word-timing sources in order of preference: corpus, forced, asr, uniform (comma-separated).",
+)
+@click.option(
+    "--aligner",
+    type=click.Choice(["auto", "whisper", "pocketsphinx", "wav2vec2"]),
+    default="auto",
+    show_default=True,
+    help="Forced aligner (auto: pocketsphinx, faster-whisper tiny.en where it fails).",
+)
+@click.option(
+    "--align-model",
+    metavar="MODEL",
+    help="Whisper model of auto/whisper (faster-whisper name or folder; default tiny.en), or the "
+    "wav2vec2-CTC folder / hub id of --aligner wav2vec2.",
+)
 @click.option("--asr-model", metavar="MODEL", help="ASR model for --timings asr (default tiny.en).")
-@click.option("--collapse", type=click.Choice(["mean", "max", "first", "last"]), default="mean", show_default=True,
-              help="How the audio frames inside a word are collapsed.")
-@click.option("--padding", type=click.Choice(["end", "start"]), default="end", show_default=True,
-              help="Pad short utterances at the end (as the CMU SDK) or at the start.")
-@click.option("--truncate", type=click.Choice(["end", "start"]), default="end", show_default=True,
-              help="Cut long utterances at the end (keep the first words) or at the start.")
+@click.option(
+    "--collapse",
+    type=click.Choice(["mean", "max", "first", "last"]),
+    default="mean",
+    show_default=True,
+    help="How the audio frames inside a word are collapsed.",
+)
+@click.option(
+    "--padding",
+    type=click.Choice(["end", "start"]),
+    default="end",
+    show_default=True,
+    help="Pad short utterances at the end (as the CMU SDK) or at the start.",
+)
+@click.option(
+    "--truncate",
+    type=click.Choice(["end", "start"]),
+    default="end",
+    show_default=True,
+    help="Cut long utterances at the end (keep the first words) or at the start.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for the aligner.")
 @click.option("--float16", is_flag=True, help="Store the tensors as float16.")
-@click.option("--nj", default=1, show_default=True, type=click.IntRange(1),
-              help="Worker processes (each reads and aligns blocks of utterances; the output does not depend on it).")
+@click.option(
+    "--nj",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Worker processes (each reads and aligns blocks of utterances; the output does not depend on it).",
+)
 @click.option("--no-cache", is_flag=True, help="Neither read nor write FEATS/timings/ (cached forced and ASR timings).")
 @click.option("--strict", is_flag=True, help="Exit with status 3 when any utterance is dropped.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def align(feats_dir, audio, text, out, length, timings, aligner, align_model, asr_model, collapse, padding, truncate,
-          device, float16, nj, no_cache, strict, quiet):
+def align(
+    feats_dir,
+    audio,
+    text,
+    out,
+    length,
+    timings,
+    aligner,
+    align_model,
+    asr_model,
+    collapse,
+    padding,
+    truncate,
+    device,
+    float16,
+    nj,
+    no_cache,
+    strict,
+    quiet,
+):
     """Word-level alignment: audio frames collapsed per word, CMU-MOSEI style.
 
     Writes FEATS/aligned-AUDIO-TEXT-N.h5 (audio [N, n, Da], text [N, n, Dt], mask, ids, labels,
@@ -351,10 +554,26 @@ def align(feats_dir, audio, text, out, length, timings, aligner, align_model, as
     """
     from sertool.align import EXIT_SOME_DROPPED, run_align
 
-    report = run_align(feats_dir, audio, text, out, length=length, timings=timings, collapse=collapse, padding=padding,
-                       truncate=truncate, aligner=aligner, align_model=align_model, asr_model=asr_model, device=device,
-                       cache=not no_cache, dtype="float16" if float16 else "float32", nj=nj, progress=not quiet,
-                       log=lambda m: click.echo(m, err=True))
+    report = run_align(
+        feats_dir,
+        audio,
+        text,
+        out,
+        length=length,
+        timings=timings,
+        collapse=collapse,
+        padding=padding,
+        truncate=truncate,
+        aligner=aligner,
+        align_model=align_model,
+        asr_model=asr_model,
+        device=device,
+        cache=not no_cache,
+        dtype="float16" if float16 else "float32",
+        nj=nj,
+        progress=not quiet,
+        log=lambda m: click.echo(m, err=True),
+    )
     for line in report.summary():
         click.echo(line, err="DROPPED" in line)
     if strict and report.dropped:
@@ -364,15 +583,36 @@ def align(feats_dir, audio, text, out, length, timings, aligner, align_model, as
 # ----------------------------------------------------------------------------------- distill
 @cli.command(context_settings=CONTEXT)
 @click.argument("feats", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-o", "--out", "exp", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Experiment folder (distill.yaml, student.safetensors, distill_log.jsonl, distill_metrics.json).")
-@click.option("--teacher-audio", metavar="SPEC", help="Audio teacher: a store in FEATS / .h5 path (cached states) or a "
-              "wav2vec2-family transformers model (folder or hub id, run live).")
-@click.option("--teacher-text", metavar="SPEC", help="Text teacher: a store in FEATS / .h5 path or a BERT-family model.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML with student / distill sections (an EXP/distill.yaml works too).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override, e.g. distill.kappa=0.1, student.modalities=[text].")
+@click.option(
+    "-o",
+    "--out",
+    "exp",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Experiment folder (distill.yaml, student.safetensors, distill_log.jsonl, distill_metrics.json).",
+)
+@click.option(
+    "--teacher-audio",
+    metavar="SPEC",
+    help="Audio teacher: a store in FEATS / .h5 path (cached states) or a "
+    "wav2vec2-family transformers model (folder or hub id, run live).",
+)
+@click.option(
+    "--teacher-text", metavar="SPEC", help="Text teacher: a store in FEATS / .h5 path or a BERT-family model."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML with student / distill sections (an EXP/distill.yaml works too).",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override, e.g. distill.kappa=0.1, student.modalities=[text].",
+)
 @click.option("--finetune", "--finetune-only", "finetune", is_flag=True, hidden=True)
 @click.option("--overwrite", is_flag=True, help="Delete EXP first.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
@@ -388,37 +628,74 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
     from sertool.distill import run_distill
 
     if finetune:
-        raise click.UsageError(f"fine-tuning is the train stage's: sertool train {feats} -m cmd --init {exp} "
-                               "--protocol ... -o EXP_FT (evaluate and predict as any experiment)")
+        raise click.UsageError(
+            f"fine-tuning is the train stage's: sertool train {feats} -m cmd --init {exp} "
+            "--protocol ... -o EXP_FT (evaluate and predict as any experiment)"
+        )
     log = (lambda s: None) if quiet else click.echo
-    m = run_distill(feats, exp, teacher_audio=teacher_audio, teacher_text=teacher_text, config_file=config_file,
-                    overrides=list(sets), overwrite=overwrite, progress=not quiet, log=log)
-    click.echo(f"{exp}: student from epoch {m['best_epoch'] + 1}, val loss {m['best_val_loss']:.4f} "
-               f"(parameters {m['parameters']['student']})")
+    m = run_distill(
+        feats,
+        exp,
+        teacher_audio=teacher_audio,
+        teacher_text=teacher_text,
+        config_file=config_file,
+        overrides=list(sets),
+        overwrite=overwrite,
+        progress=not quiet,
+        log=log,
+    )
+    click.echo(
+        f"{exp}: student from epoch {m['best_epoch'] + 1}, val loss {m['best_val_loss']:.4f} "
+        f"(parameters {m['parameters']['student']})"
+    )
 
 
 # ----------------------------------------------------------------------------------- predict
 @cli.command(context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, required=True, metavar="[EXP] WAV_DIR")
-@click.option("-o", "--out", default="-", show_default=True, metavar="FILE",
-              help="predictions.csv, predictions.jsonl, or - for stdout (CSV).")
-@click.option("--transcripts", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-              help="Text per file for models with a text input: csv/tsv with columns file, text.")
+@click.option(
+    "-o",
+    "--out",
+    default="-",
+    show_default=True,
+    metavar="FILE",
+    help="predictions.csv, predictions.jsonl, or - for stdout (CSV).",
+)
+@click.option(
+    "--transcripts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Text per file for models with a text input: csv/tsv with columns file, text.",
+)
 @click.option("--asr", metavar="MODEL", help="Transcribe files that have no text (e.g. tiny.en, packaged, offline).")
-@click.option("--asr-beam", default=1, show_default=True, type=click.IntRange(1), metavar="N",
-              help="ASR beam size (1 = greedy, fastest; sertool extract uses 5).")
+@click.option(
+    "--asr-beam",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    metavar="N",
+    help="ASR beam size (1 = greedy, fastest; sertool extract uses 5).",
+)
 @click.option("--segments", is_flag=True, help="Also write one row per segment of files longer than --window.")
-@click.option("--window", default=30.0, show_default=True, type=click.FloatRange(min=1.0),
-              help="Seconds: longer files are cut into equal segments no longer than this.")
+@click.option(
+    "--window",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0),
+    help="Seconds: longer files are cut into equal segments no longer than this.",
+)
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Segments per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="Output format (default: from the file name).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="Output format (default: from the file name)."
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip the files already in the output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
-def predict(paths, out, transcripts, asr, asr_beam, segments, window, batch_size, device, fmt, resume, overwrite,
-            quiet):
+def predict(
+    paths, out, transcripts, asr, asr_beam, segments, window, batch_size, device, fmt, resume, overwrite, quiet
+):
     """Predict the emotion of every recording in WAV_DIR (recursive; or one audio file) with the
     model of EXP, or with the packaged default model when EXP is left out.
 
@@ -435,21 +712,39 @@ def predict(paths, out, transcripts, asr, asr_beam, segments, window, batch_size
         raise click.UsageError(f"expected [EXP] WAV_DIR, got {len(paths)} arguments")
     exp, wav_dir = (None, paths[0]) if len(paths) == 1 else paths
     if exp is None and (Path(wav_dir) / "predictor.json").exists():
-        raise click.UsageError(f"{wav_dir} is an experiment folder; give the recordings too: sertool predict EXP WAV_DIR")
+        raise click.UsageError(
+            f"{wav_dir} is an experiment folder; give the recordings too: sertool predict EXP WAV_DIR"
+        )
     log = (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
     try:
-        report = run_predict(exp, wav_dir, out, transcripts=transcripts, asr=asr, asr_beam=asr_beam,
-                             segments=segments, window=window,
-                             batch_size=batch_size, device=device, fmt=fmt, resume=resume, overwrite=overwrite,
-                             progress=not quiet, log=log)
+        report = run_predict(
+            exp,
+            wav_dir,
+            out,
+            transcripts=transcripts,
+            asr=asr,
+            asr_beam=asr_beam,
+            segments=segments,
+            window=window,
+            batch_size=batch_size,
+            device=device,
+            fmt=fmt,
+            resume=resume,
+            overwrite=overwrite,
+            progress=not quiet,
+            log=log,
+        )
     except BrokenPipeError:  # `sertool predict ... | head`: the reader has gone, stop quietly
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    log(f"{report.n_done} file(s) predicted ({report.audio_seconds:.1f} s of audio, {report.seconds:.1f} s, "
-        f"{report.real_time_factor:.0f}x real time)" + (f", {report.n_skipped} already done" if report.n_skipped else "")
-        + (f" -> {report.output}" if report.output != "-" else ""))
+    log(
+        f"{report.n_done} file(s) predicted ({report.audio_seconds:.1f} s of audio, {report.seconds:.1f} s, "
+        f"{report.real_time_factor:.0f}x real time)"
+        + (f", {report.n_skipped} already done" if report.n_skipped else "")
+        + (f" -> {report.output}" if report.output != "-" else "")
+    )
     if report.asr:
         log("ASR: " + ", ".join(f"{k} {v}" for k, v in report.asr.items()))
     if report.n_failed:  # always said (also with -q), as the last line on stderr
@@ -460,8 +755,13 @@ def predict(paths, out, transcripts, asr, asr_beam, segments, window, batch_size
 # ----------------------------------------------------------------------------------- export
 @cli.command(context_settings=CONTEXT)
 @click.argument("exp", type=click.Path(file_okay=False, path_type=Path), required=False)
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="model.onnx (ONNX) or model.pt (TorchScript).")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="model.onnx (ONNX) or model.pt (TorchScript).",
+)
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(9), help="ONNX opset.")
 @click.option("--no-check", is_flag=True, help="Do not check that the exported model gives the same outputs.")
 @_fail_cleanly
@@ -474,8 +774,10 @@ def export(exp, out, opset, no_check):
     from sertool.export import run_export
 
     info = run_export(exp, out, opset=opset, check=not no_check)
-    click.echo(f"{out}: {info['format']}, inputs {', '.join(info['input_names'])}; outputs {info['output']}"
-               + (f"; max abs difference to PyTorch {info['check']['max_abs_diff']:.2e}" if info.get("check") else ""))
+    click.echo(
+        f"{out}: {info['format']}, inputs {', '.join(info['input_names'])}; outputs {info['output']}"
+        + (f"; max abs difference to PyTorch {info['check']['max_abs_diff']:.2e}" if info.get("check") else "")
+    )
 
 
 def main() -> None:

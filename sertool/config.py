@@ -18,8 +18,17 @@ from typing import Any, Iterable
 
 import yaml
 
-__all__ = ["load_yaml", "load_config_file", "yaml_problem", "parse_value", "parse_assignment", "coerce", "merge",
-           "merge_file", "apply_overrides"]
+__all__ = [
+    "load_yaml",
+    "load_config_file",
+    "yaml_problem",
+    "parse_value",
+    "parse_assignment",
+    "coerce",
+    "merge",
+    "merge_file",
+    "apply_overrides",
+]
 
 _PYTHON_TAG = "could not determine a constructor for the tag"
 
@@ -31,7 +40,7 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     if problem.startswith(_PYTHON_TAG):
-        tag = problem[len(_PYTHON_TAG):].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
+        tag = problem[len(_PYTHON_TAG) :].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
         problem = f"the tag {tag!r} is not allowed (sertool reads plain YAML only, never Python objects)"
     elif getattr(e, "context", None):
         problem = f"{problem} ({e.context})"

@@ -14,9 +14,10 @@ they fit in ``preload_gb`` of memory), so building a batch is a few slices and o
 stores are read from HDF5 per batch (lazily: only the lengths are read up front).
 ``preload`` may also be a number: a memory budget in GB over all inputs, filled in order; an
 input that does not fit is read lazily.  A lazily read store is reopened in every process that
-uses it (DataLoader workers, forked or spawned), so no HDF5 handle is shared across processes.  Aligned files (``sertool align``: datasets ``ids``,
-``audio``/``text``/``visual`` ``[N, n, D]`` and ``mask`` or ``<modality>_mask`` ``[N, n]``)
-give one source per modality, with only the real steps kept.
+uses it (DataLoader workers, forked or spawned), so no HDF5 handle is shared across processes.
+Aligned files (``sertool align``: datasets ``ids``, ``audio``/``text``/``visual`` ``[N, n, D]``
+and ``mask`` or ``<modality>_mask`` ``[N, n]``) give one source per modality, with only the real
+steps kept.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import h5py
 import numpy as np
 import torch
 
-from sertool.weights import load_tensors
 from sertool.store import FeatureStore, StoreError, decode_attrs, open_store
 from sertool.utils import save_tensors
+from sertool.weights import load_tensors
 
 MODALITIES = ("audio", "text", "visual")
 
@@ -63,15 +64,27 @@ class Source:
         return uid in self._index
 
     def provenance(self) -> dict:
-        keep = ("feature", "kind", "dim", "frame_rate_hz", "unit", "extractor", "dtype", "versions", "created", "source")
+        keep = (
+            "feature",
+            "kind",
+            "dim",
+            "frame_rate_hz",
+            "unit",
+            "extractor",
+            "dtype",
+            "versions",
+            "created",
+            "source",
+        )
         return {"path": str(self.path), **{k: self.attrs[k] for k in keep if k in self.attrs}}
 
 
 class StoreSource(Source):
     """A feature store, preloaded into one array (``preload=True``) or read per utterance."""
 
-    def __init__(self, store: FeatureStore, preload: bool | str = "auto", preload_gb: float = 4.0,
-                 only: set[str] | None = None):
+    def __init__(
+        self, store: FeatureStore, preload: bool | str = "auto", preload_gb: float = 4.0, only: set[str] | None = None
+    ):
         self.store = store
         self._pid = os.getpid()
         self.path = store.paths[0] if len(store.paths) == 1 else store.paths[0].parent
@@ -90,7 +103,7 @@ class StoreSource(Source):
             self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
             self._data = np.empty((int(self._offsets[-1]), self.dim), dtype=np.float32)
             for i, u in enumerate(wanted):
-                self._data[self._offsets[i]:self._offsets[i + 1]] = store[u]
+                self._data[self._offsets[i] : self._offsets[i + 1]] = store[u]
 
     @property
     def ids(self) -> list[str]:
@@ -115,7 +128,7 @@ class StoreSource(Source):
     def get(self, uid: str) -> np.ndarray:
         if self.preloaded:
             i = self._index[uid]
-            return self._data[self._offsets[i]:self._offsets[i + 1]]
+            return self._data[self._offsets[i] : self._offsets[i + 1]]
         return self._handle()[uid]
 
     def __getstate__(self):  # h5py handles do not pickle: a spawned worker reopens the store
@@ -134,13 +147,15 @@ class WaveSource(Source):
     dtype = np.float32
     raw = True
 
-    def __init__(self, utts: list, only: set[str] | None = None, sample_rate: int = 16000,
-                 preload: bool | str = "auto"):
+    def __init__(
+        self, utts: list, only: set[str] | None = None, sample_rate: int = 16000, preload: bool | str = "auto"
+    ):
         self.utts = {u.id: u for u in utts if only is None or u.id in only}
         no_audio = [uid for uid, u in self.utts.items() if not u.audio]
         if no_audio:
-            raise DataError(f"data.audio = wave: {len(no_audio)} utterances have no audio in the manifest "
-                            f"(e.g. {no_audio[0]})")
+            raise DataError(
+                f"data.audio = wave: {len(no_audio)} utterances have no audio in the manifest (e.g. {no_audio[0]})"
+            )
         self._index = {uid: i for i, uid in enumerate(self.utts)}
         self.sample_rate = int(sample_rate)
         self.keep = preload is not False
@@ -148,8 +163,15 @@ class WaveSource(Source):
         self._lengths: dict[str, int] = {}
         self.name, self.dim, self.preloaded = "wave", 0, False
         self.path = Path("manifest.jsonl")
-        self.attrs = {"feature": "wave", "kind": "audio", "dim": 0, "frame_rate_hz": float(sample_rate),
-                      "unit": "sample", "source": "manifest", "normalize": "per-utterance z-score"}
+        self.attrs = {
+            "feature": "wave",
+            "kind": "audio",
+            "dim": 0,
+            "frame_rate_hz": float(sample_rate),
+            "unit": "sample",
+            "source": "manifest",
+            "normalize": "per-utterance z-score",
+        }
 
     @property
     def ids(self) -> list[str]:
@@ -189,8 +211,14 @@ class TokenSource(Source):
     dtype = np.int64
     raw = True
 
-    def __init__(self, spec: str, utts: list, feats: str | Path | None, only: set[str] | None = None,
-                 vocab: list[str] | None = None):
+    def __init__(
+        self,
+        spec: str,
+        utts: list,
+        feats: str | Path | None,
+        only: set[str] | None = None,
+        vocab: list[str] | None = None,
+    ):
         kind, _, target = spec.partition(":")
         self.name, self.dim, self.preloaded = spec, 0, True
         self.utts = {u.id: u for u in utts if only is None or u.id in only}
@@ -212,15 +240,23 @@ class TokenSource(Source):
                         continue
                     toks = store.utt_attrs(uid).get("tokens")
                     if toks is None:
-                        raise DataError(f"data.text = {spec}: {path} records no tokens for {uid!r} "
-                                        "(extract a token-level store, e.g. -f bert)")
+                        raise DataError(
+                            f"data.text = {spec}: {path} records no tokens for {uid!r} "
+                            "(extract a token-level store, e.g. -f bert)"
+                        )
                     toks = [t.decode() if isinstance(t, bytes) else str(t) for t in toks]
                     self._ids[uid] = np.asarray([index.get(t, 1) for t in toks], np.int64)
             finally:
                 store.close()
             self.path = path
-            self.attrs = {"feature": f"tokens:{store.attrs.get('feature') or path.stem}", "kind": "text", "dim": 0,
-                          "unit": "token", "source": str(path), "vocab_size": len(vocab)}
+            self.attrs = {
+                "feature": f"tokens:{store.attrs.get('feature') or path.stem}",
+                "kind": "text",
+                "dim": 0,
+                "unit": "token",
+                "source": str(path),
+                "vocab_size": len(vocab),
+            }
         elif kind == "tokenizer":
             from transformers import AutoTokenizer
 
@@ -230,11 +266,18 @@ class TokenSource(Source):
             tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
             limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
             for uid, u in self.utts.items():
-                self._ids[uid] = np.asarray(tokenizer(u.text or "", truncation=True, max_length=limit)["input_ids"],
-                                            np.int64)
+                self._ids[uid] = np.asarray(
+                    tokenizer(u.text or "", truncation=True, max_length=limit)["input_ids"], np.int64
+                )
             self.path = Path(str(resolved.path))
-            self.attrs = {"feature": spec, "kind": "text", "dim": 0, "unit": "token", "source": "manifest",
-                          "tokenizer": resolved.record}
+            self.attrs = {
+                "feature": spec,
+                "kind": "text",
+                "dim": 0,
+                "unit": "token",
+                "source": "manifest",
+                "tokenizer": resolved.record,
+            }
         else:
             raise DataError(f"data.text = {spec!r}: expected a store, tokens:STORE or tokenizer:MODEL")
         self._index = {uid: i for i, uid in enumerate(self._ids)}
@@ -369,13 +412,22 @@ def _check_kind(store: FeatureStore, modality: str, name: str) -> None:
         return
     store.close()
     stored = store.name or Path(str(name)).stem
-    raise DataError(f"--{modality} {name}: store {stored!r} holds {_holds(kind, store.attrs)}, not "
-                    f"{_holds(modality, {'unit': 'word'})}; pass it as --{kind}")
+    raise DataError(
+        f"--{modality} {name}: store {stored!r} holds {_holds(kind, store.attrs)}, not "
+        f"{_holds(modality, {'unit': 'word'})}; pass it as --{kind}"
+    )
 
 
-def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: bool | str = "auto",
-                 preload_gb: float = 4.0, only: set[str] | None = None, utts: list | None = None,
-                 vocab: list[str] | None = None) -> dict[str, Source]:
+def open_sources(
+    feats: str | Path | None,
+    spec: dict[str, str],
+    *,
+    preload: bool | str = "auto",
+    preload_gb: float = 4.0,
+    only: set[str] | None = None,
+    utts: list | None = None,
+    vocab: list[str] | None = None,
+) -> dict[str, Source]:
     """Open the source of every modality in ``spec`` (store name in FEATS, a .h5 path, or an
     aligned file; or the raw inputs of models with their own input encoders: ``wave``,
     ``tokens:STORE``, ``tokenizer:MODEL``, which read the manifest's ``utts``); raises DataError
@@ -398,8 +450,10 @@ def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: boo
         if modality not in MODALITIES:
             raise DataError(f"data.{modality}: unknown modality (known: {', '.join(MODALITIES)})")
         if not name:
-            raise DataError(f"no feature store given for the {modality} input (e.g. --{modality} mfcc or "
-                            f"--set data.{modality}=NAME)")
+            raise DataError(
+                f"no feature store given for the {modality} input (e.g. --{modality} mfcc or "
+                f"--set data.{modality}=NAME)"
+            )
         if str(name) == "wave" or str(name).startswith(("tokens:", "tokenizer:")):
             if utts is None:
                 from sertool.corpora.base import read_manifest
@@ -428,8 +482,10 @@ def open_sources(feats: str | Path | None, spec: dict[str, str], *, preload: boo
             store = open_store(path)
         except StoreError as e:
             have = list_stores(feats) if feats is not None and Path(feats).is_dir() else []
-            raise DataError(f"data.{modality} = {name!r}: {e}" + (f"; {feats} has: {', '.join(have) or 'no stores'}"
-                                                                   if feats is not None else "")) from None
+            raise DataError(
+                f"data.{modality} = {name!r}: {e}"
+                + (f"; {feats} has: {', '.join(have) or 'no stores'}" if feats is not None else "")
+            ) from None
         _check_kind(store, modality, name)
         if budget is None:
             sources[modality] = StoreSource(store, preload=preload, preload_gb=preload_gb, only=only)
@@ -445,9 +501,11 @@ def check_ids(sources: dict[str, Source], ids: list[str]) -> None:
     for modality, src in sources.items():
         missing = [u for u in ids if u not in src]
         if missing:
-            raise DataError(f"{len(missing)} of {len(ids)} utterances are missing from the {modality} store "
-                            f"{src.path} (e.g. {', '.join(missing[:3])}); the stores and the manifest do not "
-                            "match (extract them from the same corpus, or re-run extract to finish the store)")
+            raise DataError(
+                f"{len(missing)} of {len(ids)} utterances are missing from the {modality} store "
+                f"{src.path} (e.g. {', '.join(missing[:3])}); the stores and the manifest do not "
+                "match (extract them from the same corpus, or re-run extract to finish the store)"
+            )
         empty = [u for u in ids if src.length(u) == 0]
         if empty:
             raise DataError(f"{len(empty)} utterances have no {modality} frames in {src.path} (e.g. {empty[0]})")
@@ -502,8 +560,15 @@ class SERDataset:
     frames / 20 tokens or ``evaluate --crop-length``.
     """
 
-    def __init__(self, sources: dict[str, Source], ids: list[str], targets: list, norm: Normalizer | None = None,
-                 crop: dict[str, int | None] | None = None, regression: bool = False):
+    def __init__(
+        self,
+        sources: dict[str, Source],
+        ids: list[str],
+        targets: list,
+        norm: Normalizer | None = None,
+        crop: dict[str, int | None] | None = None,
+        regression: bool = False,
+    ):
         if not ids:
             raise DataError("empty split: no utterances to load")
         if len(ids) != len(targets):
@@ -515,8 +580,10 @@ class SERDataset:
         self.crop = {m: int(v) for m, v in (crop or {}).items() if v}
         self.norm = norm or Normalizer()
         self._norm_t = {m: (torch.from_numpy(mu), torch.from_numpy(sd)) for m, (mu, sd) in self.norm.stats.items()}
-        self.lengths = {m: np.array([min(src.length(u), self.crop.get(m, 1 << 62)) for u in self.ids], dtype=np.int64)
-                        for m, src in sources.items()}
+        self.lengths = {
+            m: np.array([min(src.length(u), self.crop.get(m, 1 << 62)) for u in self.ids], dtype=np.int64)
+            for m, src in sources.items()
+        }
         self.max_length = np.max(np.stack(list(self.lengths.values())), axis=0) if sources else None
 
     def __len__(self) -> int:
@@ -543,21 +610,22 @@ class SERDataset:
         batch["target"] = torch.from_numpy(self.targets[idx])
         return batch
 
-    def batch_indices(self, batch_size: int, max_frames: int | None = None, shuffle: bool = False,
-                      seed: int = 0, epoch: int = 0) -> list[np.ndarray]:
+    def batch_indices(
+        self, batch_size: int, max_frames: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0
+    ) -> list[np.ndarray]:
         """Index batches; with ``max_frames``, utterances of similar length are grouped so that
         (longest item x items) stays under ``max_frames`` (dynamic batching by frames)."""
         n = len(self.ids)
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
         order = rng.permutation(n) if shuffle else np.arange(n)
         if not max_frames:
-            return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+            return [order[i : i + batch_size] for i in range(0, n, batch_size)]
         # sort by length inside chunks of ~100 batches (keeps randomness between epochs)
         lengths = self.max_length
         chunk = max(batch_size * 100, 1)
         batches = []
         for c in range(0, n, chunk):
-            part = order[c:c + chunk]
+            part = order[c : c + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]
             cur: list[int] = []
             longest = 0
@@ -575,8 +643,9 @@ class SERDataset:
             batches = [batches[i] for i in perm]
         return batches
 
-    def batches(self, batch_size: int, max_frames: int | None = None, shuffle: bool = False, seed: int = 0,
-                epoch: int = 0) -> Iterator[dict]:
+    def batches(
+        self, batch_size: int, max_frames: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0
+    ) -> Iterator[dict]:
         for idx in self.batch_indices(batch_size, max_frames, shuffle, seed, epoch):
             yield self.collate(idx)
 
@@ -596,9 +665,16 @@ def shard_batch(idx: np.ndarray, rank: int, world_size: int) -> tuple[np.ndarray
     return local, True
 
 
-def distributed_batch_indices(ds: "SERDataset", batch_size: int, max_frames: int | None = None,
-                              shuffle: bool = False, seed: int = 0, epoch: int = 0, rank: int = 0,
-                              world_size: int = 1) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+def distributed_batch_indices(
+    ds: "SERDataset",
+    batch_size: int,
+    max_frames: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """The same global batches as ``ds.batch_indices`` (fixed size or frame budget, a function
     of ``(seed, epoch)`` only), each as ``(global_idx, local_idx, real)`` for this rank.
 
@@ -622,8 +698,16 @@ class DistributedBatchSampler:
         loader = DataLoader(ds_items, batch_sampler=sampler, collate_fn=..., num_workers=2)
     """
 
-    def __init__(self, ds: "SERDataset", batch_size: int, max_frames: int | None = None, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        ds: "SERDataset",
+        batch_size: int,
+        max_frames: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.ds, self.batch_size, self.max_frames = ds, batch_size, max_frames
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epoch = 0
@@ -632,8 +716,9 @@ class DistributedBatchSampler:
         self.epoch = epoch
 
     def _batches(self):
-        return distributed_batch_indices(self.ds, self.batch_size, self.max_frames, self.shuffle, self.seed,
-                                         self.epoch, self.rank, self.world_size)
+        return distributed_batch_indices(
+            self.ds, self.batch_size, self.max_frames, self.shuffle, self.seed, self.epoch, self.rank, self.world_size
+        )
 
     def __iter__(self):
         for _, local, _ in self._batches():
@@ -666,8 +751,9 @@ def iterate_batches(ds: "SERDataset", batches: list[np.ndarray], workers: int = 
         for b in batches:
             yield ds.collate(b)
         return
-    loader = torch.utils.data.DataLoader(CollatedBatches(ds, batches), batch_size=None, shuffle=False,
-                                         num_workers=workers, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(
+        CollatedBatches(ds, batches), batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2
+    )
     yield from loader
 
 

@@ -43,6 +43,7 @@ student-to-teacher direction only (``distill.symmetric=true`` adds teacher-to-st
 utterance waveform normalisation (zero mean, unit variance) for every student and live teacher,
 input encoders trained with the rest (``student.freeze_input_encoders=true`` freezes them).
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,10 +63,19 @@ import yaml
 
 from sertool.batching import budget_batches, crop_lengths
 from sertool.data import to_device
-from sertool.train import STAGE_DEFAULTS, Schedule
 from sertool.models.cmd import DistillStudent, count_parameters, modality_parameters, save_student
-from sertool.models.cmd_inputs import (SAMPLE_RATE, LogMelStem, _module_spec, TeacherTokenEncoder, TeacherWaveEncoder,
-                                       TokenEmbedding, WaveStem, logmel_halvings, stem_layers)
+from sertool.models.cmd_inputs import (
+    SAMPLE_RATE,
+    LogMelStem,
+    TeacherTokenEncoder,
+    TeacherWaveEncoder,
+    TokenEmbedding,
+    WaveStem,
+    _module_spec,
+    logmel_halvings,
+    stem_layers,
+)
+from sertool.train import STAGE_DEFAULTS, Schedule
 from sertool.utils import DeviceError, pick_device, write_json, write_text
 
 MODALITIES = ("audio", "text")
@@ -78,8 +88,14 @@ class DistillError(ValueError):
 
 
 # =================================================================================== loss
-def contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
-                     kappa: float = 0.05, similarity: str = "cosine", symmetric: bool = False) -> torch.Tensor:
+def contrastive_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    kappa: float = 0.05,
+    similarity: str = "cosine",
+    symmetric: bool = False,
+) -> torch.Tensor:
     """Per-time-step contrastive loss (Eqs. 8-9): positives are the teacher and student vectors of
     the same utterance at the same step, negatives the teacher vectors of the other utterances of
     the batch at that step (padded steps are neither anchors nor negatives).
@@ -102,9 +118,9 @@ def contrastive_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.T
     n = valid.sum().clamp_min(1)
 
     def one_way(a, b):
-        logits = torch.einsum("itd,jtd->tij", a, b) / kappa      # [T, B(anchor), B(candidate)]
-        logits = logits.masked_fill(~valid[:, None, :], -1e9)     # padded candidates are no negatives
-        pos = logits.log_softmax(-1).diagonal(dim1=1, dim2=2)     # [T, B]
+        logits = torch.einsum("itd,jtd->tij", a, b) / kappa  # [T, B(anchor), B(candidate)]
+        logits = logits.masked_fill(~valid[:, None, :], -1e9)  # padded candidates are no negatives
+        pos = logits.log_softmax(-1).diagonal(dim1=1, dim2=2)  # [T, B]
         return -torch.where(valid, pos, torch.zeros_like(pos)).sum() / n
 
     loss = one_way(s, h)
@@ -137,8 +153,14 @@ class CachedTeacher:
         self.store, self.path, self.modality = store, Path(path), modality
         self.dim = int(store.dim)
         self.frame_rate_hz = store.attrs.get("frame_rate_hz")
-        self.spec = {"type": "store", "path": str(Path(path).resolve()), "feature": store.attrs.get("feature"),
-                     "dim": self.dim, "frame_rate_hz": self.frame_rate_hz, "extractor": store.attrs.get("extractor")}
+        self.spec = {
+            "type": "store",
+            "path": str(Path(path).resolve()),
+            "feature": store.attrs.get("feature"),
+            "dim": self.dim,
+            "frame_rate_hz": self.frame_rate_hz,
+            "extractor": store.attrs.get("extractor"),
+        }
         self.n_parameters = None
 
     def __contains__(self, uid):
@@ -166,8 +188,9 @@ def _load_transformers(spec, modality: str):
         with quiet_transformers():
             model = AutoModel.from_pretrained(str(resolved.path), local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise DistillError(f"teacher {modality}: cannot load a transformers model from {resolved.path} "
-                           f"({type(e).__name__}: {e})") from None
+        raise DistillError(
+            f"teacher {modality}: cannot load a transformers model from {resolved.path} ({type(e).__name__}: {e})"
+        ) from None
     return model, resolved
 
 
@@ -179,8 +202,10 @@ class LiveAudioTeacher:
     def __init__(self, spec, device="cpu"):
         model, resolved = _load_transformers(spec, "audio")
         if not hasattr(model, "_get_feat_extract_output_lengths") or not hasattr(model, "feature_extractor"):
-            raise DistillError(f"teacher audio: {type(model).__name__} is not a wav2vec2-family encoder "
-                               "(for Whisper, extract `-f whisper` and give the store as the teacher)")
+            raise DistillError(
+                f"teacher audio: {type(model).__name__} is not a wav2vec2-family encoder "
+                "(for Whisper, extract `-f whisper` and give the store as the teacher)"
+            )
         self.model = model.eval() if device is None else model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -189,16 +214,25 @@ class LiveAudioTeacher:
         self.frame_rate_hz = SAMPLE_RATE / float(np.prod(cfg.conv_stride))
         self.can_mask = getattr(cfg, "feat_extract_norm", "group") == "layer"
         self.n_parameters = sum(p.numel() for p in model.parameters())
-        self.spec = {"type": "transformers", "model": str(spec) if resolved is None else str(resolved.name),
-                     "path": None if resolved is None else resolved.record, "dim": self.dim,
-                     "frame_rate_hz": self.frame_rate_hz}
+        self.spec = {
+            "type": "transformers",
+            "model": str(spec) if resolved is None else str(resolved.name),
+            "path": None if resolved is None else resolved.record,
+            "dim": self.dim,
+            "frame_rate_hz": self.frame_rate_hz,
+        }
         if resolved is None:
             self.spec["model"] = type(model).__name__
 
     def input_encoder(self) -> nn.Module:
         cfg = self.model.config
-        return TeacherWaveEncoder(copy.deepcopy(self.model.feature_extractor), cfg.conv_kernel, cfg.conv_stride,
-                                  int(cfg.conv_dim[-1]), spec=_module_spec(self.model.feature_extractor, cfg))
+        return TeacherWaveEncoder(
+            copy.deepcopy(self.model.feature_extractor),
+            cfg.conv_kernel,
+            cfg.conv_stride,
+            int(cfg.conv_dim[-1]),
+            spec=_module_spec(self.model.feature_extractor, cfg),
+        )
 
     @torch.no_grad()
     def __call__(self, wave: torch.Tensor, mask: torch.Tensor):
@@ -223,17 +257,23 @@ class LiveTextTeacher:
         self.model = model.eval() if device is None else model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.tokenizer = tokenizer or (AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
-                                       if resolved is not None else None)
+        self.tokenizer = tokenizer or (
+            AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True) if resolved is not None else None
+        )
         self.dim = int(model.config.hidden_size)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 512) or 512)
         self.n_parameters = sum(p.numel() for p in model.parameters())
-        self.spec = {"type": "transformers", "model": type(model).__name__ if resolved is None else str(resolved.name),
-                     "path": None if resolved is None else resolved.record, "dim": self.dim}
+        self.spec = {
+            "type": "transformers",
+            "model": type(model).__name__ if resolved is None else str(resolved.name),
+            "path": None if resolved is None else resolved.record,
+            "dim": self.dim,
+        }
 
     def input_encoder(self) -> nn.Module:
-        return TeacherTokenEncoder(copy.deepcopy(self.model.embeddings),
-                                   spec=_module_spec(self.model.embeddings, self.model.config))
+        return TeacherTokenEncoder(
+            copy.deepcopy(self.model.embeddings), spec=_module_spec(self.model.embeddings, self.model.config)
+        )
 
     def ids(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -269,7 +309,9 @@ def open_teacher(spec, modality: str, feats: Path | None, device="cpu", only=Non
 
 
 # =================================================================================== student
-def make_student(student_cfg: dict, teachers: dict, train_ids: Iterable[str] = ()) -> tuple[DistillStudent, dict | None]:
+def make_student(
+    student_cfg: dict, teachers: dict, train_ids: Iterable[str] = ()
+) -> tuple[DistillStudent, dict | None]:
     """The student for ``teachers``: a live teacher's own input encoder (with its weights), else a
     conv stem at the cached teacher's frame rate (audio) / an embedding over the store's tokens
     (text, vocabulary from ``train_ids``).  Returns the student and the vocabulary (or None)."""
@@ -298,8 +340,15 @@ def make_student(student_cfg: dict, teachers: dict, train_ids: Iterable[str] = (
 class Distiller(nn.Module):
     """Student + the linear maps g (teacher and student streams -> d_z) + the loss."""
 
-    def __init__(self, student: DistillStudent, teacher_dims: dict[str, int], d_z: int = 32, kappa: float = 0.05,
-                 similarity: str = "cosine", symmetric: bool = False):
+    def __init__(
+        self,
+        student: DistillStudent,
+        teacher_dims: dict[str, int],
+        d_z: int = 32,
+        kappa: float = 0.05,
+        similarity: str = "cosine",
+        symmetric: bool = False,
+    ):
         super().__init__()
         self.student = student
         self.g_student = nn.ModuleDict({m: nn.Linear(student.d, d_z) for m in student.modalities})
@@ -384,15 +433,20 @@ class DistillData:
         for m in self.modalities:
             t = self.teachers[m]
             if isinstance(t, CachedTeacher):
-                batch[f"t_{m}"], batch[f"t_{m}_mask"] = _pad([torch.from_numpy(np.asarray(t.states(self.ids[i])))
-                                                              for i in idx])
+                batch[f"t_{m}"], batch[f"t_{m}_mask"] = _pad(
+                    [torch.from_numpy(np.asarray(t.states(self.ids[i]))) for i in idx]
+                )
         return batch
 
     def teacher_states(self, batch: dict) -> dict:
         out = {}
         for m in self.modalities:
             t = self.teachers[m]
-            out[m] = (batch[f"t_{m}"], batch[f"t_{m}_mask"]) if isinstance(t, CachedTeacher) else t(batch[m], batch[f"{m}_mask"])
+            out[m] = (
+                (batch[f"t_{m}"], batch[f"t_{m}_mask"])
+                if isinstance(t, CachedTeacher)
+                else t(batch[m], batch[f"{m}_mask"])
+            )
         return out
 
 
@@ -423,8 +477,10 @@ def resolve_config(config_file=None, overrides: Iterable[str] = ()) -> dict:
     if config_file is not None:
         user = load_config_file(config_file)
         if "finetune" in user and "experiment" not in user:  # a user's file, not an older EXP/distill.yaml
-            raise DistillError(f"{config_file}: fine-tuning settings (finetune:) belong to the train stage now: "
-                               "sertool train FEATS -m cmd --init EXP (optim.lr, train.epochs, ... in its --config)")
+            raise DistillError(
+                f"{config_file}: fine-tuning settings (finetune:) belong to the train stage now: "
+                "sertool train FEATS -m cmd --init EXP (optim.lr, train.epochs, ... in its --config)"
+            )
         user = {k: v for k, v in user.items() if k in DEFAULTS}  # the rest of an EXP/distill.yaml is its record
         try:
             merge(cfg, user)
@@ -457,9 +513,19 @@ def _split_ids(utts, cfg: dict) -> tuple[list, list]:
 
 
 # =================================================================================== pre-training
-def run_distill(feats, exp, *, teacher_audio=None, teacher_text=None, config_file=None, overrides: Iterable[str] = (),
-                overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                utts=None) -> dict:
+def run_distill(
+    feats,
+    exp,
+    *,
+    teacher_audio=None,
+    teacher_text=None,
+    config_file=None,
+    overrides: Iterable[str] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    utts=None,
+) -> dict:
     """Distil the teachers into a student: FEATS -> EXP/student.safetensors (best val loss)."""
     from sertool.corpora.base import read_manifest
 
@@ -501,32 +567,50 @@ def run_distill(feats, exp, *, teacher_audio=None, teacher_text=None, config_fil
     np.random.seed(int(d["seed"]))
     student, vocab = make_student(s, teachers, [u.id for u in train_utts])
     inputs = student.spec["inputs"]
-    distiller = Distiller(student, {m: teachers[m].dim for m in mods}, d["d_z"], d["kappa"], d["similarity"],
-                          d["symmetric"]).to(device)
+    distiller = Distiller(
+        student, {m: teachers[m].dim for m in mods}, d["d_z"], d["kappa"], d["similarity"], d["symmetric"]
+    ).to(device)
     max_samples = int(round(float(d["max_audio_s"] or 0) * SAMPLE_RATE))
     train = DistillData(train_utts, mods, teachers, vocab, max_samples)
     dev = DistillData(dev_utts, mods, teachers, vocab, max_samples)
     budget = int(d["budget"] if "audio" in mods else d["text_budget"])
     train_len, dev_len = crop_lengths(train.lengths(), budget), crop_lengths(dev.lengths(), budget)
-    mk = lambda data, lens, ep, sh: budget_batches(lens, budget, shuffle=sh, seed=int(d["seed"]), epoch=ep,
-                                                   measure=d["measure"])
+    mk = lambda data, lens, ep, sh: budget_batches(
+        lens, budget, shuffle=sh, seed=int(d["seed"]), epoch=ep, measure=d["measure"]
+    )
     spe = len(mk(train, train_len, 0, True))
     # the paper's schedule: linear warm-up, then linear decay to 0 (the train stage's warmup_linear)
-    schedule = Schedule({**STAGE_DEFAULTS["schedule"], "name": "warmup_linear", "warmup_epochs": d["warmup_epochs"]},
-                        float(d["lr"]), spe, int(d["epochs"]), higher_is_better=False)
+    schedule = Schedule(
+        {**STAGE_DEFAULTS["schedule"], "name": "warmup_linear", "warmup_epochs": d["warmup_epochs"]},
+        float(d["lr"]),
+        spe,
+        int(d["epochs"]),
+        higher_is_better=False,
+    )
     opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=float(d["lr"]))
 
     if exp.exists() and any(exp.iterdir()):
         shutil.rmtree(exp)
     exp.mkdir(parents=True, exist_ok=True)
-    params = {"student": modality_parameters(student), "student_total": count_parameters(student),
-              "teacher": {m: teachers[m].n_parameters for m in mods}}
-    record = {**cfg, "inputs": inputs, "teachers": {m: teachers[m].spec for m in mods},
-              "data": {"feats": str(feats.resolve()) if feats else None, "train": len(train_utts), "dev": len(dev_utts)},
-              "parameters": params,
-              "experiment": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                             "command": " ".join(sys.argv), "device": str(device),
-                             "sertool": __import__("sertool").__version__, "torch": torch.__version__}}
+    params = {
+        "student": modality_parameters(student),
+        "student_total": count_parameters(student),
+        "teacher": {m: teachers[m].n_parameters for m in mods},
+    }
+    record = {
+        **cfg,
+        "inputs": inputs,
+        "teachers": {m: teachers[m].spec for m in mods},
+        "data": {"feats": str(feats.resolve()) if feats else None, "train": len(train_utts), "dev": len(dev_utts)},
+        "parameters": params,
+        "experiment": {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "device": str(device),
+            "sertool": __import__("sertool").__version__,
+            "torch": torch.__version__,
+        },
+    }
     write_text(exp / "distill.yaml", yaml.safe_dump(json.loads(json.dumps(record, default=str)), sort_keys=False))
     if vocab is not None:
         write_json(exp / "vocab.json", vocab, indent=None)
@@ -560,20 +644,33 @@ def run_distill(feats, exp, *, teacher_audio=None, teacher_text=None, config_fil
         if improved:
             best, best_epoch = val["loss"], epoch
             save_student(student, exp / "student.safetensors", {"epoch": epoch, "val_loss": best})
-        row = {"epoch": epoch, "lr": lr, "train_loss": total / max(n, 1), "val_loss": val["loss"],
-               **{f"val_loss_{m}": v for m, v in val["parts"].items()}, "best": improved,
-               "seconds": round(seconds, 3), "utts_per_s": round(n / max(seconds, 1e-9), 2)}
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": total / max(n, 1),
+            "val_loss": val["loss"],
+            **{f"val_loss_{m}": v for m, v in val["parts"].items()},
+            "best": improved,
+            "seconds": round(seconds, 3),
+            "utts_per_s": round(n / max(seconds, 1e-9), 2),
+        }
         history.append(row)
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if progress:
-            log(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}"
-                f"{' *' if improved else ''} ({row['utts_per_s']:.1f} utt/s)")
-    metrics = {"best_epoch": best_epoch, "best_val_loss": best,
-               "first_train_loss": history[0]["train_loss"] if history else None,
-               "last_train_loss": history[-1]["train_loss"] if history else None,
-               "parameters": params, "utts_per_s": float(np.mean([h["utts_per_s"] for h in history])) if history else None,
-               "seconds": round(time.time() - t0, 2)}
+            log(
+                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}"
+                f"{' *' if improved else ''} ({row['utts_per_s']:.1f} utt/s)"
+            )
+    metrics = {
+        "best_epoch": best_epoch,
+        "best_val_loss": best,
+        "first_train_loss": history[0]["train_loss"] if history else None,
+        "last_train_loss": history[-1]["train_loss"] if history else None,
+        "parameters": params,
+        "utts_per_s": float(np.mean([h["utts_per_s"] for h in history])) if history else None,
+        "seconds": round(time.time() - t0, 2),
+    }
     write_json(exp / "distill_metrics.json", metrics)
     for t in teachers.values():
         if isinstance(t, CachedTeacher):
@@ -593,4 +690,3 @@ def evaluate_loss(distiller: Distiller, data: DistillData, lengths, budget, meas
             parts[m] = parts.get(m, 0.0) + float(v) * len(idx)
         n += len(idx)
     return {"loss": total / max(n, 1), "parts": {m: v / max(n, 1) for m, v in parts.items()}}
-

@@ -30,8 +30,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "setup", "world", "barrier", "broadcast_object", "all_gather_object", "all_sum",
-           "broadcast_module", "launched_by_torchrun"]
+__all__ = [
+    "World",
+    "setup",
+    "world",
+    "barrier",
+    "broadcast_object",
+    "all_gather_object",
+    "all_sum",
+    "broadcast_module",
+    "launched_by_torchrun",
+]
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,9 @@ def world() -> World:
     """The current process group (a world of one when none is initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
         return _SINGLE
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0),
-                 dist.get_backend())
+    return World(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0), dist.get_backend()
+    )
 
 
 def setup(device: str = "auto", timeout_s: float | None = None) -> tuple[World, str]:

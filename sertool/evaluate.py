@@ -29,8 +29,18 @@ import torch
 
 from sertool import metrics as M
 from sertool.data import Normalizer, SERDataset
-from sertool.train import (RECORD_KEYS, TrainError, build, crop_lengths, load_experiment, load_inputs, load_weights,
-                           model_modalities, predict, run_dir_of)
+from sertool.train import (
+    RECORD_KEYS,
+    TrainError,
+    build,
+    crop_lengths,
+    load_experiment,
+    load_inputs,
+    load_weights,
+    model_modalities,
+    predict,
+    run_dir_of,
+)
 from sertool.utils import pick_device, write_csv, write_json, write_text
 
 CLASS_METRICS = ("WA", "UA", "macro_f1", "weighted_f1")
@@ -53,7 +63,9 @@ def _runs(exp: Path, folds, seeds) -> list[tuple]:
             if (rd / "model.safetensors").exists():
                 runs.append((fold, seed, rd))
     if not runs:
-        raise EvaluateError(f"{exp}: no trained run (folds/<fold>/seed<s>/model.safetensors); finish `sertool train` first")
+        raise EvaluateError(
+            f"{exp}: no trained run (folds/<fold>/seed<s>/model.safetensors); finish `sertool train` first"
+        )
     return runs
 
 
@@ -74,8 +86,14 @@ def _open(exp: Path, feats, crop_length: int | None, only: set[str] | None = Non
     return cfg, settings, folds, inputs, crop
 
 
-def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int | None = None, device: str = "auto",
-                        log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+def evaluate_experiment(
+    exp: str | os.PathLike,
+    feats=None,
+    *,
+    crop_length: int | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> tuple[dict, list[dict]]:
     """Predict every run's test split; returns (metrics, prediction rows)."""
     exp = Path(exp)
     cfg0, folds0 = load_experiment(exp)
@@ -93,7 +111,9 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
     for fold, seed, rd in _runs(exp, folds, seeds):
         missing = [u for u in fold.test if u not in target]
         if missing:
-            raise EvaluateError(f"fold {fold.name}: {len(missing)} test utterances are not in FEATS (e.g. {missing[0]})")
+            raise EvaluateError(
+                f"fold {fold.name}: {len(missing)} test utterances are not in FEATS (e.g. {missing[0]})"
+            )
         norm = Normalizer.load(exp / "folds" / fold.name / "norm.safetensors")
         ds = SERDataset(inputs.sources, fold.test, [target[u] for u in fold.test], norm, crop, regression)
         model = build(settings).to(dev)
@@ -103,11 +123,17 @@ def evaluate_experiment(exp: str | os.PathLike, feats=None, *, crop_length: int 
             dominance.append(modality_dominance(settings, model, ds, dev))
         for i, uid in enumerate(fold.test):
             if regression:
-                rows.append({"id": uid, "fold": fold.name, "seed": seed, "true": float(ds.targets[i]),
-                             "pred": float(preds[i])})
+                rows.append(
+                    {"id": uid, "fold": fold.name, "seed": seed, "true": float(ds.targets[i]), "pred": float(preds[i])}
+                )
             else:
-                row = {"id": uid, "fold": fold.name, "seed": seed, "true": classes[int(ds.targets[i])],
-                       "pred": classes[int(preds[i].argmax())]}
+                row = {
+                    "id": uid,
+                    "fold": fold.name,
+                    "seed": seed,
+                    "true": classes[int(ds.targets[i])],
+                    "pred": classes[int(preds[i].argmax())],
+                }
                 row.update({f"p_{c}": float(preds[i, j]) for j, c in enumerate(classes)})
                 rows.append(row)
         log(f"[{fold.name} seed {seed}] {len(fold.test)} test utterances")
@@ -163,16 +189,24 @@ def metrics_from_predictions(rows: list[dict], classes: list[str], regression: b
             pooled += np.asarray(m["confusion"])
         per_run.append({"fold": fold, "seed": seed, **m})
     keys = REG_METRICS if regression else CLASS_METRICS
-    out = {"task": "regression" if regression else "classification", "labels": classes, "n_runs": len(per_run),
-           "n_predictions": len(rows)}
+    out = {
+        "task": "regression" if regression else "classification",
+        "labels": classes,
+        "n_runs": len(per_run),
+        "n_predictions": len(rows),
+    }
     for k in keys:
         s = M.summarize([r[k] for r in per_run])
         out[k] = {"mean": s["mean"], "std": s["std"]}
     if not regression:
         out["confusion"] = pooled.tolist()
-        out["pooled"] = {k: v for k, v in M.classification_metrics(
-            [index[r["true"]] for r in rows], [index[r["pred"]] for r in rows], labels=classes).items()
-            if k not in ("confusion", "labels")}
+        out["pooled"] = {
+            k: v
+            for k, v in M.classification_metrics(
+                [index[r["true"]] for r in rows], [index[r["pred"]] for r in rows], labels=classes
+            ).items()
+            if k not in ("confusion", "labels")
+        }
     out["runs"] = per_run
     return out
 
@@ -183,8 +217,10 @@ def compare_runs(a: dict, b: dict) -> dict:
     rb = {(r["fold"], r["seed"]): r for r in b["runs"]}
     keys = sorted(set(ra) & set(rb))
     if not keys:
-        raise EvaluateError("the two experiments share no (fold, seed) run; compare experiments trained with the same "
-                            "protocol and seeds")
+        raise EvaluateError(
+            "the two experiments share no (fold, seed) run; compare experiments trained with the same "
+            "protocol and seeds"
+        )
     names = REG_METRICS[:3] if a["task"] == "regression" else CLASS_METRICS[:3]
     out = {"matched_runs": len(keys), "unmatched": len(set(ra) ^ set(rb))}
     for k in names:
@@ -210,8 +246,15 @@ def plot_confusion(path: Path, cm: list, classes: list[str], title: str) -> None
     ax.set_yticks(range(n), classes)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{norm[i, j]:.2f}\n({int(cm[i, j])})", ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}\n({int(cm[i, j])})",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
@@ -239,7 +282,7 @@ def plot_curves(path: Path, exp: Path) -> bool:
         runs.setdefault((r["fold"], r["seed"]), []).append(r)
     for (fold, seed), rs in runs.items():
         ep = [r["epoch"] + 1 for r in rs]
-        line, = axes[0, 0].plot(ep, [r["train_loss"] for r in rs], lw=0.8)
+        (line,) = axes[0, 0].plot(ep, [r["train_loss"] for r in rs], lw=0.8)
         axes[0, 0].plot(ep, [r["dev_loss"] for r in rs], lw=0.8, ls="--", color=line.get_color())
         if metric:
             axes[0, 1].plot(ep, [r[metric] for r in rs], lw=0.8, color=line.get_color())
@@ -262,45 +305,77 @@ def write_report(path: Path, exp: Path, cfg: dict, metrics: dict, comparison: di
     regression = metrics["task"] == "regression"
     keys = REG_METRICS if regression else CLASS_METRICS
     settings = _settings(cfg)
-    lines = [f"# Evaluation of `{exp}`", "",
-             f"- model: `{settings['model']['name']}`; inputs: "
-             + ", ".join(f"{m} = `{settings['data'][m]}`" for m in model_modalities(settings)),
-             f"- protocol: `{settings['protocol']['name']}`, {len(set(r['fold'] for r in metrics['runs']))} fold(s) x "
-             f"{len(set(r['seed'] for r in metrics['runs']))} seed(s); model selection on "
-             f"{metrics.get('selected_on') or 'dev'} (never on test)",
-             f"- label set: `{cfg.get('label_set', {}).get('preset')}` "
-             + (f"({', '.join(metrics['labels'])})" if not regression else "(regression on scores)"),
-             ]
+    lines = [
+        f"# Evaluation of `{exp}`",
+        "",
+        f"- model: `{settings['model']['name']}`; inputs: "
+        + ", ".join(f"{m} = `{settings['data'][m]}`" for m in model_modalities(settings)),
+        f"- protocol: `{settings['protocol']['name']}`, {len(set(r['fold'] for r in metrics['runs']))} fold(s) x "
+        f"{len(set(r['seed'] for r in metrics['runs']))} seed(s); model selection on "
+        f"{metrics.get('selected_on') or 'dev'} (never on test)",
+        f"- label set: `{cfg.get('label_set', {}).get('preset')}` "
+        + (f"({', '.join(metrics['labels'])})" if not regression else "(regression on scores)"),
+    ]
     if metrics.get("crop_length"):
         lines.append(f"- test sequences cropped to the first {metrics['crop_length']} steps")
-    lines += ["", "WA = overall accuracy; UA = mean per-class recall (sertool.metrics)." if not regression else
-              "Acc-2/F1 with zeros (has0: negative vs non-negative) and without (non0: zero-score examples removed).",
-              "", "## Mean ± std over runs", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
-              "| " + " | ".join(_fmt(metrics[k]) for k in keys) + " |", "", "## Per run", "",
-              "| fold | seed | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [
+        "",
+        "WA = overall accuracy; UA = mean per-class recall (sertool.metrics)."
+        if not regression
+        else "Acc-2/F1 with zeros (has0: negative vs non-negative) and without (non0: zero-score examples removed).",
+        "",
+        "## Mean ± std over runs",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+        "| " + " | ".join(_fmt(metrics[k]) for k in keys) + " |",
+        "",
+        "## Per run",
+        "",
+        "| fold | seed | " + " | ".join(keys) + " |",
+        "|---|---|" + "---|" * len(keys),
+    ]
     for r in metrics["runs"]:
         lines.append(f"| {r['fold']} | {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
     if not regression:
-        lines += ["", "## Per class (pooled over runs)", "", "| class | precision | recall | F1 | support |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Per class (pooled over runs)",
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---|---|---|---|",
+        ]
         for c, v in metrics["pooled"]["per_class"].items():
             lines.append(f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |")
         lines += ["", "![confusion](confusion.png)"]
     if metrics.get("dominance"):
-        lines += ["", "## Modality dominance (share of mean |dL/dlogits| on the test splits; CMD Table 6)", "",
-                  "| modality | share |", "|---|---|"]
+        lines += [
+            "",
+            "## Modality dominance (share of mean |dL/dlogits| on the test splits; CMD Table 6)",
+            "",
+            "| modality | share |",
+            "|---|---|",
+        ]
         lines += [f"| {m} | {v['mean']:.3f} ± {v['std']:.3f} |" for m, v in metrics["dominance"].items()]
     if has_curves:
         lines += ["", "![curves](curves.png)"]
     if comparison:
-        lines += ["", f"## Comparison with `{comparison['other']}`", "",
-                  f"{comparison['matched_runs']} matched (fold, seed) runs; paired two-tailed t-test and Wilcoxon "
-                  "signed-rank test.", "", "| metric | this | other | mean diff | t | p (t-test) | p (Wilcoxon) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Comparison with `{comparison['other']}`",
+            "",
+            f"{comparison['matched_runs']} matched (fold, seed) runs; paired two-tailed t-test and Wilcoxon "
+            "signed-rank test.",
+            "",
+            "| metric | this | other | mean diff | t | p (t-test) | p (Wilcoxon) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for k, v in comparison.items():
             if isinstance(v, dict):
-                lines.append(f"| {k} | {v['mean_a']:.4f} | {v['mean_b']:.4f} | {v['mean_diff']:+.4f} | {v['t']:.3f} | "
-                             f"{v['p_ttest']:.4g} | {v['p_wilcoxon']:.4g} |")
+                lines.append(
+                    f"| {k} | {v['mean_a']:.4f} | {v['mean_b']:.4f} | {v['mean_diff']:+.4f} | {v['t']:.3f} | "
+                    f"{v['p_ttest']:.4g} | {v['p_wilcoxon']:.4g} |"
+                )
     write_text(path, "\n".join(lines) + "\n")
 
 
@@ -328,7 +403,14 @@ def plot_attention(exp: Path, uid: str, out_dir: Path, feats=None, device: str =
         raise EvaluateError(f"utterance {uid!r} is in no test split of {exp}")
     cfg, settings, _, inputs, crop = _open(exp, feats, None, only={uid})
     seeds = cfg.get("experiment", {}).get("seeds") or [0]
-    rd = next((run_dir_of(exp, fold.name, s) for s in seeds if (run_dir_of(exp, fold.name, s) / "model.safetensors").exists()), None)
+    rd = next(
+        (
+            run_dir_of(exp, fold.name, s)
+            for s in seeds
+            if (run_dir_of(exp, fold.name, s) / "model.safetensors").exists()
+        ),
+        None,
+    )
     if rd is None:
         raise EvaluateError(f"fold {fold.name} has no trained model")
     norm = Normalizer.load(exp / "folds" / fold.name / "norm.safetensors")
@@ -370,8 +452,17 @@ def plot_attention(exp: Path, uid: str, out_dir: Path, feats=None, device: str =
 
 
 # ----------------------------------------------------------------------------------- the stage
-def run_evaluate(exp: str | os.PathLike, feats=None, *, out_dir=None, compare=None, crop_length: int | None = None,
-                 attention: str | None = None, device: str = "auto", log: Callable[[str], None] = print) -> dict:
+def run_evaluate(
+    exp: str | os.PathLike,
+    feats=None,
+    *,
+    out_dir=None,
+    compare=None,
+    crop_length: int | None = None,
+    attention: str | None = None,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
     """Evaluate EXP into ``out_dir`` (EXP/eval, or EXP/eval-crop<L> with ``crop_length``)."""
     exp = Path(exp)
     if crop_length is not None and crop_length < 1:
@@ -386,7 +477,9 @@ def run_evaluate(exp: str | os.PathLike, feats=None, *, out_dir=None, compare=No
         other = Path(compare)
         other_metrics_path = other / "eval" / "metrics.json"
         if crop_length or not other_metrics_path.exists():
-            other_metrics, _ = evaluate_experiment(other, feats, crop_length=crop_length, device=device, log=lambda s: None)
+            other_metrics, _ = evaluate_experiment(
+                other, feats, crop_length=crop_length, device=device, log=lambda s: None
+            )
         else:
             other_metrics = json.loads(other_metrics_path.read_text())
         if other_metrics["task"] != metrics["task"]:
@@ -394,8 +487,12 @@ def run_evaluate(exp: str | os.PathLike, feats=None, *, out_dir=None, compare=No
         comparison = {"other": str(other), **compare_runs(metrics, other_metrics)}
         metrics["compare"] = comparison
     if metrics["task"] != "regression":
-        plot_confusion(out / "confusion.png", metrics["confusion"], metrics["labels"],
-                       f"{cfg['model']['name']}: summed over {metrics['n_runs']} run(s), row-normalised")
+        plot_confusion(
+            out / "confusion.png",
+            metrics["confusion"],
+            metrics["labels"],
+            f"{cfg['model']['name']}: summed over {metrics['n_runs']} run(s), row-normalised",
+        )
     has_curves = plot_curves(out / "curves.png", exp)
     write_json(out / "metrics.json", metrics)
     write_report(out / "report.md", exp, cfg, metrics, comparison, has_curves)

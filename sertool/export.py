@@ -105,8 +105,9 @@ def _input_names(spec: dict) -> list[str]:
     return [n for m in (spec.get("inputs") or spec.get("features") or {}) for n in (m, f"{m}_mask")]
 
 
-def run_export(exp: str | os.PathLike | None, out: str | os.PathLike, *, opset: int = 17, check: bool = True,
-               atol: float = 1e-4) -> dict:
+def run_export(
+    exp: str | os.PathLike | None, out: str | os.PathLike, *, opset: int = 17, check: bool = True, atol: float = 1e-4
+) -> dict:
     """Write OUT (.onnx or .pt) and OUT.json; returns the description written to OUT.json."""
     out = Path(out)
     suffix = out.suffix.lower()
@@ -139,26 +140,45 @@ def run_export(exp: str | os.PathLike | None, out: str | os.PathLike, *, opset: 
 
 
 def _describe(spec: dict, path: Path, names: list[str], output_name: str) -> dict:
-    return {"sertool_export": 1, "source": str(path), "input_names": names, "output": output_name,
-            "task": spec.get("task"), "classes": spec.get("classes"), "max_steps": spec.get("max_steps"),
-            "features": spec.get("features"), "model_config": spec.get("model_config"),
-            "normalisation": "built in (training-split mean/std; padding set to zero)"}
+    return {
+        "sertool_export": 1,
+        "source": str(path),
+        "input_names": names,
+        "output": output_name,
+        "task": spec.get("task"),
+        "classes": spec.get("classes"),
+        "max_steps": spec.get("max_steps"),
+        "features": spec.get("features"),
+        "model_config": spec.get("model_config"),
+        "normalisation": "built in (training-split mean/std; padding set to zero)",
+    }
 
 
 def _export_onnx(deploy: DeployModel, ex: tuple, tmp: Path, names: list[str], output_name: str, opset: int) -> None:
     try:
         import onnx  # noqa: F401  (the exporter needs it)
     except ModuleNotFoundError:
-        raise ExportError("ONNX export needs the onnx package: pip install onnx onnxruntime "
-                          "(or export TorchScript: -o model.pt)") from None
+        raise ExportError(
+            "ONNX export needs the onnx package: pip install onnx onnxruntime (or export TorchScript: -o model.pt)"
+        ) from None
     dynamic = {n: ({0: "batch", 1: f"{n.removesuffix('_mask')}_frames"}) for n in names}
     dynamic[output_name] = {0: "batch"}
     try:
-        torch.onnx.export(deploy, ex, str(tmp), input_names=names, output_names=[output_name], opset_version=opset,
-                          dynamic_axes=dynamic, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            deploy,
+            ex,
+            str(tmp),
+            input_names=names,
+            output_names=[output_name],
+            opset_version=opset,
+            dynamic_axes=dynamic,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"ONNX export failed ({type(e).__name__}: {' '.join(str(e).split())[:400]}); "
-                          "try TorchScript: -o model.pt") from None
+        raise ExportError(
+            f"ONNX export failed ({type(e).__name__}: {' '.join(str(e).split())[:400]}); try TorchScript: -o model.pt"
+        ) from None
 
 
 def run_exported(path: str | os.PathLike, inputs: tuple, names: list[str] | None = None) -> np.ndarray:
@@ -178,12 +198,16 @@ def check_export(path: Path, deploy: DeployModel, spec: dict, suffix: str, atol:
             ref = deploy(*inputs).numpy()
         got = _run(path, suffix, inputs, _input_names(spec))
         if got.shape != ref.shape:
-            raise ExportError(f"exported model gives outputs of shape {got.shape}, PyTorch {ref.shape} "
-                              f"(batch {batch}, {frames} frames)")
+            raise ExportError(
+                f"exported model gives outputs of shape {got.shape}, PyTorch {ref.shape} "
+                f"(batch {batch}, {frames} frames)"
+            )
         worst = max(worst, float(np.max(np.abs(got - ref))))
     if worst > atol:
-        raise ExportError(f"the exported model's outputs differ from PyTorch's by up to {worst:.3g} (> {atol:g}); "
-                          "the model has shape-dependent code the exporter cannot follow; try the other format")
+        raise ExportError(
+            f"the exported model's outputs differ from PyTorch's by up to {worst:.3g} (> {atol:g}); "
+            "the model has shape-dependent code the exporter cannot follow; try the other format"
+        )
     return {"cases": [{"batch": b, "frames": f} for b, f in cases], "max_abs_diff": worst, "atol": atol}
 
 
@@ -192,13 +216,17 @@ def _run(path: Path, suffix: str, inputs: tuple, names: list[str] | None = None)
         try:
             import onnxruntime as ort
         except ModuleNotFoundError:
-            raise ExportError("checking an ONNX export needs onnxruntime: pip install onnxruntime "
-                              "(or skip the check: --no-check)") from None
+            raise ExportError(
+                "checking an ONNX export needs onnxruntime: pip install onnxruntime (or skip the check: --no-check)"
+            ) from None
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         wanted = {i.name for i in sess.get_inputs()}  # an input the graph does not use is left out
         names = names or [i.name for i in sess.get_inputs()]
-        feed = {n: (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)) for n, t in zip(names, inputs)
-                if n in wanted}
+        feed = {
+            n: (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+            for n, t in zip(names, inputs)
+            if n in wanted
+        }
         return np.asarray(sess.run(None, feed)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated upstream but works

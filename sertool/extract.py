@@ -220,8 +220,12 @@ def run_extract(
 
         needs = [u for u in utts if u.audio and not u.text and "audio_error" not in u.extra]
         if needs:
-            done = {u.id: u for u in transcribe_utterances(needs, model=asr, device=cli_options.get("device") or "auto",
-                                                           progress=progress)}
+            done = {
+                u.id: u
+                for u in transcribe_utterances(
+                    needs, model=asr, device=cli_options.get("device") or "auto", progress=progress
+                )
+            }
             utts = [done.get(u.id, u) for u in utts]
     manifest = write_manifest(utts, out_dir / "manifest.jsonl")
     report = ExtractReport(out_dir=out_dir, corpus=corpus_name, n_utterances=len(utts))
@@ -242,12 +246,23 @@ def run_extract(
             path = store_path(out_dir, spec.store)
             if shard is not None:
                 path = shard_path(path, *shard)
-            attrs = {"feature": spec.store, "kind": ex.kind, **ex.file_attrs(), "extractor": ex.config(),
-                     "corpus": corpus_name}
-            writers[spec.store] = w = StoreWriter(path, attrs, dtype=dtype, overwrite=overwrite, flush_every=flush_every)
+            attrs = {
+                "feature": spec.store,
+                "kind": ex.kind,
+                **ex.file_attrs(),
+                "extractor": ex.config(),
+                "corpus": corpus_name,
+            }
+            writers[spec.store] = w = StoreWriter(
+                path, attrs, dtype=dtype, overwrite=overwrite, flush_every=flush_every
+            )
             report.stores[spec.store] = path
-            usable = [u for u in mine if (not ex.needs_audio or (u.audio and "audio_error" not in u.extra))
-                      and (not ex.needs_text or u.text.strip())]
+            usable = [
+                u
+                for u in mine
+                if (not ex.needs_audio or (u.audio and "audio_error" not in u.extra))
+                and (not ex.needs_text or u.text.strip())
+            ]
             report.skipped_no_input[spec.store] = len(mine) - len(usable)
             pending[spec.store] = {u.id for u in usable if u.id not in w}
             report.skipped_done[spec.store] = len(usable) - len(pending[spec.store])
@@ -277,12 +292,13 @@ def run_extract(
             todo = [u for u in mine if u.id in pending[spec.store]]
             bar = tqdm(total=len(todo), desc=f"extract {spec.store}", unit="utt", disable=not progress)
             for start in range(0, len(todo), max(1, ex.batch_size)):
-                batch = todo[start:start + max(1, ex.batch_size)]
+                batch = todo[start : start + max(1, ex.batch_size)]
                 items, loaded = [], []
                 for u in batch:
                     try:
-                        wave = (load_audio(u.audio, ex.sample_rate, start=u.start, end=u.end)[0]
-                                if ex.needs_audio else None)
+                        wave = (
+                            load_audio(u.audio, ex.sample_rate, start=u.start, end=u.end)[0] if ex.needs_audio else None
+                        )
                         items.append((u, wave))
                         loaded.append(u)
                     except AudioError as e:
@@ -307,7 +323,9 @@ def run_extract(
 
     # 5. errors and provenance
     report.seconds = time.perf_counter() - t0
-    _write_errors(out_dir / ("errors.tsv" if shard is None else f"errors.shard-{shard[0]}-of-{shard[1]}.tsv"), report.errors)
+    _write_errors(
+        out_dir / ("errors.tsv" if shard is None else f"errors.shard-{shard[0]}-of-{shard[1]}.tsv"), report.errors
+    )
     _append_log(out_dir / "extract_log.jsonl", corpus_dir, specs, extractors, report, shard, nj)
     return report
 
@@ -323,8 +341,13 @@ def _import_csd_sequences(root: Path, utts: list[Utterance], out_dir: Path, log)
             stem = stem.removeprefix(prefix)
         if any(k in stem for k in ("label", "opinion")) or stem in ("timestampedwords", "words"):
             continue  # labels and word strings are read by the corpus reader
-        kind = "text" if "word" in stem or "glove" in stem else "visual" if any(
-            k in stem for k in ("facet", "openface", "visual")) else "audio"
+        kind = (
+            "text"
+            if "word" in stem or "glove" in stem
+            else "visual"
+            if any(k in stem for k in ("facet", "openface", "visual"))
+            else "audio"
+        )
         name = f"csd_{stem}"
         stores[name] = import_csd_features(csd, utts, out_dir / f"{name}.h5", name=name, kind=kind)
         log(f"imported {csd.name} -> {stores[name]}")
@@ -355,11 +378,17 @@ def _write_errors(path: Path, errors: list[tuple[str, str, str, str]]) -> None:
 def _append_log(path: Path, corpus_dir, specs, extractors, report: ExtractReport, shard, nj) -> None:
     entry = {
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "corpus_dir": str(Path(corpus_dir).resolve()), "corpus": report.corpus,
+        "corpus_dir": str(Path(corpus_dir).resolve()),
+        "corpus": report.corpus,
         "features": {s.store: extractors[s.store].config() for s in specs},
-        "computed": report.computed, "skipped_done": report.skipped_done,
-        "skipped_no_input": report.skipped_no_input, "failed": report.n_failed,
-        "shard": list(shard) if shard else None, "nj": nj, "seconds": round(report.seconds, 2),
-        "versions": library_versions(), "argv": sys.argv,
+        "computed": report.computed,
+        "skipped_done": report.skipped_done,
+        "skipped_no_input": report.skipped_no_input,
+        "failed": report.n_failed,
+        "shard": list(shard) if shard else None,
+        "nj": nj,
+        "seconds": round(report.seconds, 2),
+        "versions": library_versions(),
+        "argv": sys.argv,
     }
     append_jsonl(path, entry)

@@ -32,8 +32,13 @@ class LabelSet:
     dropped: dict[str, int] = field(default_factory=dict)  # filled by apply()
 
     def to_config(self) -> dict:
-        return {"preset": self.name, "classes": list(self.classes), "regression": self.regression,
-                "mapping": self.mapping, "dropped": dict(self.dropped)}
+        return {
+            "preset": self.name,
+            "classes": list(self.classes),
+            "regression": self.regression,
+            "mapping": self.mapping,
+            "dropped": dict(self.dropped),
+        }
 
 
 def _identity(classes):
@@ -41,19 +46,37 @@ def _identity(classes):
 
 
 PRESETS: dict[str, tuple[list[str], dict | None]] = {
-    "iemocap4": (["neutral", "happy", "angry", "sad"],
-                 {"neutral": "neutral", "happy": "happy", "excited": "happy", "angry": "angry", "sad": "sad"}),
+    "iemocap4": (
+        ["neutral", "happy", "angry", "sad"],
+        {"neutral": "neutral", "happy": "happy", "excited": "happy", "angry": "angry", "sad": "sad"},
+    ),
     "iemocap4-noexc": (["neutral", "happy", "angry", "sad"], _identity(["neutral", "happy", "angry", "sad"])),
-    "iemocap7": (["neutral", "happy", "angry", "sad", "excited", "frustrated", "surprised"],
-                 _identity(["neutral", "happy", "angry", "sad", "excited", "frustrated", "surprised"])),
-    "meld7": (["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"],
-              _identity(["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"])),
+    "iemocap7": (
+        ["neutral", "happy", "angry", "sad", "excited", "frustrated", "surprised"],
+        _identity(["neutral", "happy", "angry", "sad", "excited", "frustrated", "surprised"]),
+    ),
+    "meld7": (
+        ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"],
+        _identity(["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"]),
+    ),
     "ravdess8": (["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"], None),
-    "ravdess7": (["neutral", "happy", "sad", "angry", "fearful", "disgust", "surprised"],
-                 {"neutral": "neutral", "calm": "neutral", "happy": "happy", "sad": "sad", "angry": "angry",
-                  "fearful": "fearful", "disgust": "disgust", "surprised": "surprised"}),
-    "ravdess4": (["neutral", "happy", "sad", "angry"],
-                 {"neutral": "neutral", "calm": "neutral", "happy": "happy", "sad": "sad", "angry": "angry"}),
+    "ravdess7": (
+        ["neutral", "happy", "sad", "angry", "fearful", "disgust", "surprised"],
+        {
+            "neutral": "neutral",
+            "calm": "neutral",
+            "happy": "happy",
+            "sad": "sad",
+            "angry": "angry",
+            "fearful": "fearful",
+            "disgust": "disgust",
+            "surprised": "surprised",
+        },
+    ),
+    "ravdess4": (
+        ["neutral", "happy", "sad", "angry"],
+        {"neutral": "neutral", "calm": "neutral", "happy": "happy", "sad": "sad", "angry": "angry"},
+    ),
 }
 PRESET_NAMES = ["auto", *PRESETS, "mosei"]
 
@@ -100,8 +123,10 @@ def apply(labels: LabelSet, utts: list[Utterance]) -> tuple[list[Utterance], lis
         if labels.mapping is None:
             cls = raw
             if cls not in index:
-                raise ValueError(f"utterance {u.id!r} has label {raw!r}, which label set {labels.name!r} "
-                                 f"({', '.join(labels.classes)}) does not contain")
+                raise ValueError(
+                    f"utterance {u.id!r} has label {raw!r}, which label set {labels.name!r} "
+                    f"({', '.join(labels.classes)}) does not contain"
+                )
         else:
             cls = labels.mapping.get(raw, labels.mapping.get(raw.lower()))
             if cls is None:

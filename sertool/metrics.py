@@ -73,8 +73,7 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def classification_metrics(y_true, y_pred, n_classes: int | None = None,
-                           labels: Sequence[str] | None = None) -> dict:
+def classification_metrics(y_true, y_pred, n_classes: int | None = None, labels: Sequence[str] | None = None) -> dict:
     """WA, UA, macro/weighted F1, per-class precision/recall/F1/support and the confusion matrix.
 
     ``y_true``/``y_pred`` are class indices; ``labels`` (names, in index order) set the number
@@ -108,8 +107,12 @@ def classification_metrics(y_true, y_pred, n_classes: int | None = None,
         "weighted_f1": weighted_f1,
         "n": int(t.size),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(names)
         },
         "confusion": cm.tolist(),
@@ -161,12 +164,18 @@ def sentiment_metrics(y_true, y_pred) -> dict:
 
 def summarize(values: Sequence[float]) -> dict:
     """Mean, sample standard deviation (ddof=1; 0 for a single value), min, max and count."""
-    v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))],
-                   dtype=np.float64)
+    v = np.asarray(
+        [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=np.float64
+    )
     if v.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "n": int(v.size),
+    }
 
 
 def paired_tests(a: Sequence[float], b: Sequence[float]) -> dict:

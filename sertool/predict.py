@@ -48,16 +48,19 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from sertool.weights import load_tensors
 from sertool.audio import AudioError, audio_info, load_audio
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
 from sertool.utils import pick_device
+from sertool.weights import load_tensors
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
 DEFAULT_WINDOW_S = 30.0
 EXIT_SOME_FAILED = 3  # as sertool extract: some files failed (1 = fatal error, 2 = usage error)
-TEXT_OPTIONS = ("--transcripts FILE.tsv|csv (columns file, text)", "a sidecar .txt file next to each audio file",
-                "--asr tiny.en (the packaged faster-whisper model, offline)")
+TEXT_OPTIONS = (
+    "--transcripts FILE.tsv|csv (columns file, text)",
+    "a sidecar .txt file next to each audio file",
+    "--asr tiny.en (the packaged faster-whisper model, offline)",
+)
 
 
 class PredictError(ValueError):
@@ -119,8 +122,11 @@ def outputs_to_probabilities(out, spec: dict) -> np.ndarray:
     return probs.cpu().numpy()
 
 
-def collate(items: list[dict[str, np.ndarray]], stats: dict[str, tuple[np.ndarray, np.ndarray]],
-            crop: dict[str, int] | None = None) -> dict:
+def collate(
+    items: list[dict[str, np.ndarray]],
+    stats: dict[str, tuple[np.ndarray, np.ndarray]],
+    crop: dict[str, int] | None = None,
+) -> dict:
     """The batch the models take, exactly as training built it (sertool.data.SERDataset.collate):
     the first ``crop[m]`` steps, zero padding, ``<m>_mask`` (True = real frame), then
     ``(x - mean) / std`` from the training split and padding set back to zero."""
@@ -152,13 +158,17 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     spec_file = path / "predictor.json"
     if not path.is_dir():
         if exp is None:
-            raise PredictError(f"the default model is missing from this installation ({DEFAULT_MODEL_DIR}); "
-                               "reinstall sertool or give an experiment folder: sertool predict EXP WAV_DIR")
+            raise PredictError(
+                f"the default model is missing from this installation ({DEFAULT_MODEL_DIR}); "
+                "reinstall sertool or give an experiment folder: sertool predict EXP WAV_DIR"
+            )
         raise PredictError(f"{path}: not an experiment folder (give the -o folder of `sertool train`)")
     if not spec_file.exists():
         if (path / "config.yaml").exists():
-            raise PredictError(f"{path} has no predictor.json: its training has not finished (continue it with "
-                               f"`sertool train ... -o {path} --resume`)")
+            raise PredictError(
+                f"{path} has no predictor.json: its training has not finished (continue it with "
+                f"`sertool train ... -o {path} --resume`)"
+            )
         raise PredictError(f"{path} is not an experiment folder: no predictor.json (train one with `sertool train`)")
     try:
         spec = json.loads(spec_file.read_text())
@@ -167,21 +177,27 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     if spec.get("format") != "sertool-predictor":
         raise PredictError(f"{spec_file}: not a sertool predictor file (format {spec.get('format')!r})")
     if spec.get("version") != 1:
-        raise PredictError(f"{spec_file}: predictor version {spec.get('version')!r} is not supported by this sertool "
-                           "(reads version 1)")
+        raise PredictError(
+            f"{spec_file}: predictor version {spec.get('version')!r} is not supported by this sertool (reads version 1)"
+        )
     classes = spec.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
         raise PredictError(f"{spec_file}: 'classes' must be a list of class names, got {classes!r}")
     speaker_norm = [m for m, mode in (spec.get("normalize") or {}).items() if mode == "speaker"]
     if speaker_norm:
-        raise PredictError(f"{path} was trained with speaker-level normalisation (data.normalize.{speaker_norm[0]}="
-                           "speaker): its inputs need the statistics of every speaker's recordings, which predict and "
-                           "export do not compute; for deployment train with data.normalize."
-                           f"{speaker_norm[0]}=global")
+        raise PredictError(
+            f"{path} was trained with speaker-level normalisation (data.normalize.{speaker_norm[0]}="
+            "speaker): its inputs need the statistics of every speaker's recordings, which predict and "
+            "export do not compute; for deployment train with data.normalize."
+            f"{speaker_norm[0]}=global"
+        )
     for key in ("model", "normalizer"):  # files from others never point outside their folder
         name = spec.get(key)
-        if name is not None and (not isinstance(name, str) or os.path.isabs(name)
-                                 or not (path / name).resolve().is_relative_to(path.resolve())):
+        if name is not None and (
+            not isinstance(name, str)
+            or os.path.isabs(name)
+            or not (path / name).resolve().is_relative_to(path.resolve())
+        ):
             raise PredictError(f"{spec_file}: {key!r} must name a file inside the experiment folder, got {name!r}")
     return path, spec
 
@@ -210,11 +226,16 @@ def load_model(path: Path, spec: dict, device: str = "auto"):
         model = build_model({"model": dict(spec["model_config"])})
         model.load_state_dict(load_tensors(weights))
     except (KeyError, RuntimeError, ValueError) as e:
-        raise PredictError(f"{weights}: cannot rebuild the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+        raise PredictError(
+            f"{weights}: cannot rebuild the model ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+        ) from None
     model.eval().to(dev)
     tensors = load_tensors(norm_file)
-    stats = {k[: -len(".mean")]: (tensors[k].numpy(), tensors[k[: -len(".mean")] + ".std"].numpy())
-             for k in tensors if k.endswith(".mean")}
+    stats = {
+        k[: -len(".mean")]: (tensors[k].numpy(), tensors[k[: -len(".mean")] + ".std"].numpy())
+        for k in tensors
+        if k.endswith(".mean")
+    }
     return model, stats
 
 
@@ -233,21 +254,27 @@ def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP")
                 f"{where}: the model reads its {modality} input raw ({prov.get('feature')!r}, from "
                 f"{prov['source']}) through its own input encoder; `sertool predict` rebuilds feature extractors "
                 f"only, so evaluate this experiment with `sertool evaluate`, or predict with a model trained on "
-                f"feature stores")
+                f"feature stores"
+            )
         if not isinstance(config, dict) or "name" not in config:
             raise PredictError(
                 f"{where}: the {modality} features ({prov.get('feature') or inputs.get(modality)!r}) were not made by "
                 f"a sertool extractor (no recorded extractor: aligned files and imported CMU .csd features cannot be "
-                f"recomputed for new audio); train on features from `sertool extract` to predict")
+                f"recomputed for new audio); train on features from `sertool extract` to predict"
+            )
         try:
             ex = _build_extractor(config, device)
         except ExtractorError as e:
-            raise PredictError(f"{where}: cannot rebuild the {modality} feature extractor {config['name']!r}: {e}") from None
+            raise PredictError(
+                f"{where}: cannot rebuild the {modality} feature extractor {config['name']!r}: {e}"
+            ) from None
         want = prov.get("dim")
         have = ex.file_attrs().get("dim") if want is not None else None
         if want is not None and have is not None and int(want) != int(have):
-            raise PredictError(f"{where}: the rebuilt {modality} extractor {config['name']!r} gives {have}-d features, "
-                               f"the model was trained on {want}-d ones")
+            raise PredictError(
+                f"{where}: the rebuilt {modality} extractor {config['name']!r} gives {have}-d features, "
+                f"the model was trained on {want}-d ones"
+            )
         extractors[modality] = ex
     if not extractors:
         raise PredictError(f"{where}: predictor.json names no model inputs")
@@ -260,7 +287,9 @@ def _build_extractor(config: dict, device: str):
     from sertool.features import base
 
     cls, _ = base.resolve(config["name"])
-    return base.build_extractor(config, {param: device for option, param in cls.cli_options.items() if option == "device"})
+    return base.build_extractor(
+        config, {param: device for option, param in cls.cli_options.items() if option == "device"}
+    )
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -328,8 +357,15 @@ def sidecar_text(audio: Path) -> str | None:
 class Output:
     """Rows to CSV or JSON Lines (a file or stdout), written and flushed one file at a time."""
 
-    def __init__(self, target: str | os.PathLike, columns: list[str], fmt: str | None = None, *,
-                 resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        columns: list[str],
+        fmt: str | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.target = str(target)
         self.stdout = self.target == "-"
         self.fmt = fmt or ("jsonl" if self.target.lower().endswith((".jsonl", ".json", ".ndjson")) else "csv")
@@ -378,9 +414,11 @@ class Output:
                 fields = next(csv.reader([text]))
                 if not header_ok:
                     if fields != self.columns:
-                        raise PredictError(f"--resume: {path} has the columns {fields}, this run writes "
-                                           f"{self.columns} (another model or --segments setting); use another "
-                                           "output file or --overwrite")
+                        raise PredictError(
+                            f"--resume: {path} has the columns {fields}, this run writes "
+                            f"{self.columns} (another model or --segments setting); use another "
+                            "output file or --overwrite"
+                        )
                     header_ok, keep = True, end
                     continue
                 if len(fields) != len(self.columns):
@@ -392,9 +430,11 @@ class Output:
                 except json.JSONDecodeError:
                     break
                 if not isinstance(row, dict) or set(row) != set(self.columns):
-                    raise PredictError(f"--resume: {path} holds rows with other fields than this run writes "
-                                       f"({sorted(row) if isinstance(row, dict) else row!r}); use another output "
-                                       "file or --overwrite")
+                    raise PredictError(
+                        f"--resume: {path} holds rows with other fields than this run writes "
+                        f"({sorted(row) if isinstance(row, dict) else row!r}); use another output "
+                        "file or --overwrite"
+                    )
             if not row.get("segment"):
                 self.done.add(os.path.abspath(row["file"]))
                 self.n_resumed_errors += bool(row.get("error"))
@@ -412,8 +452,9 @@ class Output:
         if self.fmt == "csv":
             self._write_csv(rows)
         else:
-            self.f.write("".join(json.dumps({c: row.get(c) for c in self.columns}, ensure_ascii=False) + "\n"
-                                 for row in rows))
+            self.f.write(
+                "".join(json.dumps({c: row.get(c) for c in self.columns}, ensure_ascii=False) + "\n" for row in rows)
+            )
         self.f.flush()
 
     def close(self) -> None:
@@ -522,13 +563,22 @@ def run_predict(
     text_inputs = [m for m, prov in (spec.get("features") or {}).items() if prov.get("kind") == "text" and m in inputs]
     if text_inputs and table is None and not asr and not any(f.with_suffix(".txt").is_file() for f in files):
         feature = spec["features"][text_inputs[0]].get("feature", text_inputs[0])
-        raise PredictError(f"the model in {exp_dir} needs the text of each recording (its {text_inputs[0]} input is "
-                           f"{feature!r} features of the transcript) and no text was given; use one of: "
-                           + "; ".join(TEXT_OPTIONS))
+        raise PredictError(
+            f"the model in {exp_dir} needs the text of each recording (its {text_inputs[0]} input is "
+            f"{feature!r} features of the transcript) and no text was given; use one of: " + "; ".join(TEXT_OPTIONS)
+        )
     predictor = load_predictor(exp_dir, device)
     needs_text = bool(predictor.text_modalities)
-    columns = ["file", *(["segment", "start", "end"] if segments else []), "duration", *predictor.output_columns(),
-               "n_segments", "text", "text_source", "error"]
+    columns = [
+        "file",
+        *(["segment", "start", "end"] if segments else []),
+        "duration",
+        *predictor.output_columns(),
+        "n_segments",
+        "text",
+        "text_source",
+        "error",
+    ]
     output = Output(out, columns, fmt, resume=resume, overwrite=overwrite)
     report = PredictReport(output=output.target, n_files=len(files))
     kill_after = int(os.environ.get("SERTOOL_TEST_KILL_AFTER_FILES", "0") or 0)  # test hook
@@ -599,8 +649,17 @@ def run_predict(
     return report
 
 
-def _attach_text(f: _File, table: Transcripts | None, asr: str | None, recogniser, device: str, log,
-                 asr_beam: int = 1, window: float = DEFAULT_WINDOW_S, report: PredictReport | None = None):
+def _attach_text(
+    f: _File,
+    table: Transcripts | None,
+    asr: str | None,
+    recogniser,
+    device: str,
+    log,
+    asr_beam: int = 1,
+    window: float = DEFAULT_WINDOW_S,
+    report: PredictReport | None = None,
+):
     """Text from --transcripts, else the sidecar .txt, else ASR; returns the (lazily loaded) recogniser.
     ASR: beam ``asr_beam``; word timestamps only for a file longer than ``window`` (its segments'
     text comes from them)."""
@@ -619,8 +678,11 @@ def _attach_text(f: _File, table: Transcripts | None, asr: str | None, recognise
             log(f"loading ASR model {asr} (beam {asr_beam})")
             recogniser = load_asr(asr, device, beam_size=asr_beam, word_timestamps=False)[0]
             if report is not None:
-                report.asr = {"model": asr, **dict(getattr(recogniser, "settings", {}) or {}),
-                              "word_timestamps": f"only for files longer than the {window:g} s window"}
+                report.asr = {
+                    "model": asr,
+                    **dict(getattr(recogniser, "settings", {}) or {}),
+                    "word_timestamps": f"only for files longer than the {window:g} s window",
+                }
         from sertool.features.asr import SAMPLE_RATE
 
         wave, _ = load_audio(f.path, SAMPLE_RATE)
@@ -655,9 +717,14 @@ def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, n
                 a, b = int(round(start * rate)), int(round(end * rate)) if k < len(f.segments) - 1 else len(full)
                 wave = full[a:b]
             whole = len(f.segments) == 1
-            utt = Utterance(id=uid if whole else f"{uid}__seg{k}", audio=str(f.path), text=f.text,
-                            words=f.words if whole else _words_in(f.words, start, end),
-                            start=None if whole else start, end=None if whole else end)
+            utt = Utterance(
+                id=uid if whole else f"{uid}__seg{k}",
+                audio=str(f.path),
+                text=f.text,
+                words=f.words if whole else _words_in(f.words, start, end),
+                start=None if whole else start,
+                end=None if whole else end,
+            )
             if not whole:
                 utt.text = _segment_text(f, start, end)
             seg_items.append((utt, wave))
@@ -684,7 +751,7 @@ def _safe_extract(ex, utt, wave):
 def _predict_items(predictor: Predictor, items: list[tuple[_File, int, dict]], batch_size: int) -> None:
     """Fill each file's per-segment outputs; a failing batch is retried item by item."""
     for s in range(0, len(items), batch_size):
-        chunk = items[s:s + batch_size]
+        chunk = items[s : s + batch_size]
         try:
             preds = predictor.predict_features([x for _, _, x in chunk])
             results = [preds[i] for i in range(len(chunk))]
@@ -705,27 +772,47 @@ def _predict_items(predictor: Predictor, items: list[tuple[_File, int, dict]], b
 def _prediction_fields(pred, predictor: Predictor) -> dict:
     if predictor.regression:
         return {"score": round(float(pred), 6)}
-    return {"label": predictor.classes[int(np.argmax(pred))],
-            **{f"p_{c}": round(float(p), 6) for c, p in zip(predictor.classes, pred)}}
+    return {
+        "label": predictor.classes[int(np.argmax(pred))],
+        **{f"p_{c}": round(float(p), 6) for c, p in zip(predictor.classes, pred)},
+    }
 
 
 def _rows(f: _File, predictor: Predictor, segments: bool) -> list[dict]:
     base = {"file": f.name, "text": f.text, "text_source": f.text_source}
     if f.error or not f.outputs or any(o is None for o in f.outputs):
-        return [{**base, "duration": f.duration, "n_segments": len(f.segments) or None,
-                 "error": f.error or "no prediction"}]
+        return [
+            {**base, "duration": f.duration, "n_segments": len(f.segments) or None, "error": f.error or "no prediction"}
+        ]
     rows = []
     weights = np.array([max(b - a, 1e-6) for a, b in f.segments])
     if segments:
         for k, ((a, b), pred) in enumerate(zip(f.segments, f.outputs)):
-            rows.append({"file": f.name, "segment": k + 1, "start": a, "end": b, "duration": round(b - a, 4),
-                         **_prediction_fields(pred, predictor), "n_segments": 1,
-                         "text": _segment_text(f, a, b),
-                         "text_source": f.text_source, "error": ""})
+            rows.append(
+                {
+                    "file": f.name,
+                    "segment": k + 1,
+                    "start": a,
+                    "end": b,
+                    "duration": round(b - a, 4),
+                    **_prediction_fields(pred, predictor),
+                    "n_segments": 1,
+                    "text": _segment_text(f, a, b),
+                    "text_source": f.text_source,
+                    "error": "",
+                }
+            )
     mean = np.average(np.stack([np.atleast_1d(o) for o in f.outputs]), axis=0, weights=weights)
-    rows.append({**base, "duration": f.duration, **(
-        {"start": 0.0, "end": f.duration} if segments else {}), **_prediction_fields(
-        mean[0] if predictor.regression else mean, predictor), "n_segments": len(f.segments), "error": ""})
+    rows.append(
+        {
+            **base,
+            "duration": f.duration,
+            **({"start": 0.0, "end": f.duration} if segments else {}),
+            **_prediction_fields(mean[0] if predictor.regression else mean, predictor),
+            "n_segments": len(f.segments),
+            "error": "",
+        }
+    )
     return rows
 
 

@@ -82,7 +82,7 @@ def _stratified_split(ids: list[str], strata: list, fraction: float, rng: np.ran
     counts = np.floor(exact).astype(int)
     remainder = int(round(fraction * len(ids))) - counts.sum()
     order = sorted(range(len(keys)), key=lambda i: (-(exact[i] - counts[i]), rng.random()))
-    for i in order[:max(0, remainder)]:
+    for i in order[: max(0, remainder)]:
         counts[i] += 1
     part: set[str] = set()
     for s, k in zip(keys, counts):
@@ -111,7 +111,9 @@ def _stratified_kfold(ids: list[str], strata: list, k: int, rng: np.random.Gener
     return [sorted(f, key=order.__getitem__) for f in folds]
 
 
-def _dev_by_speaker(train: list[Utterance], fraction: float, rng: np.random.Generator) -> tuple[list[str], list[str], list[str]]:
+def _dev_by_speaker(
+    train: list[Utterance], fraction: float, rng: np.random.Generator
+) -> tuple[list[str], list[str], list[str]]:
     speakers = sorted({u.speaker for u in train}, key=_natural_key)
     if len(speakers) < 2:
         raise ValueError(f"cannot carve a speaker-independent dev split from {len(speakers)} training speaker(s)")
@@ -128,8 +130,9 @@ def _dev_stratified(train: list[Utterance], strata: dict, fraction: float, rng: 
     return _stratified_split(ids, [strata[u] for u in ids], fraction, rng)
 
 
-def make_folds(utts: list[Utterance], targets: list, protocol: str, *, dev_fraction: float = 0.1,
-               seed: int = 0, dev: str = "auto") -> list[Fold]:
+def make_folds(
+    utts: list[Utterance], targets: list, protocol: str, *, dev_fraction: float = 0.1, seed: int = 0, dev: str = "auto"
+) -> list[Fold]:
     """Folds for `protocol` (see the module docstring).
 
     ``targets``: class index (or score) per utterance, used for stratification (scores are
@@ -149,14 +152,20 @@ def make_folds(utts: list[Utterance], targets: list, protocol: str, *, dev_fract
     def need(attr: str):
         missing = [u.id for u in utts if getattr(u, attr) is None]
         if missing:
-            raise ValueError(f"protocol {protocol!r} needs a {attr} for every utterance; {len(missing)} have none "
-                             f"(e.g. {missing[0]!r})")
+            raise ValueError(
+                f"protocol {protocol!r} needs a {attr} for every utterance; {len(missing)} have none "
+                f"(e.g. {missing[0]!r})"
+            )
 
     def carve(train_ids: list[str], test_ids: list[str], fold_name: str, info: dict) -> Fold:
         train = [by_id[u] for u in train_ids]
         how = dev
         if how == "auto":
-            how = "speaker" if speaker_independent or (name == "corpus" and all(u.speaker for u in train)) else "stratified"
+            how = (
+                "speaker"
+                if speaker_independent or (name == "corpus" and all(u.speaker for u in train))
+                else "stratified"
+            )
         if how == "speaker":
             if any(u.speaker is None for u in train):
                 raise ValueError("dev carving by speaker needs a speaker for every training utterance")
@@ -205,8 +214,10 @@ def make_folds(utts: list[Utterance], targets: list, protocol: str, *, dev_fract
             test_speakers = sorted({by_id[t].speaker for t in test}, key=_natural_key)
             leaked = set(test_speakers) & {by_id[t].speaker for t in train}
             if leaked:
-                raise ValueError(f"protocol loso-session: speaker(s) {sorted(leaked)} of session {s!r} also speak "
-                                 "in other sessions; speaker ids must be per session (IEMOCAP: Ses01F)")
+                raise ValueError(
+                    f"protocol loso-session: speaker(s) {sorted(leaked)} of session {s!r} also speak "
+                    "in other sessions; speaker ids must be per session (IEMOCAP: Ses01F)"
+                )
             folds.append(carve(train, test, _safe(f"ses-{s}"), {"test_session": s, "test_speakers": test_speakers}))
     elif name == "rajan":
         ids = [u.id for u in utts]

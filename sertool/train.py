@@ -55,18 +55,43 @@ from sertool import distributed as D
 from sertool import metrics as M
 from sertool.config import apply_overrides, load_config_file, merge_file
 from sertool.corpora.base import read_manifest
-from sertool.data import (MODALITIES, DataError, Normalizer, SERDataset, Source, SpeakerNormalizedSource, check_ids,
-                          distributed_batch_indices, iterate_batches, open_sources, speaker_statistics, to_device)
-from sertool.labels import LabelSet, apply as apply_labels, label_set
+from sertool.data import (
+    MODALITIES,
+    DataError,
+    Normalizer,
+    SERDataset,
+    Source,
+    SpeakerNormalizedSource,
+    check_ids,
+    distributed_batch_indices,
+    iterate_batches,
+    open_sources,
+    speaker_statistics,
+    to_device,
+)
+from sertool.labels import LabelSet, label_set
+from sertool.labels import apply as apply_labels
 from sertool.protocols import Fold, make_folds
-from sertool.utils import (DeviceError, append_jsonl, atomic_path, json_default, pick_device as _pick_device, save_tensors,
-                           write_json, write_jsonl, write_text)
+from sertool.utils import (
+    DeviceError,
+    append_jsonl,
+    atomic_path,
+    json_default,
+    save_tensors,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+from sertool.utils import (
+    pick_device as _pick_device,
+)
 from sertool.weights import load_tensors
 
 # Keys the train stage adds to every model config (the model YAML's own values win): written once,
 # in sertool/conf/stages/train.yaml.
 STAGE_DEFAULTS: dict[str, dict] = yaml.safe_load(
-    (Path(__file__).resolve().parent / "conf" / "stages" / "train.yaml").read_text())
+    (Path(__file__).resolve().parent / "conf" / "stages" / "train.yaml").read_text()
+)
 # Sections of EXP/config.yaml that record what happened (not settings); ignored when the file is
 # given back as --config.
 RECORD_KEYS = ("features", "label_set", "experiment")
@@ -141,8 +166,10 @@ def follow_inputs(cfg: dict) -> None:
             build({**cfg, "model": {**m, "modalities": wanted}})
     except (ValueError, KeyError) as e:
         missing = [x for x in m["modalities"] if x not in given]
-        raise TrainError(f"model {m['name']!r} consumes {', '.join(m['modalities'])}; it cannot run without "
-                         f"{', '.join(missing)} ({e}); give --{missing[0]} STORE") from None
+        raise TrainError(
+            f"model {m['name']!r} consumes {', '.join(m['modalities'])}; it cannot run without "
+            f"{', '.join(missing)} ({e}); give --{missing[0]} STORE"
+        ) from None
     m["modalities"] = wanted
 
 
@@ -184,8 +211,9 @@ class Inputs:
         return {u.id: t for u, t in zip(self.utts, self.targets)}
 
 
-def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_protocol: bool = True,
-                only: set[str] | None = None) -> Inputs:
+def load_inputs(
+    cfg: dict, feats: str | os.PathLike | None = None, *, make_protocol: bool = True, only: set[str] | None = None
+) -> Inputs:
     """Manifest, labels, stores and folds for ``cfg``; every input error is raised here."""
     data = cfg["data"]
     feats = Path(feats or data.get("feats") or "")
@@ -198,16 +226,20 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
         preset = "mosei"
     labels = label_set(preset, utts)
     if labels.regression != regression:
-        hint = ("--set model.task=regression --set train.loss=l1" if labels.regression
-                else "--set model.task=classification --set train.loss=ce (or --labels mosei for scores)")
-        raise TrainError(f"label set {labels.name!r} is {'a regression' if labels.regression else 'categorical'} but "
-                         f"model.task is {_task(cfg)!r}; use {hint}")
+        hint = (
+            "--set model.task=regression --set train.loss=l1"
+            if labels.regression
+            else "--set model.task=classification --set train.loss=ce (or --labels mosei for scores)"
+        )
+        raise TrainError(
+            f"label set {labels.name!r} is {'a regression' if labels.regression else 'categorical'} but "
+            f"model.task is {_task(cfg)!r}; use {hint}"
+        )
     loss = cfg["train"]["loss"]
     if regression and loss not in ("l1", "mse"):
         raise TrainError(f"train.loss {loss!r} does not fit a regression model; use l1 or mse")
     if not regression and loss not in ("ce", "nll"):
-        raise TrainError(f"train.loss {loss!r} does not fit a classifier; use ce (or nll); "
-                         "e.g. --set train.loss=ce")
+        raise TrainError(f"train.loss {loss!r} does not fit a classifier; use ce (or nll); e.g. --set train.loss=ce")
     utts, targets = apply_labels(labels, utts)
     all_utts = list(utts)  # speaker statistics use every utterance of a speaker, whatever `only` keeps
     if only is not None:
@@ -216,12 +248,15 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
     mods = model_modalities(cfg)
     for m in mods:
         if not data.get(m):
-            raise TrainError(f"model {cfg['model']['name']!r} consumes {', '.join(mods)} but no feature store is "
-                             f"named for {m} (use --{m} NAME or --set data.{m}=NAME)")
+            raise TrainError(
+                f"model {cfg['model']['name']!r} consumes {', '.join(mods)} but no feature store is "
+                f"named for {m} (use --{m} NAME or --set data.{m}=NAME)"
+            )
     spec = {m: data[m] for m in mods}
     try:
-        sources = open_sources(feats, spec, preload=data["preload"], only={u.id for u in utts}, utts=all_utts,
-                               vocab=data.get("vocab"))
+        sources = open_sources(
+            feats, spec, preload=data["preload"], only={u.id for u in utts}, utts=all_utts, vocab=data.get("vocab")
+        )
         dropped: list[str] = []
         if data["missing"] == "drop":
             dropped = [u.id for u in utts if any(u.id not in s for s in sources.values())]
@@ -237,7 +272,9 @@ def load_inputs(cfg: dict, feats: str | os.PathLike | None = None, *, make_proto
     inputs = Inputs(utts, targets, labels, sources, dropped_missing=dropped)
     if make_protocol:
         p = cfg["protocol"]
-        inputs.folds = make_folds(utts, targets, p["name"], dev_fraction=p["dev_fraction"], seed=p["seed"], dev=p["dev"])
+        inputs.folds = make_folds(
+            utts, targets, p["name"], dev_fraction=p["dev_fraction"], seed=p["seed"], dev=p["dev"]
+        )
         check_label_coverage(inputs)
     return inputs
 
@@ -250,14 +287,19 @@ def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data:
         return sources
     no_speaker = [u.id for u in utts if not u.speaker]
     if no_speaker:
-        raise DataError(f"data.normalize = speaker needs a speaker for every utterance; {len(no_speaker)} have none in "
-                        f"the manifest (e.g. {no_speaker[0]})")
+        raise DataError(
+            f"data.normalize = speaker needs a speaker for every utterance; {len(no_speaker)} have none in "
+            f"the manifest (e.g. {no_speaker[0]})"
+        )
     speaker_of = {u.id: str(u.speaker) for u in utts}
     out = dict(sources)
     for m in wanted:
         # the loaded source already holds every utterance unless evaluate asked for a subset
-        full = (sources[m] if all(u in sources[m] for u in speaker_of)
-                else open_sources(feats, {m: spec[m]}, preload=False, only=set(speaker_of))[m])
+        full = (
+            sources[m]
+            if all(u in sources[m] for u in speaker_of)
+            else open_sources(feats, {m: spec[m]}, preload=False, only=set(speaker_of))[m]
+        )
         out[m] = SpeakerNormalizedSource(sources[m], speaker_of, speaker_statistics(full, speaker_of))
     return out
 
@@ -271,11 +313,15 @@ def check_label_coverage(inputs: Inputs) -> None:
         present = {t[u] for u in fold.train}
         missing = [c for i, c in enumerate(inputs.labels.classes) if i not in present]
         if missing:
-            where = {part: sum(1 for u in getattr(fold, part) if inputs.labels.classes[t[u]] in missing)
-                     for part in ("dev", "test")}
-            raise TrainError(f"fold {fold.name!r}: label(s) {missing} have no training example "
-                             f"(dev has {where['dev']}, test has {where['test']}); choose a label set that "
-                             "merges or drops them (--labels) or another protocol")
+            where = {
+                part: sum(1 for u in getattr(fold, part) if inputs.labels.classes[t[u]] in missing)
+                for part in ("dev", "test")
+            }
+            raise TrainError(
+                f"fold {fold.name!r}: label(s) {missing} have no training example "
+                f"(dev has {where['dev']}, test has {where['test']}); choose a label set that "
+                "merges or drops them (--labels) or another protocol"
+            )
 
 
 def finalize_model_config(cfg: dict, inputs: Inputs) -> None:
@@ -343,7 +389,9 @@ class Schedule:
     def __init__(self, cfg: dict, base_lr: float, steps_per_epoch: int, epochs: int, higher_is_better: bool):
         self.name = cfg["name"]
         if self.name not in ("none", "step", "halving", "plateau", "warmup_linear", "cosine"):
-            raise TrainError(f"schedule.name {self.name!r}: expected none, step, halving, plateau, warmup_linear or cosine")
+            raise TrainError(
+                f"schedule.name {self.name!r}: expected none, step, halving, plateau, warmup_linear or cosine"
+            )
         self.cfg = cfg
         self.base_lr = base_lr
         self.spe = max(1, steps_per_epoch)
@@ -365,7 +413,11 @@ class Schedule:
             f *= 0.5 ** (epoch // int(self.cfg["step_size"]))
         elif self.name in ("warmup_linear", "cosine") and step >= self.warmup:
             progress = (step - self.warmup) / max(1, self.total - self.warmup)
-            f *= max(0.0, 1.0 - progress) if self.name == "warmup_linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            f *= (
+                max(0.0, 1.0 - progress)
+                if self.name == "warmup_linear"
+                else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            )
         f *= self.plateau_factor
         lr = self.base_lr * f
         min_lr = float(self.cfg.get("min_lr") or 0.0)
@@ -384,7 +436,11 @@ class Schedule:
                 self.plateau_bad = 0
 
     def state(self) -> dict:
-        return {"plateau_factor": self.plateau_factor, "plateau_best": self.plateau_best, "plateau_bad": self.plateau_bad}
+        return {
+            "plateau_factor": self.plateau_factor,
+            "plateau_best": self.plateau_best,
+            "plateau_bad": self.plateau_bad,
+        }
 
     def load(self, state: dict) -> None:
         self.plateau_factor = state["plateau_factor"]
@@ -397,9 +453,13 @@ def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     name = o["name"].lower()
     if name == "adam":
-        return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999))))
+        return torch.optim.Adam(
+            params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
+        )
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(
+            params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
+        )
     if name == "sgd":
         return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=o.get("momentum", 0.0))
     raise TrainError(f"optim.name {o['name']!r}: expected adam, adamw or sgd")
@@ -420,8 +480,12 @@ def save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    meta = {"format": "sertool-checkpoint", "state": state, "optim_groups": osd["param_groups"],
-            "optim_scalars": scalars}
+    meta = {
+        "format": "sertool-checkpoint",
+        "state": state,
+        "optim_groups": osd["param_groups"],
+        "optim_scalars": scalars,
+    }
     save_tensors(path, tensors, meta)
 
 
@@ -480,8 +544,14 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict(cfg: dict, model, ds: SERDataset, device: torch.device, batch_size: int | None = None,
-            weight: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+def predict(
+    cfg: dict,
+    model,
+    ds: SERDataset,
+    device: torch.device,
+    batch_size: int | None = None,
+    weight: torch.Tensor | None = None,
+) -> tuple[np.ndarray, float]:
     """Predictions for every item of ``ds`` (in order) and the mean loss.  Batches follow
     ``train.max_batch_frames`` when it is set (grouped by length; the predictions are put back in
     data order).
@@ -493,7 +563,7 @@ def predict(cfg: dict, model, ds: SERDataset, device: torch.device, batch_size: 
     w = D.world()
     if w.distributed:
         mine = np.arange(w.rank, len(ds), w.size)
-        batches = [mine[i:i + bs] for i in range(0, len(mine), bs)]
+        batches = [mine[i : i + bs] for i in range(0, len(mine), bs)]
     else:
         batches = ds.batch_indices(bs, cfg["train"]["max_batch_frames"] or None)
     outs, where, total = [], [], 0.0
@@ -521,8 +591,15 @@ def score_predictions(cfg: dict, preds: np.ndarray, targets: np.ndarray, classes
     return M.classification_metrics(targets, preds.argmax(1), labels=classes)
 
 
-SELECT_KEYS = {"ua": "UA", "wa": "WA", "macro_f1": "macro_f1", "weighted_f1": "weighted_f1", "loss": "loss",
-               "mae": "MAE", "corr": "corr"}
+SELECT_KEYS = {
+    "ua": "UA",
+    "wa": "WA",
+    "macro_f1": "macro_f1",
+    "weighted_f1": "weighted_f1",
+    "loss": "loss",
+    "mae": "MAE",
+    "corr": "corr",
+}
 
 
 def _select_key(cfg: dict) -> str:
@@ -577,12 +654,12 @@ class Run:
     dev_ds: SERDataset | None
     test_ds: SERDataset | None
     model: torch.nn.Module
-    net: torch.nn.Module                   # the model, or its DistributedDataParallel wrapper
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     schedule: "Schedule"
-    weight: torch.Tensor | None            # class weights of the loss (ce / nll)
-    item_weight: np.ndarray                # each training item's weight in a batch's mean loss
-    state: dict                            # epoch, step, best, best_epoch, bad, stopped (+ schedule)
+    weight: torch.Tensor | None  # class weights of the loss (ce / nll)
+    item_weight: np.ndarray  # each training item's weight in a batch's mean loss
+    state: dict  # epoch, step, best, best_epoch, bad, stopped (+ schedule)
     history: list[dict]
     t0: float
 
@@ -607,8 +684,19 @@ class Run:
         return self.select not in ("loss", "MAE")
 
 
-def setup_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, norm: Normalizer,
-              device: torch.device, *, resume: bool, log: Callable[[str], None], fixed_epochs: int | None) -> Run:
+def setup_run(
+    cfg: dict,
+    inputs: Inputs,
+    fold: Fold,
+    seed: int,
+    run_dir: Path,
+    norm: Normalizer,
+    device: torch.device,
+    *,
+    resume: bool,
+    log: Callable[[str], None],
+    fixed_epochs: int | None,
+) -> Run:
     """Datasets, model (pretrained weights for a new run), optimiser and schedule of one run; with
     ``resume`` the state of the last end-of-epoch checkpoint."""
     w = D.world()
@@ -629,8 +717,11 @@ def setup_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     if tr["class_weights"] and not regression:
         counts = np.bincount(train_ds.targets, minlength=len(inputs.labels.classes)).astype(np.float64)
         weight = torch.tensor(len(train_ds) / (len(counts) * np.maximum(counts, 1)), dtype=torch.float32, device=device)
-    item_weight = (weight.detach().cpu().numpy()[train_ds.targets] if weight is not None
-                   else np.ones(len(train_ds), dtype=np.float64))
+    item_weight = (
+        weight.detach().cpu().numpy()[train_ds.targets]
+        if weight is not None
+        else np.ones(len(train_ds), dtype=np.float64)
+    )
 
     seed_everything(seed)
     model = build(cfg).to(device)
@@ -639,9 +730,28 @@ def setup_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     spe = len(train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0))
     higher = _select_key(cfg) not in ("loss", "MAE")
     schedule = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher and not final)
-    run = Run(cfg, inputs, fold, seed, run_dir, device, int(fixed_epochs) if final else int(tr["epochs"]), final,
-              train_ds, dev_ds, test_ds, model, model, optimizer, schedule, weight, item_weight,
-              {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "stopped": False}, [], time.time())
+    run = Run(
+        cfg,
+        inputs,
+        fold,
+        seed,
+        run_dir,
+        device,
+        int(fixed_epochs) if final else int(tr["epochs"]),
+        final,
+        train_ds,
+        dev_ds,
+        test_ds,
+        model,
+        model,
+        optimizer,
+        schedule,
+        weight,
+        item_weight,
+        {"epoch": 0, "step": 0, "best": None, "best_epoch": -1, "bad": 0, "stopped": False},
+        [],
+        time.time(),
+    )
     D.barrier()  # rank 0 has made run_dir
     if resume and run.checkpoint.exists():
         run.state = load_checkpoint(run.checkpoint, model, optimizer)
@@ -662,8 +772,11 @@ def setup_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, n
     if w.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        run.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                      find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1")
+        run.net = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1",
+        )
     return run
 
 
@@ -674,11 +787,18 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     cfg, tr, w = run.cfg, run.cfg["train"], D.world()
     epoch = run.state["epoch"]
     run.model.train()
-    batches = distributed_batch_indices(run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True,
-                                        run.seed, epoch, w.rank, w.size)
+    batches = distributed_batch_indices(
+        run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, run.seed, epoch, w.rank, w.size
+    )
     collated = iterate_batches(run.train_ds, [idx for _, idx, _ in batches], int(cfg["data"].get("workers") or 0))
-    bar = tqdm(zip(batches, collated), total=len(batches), desc=f"{run.fold.name} s{run.seed} ep{epoch + 1}/{run.epochs}",
-               disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        zip(batches, collated),
+        total=len(batches),
+        desc=f"{run.fold.name} s{run.seed} ep{epoch + 1}/{run.epochs}",
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     clip = float(cfg["optim"]["grad_clip"] or 0)
     total, n, t0 = 0.0, 0, time.time()
     for (gidx, idx, real), batch in bar:
@@ -709,8 +829,9 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     return total / max(n, 1), time.time() - t0
 
 
-def select_and_checkpoint(run: Run, train_loss: float, seconds: float, *, progress: bool,
-                          log: Callable[[str], None]) -> None:
+def select_and_checkpoint(
+    run: Run, train_loss: float, seconds: float, *, progress: bool, log: Callable[[str], None]
+) -> None:
     """Score the epoch on dev (the final model: its training loss), keep the best model, stop
     early after ``train.early_stopping`` epochs without improvement, log the epoch and write the
     end-of-epoch checkpoint (model, optimiser, schedule, early-stopping and RNG state)."""
@@ -731,10 +852,17 @@ def select_and_checkpoint(run: Run, train_loss: float, seconds: float, *, progre
     else:
         state["bad"] += 1
     run.schedule.end_epoch(score)
-    record = {"fold": run.fold.name, "seed": run.seed, "epoch": epoch, "lr": run.schedule.lr(max(state["step"] - 1, 0)),
-              "train_loss": train_loss, **({} if run.final else {"dev_loss": dev_m["loss"]}),
-              **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
-              "best": improved, "seconds": round(seconds, 3)}
+    record = {
+        "fold": run.fold.name,
+        "seed": run.seed,
+        "epoch": epoch,
+        "lr": run.schedule.lr(max(state["step"] - 1, 0)),
+        "train_loss": train_loss,
+        **({} if run.final else {"dev_loss": dev_m["loss"]}),
+        **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
+        "best": improved,
+        "seconds": round(seconds, 3),
+    }
     if w.distributed:
         record["world_size"] = w.size
     run.history.append(record)
@@ -749,8 +877,10 @@ def select_and_checkpoint(run: Run, train_loss: float, seconds: float, *, progre
         save_checkpoint(run.checkpoint, run.model, run.optimizer, state)
     if progress:
         shown = " ".join(f"{k[4:]} {record[k]:.4f}" for k in ("dev_UA", "dev_WA", "dev_MAE") if k in record)
-        log(f"[{run.fold.name} seed {run.seed}] epoch {epoch + 1}: train loss {train_loss:.4f}"
-            + ("" if run.final else f", dev loss {dev_m['loss']:.4f} {shown}{' *' if improved else ''}"))
+        log(
+            f"[{run.fold.name} seed {run.seed}] epoch {epoch + 1}: train loss {train_loss:.4f}"
+            + ("" if run.final else f", dev loss {dev_m['loss']:.4f} {shown}{' *' if improved else ''}")
+        )
 
 
 def finish_run(run: Run) -> RunResult:
@@ -763,21 +893,41 @@ def finish_run(run: Run) -> RunResult:
     seconds = lambda: round(time.time() - run.t0, 2)  # noqa: E731
     if run.final:
         result = RunResult(run.fold.name, run.seed, run.epochs - 1, {}, {}, seconds())
-        metrics = {"fold": run.fold.name, "seed": run.seed, "final": "all", "epochs": run.epochs,
-                   "n_utterances": len(run.fold.train),
-                   "train_loss": run.history[-1]["train_loss"] if run.history else None, "seconds": result.seconds}
+        metrics = {
+            "fold": run.fold.name,
+            "seed": run.seed,
+            "final": "all",
+            "epochs": run.epochs,
+            "n_utterances": len(run.fold.train),
+            "train_loss": run.history[-1]["train_loss"] if run.history else None,
+            "seconds": result.seconds,
+        }
     else:
         meta = load_weights(run.model, run.best_path)
         scores = {}
         for part, ds in (("test", run.test_ds), ("dev", run.dev_ds)):
             preds, loss = predict(run.cfg, run.model, ds, run.device, weight=run.weight)
-            scores[part] = _compact({**score_predictions(run.cfg, preds, ds.targets, run.inputs.labels.classes),
-                                     "loss": loss})
-        result = RunResult(run.fold.name, run.seed, int(meta.get("epoch", run.state["best_epoch"])), scores["dev"],
-                           scores["test"], seconds())
-        metrics = {"fold": run.fold.name, "seed": run.seed, "best_epoch": result.best_epoch,
-                   "selected_on": f"dev {run.select}", "dev": result.dev, "test": result.test,
-                   "epochs_run": run.state["epoch"], "seconds": result.seconds}
+            scores[part] = _compact(
+                {**score_predictions(run.cfg, preds, ds.targets, run.inputs.labels.classes), "loss": loss}
+            )
+        result = RunResult(
+            run.fold.name,
+            run.seed,
+            int(meta.get("epoch", run.state["best_epoch"])),
+            scores["dev"],
+            scores["test"],
+            seconds(),
+        )
+        metrics = {
+            "fold": run.fold.name,
+            "seed": run.seed,
+            "best_epoch": result.best_epoch,
+            "selected_on": f"dev {run.select}",
+            "dev": result.dev,
+            "test": result.test,
+            "epochs_run": run.state["epoch"],
+            "seconds": result.seconds,
+        }
     D.barrier()  # every rank has read best.safetensors
     if w.main:
         os.replace(run.best_path, run.run_dir / "model.safetensors")
@@ -787,9 +937,21 @@ def finish_run(run: Run) -> RunResult:
     return result
 
 
-def train_run(cfg: dict, inputs: Inputs, fold: Fold, seed: int, run_dir: Path, norm: Normalizer, device: torch.device,
-              *, resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-              kill_step: Callable[[], None] | None = None, fixed_epochs: int | None = None) -> RunResult:
+def train_run(
+    cfg: dict,
+    inputs: Inputs,
+    fold: Fold,
+    seed: int,
+    run_dir: Path,
+    norm: Normalizer,
+    device: torch.device,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    kill_step: Callable[[], None] | None = None,
+    fixed_epochs: int | None = None,
+) -> RunResult:
     """Train one (fold, seed): early stopping and selection on dev; the selected model on test.
 
     ``fixed_epochs`` = N (the ``run.final: all`` deployment model): ``fold.dev`` and ``fold.test``
@@ -830,9 +992,19 @@ def seeds_of(cfg: dict) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------- the stage
-def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, config_file=None,
-              overrides: Iterable[str] = (), resume: bool = False, overwrite: bool = False, progress: bool = True,
-              log: Callable[[str], None] = print, folds_only: Iterable[str] | None = None) -> dict:
+def run_train(
+    model: str,
+    feats: str | os.PathLike,
+    exp: str | os.PathLike,
+    *,
+    config_file=None,
+    overrides: Iterable[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    folds_only: Iterable[str] | None = None,
+) -> dict:
     """Train ``model`` on FEATS into EXP; returns the content of EXP/metrics.json.
 
     Launched by torchrun (``WORLD_SIZE`` > 1) it joins the process group and trains with
@@ -848,16 +1020,38 @@ def run_train(model: str, feats: str | os.PathLike, exp: str | os.PathLike, *, c
     started_group = D.launched_by_torchrun() and not D.world().distributed
     w, device_name = D.setup(cfg["run"]["device"])
     try:
-        return _run_train(cfg, inputs, seeds, exp, w, device_name, resume=resume, overwrite=overwrite,
-                          progress=progress, log=log, folds_only=folds_only)
+        return _run_train(
+            cfg,
+            inputs,
+            seeds,
+            exp,
+            w,
+            device_name,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            log=log,
+            folds_only=folds_only,
+        )
     finally:
         if started_group:
             D.shutdown()
 
 
-def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.World", device_name: str, *,
-               resume: bool, overwrite: bool, progress: bool, log: Callable[[str], None],
-               folds_only: Iterable[str] | None) -> dict:
+def _run_train(
+    cfg: dict,
+    inputs: Inputs,
+    seeds: list[int],
+    exp: Path,
+    w: "D.World",
+    device_name: str,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    folds_only: Iterable[str] | None,
+) -> dict:
     main = w.main
     if not main:
         progress, log = False, (lambda s: None)
@@ -867,14 +1061,22 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
     select = _select_key(cfg)
 
     cfg_path = exp / "config.yaml"
-    record = {**cfg,
-              "features": {m: s.provenance() for m, s in inputs.sources.items()},
-              "label_set": {**inputs.labels.to_config(), "dropped_missing_features": len(inputs.dropped_missing)},
-              "experiment": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                             "command": " ".join(sys.argv), "device": str(device), "seeds": seeds,
-                             "folds": [f.name for f in inputs.folds], "selected_on": f"dev {select}",
-                             "sertool": __import__("sertool").__version__, "torch": torch.__version__,
-                             **({"world_size": w.size, "backend": w.backend} if w.distributed else {})}}
+    record = {
+        **cfg,
+        "features": {m: s.provenance() for m, s in inputs.sources.items()},
+        "label_set": {**inputs.labels.to_config(), "dropped_missing_features": len(inputs.dropped_missing)},
+        "experiment": {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "device": str(device),
+            "seeds": seeds,
+            "folds": [f.name for f in inputs.folds],
+            "selected_on": f"dev {select}",
+            "sertool": __import__("sertool").__version__,
+            "torch": torch.__version__,
+            **({"world_size": w.size, "backend": w.backend} if w.distributed else {}),
+        },
+    }
     error = None
     if main:
         try:
@@ -889,8 +1091,10 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
     results: list[RunResult] = []
     wanted = set(folds_only) if folds_only else None
     if wanted is not None and wanted - {f.name for f in inputs.folds}:
-        raise TrainError(f"--fold {', '.join(sorted(wanted - {f.name for f in inputs.folds}))}: no such fold; "
-                         f"this protocol's folds are {', '.join(f.name for f in inputs.folds)}")
+        raise TrainError(
+            f"--fold {', '.join(sorted(wanted - {f.name for f in inputs.folds}))}: no such fold; "
+            f"this protocol's folds are {', '.join(f.name for f in inputs.folds)}"
+        )
     for fold in inputs.folds:
         if wanted is not None and fold.name not in wanted:
             continue
@@ -913,26 +1117,35 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
                 results.append(RunResult(m["fold"], m["seed"], m["best_epoch"], m["dev"], m["test"], m["seconds"]))
                 log(f"[{fold.name} seed {seed}] already done")
                 continue
-            res = train_run(cfg, inputs, fold, seed, rd, norm, device, resume=resume, progress=progress, log=log,
-                            kill_step=kill)
+            res = train_run(
+                cfg, inputs, fold, seed, rd, norm, device, resume=resume, progress=progress, log=log, kill_step=kill
+            )
             results.append(res)
             shown = " ".join(f"{k} {res.test[k]:.4f}" for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in res.test)
             log(f"[{fold.name} seed {seed}] best epoch {res.best_epoch + 1}, test {shown}")
     final_info = None
     if final_mode(cfg) == "all":
         if wanted is not None and wanted != {f.name for f in inputs.folds}:
-            log("run.final=all: the deployment model is trained once every fold is done "
-                "(run again with --resume and no --fold)")
+            log(
+                "run.final=all: the deployment model is trained once every fold is done "
+                "(run again with --resume and no --fold)"
+            )
         elif results:
-            final_info = train_final(cfg, inputs, results, seeds[0], exp, device, resume=resume, progress=progress,
-                                     log=log, kill_step=kill)
+            final_info = train_final(
+                cfg, inputs, results, seeds[0], exp, device, resume=resume, progress=progress, log=log, kill_step=kill
+            )
     for src in inputs.sources.values():
         store = getattr(src, "store", None)
         if store is not None:
             store.close()
     summary = _summarize(results)
-    out = {"task": _task(cfg), "labels": inputs.labels.classes, "selected_on": f"dev {select}",
-           "summary": summary, "runs": [r.__dict__ for r in results]}
+    out = {
+        "task": _task(cfg),
+        "labels": inputs.labels.classes,
+        "selected_on": f"dev {select}",
+        "summary": summary,
+        "runs": [r.__dict__ for r in results],
+    }
     if final_info is not None:
         out["final"] = final_info
     if main:
@@ -953,8 +1166,9 @@ def _run_train(cfg: dict, inputs: Inputs, seeds: list[int], exp: Path, w: "D.Wor
     return out
 
 
-def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inputs, *, resume: bool,
-                 overwrite: bool) -> None:
+def _prepare_exp(
+    exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inputs, *, resume: bool, overwrite: bool
+) -> None:
     """Check EXP (refuse to overwrite, or to resume with other settings); write config.yaml and folds.json."""
     if exp.exists() and any(exp.iterdir()):
         if overwrite:
@@ -972,8 +1186,10 @@ def _prepare_exp(exp: Path, cfg: dict, record: dict, cfg_path: Path, inputs: Inp
             new_settings = json.loads(json.dumps({k: v for k, v in cfg.items()}))
             if old_settings != new_settings:
                 diff = [k for k in set(old_settings) | set(new_settings) if old_settings.get(k) != new_settings.get(k)]
-                raise TrainError(f"--resume: the settings differ from those of {exp} (sections {sorted(diff)}); "
-                                 "resume with the same command, or use --overwrite")
+                raise TrainError(
+                    f"--resume: the settings differ from those of {exp} (sections {sorted(diff)}); "
+                    "resume with the same command, or use --overwrite"
+                )
             record["experiment"]["created"] = old.get("experiment", {}).get("created")
     exp.mkdir(parents=True, exist_ok=True)
     write_text(cfg_path, yaml.safe_dump(json.loads(json.dumps(record, default=json_default)), sort_keys=False))
@@ -992,8 +1208,24 @@ def _model_defaults(name: str | None) -> dict:
 
 
 def _summarize(results: list[RunResult]) -> dict:
-    keys = [k for k in ("WA", "UA", "macro_f1", "weighted_f1", "MAE", "corr", "acc7", "acc5", "acc2_has0",
-                        "f1_has0", "acc2_non0", "f1_non0") if results and k in results[0].test]
+    keys = [
+        k
+        for k in (
+            "WA",
+            "UA",
+            "macro_f1",
+            "weighted_f1",
+            "MAE",
+            "corr",
+            "acc7",
+            "acc5",
+            "acc2_has0",
+            "f1_has0",
+            "acc2_non0",
+            "f1_non0",
+        )
+        if results and k in results[0].test
+    ]
     return {k: M.summarize([r.test[k] for r in results]) for k in keys}
 
 
@@ -1003,8 +1235,10 @@ FINAL_MODES = ("best-dev", "all")
 def final_mode(cfg: dict) -> str:
     mode = cfg["run"]["final"]
     if mode not in FINAL_MODES:
-        raise TrainError(f"run.final {mode!r}: expected best-dev (the fold x seed run with the best dev score) or "
-                         "all (one more model trained on every labelled utterance)")
+        raise TrainError(
+            f"run.final {mode!r}: expected best-dev (the fold x seed run with the best dev score) or "
+            "all (one more model trained on every labelled utterance)"
+        )
     return mode
 
 
@@ -1015,9 +1249,19 @@ def final_epochs(results: list[RunResult]) -> int:
     return max(1, int(math.floor(float(np.median(counts)) + 0.5)))
 
 
-def train_final(cfg: dict, inputs: Inputs, results: list[RunResult], seed: int, exp: Path, device: torch.device, *,
-                resume: bool, progress: bool, log: Callable[[str], None],
-                kill_step: Callable[[], None] | None = None) -> dict:
+def train_final(
+    cfg: dict,
+    inputs: Inputs,
+    results: list[RunResult],
+    seed: int,
+    exp: Path,
+    device: torch.device,
+    *,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    kill_step: Callable[[], None] | None = None,
+) -> dict:
     """``run.final: all``: one deployment model on every labelled utterance (train + dev + test of all
     folds), normalised with statistics of all of them, for ``final_epochs(results)`` epochs, into
     EXP/final/ (norm.safetensors, ids.json, model.safetensors, log.jsonl, metrics.json).  Resumable:
@@ -1026,10 +1270,16 @@ def train_final(cfg: dict, inputs: Inputs, results: list[RunResult], seed: int, 
     ids = [u.id for u in inputs.utts]
     epochs = final_epochs(results)
     counts = [r.best_epoch + 1 for r in results]
-    info = {"final": "all", "n_utterances": len(ids), "epochs": epochs, "seed": seed,
-            "epochs_rule": f"median over the {len(results)} fold x seed runs of the selected (best dev) epoch count, "
-                           "rounded half up; no early stopping (no held-out data)",
-            "selected_epoch_counts": counts, "normalizer": "statistics of all n_utterances"}
+    info = {
+        "final": "all",
+        "n_utterances": len(ids),
+        "epochs": epochs,
+        "seed": seed,
+        "epochs_rule": f"median over the {len(results)} fold x seed runs of the selected (best dev) epoch count, "
+        "rounded half up; no early stopping (no held-out data)",
+        "selected_epoch_counts": counts,
+        "normalizer": "statistics of all n_utterances",
+    }
     fd = exp / "final"
     norm_path, done = fd / "norm.safetensors", fd / "metrics.json"
     if resume and done.exists() and (fd / "model.safetensors").exists() and norm_path.exists():
@@ -1048,11 +1298,25 @@ def train_final(cfg: dict, inputs: Inputs, results: list[RunResult], seed: int, 
     D.barrier()
     if not main:
         norm = Normalizer.load(norm_path)
-    log(f"[final seed {seed}] training on all {len(ids)} utterances for {epochs} epochs "
-        f"(median of the folds' selected epochs {counts})")
+    log(
+        f"[final seed {seed}] training on all {len(ids)} utterances for {epochs} epochs "
+        f"(median of the folds' selected epochs {counts})"
+    )
     fold = Fold("final", ids, [], [], {"final": "all"})
-    res = train_run(cfg, inputs, fold, seed, fd, norm, device, resume=resume, progress=progress, log=log,
-                    kill_step=kill_step, fixed_epochs=epochs)
+    res = train_run(
+        cfg,
+        inputs,
+        fold,
+        seed,
+        fd,
+        norm,
+        device,
+        resume=resume,
+        progress=progress,
+        log=log,
+        kill_step=kill_step,
+        fixed_epochs=epochs,
+    )
     m = json.loads(done.read_text()) if main else {}
     return {**info, "train_loss": m.get("train_loss"), "seconds": res.seconds}
 
@@ -1072,19 +1336,35 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
             shutil.copyfile(src, tmp)
     cfg_rec = load_config_file(exp / "config.yaml")
     predictor = {
-        "format": "sertool-predictor", "version": 1,
-        "model": "model.safetensors", "normalizer": "norm.safetensors", "config": "config.yaml",
-        "model_config": cfg["model"], "task": _task(cfg), "loss": cfg["train"]["loss"],
-        "classes": cfg_rec["label_set"]["classes"], "label_set": cfg_rec["label_set"]["preset"],
-        "features": cfg_rec["features"], "inputs": {m: cfg["data"][m] for m in model_modalities(cfg)},
+        "format": "sertool-predictor",
+        "version": 1,
+        "model": "model.safetensors",
+        "normalizer": "norm.safetensors",
+        "config": "config.yaml",
+        "model_config": cfg["model"],
+        "task": _task(cfg),
+        "loss": cfg["train"]["loss"],
+        "classes": cfg_rec["label_set"]["classes"],
+        "label_set": cfg_rec["label_set"]["preset"],
+        "features": cfg_rec["features"],
+        "inputs": {m: cfg["data"][m] for m in model_modalities(cfg)},
         "normalize": {m: (cfg["data"].get("normalize") or {}).get(m, "none") for m in model_modalities(cfg)},
         "max_steps": crop_lengths(cfg),
-        "selection": ({"rule": f"the fold x seed run with the best dev {select} (test scores not used)",
-                       "final": "best-dev", "fold": best.fold, "seed": best.seed, f"dev_{select}": best.dev[select]}
-                      if mode == "best-dev" else
-                      {"rule": "final: all - one model trained on every labelled utterance for a fixed number of "
-                               "epochs; the cross-validation metrics (metrics.json) are those of the fold x seed runs",
-                       **final}),
+        "selection": (
+            {
+                "rule": f"the fold x seed run with the best dev {select} (test scores not used)",
+                "final": "best-dev",
+                "fold": best.fold,
+                "seed": best.seed,
+                f"dev_{select}": best.dev[select],
+            }
+            if mode == "best-dev"
+            else {
+                "rule": "final: all - one model trained on every labelled utterance for a fixed number of "
+                "epochs; the cross-validation metrics (metrics.json) are those of the fold x seed runs",
+                **final,
+            }
+        ),
     }
     write_json(exp / "predictor.json", predictor)
     return predictor

@@ -44,7 +44,7 @@ def _tmp_path(path: Path) -> Path:
 
 def stale_pid(tmp: Path, path: Path) -> int | None:
     """The PID in a temporary name of ``path`` made here (None for another name)."""
-    pid = tmp.name[len(path.name) + 4:].split(".")[0] if tmp.name.startswith(path.name + ".tmp") else ""
+    pid = tmp.name[len(path.name) + 4 :].split(".")[0] if tmp.name.startswith(path.name + ".tmp") else ""
     return int(pid) if pid.isdigit() else None
 
 
@@ -145,9 +145,14 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None =
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: (v if isinstance(v, str) else json.dumps(v, default=json_default))
-                            for k, v in (metadata or {}).items()})
+        save_file(
+            {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+            str(tmp),
+            metadata={
+                k: (v if isinstance(v, str) else json.dumps(v, default=json_default))
+                for k, v in (metadata or {}).items()
+            },
+        )
 
 
 class DeviceError(ValueError):
@@ -163,7 +168,7 @@ def pick_device(name: str | None = "auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
-        index = name[len("cuda"):]
+        index = name[len("cuda") :]
         if index and not (index.startswith(":") and index[1:].isdigit()):
             raise DeviceError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
         if not torch.cuda.is_available():

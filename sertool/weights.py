@@ -26,5 +26,7 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     try:
         return load_file(path, device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{path}: not a readable safetensors file, it may be truncated, corrupt or not "
-                           f"safetensors at all ({' '.join(str(e).split())[:200]})") from None
+        raise WeightsError(
+            f"{path}: not a readable safetensors file, it may be truncated, corrupt or not "
+            f"safetensors at all ({' '.join(str(e).split())[:200]})"
+        ) from None

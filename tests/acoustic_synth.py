@@ -12,8 +12,14 @@ import scipy.signal
 SR = 16000
 
 
-def glottal_train(f0: float | np.ndarray, duration: float, sr: int = SR, open_quotient: float = 0.6,
-                  seed: int = 0, jitter: float = 0.0) -> np.ndarray:
+def glottal_train(
+    f0: float | np.ndarray,
+    duration: float,
+    sr: int = SR,
+    open_quotient: float = 0.6,
+    seed: int = 0,
+    jitter: float = 0.0,
+) -> np.ndarray:
     """Derivative of a Rosenberg glottal flow pulse train (the excitation seen at the lips)."""
     rng = np.random.default_rng(seed)
     n = int(round(duration * sr))
@@ -29,9 +35,12 @@ def glottal_train(f0: float | np.ndarray, duration: float, sr: int = SR, open_qu
         n_open = int(open_quotient * length)
         n_rise = int(0.66 * n_open)
         k = np.arange(n_open)
-        pulse = np.where(k < n_rise, 0.5 * (1 - np.cos(np.pi * k / max(n_rise, 1))),
-                         np.cos(0.5 * np.pi * (k - n_rise) / max(n_open - n_rise, 1)))
-        flow[start:start + n_open] += pulse
+        pulse = np.where(
+            k < n_rise,
+            0.5 * (1 - np.cos(np.pi * k / max(n_rise, 1))),
+            np.cos(0.5 * np.pi * (k - n_rise) / max(n_open - n_rise, 1)),
+        )
+        flow[start : start + n_open] += pulse
         t += period
     return np.diff(flow, prepend=0.0)
 
@@ -45,8 +54,16 @@ def resonators(x: np.ndarray, formants=(700, 1220, 2600), bandwidths=(80, 90, 12
     return y
 
 
-def vowel(f0: float | np.ndarray = 120.0, duration: float = 1.0, formants=(700, 1220, 2600),
-          bandwidths=(80, 90, 120), sr: int = SR, jitter: float = 0.0, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+def vowel(
+    f0: float | np.ndarray = 120.0,
+    duration: float = 1.0,
+    formants=(700, 1220, 2600),
+    bandwidths=(80, 90, 120),
+    sr: int = SR,
+    jitter: float = 0.0,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
     """A float32 vowel at peak 0.5 with a known f0 and formants."""
     y = resonators(glottal_train(f0, duration, sr, seed=seed, jitter=jitter), formants, bandwidths, sr)
     y = y / (np.max(np.abs(y)) + 1e-12) * 0.5
@@ -74,7 +91,11 @@ def speech_like(duration: float = 2.0, sr: int = SR, seed: int = 0) -> np.ndarra
     parts = []
     while sum(p.size for p in parts) < duration * sr:
         f0 = np.linspace(rng.uniform(100, 140), rng.uniform(150, 220), int(0.3 * sr))
-        parts.append(vowel(f0, 0.3, formants=(rng.uniform(300, 800), rng.uniform(900, 2200), 2700), seed=int(rng.integers(1 << 30))))
+        parts.append(
+            vowel(
+                f0, 0.3, formants=(rng.uniform(300, 800), rng.uniform(900, 2200), 2700), seed=int(rng.integers(1 << 30))
+            )
+        )
         parts.append(white_noise(0.08, sr, 0.05, seed=int(rng.integers(1 << 30))))
         parts.append(silence(0.07, sr))
     return np.concatenate(parts)[: int(duration * sr)].astype(np.float32)
@@ -84,6 +105,7 @@ def speech_like(duration: float = 2.0, sr: int = SR, seed: int = 0) -> np.ndarra
 # Written from the papers (Fant, Liljencrants & Lin, STL-QPSR 1985; Fant, "The LF-model
 # revisited", STL-QPSR 1995), independently of sertool.features.phase, so that the tests do not
 # check the extractor against its own model code.
+
 
 def lf_rd_to_times(rd: float) -> tuple[float, float, float]:
     """Fant (1995) Rd -> (tp, te, ta) as fractions of T0 (eqs. for Rap, Rkp, Rgp)."""
@@ -102,6 +124,7 @@ def lf_derivative(rd: float, n: int) -> np.ndarray:
     phase with time constant ta (eps ta = 1 - exp(-eps (1 - te))); `a` makes the net flow over
     the period zero. Both constraints are solved numerically on the sampled waveform."""
     import scipy.optimize
+
     tp, te, ta = lf_rd_to_times(rd)
     t = (np.arange(n) + 0.5) / n
     eps = scipy.optimize.brentq(lambda e: e * ta - 1 + np.exp(-e * (1 - te)), 1e-3 / ta, 1e3 / ta)
@@ -128,8 +151,16 @@ def lf_truth(rd: float, n: int = 20000) -> dict[str, float]:
     return {"Rd": rd, "NAQ": float(naq), "QOQ": qoq}
 
 
-def lf_train(rd: float, f0: float = 120.0, duration: float = 0.6, sr: int = SR, formants=(700, 1220, 2600),
-             bandwidths=(80, 90, 120), jitter: float = 0.0, seed: int = 0) -> np.ndarray:
+def lf_train(
+    rd: float,
+    f0: float = 120.0,
+    duration: float = 0.6,
+    sr: int = SR,
+    formants=(700, 1220, 2600),
+    bandwidths=(80, 90, 120),
+    jitter: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
     """Speech-like signal: a train of LF flow-derivative periods of shape `rd` (period lengths
     rounded to samples) through the formant resonators (radiation is already in the flow
     derivative), float32 at peak 0.5."""
@@ -149,17 +180,20 @@ def lf_train(rd: float, f0: float = 120.0, duration: float = 0.6, sr: int = SR, 
     return (0.5 * y / np.max(np.abs(y))).astype(np.float32)
 
 
-def impulse_vowel(f0: float = 120.0, duration: float = 0.6, formants=(700, 1220, 2600), bandwidths=(80, 90, 120),
-                  sr: int = SR) -> np.ndarray:
+def impulse_vowel(
+    f0: float = 120.0, duration: float = 0.6, formants=(700, 1220, 2600), bandwidths=(80, 90, 120), sr: int = SR
+) -> np.ndarray:
     """Unit impulse train through the formant resonators: a flat source, so the harmonic
     amplitudes sample exactly the resonators' response (known spectral envelope)."""
     x = np.zeros(int(round(duration * sr)))
-    x[::int(round(sr / f0))] = 1.0
+    x[:: int(round(sr / f0))] = 1.0
     y = resonators(x, formants, bandwidths, sr)
     return (0.5 * y / np.max(np.abs(y))).astype(np.float32)
 
 
-def resonator_response_db(n_bins: int, formants=(700, 1220, 2600), bandwidths=(80, 90, 120), sr: int = SR) -> np.ndarray:
+def resonator_response_db(
+    n_bins: int, formants=(700, 1220, 2600), bandwidths=(80, 90, 120), sr: int = SR
+) -> np.ndarray:
     """|H| in dB of the resonator cascade at n_bins frequencies uniform on 0..sr/2."""
     h = np.zeros(8192)
     h[0] = 1.0
@@ -167,8 +201,9 @@ def resonator_response_db(n_bins: int, formants=(700, 1220, 2600), bandwidths=(8
     return 20 * np.log10(np.abs(np.fft.rfft(h, 2 * (n_bins - 1))) + 1e-12)
 
 
-def harmonic_signal(f0: float = 150.0, duration: float = 0.8, random_phase: bool = False, hop: float = 0.01,
-                    sr: int = SR, seed: int = 0) -> np.ndarray:
+def harmonic_signal(
+    f0: float = 150.0, duration: float = 0.8, random_phase: bool = False, hop: float = 0.01, sr: int = SR, seed: int = 0
+) -> np.ndarray:
     """Sum of harmonics (amplitude 1/k) through the formant resonators. Phase-coherent: every
     harmonic keeps a fixed phase. Random: each harmonic's phase is a random walk with uniform
     steps in [-pi, pi] every `hop` s, linearly interpolated (the frequency stays near k f0,
@@ -185,8 +220,9 @@ def harmonic_signal(f0: float = 150.0, duration: float = 0.8, random_phase: bool
     return (0.5 * x / np.max(np.abs(x))).astype(np.float32)
 
 
-def creaky_train(f0: float = 50.0, duration: float = 1.0, sr: int = SR, jitter: float = 0.15, secondary: float = 0.5,
-                 seed: int = 0) -> np.ndarray:
+def creaky_train(
+    f0: float = 50.0, duration: float = 1.0, sr: int = SR, jitter: float = 0.15, secondary: float = 0.5, seed: int = 0
+) -> np.ndarray:
     """Creaky (vocal fry) excitation: tense LF pulses (Rd 0.3) at a low, irregular F0 (period
     jitter `jitter`, relative std), each followed by a weaker secondary pulse (`secondary` x the
     amplitude, 25-40 % of the period later), through formants with wide bandwidths (strongly
@@ -198,10 +234,10 @@ def creaky_train(f0: float = 50.0, duration: float = 1.0, sr: int = SR, jitter: 
     pos = 0
     while pos < n:
         amp = rng.uniform(0.6, 1.0)
-        x[pos:pos + pulse.size] += amp * pulse
+        x[pos : pos + pulse.size] += amp * pulse
         if secondary:
             p2 = pos + int(rng.uniform(0.25, 0.4) * sr / f0)
-            x[p2:p2 + pulse.size] += secondary * amp * pulse
+            x[p2 : p2 + pulse.size] += secondary * amp * pulse
         pos += int(round(sr / f0 * (1 + jitter * rng.standard_normal())))
     y = resonators(x[:n], (700, 1220, 2600), (200, 250, 300), sr)
     return (0.5 * y / np.max(np.abs(y))).astype(np.float32)

@@ -89,10 +89,13 @@ def make_distill_feats(root, classes=("angry", "happy", "sad"), n=12):
     root = Path(root)
     (root / "wav").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    wa = StoreWriter(root / "ta.h5", {"feature": "ta", "kind": "audio", "dim": 12, "frame_rate_hz": 50.0,
-                                      "extractor": {"name": "ta"}})
-    wt = StoreWriter(root / "tt.h5", {"feature": "tt", "kind": "text", "dim": 10, "unit": "token",
-                                      "extractor": {"name": "tt"}})
+    wa = StoreWriter(
+        root / "ta.h5",
+        {"feature": "ta", "kind": "audio", "dim": 12, "frame_rate_hz": 50.0, "extractor": {"name": "ta"}},
+    )
+    wt = StoreWriter(
+        root / "tt.h5", {"feature": "tt", "kind": "text", "dim": 10, "unit": "token", "extractor": {"name": "tt"}}
+    )
     utts = []
     words = ["yes", "no", "maybe", "so", "good", "bad"]
     for i in range(n):
@@ -101,8 +104,17 @@ def make_distill_feats(root, classes=("angry", "happy", "sad"), n=12):
         path = root / "wav" / f"u{i:02d}.wav"
         sf.write(path, (0.1 * rng.normal(size=k)).astype(np.float32), 16000)
         toks = [words[int(j)] for j in rng.integers(0, 6, size=int(rng.integers(3, 6)))]
-        utts.append(Utterance(id=f"u{i:02d}", audio=str(path), duration=k / 16000, sample_rate=16000,
-                              text=" ".join(toks), label=classes[c], speaker=f"s{i % 4}"))
+        utts.append(
+            Utterance(
+                id=f"u{i:02d}",
+                audio=str(path),
+                duration=k / 16000,
+                sample_rate=16000,
+                text=" ".join(toks),
+                label=classes[c],
+                speaker=f"s{i % 4}",
+            )
+        )
         wa.add(f"u{i:02d}", rng.normal(size=(int(math.ceil(k / 320)), 12)).astype(np.float32))
         wt.add(f"u{i:02d}", rng.normal(size=(len(toks), 10)).astype(np.float32), {"tokens": toks})
     wa.finalize()

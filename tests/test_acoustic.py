@@ -28,15 +28,18 @@ def test_registered_with_presets():
 def test_mfcc_matches_librosa(wave):
     ex = build_extractor("mfcc")
     out = ex.extract(None, wave).data
-    ref = librosa.feature.mfcc(y=wave, sr=16000, n_mfcc=40, n_fft=512, win_length=400, hop_length=160,
-                               window="hamming", n_mels=40)
+    ref = librosa.feature.mfcc(
+        y=wave, sr=16000, n_mfcc=40, n_fft=512, win_length=400, hop_length=160, window="hamming", n_mels=40
+    )
     ref = np.concatenate([ref, librosa.feature.delta(ref), librosa.feature.delta(ref, order=2)]).T
     assert out.shape == ref.shape == (1 + wave.size // 160, 120)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, atol=2e-3 * np.abs(ref).max())
     attrs = ex.file_attrs()
     assert attrs["dim"] == 120 and attrs["frame_rate_hz"] == 100.0 and len(attrs["columns"]) == 120
-    assert attrs["columns"][0] == "mfcc_0" and attrs["columns"][40] == "d_mfcc_0" and attrs["columns"][-1] == "dd_mfcc_39"
+    assert (
+        attrs["columns"][0] == "mfcc_0" and attrs["columns"][40] == "d_mfcc_0" and attrs["columns"][-1] == "dd_mfcc_39"
+    )
 
 
 def torchaudio_mfcc_reference(wave: np.ndarray) -> np.ndarray:
@@ -44,8 +47,19 @@ def torchaudio_mfcc_reference(wave: np.ndarray) -> np.ndarray:
     out with torch ops and torchaudio's defaults (torchaudio itself is not installable here)."""
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(wave.astype(np.float32))
-    spec = torch.stft(x, n_fft=400, hop_length=200, win_length=400, window=torch.hann_window(400),
-                      center=True, pad_mode="reflect", return_complex=True).abs() ** 2
+    spec = (
+        torch.stft(
+            x,
+            n_fft=400,
+            hop_length=200,
+            win_length=400,
+            window=torch.hann_window(400),
+            center=True,
+            pad_mode="reflect",
+            return_complex=True,
+        ).abs()
+        ** 2
+    )
     # melscale_fbanks(201, 0, 8000, 128, 16000, norm=None, mel_scale="htk")
     all_freqs = torch.linspace(0, 8000, 201)
     m_pts = torch.linspace(0, 2595.0 * np.log10(1 + 8000 / 700.0), 130)
@@ -100,6 +114,7 @@ def test_param_overrides_and_errors():
     out = ex.extract(None, white_noise(0.5)).data
     assert out.shape == (51, 26) and np.isfinite(out).all()
     from sertool.features.base import ExtractorError
+
     with pytest.raises(ExtractorError):
         build_extractor("mfcc", {"deltas": 3})
     with pytest.raises(ExtractorError):

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sertool.align import (AlignError, collapse_frames, frame_offset, open_aligned, run_align, text_per_word,
-                           word_frames)
+from sertool.align import AlignError, collapse_frames, frame_offset, open_aligned, run_align, text_per_word, word_frames
 from sertool.cli import cli
 from sertool.corpora.base import Utterance, write_manifest
 from sertool.store import StoreError, StoreWriter
@@ -35,20 +34,38 @@ def make_feats(root, utts_spec, *, centred=False, text_rows=None):
     """
     root.mkdir(parents=True, exist_ok=True)
     utts, truth = [], {}
-    audio_attrs = {"feature": "aud", "kind": "audio", "dim": DA, "frame_rate_hz": RATE,
-                   "extractor": {"name": "synthetic", "params": {}}}
+    audio_attrs = {
+        "feature": "aud",
+        "kind": "audio",
+        "dim": DA,
+        "frame_rate_hz": RATE,
+        "extractor": {"name": "synthetic", "params": {}},
+    }
     if centred:
         audio_attrs["frame_centre"] = "frame t is centred on sample t * hop_length"
-    text_attrs = {"feature": "txt", "kind": "text", "dim": DT, "unit": "token",
-                  "extractor": {"name": "synthetic-text", "params": {}}}
+    text_attrs = {
+        "feature": "txt",
+        "kind": "text",
+        "dim": DT,
+        "unit": "token",
+        "extractor": {"name": "synthetic-text", "params": {}},
+    }
     aw = StoreWriter(root / "aud.h5", audio_attrs)
     tw = StoreWriter(root / "txt.h5", text_attrs)
     c = 0.0 if centred else 0.5
     for n, spec in enumerate(utts_spec):
         text = spec.get("text", " ".join(w[0] for w in spec.get("words") or []))
-        u = Utterance(id=spec["id"], audio=str(root / f"{spec['id']}.wav"), duration=spec.get("duration", 3.0), text=text,
-                      label=spec.get("label"), score=spec.get("score"), words=spec.get("words"), split="train",
-                      speaker=f"s{n % 2}")
+        u = Utterance(
+            id=spec["id"],
+            audio=str(root / f"{spec['id']}.wav"),
+            duration=spec.get("duration", 3.0),
+            text=text,
+            label=spec.get("label"),
+            score=spec.get("score"),
+            words=spec.get("words"),
+            split="train",
+            speaker=f"s{n % 2}",
+        )
         utts.append(u)
         words = [w[0] for w in u.words] if u.words else u.text.split()
         n_frames = int(round(u.duration * RATE))
@@ -84,8 +101,16 @@ def _words(n, start=0.2, dur=0.23, gap=0.07):
 
 
 def test_piecewise_constant_features_align_exactly(tmp_path):
-    specs = [{"id": f"u{i}", "words": _words(5 + i), "duration": 0.2 + (5 + i) * 0.3 + 0.5, "label": "happy",
-              "score": 0.5 * i} for i in range(4)]
+    specs = [
+        {
+            "id": f"u{i}",
+            "words": _words(5 + i),
+            "duration": 0.2 + (5 + i) * 0.3 + 0.5,
+            "label": "happy",
+            "score": 0.5 * i,
+        }
+        for i in range(4)
+    ]
     truth = make_feats(tmp_path, specs)
     report = run_align(tmp_path, "aud", "txt", length=7, progress=False, log=_quiet)
     assert report.n_aligned == 4 and not report.dropped and not report.partial
@@ -119,11 +144,17 @@ def test_worker_processes_give_the_same_file(tmp_path, monkeypatch):
     specs[5]["text_store"] = False  # one dropped inside a block
     make_feats(tmp_path, specs)
     one = run_align(tmp_path, "aud", "txt", tmp_path / "one.h5", length=4, timings="corpus", progress=False, log=_quiet)
-    two = run_align(tmp_path, "aud", "txt", tmp_path / "two.h5", length=4, timings="corpus", nj=2, progress=False,
-                    log=_quiet)
+    two = run_align(
+        tmp_path, "aud", "txt", tmp_path / "two.h5", length=4, timings="corpus", nj=2, progress=False, log=_quiet
+    )
     a, b = open_aligned(one.path), open_aligned(two.path)
-    assert a.ids == b.ids and len(a.ids) == 7 and one.dropped == two.dropped == [(
-        "u5", "no text features: not in the text store (no transcript, or see errors.tsv of extract)")]
+    assert (
+        a.ids == b.ids
+        and len(a.ids) == 7
+        and one.dropped
+        == two.dropped
+        == [("u5", "no text features: not in the text store (no transcript, or see errors.tsv of extract)")]
+    )
     for key in ("audio", "text", "mask", "lengths", "n_words"):
         assert np.array_equal(getattr(a, key), getattr(b, key)), key
 
@@ -131,8 +162,17 @@ def test_worker_processes_give_the_same_file(tmp_path, monkeypatch):
 def test_centred_frames_padding_start_and_truncation(tmp_path):
     specs = [{"id": "a", "words": _words(6), "duration": 2.5}]
     truth = make_feats(tmp_path, specs, centred=True)
-    run_align(tmp_path, "aud", "txt", tmp_path / "o.h5", length=4, padding="start", truncate="start",
-              progress=False, log=_quiet)
+    run_align(
+        tmp_path,
+        "aud",
+        "txt",
+        tmp_path / "o.h5",
+        length=4,
+        padding="start",
+        truncate="start",
+        progress=False,
+        log=_quiet,
+    )
     a = open_aligned(tmp_path / "o.h5")
     np.testing.assert_array_equal(a.audio[0, :, 0], truth["a"][2:])  # the last 4 words kept
     assert a.mask[0].all()
@@ -212,8 +252,12 @@ def test_dropped_and_partial_utterances_are_reported(tmp_path):
     assert "audio store" in dropped["noaudio"] and "text store" in dropped["notext"]
     with open(tmp_path / "align_report.tsv", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    assert {r["id"]: r["status"] for r in rows} == {"noaudio": "dropped", "notext": "dropped", "empty": "dropped",
-                                                    "untimed": "partial"}
+    assert {r["id"]: r["status"] for r in rows} == {
+        "noaudio": "dropped",
+        "notext": "dropped",
+        "empty": "dropped",
+        "untimed": "partial",
+    }
     assert "approximate uniform timings" in [r for r in rows if r["id"] == "untimed"][0]["reason"]
     a = open_aligned(report.path)
     assert a.ids == ["good", "untimed"] and a.timing_source == ["corpus", "uniform"]
@@ -299,8 +343,13 @@ def test_bad_inputs(tmp_path):
 
 
 def test_cli(tmp_path):
-    make_feats(tmp_path, [{"id": "u", "words": _words(2), "duration": 1.0},
-                          {"id": "v", "words": _words(2), "duration": 1.0, "text_store": False}])
+    make_feats(
+        tmp_path,
+        [
+            {"id": "u", "words": _words(2), "duration": 1.0},
+            {"id": "v", "words": _words(2), "duration": 1.0, "text_store": False},
+        ],
+    )
     runner = CliRunner()
     r = runner.invoke(cli, ["align", str(tmp_path), "--audio", "aud", "--text", "txt", "--length", "3", "-q"])
     assert r.exit_code == 0, r.output
@@ -336,8 +385,24 @@ def test_end_to_end_forced_alignment_on_speech(tmp_path):
     feats = tmp_path / "feats"
     r = CliRunner().invoke(cli, ["extract", str(corpus), "-o", str(feats), "-f", "mfcc", "-f", "glove", "-q"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["align", str(feats), "--audio", "mfcc", "--text", "glove", "--timings", "forced",
-                                 "--aligner", "pocketsphinx", "--length", "8", "-q"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "align",
+            str(feats),
+            "--audio",
+            "mfcc",
+            "--text",
+            "glove",
+            "--timings",
+            "forced",
+            "--aligner",
+            "pocketsphinx",
+            "--length",
+            "8",
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     a = open_aligned(feats / "aligned-mfcc-glove-8.h5")
     assert sorted(a.timing_source) == ["forced:pocketsphinx"] * 2 and list(a.lengths) == [6, 6]

@@ -15,7 +15,15 @@ from sertool.features.asr import asr_report, edit_distance, normalize_text, tran
 
 SR = 16000
 # a RAVDESS clip shipped with the demo corpus, so this check runs everywhere
-CLIP = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "data" / "audio" / "Actor_01" / "03-01-01-01-01-01-01.flac"
+CLIP = (
+    Path(__file__).resolve().parents[1]
+    / "recipes"
+    / "demo"
+    / "data"
+    / "audio"
+    / "Actor_01"
+    / "03-01-01-01-01-01-01.flac"
+)
 
 
 def test_wer_normalises_case_and_punctuation():
@@ -33,18 +41,33 @@ def test_wer_normalises_case_and_punctuation():
 
 @pytest.fixture(scope="module")
 def tiny_ctc(tmp_path_factory):
-    from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
 
     d = tmp_path_factory.mktemp("tiny-ctc")
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, **{c: 5 + i for i, c in enumerate("ABCDEKORST")}}
     (d / "vocab.json").write_text(json.dumps(vocab))
     processor = Wav2Vec2Processor(
         feature_extractor=Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, do_normalize=True),
-        tokenizer=Wav2Vec2CTCTokenizer(str(d / "vocab.json")))
+        tokenizer=Wav2Vec2CTCTokenizer(str(d / "vocab.json")),
+    )
     processor.save_pretrained(d)
     torch.manual_seed(0)
-    config = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=37, conv_dim=(16,) * 7, num_conv_pos_embedding_groups=4, pad_token_id=0)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embedding_groups=4,
+        pad_token_id=0,
+    )
     model = Wav2Vec2ForCTC(config)
     with torch.no_grad():  # make the random model emit letters and word breaks, not only blanks
         model.lm_head.bias.copy_(torch.linspace(-1, 1, len(vocab)))
@@ -57,7 +80,10 @@ def test_ctc_option_gives_text_and_word_timings(tiny_ctc, tmp_path):
     rng = np.random.default_rng(0)
     wav = tmp_path / "a.wav"
     sf.write(wav, (0.1 * rng.standard_normal(2 * SR)).astype(np.float32), SR)
-    utts = [Utterance("a", audio=str(wav), text="Reference text."), Utterance("b", audio=str(tmp_path / "missing.wav"), text="keep me")]
+    utts = [
+        Utterance("a", audio=str(wav), text="Reference text."),
+        Utterance("b", audio=str(tmp_path / "missing.wav"), text="keep me"),
+    ]
     out = transcribe_utterances(utts, model=str(tiny_ctc), progress=False)
     a, b = out
     assert a.extra["text_source"] == "asr" and a.extra["reference_text"] == "Reference text."

@@ -1,4 +1,5 @@
 """Property tests for the shared attention function and building blocks."""
+
 import math
 
 import pytest
@@ -21,8 +22,11 @@ def _lengths_mask(lengths, T):
 
 def _qkv(B=3, H=2, Tq=7, Tk=9, dh=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, Tq, dh, generator=g), torch.randn(B, H, Tk, dh, generator=g),
-            torch.randn(B, H, Tk, dh, generator=g))
+    return (
+        torch.randn(B, H, Tq, dh, generator=g),
+        torch.randn(B, H, Tk, dh, generator=g),
+        torch.randn(B, H, Tk, dh, generator=g),
+    )
 
 
 OPTIONS = [
@@ -84,8 +88,9 @@ def test_key_sparse_keeps_k_columns_shared_by_queries(renormalize):
         # same columns for every query of a head
         assert torch.all(nz[b] == nz[b][:, :1, :])
         # kept columns are the top-k column sums of the dense weights
-        dense = torch.softmax((q[b] @ k[b].transpose(-1, -2)) / math.sqrt(8) +
-                              torch.where(km[b], 0.0, float("-inf")), -1)
+        dense = torch.softmax(
+            (q[b] @ k[b].transpose(-1, -2)) / math.sqrt(8) + torch.where(km[b], 0.0, float("-inf")), -1
+        )
         top = dense.sum(-2).topk(kk, -1).indices
         for h in range(H):
             assert set(top[h].tolist()) == set(nz[b, h, 0].nonzero().flatten().tolist())
@@ -112,11 +117,10 @@ def test_sdpa_path_matches_manual_path(rate):
     qm = _lengths_mask([7, 7, 3], 7)
     for ls in (None, "keys"):
         a = attention(q, k, v, key_mask=km, query_mask=qm, length_scale=ls, topk_rate=rate)
-        b, _ = attention(q, k, v, key_mask=km, query_mask=qm, length_scale=ls, topk_rate=rate,
-                         return_weights=True)
+        b, _ = attention(q, k, v, key_mask=km, query_mask=qm, length_scale=ls, topk_rate=rate, return_weights=True)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        ga, = torch.autograd.grad(a.sum(), q)
-        gb, = torch.autograd.grad(b.sum(), q)
+        (ga,) = torch.autograd.grad(a.sum(), q)
+        (gb,) = torch.autograd.grad(b.sum(), q)
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
 
 
@@ -192,8 +196,19 @@ def test_gate_is_eq18_with_d_by_d_matrices():
 @pytest.mark.parametrize("cross", [False, True])
 def test_transformer_stack_padding_invariance(norm, cross):
     torch.manual_seed(0)
-    st = TransformerStack(2, 16, 4, 32, cross=cross, kdim=12 if cross else None, norm=norm,
-                          length_scale="keys", topk_rate=0.5, positions="layer", input_norm=True).eval()
+    st = TransformerStack(
+        2,
+        16,
+        4,
+        32,
+        cross=cross,
+        kdim=12 if cross else None,
+        norm=norm,
+        length_scale="keys",
+        topk_rate=0.5,
+        positions="layer",
+        input_norm=True,
+    ).eval()
     x, mem = torch.randn(1, 5, 16), torch.randn(1, 7, 12 if cross else 16)
     ref = st(x, None, mem if cross else None, None)
     xp = torch.cat([x, torch.randn(1, 3, 16)], 1)
@@ -204,8 +219,11 @@ def test_transformer_stack_padding_invariance(norm, cross):
 
 def test_encoders_padding_invariance():
     torch.manual_seed(0)
-    encs = [ConvStack(6, [[8, 3, 2], [8, 3, 2]], batch_norm=True), RNNEncoder(6, 5, "gru"),
-            ConvRNNEncoder(6, [[8, 3, 1], [8, 3, 1]], 4, "lstm")]
+    encs = [
+        ConvStack(6, [[8, 3, 2], [8, 3, 2]], batch_norm=True),
+        RNNEncoder(6, 5, "gru"),
+        ConvRNNEncoder(6, [[8, 3, 1], [8, 3, 1]], 4, "lstm"),
+    ]
     for enc in encs:
         enc.eval()
         for L in (9, 10):

@@ -45,8 +45,11 @@ def signature_problems(key: str, model_section: dict) -> list[str]:
     problems = [f"model.{k} is not a parameter of {model_class(key).__name__}" for k in sorted(keys - set(params))]
     problems += [f"parameter {p!r} has no value in the model section" for p in params if p not in keys]
     problems += [f"parameter {p!r} is not keyword-only" for p, v in params.items() if v.kind is not v.KEYWORD_ONLY]
-    problems += [f"parameter {p!r} has a default ({v.default!r}): defaults live in conf/{key}.yaml only"
-                 for p, v in params.items() if v.default is not v.empty]
+    problems += [
+        f"parameter {p!r} has a default ({v.default!r}): defaults live in conf/{key}.yaml only"
+        for p, v in params.items()
+        if v.default is not v.empty
+    ]
     return problems
 
 
@@ -90,8 +93,9 @@ def shipped_configs():
             for tag, model, args in _train_exp_lines(recipe / "run.sh"):
                 path = recipe / "conf" / f"{tag}.yaml"
                 used.add(path)
-                cases.append(pytest.param(model, path if path.exists() else None, _overrides(args),
-                                          id=f"{recipe.name}/{tag}"))
+                cases.append(
+                    pytest.param(model, path if path.exists() else None, _overrides(args), id=f"{recipe.name}/{tag}")
+                )
         for path in sorted((recipe / "conf").glob("*.yaml")):
             if path in used:
                 continue
@@ -150,13 +154,16 @@ def test_every_model_conf_file_is_a_registered_model():
 def test_a_misspelt_or_missing_key_in_a_model_yaml_is_reported(tmp_path, monkeypatch):
     text = (CONF_DIR / "lgcct.yaml").read_text()
     bad = yaml.safe_load(re.sub(r"^  gates:", "  gatse:", text, flags=re.M))["model"]
-    assert signature_problems("lgcct", bad) == ["model.gatse is not a parameter of LGCCT",
-                                                "parameter 'gates' has no value in the model section"]
+    assert signature_problems("lgcct", bad) == [
+        "model.gatse is not a parameter of LGCCT",
+        "parameter 'gates' has no value in the model section",
+    ]
     # and a default written into a constructor again is reported too
     cls = model_class("probe")
     monkeypatch.setattr(cls, "__init__", lambda self, *, modality, input_dim, n_classes, task, dropout, hidden=0: None)
     assert signature_problems("probe", registry.default_config("probe")["model"]) == [
-        "parameter 'hidden' has a default (0): defaults live in conf/probe.yaml only"]
+        "parameter 'hidden' has a default (0): defaults live in conf/probe.yaml only"
+    ]
 
 
 # ----------------------------------------------------------------------------- misspelt keys
@@ -183,14 +190,17 @@ def test_merge_file(tmp_path):
         config.merge_file(registry.default_config("probe"), path, ignore=["sertool_version"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.gatse=false", "unknown config key 'model.gatse' (in override 'model.gatse=false')"),
-    ("optim.lr.x=1", "unknown config key 'optim.lr.x' (in override 'optim.lr.x=1')"),
-    ("modle.d=3", "unknown config key 'modle' (in override 'modle.d=3')"),
-    ("model.d=abc", "config key 'model.d': expected a number, got 'abc'"),
-    ("model.gates", "override 'model.gates' is not of the form key.sub=value"),
-    ("=1", "override '=1' is not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.gatse=false", "unknown config key 'model.gatse' (in override 'model.gatse=false')"),
+        ("optim.lr.x=1", "unknown config key 'optim.lr.x' (in override 'optim.lr.x=1')"),
+        ("modle.d=3", "unknown config key 'modle' (in override 'modle.d=3')"),
+        ("model.d=abc", "config key 'model.d': expected a number, got 'abc'"),
+        ("model.gates", "override 'model.gates' is not of the form key.sub=value"),
+        ("=1", "override '=1' is not of the form key.sub=value"),
+    ],
+)
 def test_a_misspelt_set_names_the_key(override, message):
     with pytest.raises(ValueError) as e:
         train.resolve_config("lgcct", None, [override])
@@ -205,8 +215,10 @@ def test_cli_train_names_a_misspelt_key_in_one_line(tmp_path):
     feats.mkdir()
     conf = tmp_path / "c.yaml"
     conf.write_text("train:\n  epoch: 3\n")
-    for args, message in ((["--set", "model.gatse=false"], "Error: unknown config key 'model.gatse'"),
-                          (["--config", str(conf)], f"Error: {conf}: unknown config key 'train.epoch'")):
+    for args, message in (
+        (["--set", "model.gatse=false"], "Error: unknown config key 'model.gatse'"),
+        (["--config", str(conf)], f"Error: {conf}: unknown config key 'train.epoch'"),
+    ):
         r = CliRunner().invoke(cli, ["train", str(feats), "-m", "lgcct", *args, "-o", str(tmp_path / "e")])
         assert r.exit_code == 1 and r.output.startswith(message), r.output
         assert len(r.output.strip().splitlines()) == 1, r.output
@@ -242,8 +254,10 @@ def test_load_yaml_errors_are_one_line_naming_the_file(tmp_path):
     evil.write_text(f'a: !!python/object/apply:os.system ["touch {marker}"]\n')
     with pytest.raises(ValueError) as e:
         config.load_yaml(evil)
-    assert str(e.value) == (f"{evil}: line 1, column 4: the tag '!!python/object/apply:os.system' is not allowed "
-                            "(sertool reads plain YAML only, never Python objects)")
+    assert str(e.value) == (
+        f"{evil}: line 1, column 4: the tag '!!python/object/apply:os.system' is not allowed "
+        "(sertool reads plain YAML only, never Python objects)"
+    )
     assert not marker.exists()
     broken = tmp_path / "broken.yaml"
     broken.write_text("a: [1, 2\nb: 3\n")

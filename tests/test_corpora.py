@@ -35,7 +35,9 @@ def test_folder_tsv_sidecar_and_problems(tmp_path):
     write_wav(root / "a" / "y.flac")
     write_wav(root / "stray.wav")
     (root / "a" / "x.txt").write_text("  spoken   words \n")
-    (root / "metadata.tsv").write_text("path\temotion\tscore\nа/none.wav\tsad\t1\na/x.wav\thappy\t0.5\na/y.flac\tsad\tnot-a-number\n")
+    (root / "metadata.tsv").write_text(
+        "path\temotion\tscore\nа/none.wav\tsad\t1\na/x.wav\thappy\t0.5\na/y.flac\tsad\tnot-a-number\n"
+    )
     problems = []
     _, utts = read_corpus(root, problems=problems)
     by_id = {u.id: u for u in utts}
@@ -82,19 +84,24 @@ def make_iemocap(root):
     s = root / "Session1"
     (s / "dialog" / "EmoEvaluation").mkdir(parents=True)
     (s / "dialog" / "transcriptions").mkdir(parents=True)
-    lines = ["% header", "[6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]",
-             "[10.0 - 12.0]\tSes01F_impro01_M001\texc\t[4.0, 3.5, 3.0]",
-             "[13.0 - 14.0]\tSes01F_impro01_F002\tfru\t[2.0, 3.0, 3.0]",
-             "[15.0 - 16.0]\tSes01F_impro01_F003\txxx\t[2.0, 3.0, 3.0]"]
+    lines = [
+        "% header",
+        "[6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]",
+        "[10.0 - 12.0]\tSes01F_impro01_M001\texc\t[4.0, 3.5, 3.0]",
+        "[13.0 - 14.0]\tSes01F_impro01_F002\tfru\t[2.0, 3.0, 3.0]",
+        "[15.0 - 16.0]\tSes01F_impro01_F003\txxx\t[2.0, 3.0, 3.0]",
+    ]
     (s / "dialog" / "EmoEvaluation" / "Ses01F_impro01.txt").write_text("\n".join(lines) + "\n")
     (s / "dialog" / "transcriptions" / "Ses01F_impro01.txt").write_text(
-        "Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.\nSes01F_impro01_M001 [010.0-012.0]: Do you have your forms?\n")
+        "Ses01F_impro01_F000 [006.2901-008.2357]: Excuse me.\nSes01F_impro01_M001 [010.0-012.0]: Do you have your forms?\n"  # noqa: E501
+    )
     for u in ("F000", "M001", "F002", "F003"):
         write_wav(s / "sentences" / "wav" / "Ses01F_impro01" / f"Ses01F_impro01_{u}.wav")
     wd = s / "sentences" / "ForcedAlignment" / "Ses01F_impro01"
     wd.mkdir(parents=True)
     (wd / "Ses01F_impro01_F000.wdseg").write_text(
-        " SFrm  EFrm    SegAScr Word\n    0    10    -1000 <s>\n   11    40    -2000 EXCUSE\n   41    60    -2000 ME(2)\n   61    70 -100 </s>\n Total score: 1\n")
+        " SFrm  EFrm    SegAScr Word\n    0    10    -1000 <s>\n   11    40    -2000 EXCUSE\n   41    60    -2000 ME(2)\n   61    70 -100 </s>\n Total score: 1\n"  # noqa: E501
+    )
 
 
 def test_iemocap_layout_and_label_sets(tmp_path):
@@ -104,7 +111,13 @@ def test_iemocap_layout_and_label_sets(tmp_path):
     by_id = {u.id: u for u in utts}
     assert len(utts) == 4
     f0 = by_id["Ses01F_impro01_F000"]
-    assert (f0.label, f0.text, f0.speaker, f0.session, f0.score) == ("neutral", "Excuse me.", "Ses01_F", "Session1", 2.5)
+    assert (f0.label, f0.text, f0.speaker, f0.session, f0.score) == (
+        "neutral",
+        "Excuse me.",
+        "Ses01_F",
+        "Session1",
+        2.5,
+    )
     assert f0.words == [["excuse", 0.11, 0.41], ["me", 0.41, 0.61]]
     assert by_id["Ses01F_impro01_M001"].speaker == "Ses01_M"
     _, four = read_corpus(tmp_path, "iemocap", labels="4class")
@@ -116,8 +129,9 @@ def test_iemocap_layout_and_label_sets(tmp_path):
 # ------------------------------------------------------------------ MELD
 def test_meld_text_only_and_with_audio(tmp_path):
     header = "Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,Episode,StartTime,EndTime\n"
-    (tmp_path / "train_sent_emo.csv").write_text(header + '1,"Oh, hi!",Ross,joy,positive,0,0,1,1,"0:0:1,0","0:0:2,0"\n'
-                                                 '2,,Rachel,neutral,neutral,0,1,1,1,a,b\n')
+    (tmp_path / "train_sent_emo.csv").write_text(
+        header + '1,"Oh, hi!",Ross,joy,positive,0,0,1,1,"0:0:1,0","0:0:2,0"\n2,,Rachel,neutral,neutral,0,1,1,1,a,b\n'
+    )
     (tmp_path / "test_sent_emo.csv").write_text(header + "1,No way.,Joey,surprise,negative,3,2,1,1,a,b\n")
     problems = []
     name, utts = read_corpus(tmp_path, problems=problems)
@@ -142,29 +156,48 @@ def write_csd(path, name, data):
 
 
 def test_mosei_csd(tmp_path):
-    write_csd(tmp_path / "CMU_MOSEI_Labels.csd", "All Labels", {
-        "vidA": (np.array([[1.5, 1, 0, 0, 0, 0, 0], [-2.0, 0, 1, 0, 0, 0, 0]], np.float32), [[0.0, 2.0], [2.0, 4.0]])})
+    write_csd(
+        tmp_path / "CMU_MOSEI_Labels.csd",
+        "All Labels",
+        {"vidA": (np.array([[1.5, 1, 0, 0, 0, 0, 0], [-2.0, 0, 1, 0, 0, 0, 0]], np.float32), [[0.0, 2.0], [2.0, 4.0]])},
+    )
     words = np.array([[b"hello"], [b"sp"], [b"world"], [b"bad"]])
-    write_csd(tmp_path / "CMU_MOSEI_TimestampedWords.csd", "words",
-              {"vidA": (words, [[0.1, 0.5], [0.5, 0.7], [0.7, 1.9], [2.1, 2.6]])})
+    write_csd(
+        tmp_path / "CMU_MOSEI_TimestampedWords.csd",
+        "words",
+        {"vidA": (words, [[0.1, 0.5], [0.5, 0.7], [0.7, 1.9], [2.1, 2.6]])},
+    )
     covarep = np.arange(400 * 74, dtype=np.float32).reshape(400, 74)
-    write_csd(tmp_path / "CMU_MOSEI_COVAREP.csd", "COVAREP",
-              {"vidA": (covarep, np.stack([np.arange(400) / 100, np.arange(1, 401) / 100], axis=1))})
+    write_csd(
+        tmp_path / "CMU_MOSEI_COVAREP.csd",
+        "COVAREP",
+        {"vidA": (covarep, np.stack([np.arange(400) / 100, np.arange(1, 401) / 100], axis=1))},
+    )
     assert detect_corpus(tmp_path) == "mosei"
     _, utts = read_corpus(tmp_path)
     assert [u.id for u in utts] == ["vidA__0", "vidA__1"]
     assert utts[0].text == "hello world" and utts[0].score == 1.5 and utts[0].extra["emotions"]["happy"] == 1.0
     assert utts[0].words == [["hello", 0.1, 0.5], ["world", 0.7, 1.9]]
     assert utts[1].words == [["bad", pytest.approx(0.1), pytest.approx(0.6)]]
-    out = import_csd_features(tmp_path / "CMU_MOSEI_COVAREP.csd", utts, tmp_path / "feats" / "csd_covarep.h5", name="csd_covarep")
+    out = import_csd_features(
+        tmp_path / "CMU_MOSEI_COVAREP.csd", utts, tmp_path / "feats" / "csd_covarep.h5", name="csd_covarep"
+    )
     with open_store(out) as s:
         assert s.attrs["frame_rate_hz"] == 100.0 and s["vidA__0"].shape == (200, 74)
         np.testing.assert_array_equal(s["vidA__1"], covarep[200:400])
     vectors = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # row 1 is the `sp` padding token
-    write_csd(tmp_path / "CMU_MOSEI_TimestampedWordVectors.csd", "glove_vectors",
-              {"vidA": (vectors, [[0.1, 0.5], [0.5, 0.7], [0.7, 1.9], [2.1, 2.6]])})
-    out = import_csd_features(tmp_path / "CMU_MOSEI_TimestampedWordVectors.csd", utts,
-                              tmp_path / "feats" / "csd_glove.h5", name="csd_glove", kind="text")
+    write_csd(
+        tmp_path / "CMU_MOSEI_TimestampedWordVectors.csd",
+        "glove_vectors",
+        {"vidA": (vectors, [[0.1, 0.5], [0.5, 0.7], [0.7, 1.9], [2.1, 2.6]])},
+    )
+    out = import_csd_features(
+        tmp_path / "CMU_MOSEI_TimestampedWordVectors.csd",
+        utts,
+        tmp_path / "feats" / "csd_glove.h5",
+        name="csd_glove",
+        kind="text",
+    )
     with open_store(out) as s:  # one row per kept word: the `sp` row is dropped
         np.testing.assert_array_equal(s["vidA__0"], vectors[[0, 2]])
         np.testing.assert_array_equal(s["vidA__1"], vectors[[3]])

@@ -26,8 +26,7 @@ import scipy.stats
 
 from sertool.features.base import build_extractor
 
-from acoustic_synth import (SR, creaky_train, harmonic_signal, impulse_vowel, lf_train, lf_truth,
-                            resonator_response_db)
+from acoustic_synth import SR, creaky_train, harmonic_signal, impulse_vowel, lf_train, lf_truth, resonator_response_db
 
 COL = {"F0": 0, "VUV": 1, "NAQ": 2, "QOQ": 3, "Rd": 8, "creak": 10, "MCEP_0": 11, "HMPDD_0": 61}
 RD_SWEEP = np.round(np.arange(0.3, 2.71, 0.2), 2)  # 13 values
@@ -59,23 +58,29 @@ def test_f0_of_a_glide(covarep):
     n = int(0.8 * SR)
     track = np.linspace(90.0, 250.0, n)
     from acoustic_synth import vowel
+
     out = covarep.extract(None, vowel(track, 0.8)).data
     t = 79 + 160 * np.arange(len(out))
     err, n_both = gross_error(out[:, 0], track[np.minimum(t, n - 1)])
     assert n_both > 0.8 * len(out) and err < 0.05
 
 
-ESPEAK_TEXT = ("The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore, "
-               "and we were away a year ago.")
+ESPEAK_TEXT = (
+    "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore, and we were away a year ago."
+)
 
 
 def espeak(voice: str, pitch: int) -> np.ndarray:
     import soundfile as sf
     import soxr
+
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "s.wav")
-        subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", "150", "-w", path, ESPEAK_TEXT],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", "150", "-w", path, ESPEAK_TEXT],
+            check=True,
+            capture_output=True,
+        )
         x, sr = sf.read(path)
     return soxr.resample(x, sr, SR).astype(np.float32)
 
@@ -143,8 +148,9 @@ def mcep_envelope_db(c: np.ndarray, n_bins: int, alpha: float = 0.42) -> np.ndar
 
 
 @pytest.mark.parametrize("f0", [100.0, 160.0])
-@pytest.mark.parametrize("formants,bandwidths", [((700, 1220, 2600), (80, 90, 120)),
-                                                 ((300, 2300, 3000), (60, 100, 150))])
+@pytest.mark.parametrize(
+    "formants,bandwidths", [((700, 1220, 2600), (80, 90, 120)), ((300, 2300, 3000), (60, 100, 150))]
+)
 def test_mcep_reconstructs_the_vowel_envelope(covarep, f0, formants, bandwidths):
     out = covarep.extract(None, impulse_vowel(f0, 0.6, formants, bandwidths)).data[15:-15]
     env = mcep_envelope_db(out[:, 11:36].mean(0), 513)

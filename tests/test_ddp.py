@@ -1,5 +1,6 @@
 """Distributed training: `torchrun --nproc_per_node=2 -m sertool train` (gloo, CPU, 127.0.0.1) equals
 one process with the same global batch; rank 0 alone writes EXP; a DDP checkpoint resumes."""
+
 import json
 import os
 import socket
@@ -22,10 +23,26 @@ CLASSES = ("angry", "happy", "neutral", "sad")
 # a small GRU + attention model, no dropout (dropout masks differ per rank); SGD, because Adam turns
 # the float noise of gradients that are zero in theory (attention key biases) into lr-sized steps;
 # a frame budget small enough that some global batches hold a single utterance (one rank idle)
-SETTINGS = ["model.conv=local", "model.modalities=[audio,text]", "model.gru_hidden=8", "model.num_heads=2",
-            "model.fc_hidden=8", "model.dropout=0", "data.audio=fa", "data.text=ft", "protocol.name=corpus",
-            "train.epochs=3", "train.batch_size=8", "train.max_batch_frames=100", "train.class_weights=true",
-            "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.grad_clip=5", "run.threads=1"]
+SETTINGS = [
+    "model.conv=local",
+    "model.modalities=[audio,text]",
+    "model.gru_hidden=8",
+    "model.num_heads=2",
+    "model.fc_hidden=8",
+    "model.dropout=0",
+    "data.audio=fa",
+    "data.text=ft",
+    "protocol.name=corpus",
+    "train.epochs=3",
+    "train.batch_size=8",
+    "train.max_batch_frames=100",
+    "train.class_weights=true",
+    "optim.name=sgd",
+    "optim.lr=0.1",
+    "optim.momentum=0.9",
+    "optim.grad_clip=5",
+    "run.threads=1",
+]
 
 
 def make_feats(root, n_spk=4, per=12, seed=0, da=6, dt=5):
@@ -34,16 +51,25 @@ def make_feats(root, n_spk=4, per=12, seed=0, da=6, dt=5):
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     utts = []
-    wa = StoreWriter(root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": da, "frame_rate_hz": 100,
-                                      "extractor": {"name": "fa"}})
-    wt = StoreWriter(root / "ft.h5", {"feature": "ft", "kind": "text", "dim": dt, "unit": "token",
-                                      "extractor": {"name": "ft"}})
+    wa = StoreWriter(
+        root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": da, "frame_rate_hz": 100, "extractor": {"name": "fa"}}
+    )
+    wt = StoreWriter(
+        root / "ft.h5", {"feature": "ft", "kind": "text", "dim": dt, "unit": "token", "extractor": {"name": "ft"}}
+    )
     for s in range(n_spk):
         for i in range(per):
             c = min(i % 5, 3)
             uid = f"s{s}_u{i:03d}"
-            utts.append(Utterance(id=uid, text="hi", label=CLASSES[c], speaker=f"spk{s + 1}",
-                                  split=["train", "train", "dev", "test"][s % 4]))
+            utts.append(
+                Utterance(
+                    id=uid,
+                    text="hi",
+                    label=CLASSES[c],
+                    speaker=f"spk{s + 1}",
+                    split=["train", "train", "dev", "test"][s % 4],
+                )
+            )
             wa.add(uid, ((rng.normal(size=(int(rng.integers(5, 40)), da)) + c) * 2 + 3).astype(np.float32))
             wt.add(uid, (rng.normal(size=(int(rng.integers(3, 8)), dt)) + 0.5 * c).astype(np.float32))
     wa.finalize()
@@ -60,11 +86,33 @@ def _free_port() -> int:
 
 def torchrun(feats, exp, *extra, env_extra=None, nproc=2):
     args = sum([["--set", s] for s in SETTINGS], [])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "sertool", "train", str(feats),
-           "-m", "self_attn", "-o", str(exp), "-q", *args, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           **(env_extra or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "sertool",
+        "train",
+        str(feats),
+        "-m",
+        "self_attn",
+        "-o",
+        str(exp),
+        "-q",
+        *args,
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        **(env_extra or {}),
+    }
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -176,8 +224,14 @@ def test_memory_budget_reads_lazily_and_workers_open_their_own_handles(feats, re
         open_sources(feats, {"audio": "fa"}, preload="lots")
     # training from lazily read stores through 2 DataLoader workers gives the preloaded result
     exp = tmp_path / "lazy"
-    run_train("self_attn", feats, exp, overrides=[*SETTINGS, "data.preload=0", "data.workers=2"], progress=False,
-              log=lambda s: None)
+    run_train(
+        "self_attn",
+        feats,
+        exp,
+        overrides=[*SETTINGS, "data.preload=0", "data.workers=2"],
+        progress=False,
+        log=lambda s: None,
+    )
     a, b = _weights(reference), _weights(exp)
     for name in a:
         assert np.allclose(a[name].numpy(), b[name].numpy(), atol=1e-6), name

@@ -1,36 +1,41 @@
 """CMD distillation: contrastive loss, frame-budget batcher, student learning, parameter counts,
 the stage end to end on a tiny synthetic corpus (cached teachers), fine-tuning through the train
 stage (`sertool train -m cmd --init`) and the CLI."""
+
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from click.testing import CliRunner
 
 from sertool.batching import batch_cost, budget_batches
 from sertool.cli import cli
-from sertool.corpora.base import Utterance, write_manifest
-from sertool.distill import (DEFAULTS, CachedTeacher, Distiller, LiveAudioTeacher, LiveTextTeacher, contrastive_loss,
-                             make_student, run_distill)
+from sertool.distill import (
+    DEFAULTS,
+    CachedTeacher,
+    Distiller,
+    LiveAudioTeacher,
+    LiveTextTeacher,
+    contrastive_loss,
+    make_student,
+    run_distill,
+)
 from sertool.models.cmd import CMD, DistillStudent, count_parameters, load_student, modality_parameters
 from sertool.models.cmd_inputs import LogMelStem, TokenEmbedding, WaveStem, logmel_halvings, stem_layers
 from sertool.train import run_train
 
 from conftest import make_distill_feats
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- loss
 def test_contrastive_loss_equals_a_hand_computed_value():
-    s = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])              # B=2, T=1 (cosine: norms do not matter)
+    s = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])  # B=2, T=1 (cosine: norms do not matter)
     h = torch.tensor([[[3.0, 0.0]], [[1.0, 1.0]]])
     kappa = 0.5
     r = 1 / math.sqrt(2)
@@ -111,7 +116,7 @@ def test_student_learns_to_match_a_synthetic_teacher():
     def batch_and_teacher():
         wave = torch.randn(B, N, generator=g)
         ids = torch.randint(2, V, (B, L), generator=g)
-        frames = wave.unfold(1, 400, 320)                      # [B, 4, 400]: the stem's frames
+        frames = wave.unfold(1, 400, 320)  # [B, 4, 400]: the stem's frames
         ta = torch.tanh(frames @ proj_a / 20)
         tt = torch.tanh(table[ids])
         ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
@@ -131,7 +136,7 @@ def test_student_learns_to_match_a_synthetic_teacher():
         opt.step()
     with torch.no_grad():
         end = float(np.mean([model(b, t)[0].item() for b, t in data]))
-    chance = 2 * math.log(B)                  # log B per modality
+    chance = 2 * math.log(B)  # log B per modality
     assert start > 0.8 * chance
     assert end < 0.3 * start and end < 0.5 * chance, (start, end)
 
@@ -145,8 +150,9 @@ def test_late_fusion_and_unimodal_students_run():
     x, m = _student(mods=("text",), vocab=20)(b)
     assert set(x) == {"text"}
     st = _student(mods=("audio",), vocab=20)
-    head = CMD(init=None, student=st.spec, modalities=["audio"], n_classes=3, hidden=32, kappa=0.1,
-               task="classification")
+    head = CMD(
+        init=None, student=st.spec, modalities=["audio"], n_classes=3, hidden=32, kappa=0.1, task="classification"
+    )
     logp = head(b)
     assert logp.shape == (2, 3) and torch.allclose(logp.exp().sum(-1), torch.ones(2))
 
@@ -164,8 +170,8 @@ def test_parameter_counts_teacher_vs_student_base_size():
     with torch.device("meta"):
         student, _ = make_student(DEFAULTS["student"], {"audio": ta, "text": tt})
     per = modality_parameters(student)
-    assert 4e6 < per["audio"] < 6e6, per       # paper: ~5M
-    assert 23e6 < per["text"] < 25e6, per      # paper: ~24M
+    assert 4e6 < per["audio"] < 6e6, per  # paper: ~5M
+    assert 23e6 < per["text"] < 25e6, per  # paper: ~24M
     assert count_parameters(student) == sum(per.values())
 
 
@@ -179,8 +185,16 @@ def feats(tmp_path_factory):
     return make_distill_feats(tmp_path_factory.mktemp("distill") / "feats", CLASSES)
 
 
-TINY = ["distill.epochs=3", "distill.warmup_epochs=1", "distill.budget=24000", "distill.lr=1e-3",
-        "student.stem_channels=8", "student.text_embed_dim=8", "student.ffn_dim=32", "distill.dev_fraction=0.25"]
+TINY = [
+    "distill.epochs=3",
+    "distill.warmup_epochs=1",
+    "distill.budget=24000",
+    "distill.lr=1e-3",
+    "student.stem_channels=8",
+    "student.text_embed_dim=8",
+    "student.ffn_dim=32",
+    "distill.dev_fraction=0.25",
+]
 
 
 def test_distill_then_finetune_end_to_end(feats, tmp_path):
@@ -192,8 +206,13 @@ def test_distill_then_finetune_end_to_end(feats, tmp_path):
     assert set(m["parameters"]["student"]) == {"audio", "text"}
     student = load_student(exp / "student.safetensors")
     assert student.modalities == ("audio", "text")
-    r = run_train("cmd", feats, tmp_path / "ft", overrides=[f"model.init={exp}", "train.epochs=2", "protocol.name=kfold:2",
-                                                           "train.max_batch_frames=24000"], progress=False)
+    r = run_train(
+        "cmd",
+        feats,
+        tmp_path / "ft",
+        overrides=[f"model.init={exp}", "train.epochs=2", "protocol.name=kfold:2", "train.max_batch_frames=24000"],
+        progress=False,
+    )
     assert len(r["runs"]) == 2 and r["labels"] == list(CLASSES)
     assert all(0 <= run["test"]["UA"] <= 1 for run in r["runs"])
     # the fine-tuned model starts from the distilled student (not from random weights)
@@ -203,8 +222,13 @@ def test_distill_then_finetune_end_to_end(feats, tmp_path):
 
 def test_distill_text_only_and_errors(feats, tmp_path):
     exp = tmp_path / "exp_t"
-    run_distill(feats, exp, teacher_text="tt", overrides=TINY + ["student.modalities=[text]", "distill.epochs=1"],
-                progress=False)
+    run_distill(
+        feats,
+        exp,
+        teacher_text="tt",
+        overrides=TINY + ["student.modalities=[text]", "distill.epochs=1"],
+        progress=False,
+    )
     assert load_student(exp / "student.safetensors").modalities == ("text",)
     with pytest.raises(ValueError, match="already holds"):
         run_distill(feats, exp, teacher_text="tt", overrides=["student.modalities=[text]"], progress=False)
@@ -213,15 +237,35 @@ def test_distill_text_only_and_errors(feats, tmp_path):
     with pytest.raises(ValueError, match="unknown config key"):
         run_distill(feats, tmp_path / "e3", teacher_text="tt", overrides=["distill.nope=1"], progress=False)
     with pytest.raises(ValueError, match="distill.epochs = 0: must be at least 1"):
-        run_distill(feats, tmp_path / "e4", teacher_text="tt", overrides=["student.modalities=[text]", "distill.epochs=0"],
-                    progress=False)
+        run_distill(
+            feats,
+            tmp_path / "e4",
+            teacher_text="tt",
+            overrides=["student.modalities=[text]", "distill.epochs=0"],
+            progress=False,
+        )
 
 
 def test_cli_distill(feats, tmp_path):
     exp = tmp_path / "exp_cli"
-    res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(exp), "--teacher-audio", "ta",
-                                   "--teacher-text", "tt", "-q", *sum((["--set", s] for s in TINY), []),
-                                   "--set", "distill.epochs=1"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        cli,
+        [
+            "distill",
+            str(feats),
+            "-o",
+            str(exp),
+            "--teacher-audio",
+            "ta",
+            "--teacher-text",
+            "tt",
+            "-q",
+            *sum((["--set", s] for s in TINY), []),
+            "--set",
+            "distill.epochs=1",
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     assert (exp / "student.safetensors").exists()
     res = CliRunner().invoke(cli, ["distill", str(feats), "-o", str(exp), "--finetune-only", "-q"])
@@ -238,10 +282,26 @@ def test_live_teachers_lend_their_input_encoders(tmp_path):
     from sertool.distill import save_student
 
     torch.manual_seed(0)
-    w2v = Wav2Vec2Model(Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, conv_dim=(16,) * 7, num_conv_pos_embeddings=8))
-    bert = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=32))
+    w2v = Wav2Vec2Model(
+        Wav2Vec2Config(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            conv_dim=(16,) * 7,
+            num_conv_pos_embeddings=8,
+        )
+    )
+    bert = BertModel(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    )
     ta, tt = LiveAudioTeacher(w2v, device="cpu"), LiveTextTeacher(bert, device="cpu")
     student, vocab = make_student({**DEFAULTS["student"], "dropout": 0.0}, {"audio": ta, "text": tt})
     assert vocab is None
@@ -274,11 +334,31 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
     from sertool.weights import load_tensors
 
     dexp = tmp_path / "dexp"
-    run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"],
-                progress=False)
+    run_distill(
+        feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"], progress=False
+    )
     exp = tmp_path / "cmd"
-    args = ["train", str(feats), "-m", "cmd", "--init", str(dexp), "--protocol", "kfold:2", "--epochs", "2",
-            "--seeds", "1", "--set", "train.max_batch_frames=24000", "--set", "optim.lr=1e-3", "-o", str(exp), "-q"]
+    args = [
+        "train",
+        str(feats),
+        "-m",
+        "cmd",
+        "--init",
+        str(dexp),
+        "--protocol",
+        "kfold:2",
+        "--epochs",
+        "2",
+        "--seeds",
+        "1",
+        "--set",
+        "train.max_batch_frames=24000",
+        "--set",
+        "optim.lr=1e-3",
+        "-o",
+        str(exp),
+        "-q",
+    ]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "2 run(s)" in res.output
@@ -325,7 +405,9 @@ def test_train_cmd_init_fine_tunes_a_distilled_student_and_evaluates(feats, tmp_
     args2 = [a if a != str(exp) else str(part) for a in args] + ["--fold", "fold2"]
     res = CliRunner().invoke(cli, args2, catch_exceptions=False)
     assert res.exit_code == 0 and "1 run(s)" in res.output, res.output
-    assert not (part / "folds" / "fold1").exists() and (part / "folds" / "fold2" / "seed0" / "model.safetensors").exists()
+    assert (
+        not (part / "folds" / "fold1").exists() and (part / "folds" / "fold2" / "seed0" / "model.safetensors").exists()
+    )
     done = (part / "folds" / "fold2" / "seed0" / "model.safetensors").read_bytes()
     res = CliRunner().invoke(cli, args2[:-2] + ["--resume"], catch_exceptions=False)
     assert res.exit_code == 0 and "2 run(s)" in res.output, res.output
@@ -409,8 +491,10 @@ def test_logmel_stem_frames_padding_and_choice(feats, tmp_path):
         logmel_halvings(30.0)
     # auto: a store written by the whisper extractor gets the log-Mel stem, others the waveform stem
     import h5py
+
     whisper = tmp_path / "wh.h5"
     import shutil
+
     shutil.copy(feats / "ta.h5", whisper)
     with h5py.File(whisper, "r+") as f:
         f.attrs["extractor"] = json.dumps({"name": "whisper", "params": {}})
@@ -420,20 +504,45 @@ def test_logmel_stem_frames_padding_and_choice(feats, tmp_path):
     student, _ = make_student(cfg, {"audio": CachedTeacher(feats / "ta.h5", "audio")})
     assert isinstance(student.encoders["audio"], WaveStem)
     exp = tmp_path / "exp"
-    run_distill(feats, exp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["student.audio_stem=logmel",
-                                                                                     "distill.epochs=1"], progress=False)
+    run_distill(
+        feats,
+        exp,
+        teacher_audio="ta",
+        teacher_text="tt",
+        overrides=TINY + ["student.audio_stem=logmel", "distill.epochs=1"],
+        progress=False,
+    )
     assert isinstance(load_student(exp / "student.safetensors").encoders["audio"], LogMelStem)
 
 
 def test_predict_refuses_a_cmd_experiment_with_the_reason(feats, tmp_path):
     dexp = tmp_path / "dexp"
-    run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"],
-                progress=False)
+    run_distill(
+        feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"], progress=False
+    )
     exp = tmp_path / "cmd"
-    run_train("cmd", feats, exp, overrides=[f"model.init={dexp}", "train.epochs=1", "protocol.name=kfold:2",
-                                            "train.max_batch_frames=24000"], progress=False)
-    (tmp_path / "t.csv").write_text("file,text\n" + "".join(f"{p.name},yes no\n" for p in (feats / "wav").glob("*.wav")))
-    res = CliRunner().invoke(cli, ["predict", str(exp), str(feats / "wav"), "-o", str(tmp_path / "p.csv"), "-q",
-                                   "--transcripts", str(tmp_path / "t.csv")])
+    run_train(
+        "cmd",
+        feats,
+        exp,
+        overrides=[f"model.init={dexp}", "train.epochs=1", "protocol.name=kfold:2", "train.max_batch_frames=24000"],
+        progress=False,
+    )
+    (tmp_path / "t.csv").write_text(
+        "file,text\n" + "".join(f"{p.name},yes no\n" for p in (feats / "wav").glob("*.wav"))
+    )
+    res = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(exp),
+            str(feats / "wav"),
+            "-o",
+            str(tmp_path / "p.csv"),
+            "-q",
+            "--transcripts",
+            str(tmp_path / "t.csv"),
+        ],
+    )
     assert res.exit_code == 1 and "reads its audio input raw ('wave'" in res.output, res.output
     assert "Traceback" not in res.output

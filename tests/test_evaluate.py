@@ -1,15 +1,15 @@
 """The evaluate stage: predictions.csv, metrics recomputed from it, report, plots, compare, crop, attention."""
+
 import csv
 import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_train import CLASSES, TINY_RAJAN, make_feats
 
 from sertool.cli import cli
 from sertool.train import run_train
-from test_train import CLASSES, TINY_RAJAN, make_feats
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,8 +27,13 @@ def exps(tmp_path_factory):
     quiet = dict(progress=False, log=lambda s: None)
     run_train("probe", feats, root / "a", overrides=[*common, "optim.lr=0.05"], **quiet)
     run_train("probe", feats, root / "b", overrides=[*common, "optim.lr=0.0005"], **quiet)
-    run_train("self_attn", feats, root / "c", overrides=[*TINY_RAJAN, *common, "data.text=ft", "run.seeds=1",
-                                                        "train.epochs=1"], **quiet)
+    run_train(
+        "self_attn",
+        feats,
+        root / "c",
+        overrides=[*TINY_RAJAN, *common, "data.text=ft", "run.seeds=1", "train.epochs=1"],
+        **quiet,
+    )
     torch.set_num_threads(n)
     return root
 
@@ -78,6 +83,7 @@ def test_compare_and_crop(exps):
         assert 0 <= comp[k]["p_ttest"] <= 1 and 0 <= comp[k]["p_wilcoxon"] <= 1
     assert "p (Wilcoxon)" in (a / "eval" / "report.md").read_text() and "p(t)" in res.output
     same = CliRunner().invoke(cli, ["evaluate", str(a), "--compare", str(a), "-q", "-o", str(exps / "same")])
+    assert same.exit_code == 0, same.output
     assert json.loads((exps / "same" / "metrics.json").read_text())["compare"]["UA"]["p_ttest"] == 1.0
     res = CliRunner().invoke(cli, ["evaluate", str(a), "--crop-length", "2", "-q"], catch_exceptions=False)
     assert res.exit_code == 0, res.output

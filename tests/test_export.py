@@ -1,4 +1,5 @@
 """`sertool export`: TorchScript and ONNX of an experiment's classifier give the same outputs."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from test_predict import MFCC13, write_exp  # noqa: F401  (the helper that writes an EXP folder)
 
 from sertool.cli import cli
 from sertool.export import example_inputs, run_exported
 from sertool.predict import collate, load_predictor
-
-from test_predict import MFCC13, write_exp  # noqa: F401  (the helper that writes an EXP folder)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,17 +20,34 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def exps(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
-    probe = write_exp(base / "probe", {"name": "probe", "modality": "audio", "input_dim": 13, "n_classes": 4},
-                      {"audio": {"feature": "mfcc", "kind": "audio", "dim": 13, "extractor": MFCC13}},
-                      ["a", "b", "c", "d"], stats={"audio": (np.linspace(-5, 5, 13).astype(np.float32),
-                                                             np.linspace(1, 3, 13).astype(np.float32))})
-    cfg = {"name": "self_attn", "modalities": ["audio", "text"], "audio_dim": 13, "text_dim": 3, "n_classes": 3,
-           "conv": "local", "gru_hidden": 4, "num_heads": 2, "fc_hidden": 4}
-    bimodal = write_exp(base / "bimodal", cfg,
-                        {"audio": {"feature": "mfcc", "kind": "audio", "dim": 13, "extractor": MFCC13},
-                         "text": {"feature": "chars", "kind": "text", "dim": 3,
-                                  "extractor": {"name": "test_chars", "params": {}}}},
-                        ["x", "y", "z"], stats={"audio": (np.zeros(13, np.float32), np.full(13, 2.0, np.float32))})
+    probe = write_exp(
+        base / "probe",
+        {"name": "probe", "modality": "audio", "input_dim": 13, "n_classes": 4},
+        {"audio": {"feature": "mfcc", "kind": "audio", "dim": 13, "extractor": MFCC13}},
+        ["a", "b", "c", "d"],
+        stats={"audio": (np.linspace(-5, 5, 13).astype(np.float32), np.linspace(1, 3, 13).astype(np.float32))},
+    )
+    cfg = {
+        "name": "self_attn",
+        "modalities": ["audio", "text"],
+        "audio_dim": 13,
+        "text_dim": 3,
+        "n_classes": 3,
+        "conv": "local",
+        "gru_hidden": 4,
+        "num_heads": 2,
+        "fc_hidden": 4,
+    }
+    bimodal = write_exp(
+        base / "bimodal",
+        cfg,
+        {
+            "audio": {"feature": "mfcc", "kind": "audio", "dim": 13, "extractor": MFCC13},
+            "text": {"feature": "chars", "kind": "text", "dim": 3, "extractor": {"name": "test_chars", "params": {}}},
+        },
+        ["x", "y", "z"],
+        stats={"audio": (np.zeros(13, np.float32), np.full(13, 2.0, np.float32))},
+    )
     return {"probe": probe, "bimodal": bimodal}
 
 

@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import numpy as np
-import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
@@ -83,8 +82,14 @@ def test_unknown_feature_fails_before_any_work(folder_corpus, tmp_path):
 
 
 def test_options_reach_the_extractor(folder_corpus, tmp_path, plugin_env):
-    run_extract(folder_corpus, tmp_path / "f", ["toy:hop_ms=20", "toy5=toy"], overrides={"toy5": {"hop_ms": 5}},
-                progress=False, log=lambda *a: None)
+    run_extract(
+        folder_corpus,
+        tmp_path / "f",
+        ["toy:hop_ms=20", "toy5=toy"],
+        overrides={"toy5": {"hop_ms": 5}},
+        progress=False,
+        log=lambda *a: None,
+    )
     with open_store(tmp_path / "f", "toy") as a, open_store(tmp_path / "f", "toy5") as b:
         assert a.attrs["frame_rate_hz"] == 50.0 and b.attrs["frame_rate_hz"] == 200.0
         assert b["spk1__utt0"].shape[0] == 4 * a["spk1__utt0"].shape[0]
@@ -97,8 +102,17 @@ def test_kill_9_then_rerun_computes_only_the_missing(tmp_path, plugin_env):
         sf.write(root / f"u{i:02d}.wav", tone(100 + 10 * i, 0.2), 16000)
     log = tmp_path / "computed.log"
     out = tmp_path / "f"
-    cmd = sertool_cmd() + ["extract", str(root), "-o", str(out), "-q", "--flush-every", "4",
-                           "-f", f"toy:log={log},sleep=0.1"]
+    cmd = sertool_cmd() + [
+        "extract",
+        str(root),
+        "-o",
+        str(out),
+        "-q",
+        "--flush-every",
+        "4",
+        "-f",
+        f"toy:log={log},sleep=0.1",
+    ]
     proc = subprocess.Popen(cmd, env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and not (log.exists() and len(log.read_text().split()) >= 13):
@@ -116,7 +130,7 @@ def test_kill_9_then_rerun_computes_only_the_missing(tmp_path, plugin_env):
 
     again = subprocess.run(cmd, env=plugin_env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    second = log.read_text().split()[len(first):]
+    second = log.read_text().split()[len(first) :]
     assert sorted(second) == sorted(set(f"u{i:02d}" for i in range(30)) - set(first[:saved]))
     assert not (out / "toy.h5.parts").exists()
     reference = run_extract(root, tmp_path / "ref", ["toy"], progress=False, log=lambda *a: None)
@@ -138,8 +152,9 @@ def test_nj_does_not_change_the_output(folder_corpus, tmp_path, plugin_env):
 def test_three_shards_merge_to_the_unsharded_store(folder_corpus, tmp_path, plugin_env):
     run_extract(folder_corpus, tmp_path / "one", ["toy"], progress=False, log=lambda *a: None)
     for i in range(3):
-        r = CliRunner().invoke(cli, ["extract", str(folder_corpus), "-o", str(tmp_path / "sh"), "-f", "toy",
-                                     "--shard", f"{i}/3", "-q"])
+        r = CliRunner().invoke(
+            cli, ["extract", str(folder_corpus), "-o", str(tmp_path / "sh"), "-f", "toy", "--shard", f"{i}/3", "-q"]
+        )
         assert r.exit_code == 0, r.output
     with open_store(tmp_path / "sh", "toy") as s:
         assert len(s) == 6  # readable as one store before merging

@@ -1,6 +1,7 @@
 """Frame-level fusion (``concat``): the frame-rate alignment on hand-made cases; the fused store
 built from existing stores equals what the recorded extractor recomputes (what predict runs);
 a probe trains on it and predict rebuilds its features; bad inputs are refused by name."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,21 +51,32 @@ def fused(tmp_path_factory):
         for i in range(6):
             label = ("low", "high")[i % 2]
             t = np.arange(int((0.5 + 0.05 * i) * SR)) / SR
-            x = 0.3 * np.sin(2 * np.pi * ((150 if label == "low" else 400) + 7 * s) * t) + 0.01 * rng.normal(size=t.size)
+            x = 0.3 * np.sin(2 * np.pi * ((150 if label == "low" else 400) + 7 * s) * t) + 0.01 * rng.normal(
+                size=t.size
+            )
             path = corpus / f"spk{s}" / f"u{i}.wav"
             path.parent.mkdir(parents=True, exist_ok=True)
             sf.write(path, x.astype(np.float32), SR)
             rows.append(f"spk{s}/u{i}.wav,{label},spk{s}")
     (corpus / "metadata.csv").write_text("\n".join(rows) + "\n")
     feats = base / "feats"
-    run_extract(corpus, feats, ["m50=mfcc:n_mfcc=8,deltas=0,hop_ms=20", "m100=mfcc:n_mfcc=5,deltas=0,hop_ms=10"],
-                progress=False, log=lambda s: None)
+    run_extract(
+        corpus,
+        feats,
+        ["m50=mfcc:n_mfcc=8,deltas=0,hop_ms=20", "m100=mfcc:n_mfcc=5,deltas=0,hop_ms=10"],
+        progress=False,
+        log=lambda s: None,
+    )
     path = concat_stores(feats, ["m50", "m100"], log=lambda s: None)
     return {"corpus": corpus, "feats": feats, "path": path, "base": base}
 
 
 def test_fused_store_matches_parts_and_recorded_extractor(fused):
-    with open_store(fused["path"]) as s, open_store(fused["feats"], "m50") as a, open_store(fused["feats"], "m100") as b:
+    with (
+        open_store(fused["path"]) as s,
+        open_store(fused["feats"], "m50") as a,
+        open_store(fused["feats"], "m100") as b,
+    ):
         assert s.attrs["dim"] == 13 and s.attrs["frame_rate_hz"] == 50 and s.attrs["parts"] == ["m50", "m100"]
         assert len(s.attrs["columns"]) == 13 and s.attrs["kind"] == "audio"
         uid = "spk2__u3"
@@ -81,9 +93,21 @@ def test_fused_store_matches_parts_and_recorded_extractor(fused):
 
 def test_probe_on_fused_store_and_predict_rebuilds_it(fused):
     exp = fused["base"] / "exp"
-    run_train("probe", fused["feats"], exp,
-              overrides=["data.audio=m50+m100", "protocol.name=speaker-kfold:2", "train.epochs=10", "optim.lr=0.05",
-                         "run.threads=1", "train.batch_size=8"], progress=False, log=lambda s: None)
+    run_train(
+        "probe",
+        fused["feats"],
+        exp,
+        overrides=[
+            "data.audio=m50+m100",
+            "protocol.name=speaker-kfold:2",
+            "train.epochs=10",
+            "optim.lr=0.05",
+            "run.threads=1",
+            "train.batch_size=8",
+        ],
+        progress=False,
+        log=lambda s: None,
+    )
     pred = load_predictor(exp, "cpu")
     assert pred.extractors["audio"].name == "concat"
     with open_store(fused["path"]) as s:
@@ -128,8 +152,9 @@ def test_text_store_is_refused(tmp_path):
 def test_extract_concat_equals_store_concat(fused, tmp_path):
     """`-f NAME=concat:parts=A+B` in one extraction gives the numbers of `store concat` of A and B."""
     feats = tmp_path / "feats"
-    run_extract(fused["corpus"], feats, ["mfcc", "mfcc80", "both=concat:parts=mfcc80+mfcc"], progress=False,
-                log=lambda s: None)
+    run_extract(
+        fused["corpus"], feats, ["mfcc", "mfcc80", "both=concat:parts=mfcc80+mfcc"], progress=False, log=lambda s: None
+    )
     concat_stores(feats, ["mfcc80", "mfcc"], "from_stores", log=lambda s: None)
     with open_store(feats, "both") as a, open_store(feats, "from_stores") as b:
         assert a.attrs["dim"] == b.attrs["dim"] == 80 + 120 and a.attrs["frame_rate_hz"] == 80  # mfcc: 40 + deltas

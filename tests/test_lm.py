@@ -13,8 +13,10 @@ from sertool.corpora.base import Utterance
 from sertool.features import hub
 from sertool.features.base import ExtractorError, build_extractor
 
-WORDS = ("kids are talking by the door dogs sitting oh my god he is unbelievable isn ' t s , . ! ? "
-         "hello world emotion speech").split()
+WORDS = (
+    "kids are talking by the door dogs sitting oh my god he is unbelievable isn ' t s , . ! ? "
+    "hello world emotion speech"
+).split()
 SENTENCES = ["Kids are talking by the door.", "Oh my god! He's unbelievable, isn't he?", "hello"]
 
 
@@ -32,8 +34,14 @@ def tiny_bert(tmp_path_factory):
     assert tok.tokenize("Kids") == ["kids"]
     tok.save_pretrained(d)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=31, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=31,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(d)
     return d
 
@@ -45,8 +53,9 @@ def tiny_roberta(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-roberta")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES * 5, vocab_size=300, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        SENTENCES * 5, vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     bpe.save_model(str(d))
     files = {"vocab": str(d / "vocab.json"), "merges": str(d / "merges.txt")}
     if "vocab_file" in inspect.signature(RobertaTokenizerFast.__init__).parameters:
@@ -55,8 +64,15 @@ def tiny_roberta(tmp_path_factory):
     assert len(tok) > 100
     tok.save_pretrained(d)
     torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=len(tok), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=31, max_position_embeddings=40, pad_token_id=1)
+    config = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=31,
+        max_position_embeddings=40,
+        pad_token_id=1,
+    )
     RobertaModel(config).save_pretrained(d)
     return d
 
@@ -94,8 +110,14 @@ def test_layer_selection_mean_stack_all(tiny_bert):
     text = SENTENCES[0]
     _, states = direct_states(tiny_bert, text)
     utt = Utterance("u", text=text)
-    for layer, expected in [(0, states[0]), (2, states[2]), (-2, states[2]), ("1", states[1]),
-                            ([1, 3], (states[1] + states[3]) / 2), ("-2:", (states[2] + states[3]) / 2)]:
+    for layer, expected in [
+        (0, states[0]),
+        (2, states[2]),
+        (-2, states[2]),
+        ("1", states[1]),
+        ([1, 3], (states[1] + states[3]) / 2),
+        ("-2:", (states[2] + states[3]) / 2),
+    ]:
         res = build_extractor("bert", {"model": str(tiny_bert), "layer": layer}).extract(utt, None)
         np.testing.assert_allclose(res.data, expected, atol=1e-5, err_msg=str(layer))
     stack = build_extractor("bert", {"model": str(tiny_bert), "layer": [1, 3], "combine": "stack"})
@@ -154,7 +176,10 @@ def test_params_rebuild_and_weights_pin(tiny_bert, tmp_path):
     # the same model copied elsewhere is accepted; changed weights are refused
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bert, copy)
-    assert build_extractor("bert", {**params, "model": str(copy), "model_path": None}).model_checksum == params["model_checksum"]
+    assert (
+        build_extractor("bert", {**params, "model": str(copy), "model_path": None}).model_checksum
+        == params["model_checksum"]
+    )
     from transformers import BertModel
 
     m = BertModel.from_pretrained(copy)

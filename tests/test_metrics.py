@@ -1,4 +1,5 @@
 """Metrics on hand-made cases (WA vs UA, F1s, confusion orientation, MOSEI conventions, tests)."""
+
 import math
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_sentiment_metrics_hand_made():
     m = sentiment_metrics(t, p)
     assert m["MAE"] == pytest.approx(np.mean([0.4, 1.5, 0.2, 0.5, 0.9]))
     assert m["corr"] == pytest.approx(np.corrcoef(t, p)[0, 1])
-    assert m["acc7"] == pytest.approx(4 / 5)   # -3/-3, -1/0 wrong, 0/0, 0/-0, 3/3
+    assert m["acc7"] == pytest.approx(4 / 5)  # -3/-3, -1/0 wrong, 0/0, 0/-0, 3/3
     assert m["acc5"] == pytest.approx(4 / 5)
     assert m["acc2_has0"] == pytest.approx(3 / 5)  # >= 0: FFTTT vs FTTFT
     assert m["acc2_non0"] == pytest.approx(2 / 4)  # zero-score example removed; > 0: FFTT vs FTFT

@@ -67,8 +67,10 @@ def test_build_from_config_dict_and_dims():
     x, mask = torch.randn(2, 4, 10), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     padded = torch.cat([x, 100 * torch.randn(2, 3, 10)], 1)  # padding never reaches the output
     mlp.eval()
-    torch.testing.assert_close(mlp({"audio": x, "audio_mask": mask}),
-                               mlp({"audio": padded, "audio_mask": torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)}))
+    torch.testing.assert_close(
+        mlp({"audio": x, "audio_mask": mask}),
+        mlp({"audio": padded, "audio_mask": torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1)}),
+    )
     with pytest.raises(ValueError, match="hidden"):
         build_model(cfg, input_dim=10, n_classes=3, **{"model.hidden": -1})
 
@@ -87,12 +89,15 @@ def test_describe_models_and_prefixed_overrides():
 
 
 # ----------------------------------------------------------------------------- parameter counts
-@pytest.mark.parametrize("overrides,paper", [
-    ([], 432_000),
-    (["model.gates=false"], 429_000),
-    (["model.encoders=false"], 354_000),
-    (["model.transformer=false"], 203_000),
-])
+@pytest.mark.parametrize(
+    "overrides,paper",
+    [
+        ([], 432_000),
+        (["model.gates=false"], 429_000),
+        (["model.encoders=false"], 354_000),
+        (["model.transformer=false"], 203_000),
+    ],
+)
 def test_lgcct_parameter_counts_within_3_percent_of_paper(overrides, paper):
     n = params("lgcct", overrides)
     assert abs(n - paper) / paper < 0.03, (overrides, n, paper)
@@ -117,22 +122,56 @@ def test_ks_ablations_build():
 
 # ----------------------------------------------------------------------------- forward passes
 SMALL = {
-    "lgcct": ["model.audio_dim=6", "model.text_dim=8", "model.audio_conv=[[8,3,1]]", "model.rnn_hidden=4",
-              "model.d=10", "model.num_heads=2", "model.cross_layers=1", "model.transformer_layers=1"],
-    "ks_transformer": ["model.audio_dim=16", "model.text_dim=24", "model.num_heads=2", "model.audio_ffn=16",
-                       "model.text_ffn=16", "model.fem_layers=1", "model.ccab_blocks=1", "model.dfm_layers=1"],
-    "self_attn": ["model.audio_dim=6", "model.text_dim=8", "model.visual_dim=5", "model.gru_hidden=6",
-                  "model.num_heads=2", "model.fixed_len={audio: 30, text: 12, visual: 10}",
-                  "model.time_conv_out={audio: 15, text: null, visual: 8}"],
-    "cma": ["model.audio_dim=12", "model.text_dim=10", "model.audio_conv=[[16,3,2],[16,3,2]]",
-            "model.lstm_hidden=8", "model.d=16", "model.num_heads=2", "model.ffn_dim=16"],
+    "lgcct": [
+        "model.audio_dim=6",
+        "model.text_dim=8",
+        "model.audio_conv=[[8,3,1]]",
+        "model.rnn_hidden=4",
+        "model.d=10",
+        "model.num_heads=2",
+        "model.cross_layers=1",
+        "model.transformer_layers=1",
+    ],
+    "ks_transformer": [
+        "model.audio_dim=16",
+        "model.text_dim=24",
+        "model.num_heads=2",
+        "model.audio_ffn=16",
+        "model.text_ffn=16",
+        "model.fem_layers=1",
+        "model.ccab_blocks=1",
+        "model.dfm_layers=1",
+    ],
+    "self_attn": [
+        "model.audio_dim=6",
+        "model.text_dim=8",
+        "model.visual_dim=5",
+        "model.gru_hidden=6",
+        "model.num_heads=2",
+        "model.fixed_len={audio: 30, text: 12, visual: 10}",
+        "model.time_conv_out={audio: 15, text: null, visual: 8}",
+    ],
+    "cma": [
+        "model.audio_dim=12",
+        "model.text_dim=10",
+        "model.audio_conv=[[16,3,2],[16,3,2]]",
+        "model.lstm_hidden=8",
+        "model.d=16",
+        "model.num_heads=2",
+        "model.ffn_dim=16",
+    ],
     "cmd_student": ["model.audio_dim=12", "model.text_dim=10", "model.d=8", "model.ffn_dim=16"],
     "probe": ["model.input_dim=6"],
 }
 SMALL["cross_attn"] = SMALL["self_attn"]
-DIMS = {"lgcct": {"audio": 6, "text": 8}, "ks_transformer": {"audio": 16, "text": 24},
-        "self_attn": {"audio": 6, "text": 8, "visual": 5}, "cma": {"audio": 12, "text": 10},
-        "cmd_student": {"audio": 12, "text": 10}, "probe": {"audio": 6}}
+DIMS = {
+    "lgcct": {"audio": 6, "text": 8},
+    "ks_transformer": {"audio": 16, "text": 24},
+    "self_attn": {"audio": 6, "text": 8, "visual": 5},
+    "cma": {"audio": 12, "text": 10},
+    "cmd_student": {"audio": 12, "text": 10},
+    "probe": {"audio": 6},
+}
 DIMS["cross_attn"] = DIMS["self_attn"]
 
 
@@ -155,8 +194,8 @@ def item(batch, b, dims):
     out = {}
     for m in dims:
         n = int(batch[f"{m}_mask"][b].sum())
-        out[m] = batch[m][b:b + 1, :n]
-        out[f"{m}_mask"] = batch[f"{m}_mask"][b:b + 1, :n]
+        out[m] = batch[m][b : b + 1, :n]
+        out[f"{m}_mask"] = batch[f"{m}_mask"][b : b + 1, :n]
     return out
 
 
@@ -198,9 +237,13 @@ def test_lgcct_regression_classification_and_options():
     small = SMALL["lgcct"]
     assert build_model("lgcct", small)(b).shape == (2, 1)
     assert build_model("lgcct", small + ["model.task=classification", "model.n_classes=6"])(b).shape == (2, 6)
-    for ov in (["model.gates=false"], ["model.encoders=false"], ["model.transformer=false"],
-               ["model.gate_mode=linear_ln", "model.norm=pre", "model.length_scale=queries"],
-               ["model.pooling=mean", "model.length_scale=none"]):
+    for ov in (
+        ["model.gates=false"],
+        ["model.encoders=false"],
+        ["model.transformer=false"],
+        ["model.gate_mode=linear_ln", "model.norm=pre", "model.length_scale=queries"],
+        ["model.pooling=mean", "model.length_scale=none"],
+    ):
         assert build_model("lgcct", small + ov)(b).shape == (2, 1)
     with pytest.raises(ValueError, match="aligned"):
         build_model("lgcct", small)(make_batch(DIMS["lgcct"], [7, 4]))
@@ -229,18 +272,29 @@ def test_cma_unimodal_and_end_to_end():
         m = build_model("cma", small + [f"model.modalities=[{mods[0]}]"]).eval()
         assert m.modalities == tuple(mods)
         assert m(make_batch(dims, [9, 6])).shape == (2, 4)
-    tiny = ["model.frontend=end_to_end", "model.wav2vec2_config.hidden_size=16",
-            "model.wav2vec2_config.num_hidden_layers=1", "model.wav2vec2_config.num_attention_heads=2",
-            "model.wav2vec2_config.intermediate_size=32", "model.wav2vec2_config.conv_dim=[8,8,8,8,8,8,8]",
-            "model.bert_config.hidden_size=16", "model.bert_config.num_hidden_layers=1",
-            "model.bert_config.num_attention_heads=2", "model.bert_config.intermediate_size=32",
-            "model.bert_config.vocab_size=50"]
+    tiny = [
+        "model.frontend=end_to_end",
+        "model.wav2vec2_config.hidden_size=16",
+        "model.wav2vec2_config.num_hidden_layers=1",
+        "model.wav2vec2_config.num_attention_heads=2",
+        "model.wav2vec2_config.intermediate_size=32",
+        "model.wav2vec2_config.conv_dim=[8,8,8,8,8,8,8]",
+        "model.bert_config.hidden_size=16",
+        "model.bert_config.num_hidden_layers=1",
+        "model.bert_config.num_attention_heads=2",
+        "model.bert_config.intermediate_size=32",
+        "model.bert_config.vocab_size=50",
+    ]
     m = build_model("cma", small + tiny)
     frozen = [p for p in m.wav2vec2.feature_extractor.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
     assert all(p.requires_grad for p in m.bert.parameters())
-    batch = {"audio": torch.randn(2, 8000), "audio_mask": torch.arange(8000)[None] < torch.tensor([[8000], [5000]]),
-             "text": torch.randint(0, 50, (2, 7)), "text_mask": torch.ones(2, 7, dtype=torch.bool)}
+    batch = {
+        "audio": torch.randn(2, 8000),
+        "audio_mask": torch.arange(8000)[None] < torch.tensor([[8000], [5000]]),
+        "text": torch.randint(0, 50, (2, 7)),
+        "text_mask": torch.ones(2, 7, dtype=torch.bool),
+    }
     out = m(batch)
     assert out.shape == (2, 4)
     out.sum().backward()
@@ -279,7 +333,9 @@ def test_default_configs_are_read_once_per_process(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_DEFAULTS_READ", {})
     first = registry.default_config("probe")
     first["model"]["dropout"] = 0.9  # a caller's edit stays its own
-    (conf / "probe.yaml").write_text((conf / "probe.yaml").read_text().replace("  hidden: 0", "  hidden: 0\n  new_key: 1"))
+    (conf / "probe.yaml").write_text(
+        (conf / "probe.yaml").read_text().replace("  hidden: 0", "  hidden: 0\n  new_key: 1")
+    )
     again = registry.default_config("probe")
     assert "new_key" not in again["model"] and again["model"]["dropout"] == 0.0
     m = build_model({"name": "probe", "input_dim": 4, "n_classes": 2})

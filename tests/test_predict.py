@@ -6,6 +6,7 @@ normalisation -> the same outputs as on the training features.  Text models are 
 hand in the EXP format (predictor.json + weights + normaliser), with a tiny text extractor
 registered by this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,7 @@ from sertool.cli import cli
 from sertool.data import Normalizer
 from sertool.extract import run_extract
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.predict import (DEFAULT_MODEL_DIR, iter_rows, load_predictor, run_predict,
-                             segment_bounds)
+from sertool.predict import DEFAULT_MODEL_DIR, iter_rows, load_predictor, run_predict, segment_bounds
 from sertool.store import open_store
 from sertool.train import run_train
 
@@ -86,9 +86,21 @@ def trained(tmp_path_factory):
     feats = base / "feats"
     run_extract(corpus, feats, ["mfcc:n_mfcc=13,deltas=0"], progress=False, log=lambda s: None)
     exp = base / "exp"
-    run_train("probe", feats, exp, overrides=["data.audio=mfcc", "protocol.name=speaker-kfold:2", "train.epochs=12",
-                                              "optim.lr=0.05", "run.threads=1", "train.batch_size=8"],
-              progress=False, log=lambda s: None)
+    run_train(
+        "probe",
+        feats,
+        exp,
+        overrides=[
+            "data.audio=mfcc",
+            "protocol.name=speaker-kfold:2",
+            "train.epochs=12",
+            "optim.lr=0.05",
+            "run.threads=1",
+            "train.batch_size=8",
+        ],
+        progress=False,
+        log=lambda s: None,
+    )
     return {"corpus": corpus, "feats": feats, "exp": exp, "base": base}
 
 
@@ -123,8 +135,19 @@ def test_folder_with_bad_files(trained, odd_dir, tmp_path):
     rows = list(iter_rows(out))
     files = [r for r in rows if not r["segment"]]
     assert [Path(r["file"]).name for r in files] == sorted(
-        ["a_low.wav", "b_high.flac", "c_stereo.wav", "d_8k.wav", "e_silent.wav", "f_long.wav", "g_corrupt.wav",
-         "h_empty.wav", "i_truncated.wav"], key=lambda n: ("sub/" + n) if n[0] in "cd" else n)
+        [
+            "a_low.wav",
+            "b_high.flac",
+            "c_stereo.wav",
+            "d_8k.wav",
+            "e_silent.wav",
+            "f_long.wav",
+            "g_corrupt.wav",
+            "h_empty.wav",
+            "i_truncated.wav",
+        ],
+        key=lambda n: ("sub/" + n) if n[0] in "cd" else n,
+    )
     by = {Path(r["file"]).name: r for r in files}
     failed = {n for n, r in by.items() if r["error"]}
     assert failed == {"g_corrupt.wav", "h_empty.wav", "i_truncated.wav"}
@@ -152,15 +175,23 @@ def test_same_features_and_outputs_as_training(trained):
     """Recomputed features equal the stored ones, and the model's outputs equal those on the store."""
     pred = load_predictor(trained["exp"], "cpu")
     assert pred.extractors["audio"].params()["n_mfcc"] == 13
-    report = run_predict(trained["exp"], trained["corpus"], trained["base"] / "train_files.jsonl", progress=False,
-                         log=lambda s: None, overwrite=True)
+    report = run_predict(
+        trained["exp"],
+        trained["corpus"],
+        trained["base"] / "train_files.jsonl",
+        progress=False,
+        log=lambda s: None,
+        overwrite=True,
+    )
     assert report.n_failed == 0 and report.n_done == 24
-    rows = {Path(r["file"]).relative_to(trained["corpus"]).with_suffix("").as_posix().replace("/", "__"): r
-            for r in iter_rows(trained["base"] / "train_files.jsonl")}
+    rows = {
+        Path(r["file"]).relative_to(trained["corpus"]).with_suffix("").as_posix().replace("/", "__"): r
+        for r in iter_rows(trained["base"] / "train_files.jsonl")
+    }
     with open_store(trained["feats"] / "mfcc.h5") as store:
         ids = store.ids
         stored = [store[u] for u in ids]
-    from sertool.predict import _File, _features
+    from sertool.predict import _features, _File
 
     f = _File(trained["corpus"] / "spk1" / "u3.wav", "x")
     np.testing.assert_allclose(_features(f, pred, 30.0)[0]["audio"], stored[ids.index("spk1__u3")], atol=1e-5)
@@ -204,8 +235,13 @@ def test_bad_experiment_and_inputs(trained, tmp_path):
 def test_kill_then_resume_skips_finished_files(trained, tmp_path):
     out = tmp_path / "p.csv"
     env = {**os.environ, "SERTOOL_TEST_KILL_AFTER_FILES": "3", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "sertool", "predict", str(trained["exp"]), str(trained["corpus"]),
-                           "-o", str(out), "-q"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sertool", "predict", str(trained["exp"]), str(trained["corpus"]), "-o", str(out), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr
     done = list(iter_rows(out))
     assert len(done) == 3  # streamed: rows written before the kill are kept (batches of 1 and 2)
@@ -219,8 +255,9 @@ def test_kill_then_resume_skips_finished_files(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- text
-def write_exp(exp: Path, model_config: dict, features: dict, classes: list[str], seed: int = 0,
-              stats: dict | None = None) -> Path:
+def write_exp(
+    exp: Path, model_config: dict, features: dict, classes: list[str], seed: int = 0, stats: dict | None = None
+) -> Path:
     """An experiment folder in the train stage's format with random weights."""
     from safetensors.torch import save_file
 
@@ -231,9 +268,19 @@ def write_exp(exp: Path, model_config: dict, features: dict, classes: list[str],
     model = build_model({"model": model_config})
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(exp / "model.safetensors"))
     Normalizer(stats or {}).save(exp / "norm.safetensors")
-    spec = {"format": "sertool-predictor", "version": 1, "model": "model.safetensors", "normalizer": "norm.safetensors",
-            "model_config": model_config, "task": "classification", "loss": "ce", "classes": classes,
-            "features": features, "inputs": {m: f["feature"] for m, f in features.items()}, "max_steps": {}}
+    spec = {
+        "format": "sertool-predictor",
+        "version": 1,
+        "model": "model.safetensors",
+        "normalizer": "norm.safetensors",
+        "model_config": model_config,
+        "task": "classification",
+        "loss": "ce",
+        "classes": classes,
+        "features": features,
+        "inputs": {m: f["feature"] for m, f in features.items()},
+        "max_steps": {},
+    }
     (exp / "predictor.json").write_text(json.dumps(spec))
     return exp
 
@@ -245,10 +292,21 @@ MFCC13 = {"name": "mfcc", "params": {"n_mfcc": 13, "deltas": 0}}
 def text_exp(tmp_path_factory):
     """A bimodal (MFCC + word) self_attn model with random weights."""
     exp = tmp_path_factory.mktemp("textexp") / "exp"
-    cfg = {"name": "self_attn", "modalities": ["audio", "text"], "audio_dim": 13, "text_dim": 3, "n_classes": 3,
-           "conv": "local", "gru_hidden": 4, "num_heads": 2, "fc_hidden": 4}
-    feats = {"audio": {"feature": "mfcc", "kind": "audio", "dim": 13, "extractor": MFCC13},
-             "text": {"feature": "chars", "kind": "text", "dim": 3, "extractor": {"name": "test_chars", "params": {}}}}
+    cfg = {
+        "name": "self_attn",
+        "modalities": ["audio", "text"],
+        "audio_dim": 13,
+        "text_dim": 3,
+        "n_classes": 3,
+        "conv": "local",
+        "gru_hidden": 4,
+        "num_heads": 2,
+        "fc_hidden": 4,
+    }
+    feats = {
+        "audio": {"feature": "mfcc", "kind": "audio", "dim": 13, "extractor": MFCC13},
+        "text": {"feature": "chars", "kind": "text", "dim": 3, "extractor": {"name": "test_chars", "params": {}}},
+    }
     stats = {"audio": (np.full(13, -20, np.float32), np.full(13, 30, np.float32))}
     return write_exp(exp, cfg, feats, ["a", "b", "c"], stats=stats)
 
@@ -297,6 +355,7 @@ def test_asr_text_per_segment(text_exp, tmp_path, monkeypatch):
         def recognise(wave, word_timestamps=None):
             calls.append((len(wave) / SR, word_timestamps))
             return "hello there world", [["hello", 1.0, 1.5], ["there", 2.0, 2.4], ["world", 40.0, 40.5]]
+
         return recognise, None
 
     monkeypatch.setattr(asr, "load_asr", fake_load_asr)
@@ -312,19 +371,31 @@ def test_asr_text_per_segment(text_exp, tmp_path, monkeypatch):
     assert calls == [(70.0, True)]  # the long file needs word timings for its segments' text
     rows = list(iter_rows(out))
     segs = [(r["segment"], r["text"], r["text_source"]) for r in rows if r["file"].endswith("long.wav")]
-    assert segs == [("1", "hello there", "asr"), ("2", "world", "asr"), ("3", "hello there world", "asr"),
-                    ("", "hello there world", "asr")]
+    assert segs == [
+        ("1", "hello there", "asr"),
+        ("2", "world", "asr"),
+        ("3", "hello there world", "asr"),
+        ("", "hello there world", "asr"),
+    ]
     short = [r for r in rows if r["file"].endswith("short.wav") and not r["segment"]][0]
     assert (short["text"], short["text_source"]) == ("from the sidecar", "sidecar")
 
 
 def test_audio_only_experiment_rejects_uncomputable_features(tmp_path, trained):
-    exp = write_exp(tmp_path / "exp", {"name": "probe", "modality": "audio", "input_dim": 4, "n_classes": 2},
-                    {"audio": {"feature": "csd_covarep", "kind": "audio", "dim": 4}}, ["x", "y"])
+    exp = write_exp(
+        tmp_path / "exp",
+        {"name": "probe", "modality": "audio", "input_dim": 4, "n_classes": 2},
+        {"audio": {"feature": "csd_covarep", "kind": "audio", "dim": 4}},
+        ["x", "y"],
+    )
     res = run([exp, trained["corpus"]])
     assert res.exit_code == 1 and "not made by a sertool extractor" in res.output
-    exp2 = write_exp(tmp_path / "exp2", {"name": "probe", "modality": "audio", "input_dim": 4, "n_classes": 2},
-                     {"audio": {"feature": "mfcc", "kind": "audio", "dim": 4, "extractor": MFCC13}}, ["x", "y"])
+    exp2 = write_exp(
+        tmp_path / "exp2",
+        {"name": "probe", "modality": "audio", "input_dim": 4, "n_classes": 2},
+        {"audio": {"feature": "mfcc", "kind": "audio", "dim": 4, "extractor": MFCC13}},
+        ["x", "y"],
+    )
     res = run([exp2, trained["corpus"]])
     assert res.exit_code == 1 and "13-d" in res.output and "4-d" in res.output
 

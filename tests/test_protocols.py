@@ -1,4 +1,5 @@
 """Protocols: test folds cover the data once, dev comes from training data, speakers are held out."""
+
 from collections import Counter
 
 import pytest
@@ -71,8 +72,16 @@ def test_stratified_kfold():
 
 
 def test_corpus_split_with_and_without_dev():
-    utts = [Utterance(id=f"u{i}", text="x", label="ab"[i % 2], speaker=f"s{i % 5}",
-                      split=["train", "train", "train", "dev", "test"][i % 5]) for i in range(40)]
+    utts = [
+        Utterance(
+            id=f"u{i}",
+            text="x",
+            label="ab"[i % 2],
+            speaker=f"s{i % 5}",
+            split=["train", "train", "train", "dev", "test"][i % 5],
+        )
+        for i in range(40)
+    ]
     folds = make_folds(utts, [i % 2 for i in range(40)], "corpus")
     assert len(folds) == 1 and folds[0].info["dev"] == "corpus"
     assert all(u.endswith(("3", "8")) for u in folds[0].dev)
@@ -86,8 +95,12 @@ def test_corpus_split_with_and_without_dev():
 
 
 def test_leave_one_session_out():
-    utts = [Utterance(id=f"S{s}{g}_{i}", text="x", label="ab"[i % 2], speaker=f"Ses0{s}{g}", session=f"Session{s}")
-            for s in range(1, 6) for g in "FM" for i in range(4)]
+    utts = [
+        Utterance(id=f"S{s}{g}_{i}", text="x", label="ab"[i % 2], speaker=f"Ses0{s}{g}", session=f"Session{s}")
+        for s in range(1, 6)
+        for g in "FM"
+        for i in range(4)
+    ]
     folds = make_folds(utts, [i % 2 for i in range(len(utts))], "loso-session")
     assert len(folds) == 5
     check_partition(utts, folds)

@@ -26,8 +26,14 @@ RECIPES = ROOT / "recipes"
 def run_recipe(name: str, *args: str, timeout: int = 300) -> str:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    r = subprocess.run(["bash", str(RECIPES / name / "run.sh"), *args], capture_output=True, text=True,
-                       env=env, timeout=timeout, cwd=ROOT)
+    r = subprocess.run(
+        ["bash", str(RECIPES / name / "run.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, f"{name}/run.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r.stdout + r.stderr
 
@@ -60,30 +66,39 @@ def test_predict_sample_skips_what_predict_cannot_use(tmp_path):
     normalisation and a clean refusal of `sertool predict` are skipped with a logged reason; the
     first usable experiment predicts; an unclean failure stops the recipe."""
     exp_root, bin_dir = tmp_path / "exp", tmp_path / "bin"
-    for tag, spec in (("unfinished", None), ("spk", {"normalize": {"audio": "speaker", "text": "none"}}),
-                      ("refused", {"normalize": {"audio": "global"}}), ("good", {"normalize": {"audio": "global"}}),
-                      ("crash", {})):
+    for tag, spec in (
+        ("unfinished", None),
+        ("spk", {"normalize": {"audio": "speaker", "text": "none"}}),
+        ("refused", {"normalize": {"audio": "global"}}),
+        ("good", {"normalize": {"audio": "global"}}),
+        ("crash", {}),
+    ):
         (exp_root / tag).mkdir(parents=True)
         if spec is not None:
             (exp_root / tag / "predictor.json").write_text(json.dumps(spec))
     bin_dir.mkdir()
     (bin_dir / "sertool").write_text(
-        "#!/usr/bin/env bash\n"   # stub: `sertool predict EXP SAMPLE ... -o OUT ...`
+        "#!/usr/bin/env bash\n"  # stub: `sertool predict EXP SAMPLE ... -o OUT ...`
         'case "$2" in\n'
         '  */refused) echo "Error: this model cannot predict" >&2; exit 1 ;;\n'
         '  */crash) echo "Traceback (most recent call last):" >&2; exit 1 ;;\n'
         "esac\n"
-        'while [ "$1" != -o ]; do shift; done; printf "file,label\\na.wav,happy\\n" > "$2"\n')
+        'while [ "$1" != -o ]; do shift; done; printf "file,label\\na.wav,happy\\n" > "$2"\n'
+    )
     (bin_dir / "sertool").chmod(0o755)
     feats = tmp_path / "feats"
     feats.mkdir()
     (feats / "manifest.jsonl").write_text(json.dumps({"id": "a", "audio": "sample/a.wav", "text": "hi"}) + "\n")
     script = tmp_path / "r.sh"
-    script.write_text(f'set -euo pipefail\n. "{RECIPES}/utils/common.sh"\n. "{RECIPES}/utils/experiments.sh"\n'
-                      f'exp_root={exp_root}\nfeats={feats}\ndevice=cpu\nmodels="$1"\n'
-                      f'predict_sample {feats}/sample\necho "status $?"\n')
+    script.write_text(
+        f'set -euo pipefail\n. "{RECIPES}/utils/common.sh"\n. "{RECIPES}/utils/experiments.sh"\n'
+        f'exp_root={exp_root}\nfeats={feats}\ndevice=cpu\nmodels="$1"\n'
+        f'predict_sample {feats}/sample\necho "status $?"\n'
+    )
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    r = subprocess.run(["bash", str(script), "unfinished spk refused good crash"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        ["bash", str(script), "unfinished spk refused good crash"], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 0 and "status 0" in r.stdout and "a.wav,happy" in r.stdout, r.stdout + r.stderr
     assert "skip unfinished (no " in r.stderr and "skip spk (speaker-level normalisation" in r.stderr
     assert "skip refused (sertool predict refused: this model cannot predict)" in r.stderr
@@ -95,16 +110,22 @@ def test_predict_sample_skips_what_predict_cannot_use(tmp_path):
 
 def test_common_helpers_parse_options_and_help(tmp_path):
     script = tmp_path / "r.sh"
-    script.write_text(f'set -euo pipefail\n. "{RECIPES}/utils/common.sh"\nstage=0\nstop_stage=100\nnj=1\n'
-                      'RECIPE_OPTIONS="stage stop_stage nj"\nparse_options "$@"\n'
-                      'for s in 0 1 2 3; do stage_on $s && echo "on $s"; done; echo "nj=$nj"\n')
-    r = subprocess.run(["bash", str(script), "--stage", "1", "--stop_stage", "2", "--nj", "3"], capture_output=True, text=True)
+    script.write_text(
+        f'set -euo pipefail\n. "{RECIPES}/utils/common.sh"\nstage=0\nstop_stage=100\nnj=1\n'
+        'RECIPE_OPTIONS="stage stop_stage nj"\nparse_options "$@"\n'
+        'for s in 0 1 2 3; do stage_on $s && echo "on $s"; done; echo "nj=$nj"\n'
+    )
+    r = subprocess.run(
+        ["bash", str(script), "--stage", "1", "--stop_stage", "2", "--nj", "3"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and r.stdout.split("\n")[:3] == ["on 1", "on 2", "nj=3"], r.stdout + r.stderr
     r = subprocess.run(["bash", str(script), "--bogus", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
     for name in ("ravdess", "meld", "iemocap", "mosei"):
         r = subprocess.run(["bash", str(RECIPES / name / "run.sh"), "--help"], capture_output=True, text=True)
-        assert r.returncode == 0 and "--stop_stage" in r.stderr and "--corpus_dir" in r.stderr and "--nj" in r.stderr, name
+        assert r.returncode == 0 and "--stop_stage" in r.stderr and "--corpus_dir" in r.stderr and "--nj" in r.stderr, (
+            name
+        )
 
 
 @pytest.mark.slow
@@ -122,21 +143,64 @@ def test_demo_recipe_on_a_subset(tmp_path):
             shutil.copy(src, corpus / line.split(",")[0])
     (corpus / "metadata.csv").write_text("\n".join(keep) + "\n")
     assert len(keep) == 33
-    out = run_recipe("demo", "--corpus_dir", str(corpus), "--feats", str(tmp_path / "feats"), "--exp", str(tmp_path / "exp"),
-                     "--features", "mfcc", "--audio", "mfcc", "--epochs", "1", "--nj", "1", "--device", "cpu")
+    out = run_recipe(
+        "demo",
+        "--corpus_dir",
+        str(corpus),
+        "--feats",
+        str(tmp_path / "feats"),
+        "--exp",
+        str(tmp_path / "exp"),
+        "--features",
+        "mfcc",
+        "--audio",
+        "mfcc",
+        "--epochs",
+        "1",
+        "--nj",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert "| UA |" in out
-    check_evaluated(tmp_path / "exp", 4)   # leave-one-speaker-out over 4 actors, 1 seed
+    check_evaluated(tmp_path / "exp", 4)  # leave-one-speaker-out over 4 actors, 1 seed
     assert len((tmp_path / "exp" / "predictions-Actor_01.csv").read_text().splitlines()) == 1 + 8
 
 
 @pytest.mark.slow
 def test_iemocap_recipe_on_a_generated_corpus(tmp_path):
     feats, exp = tmp_path / "feats", tmp_path / "exp"
-    out = run_recipe("iemocap", "--fake", "true", "--fake_per_label", "1", "--fake_audio", "synthetic", "--corpus_dir", str(tmp_path / "IEMOCAP"),
-                     "--feats", str(feats), "--exp_root", str(exp), "--models", "cma self_attn cmd",
-                     "--ssl_feat", "mfcc", "--lm_feat", "bert", "--epochs", "1", "--folds4", "ses-Session1", "--folds7", "fold1",
-                     "--distill_opts", "--set distill.epochs=1 --set student.modalities=[text]",
-                     "--device", "cpu")
+    out = run_recipe(
+        "iemocap",
+        "--fake",
+        "true",
+        "--fake_per_label",
+        "1",
+        "--fake_audio",
+        "synthetic",
+        "--corpus_dir",
+        str(tmp_path / "IEMOCAP"),
+        "--feats",
+        str(feats),
+        "--exp_root",
+        str(exp),
+        "--models",
+        "cma self_attn cmd",
+        "--ssl_feat",
+        "mfcc",
+        "--lm_feat",
+        "bert",
+        "--epochs",
+        "1",
+        "--folds4",
+        "ses-Session1",
+        "--folds7",
+        "fold1",
+        "--distill_opts",
+        "--set distill.epochs=1 --set student.modalities=[text]",
+        "--device",
+        "cpu",
+    )
     assert len((feats / "manifest.jsonl").read_text().splitlines()) == 80
     # CMD as the other models: `sertool distill`, then the train stage (`train -m cmd --init`) on --folds4
     for tag, protocol in (("cma", "loso-session"), ("self_attn", "rajan"), ("cmd", "loso-session")):
@@ -152,8 +216,25 @@ def test_iemocap_recipe_on_a_generated_corpus(tmp_path):
 @pytest.mark.slow
 def test_mosei_recipe_on_generated_csd_files(tmp_path):
     feats, exp = tmp_path / "feats", tmp_path / "exp"
-    out = run_recipe("mosei", "--fake", "true", "--fake_videos", "12", "--corpus_dir", str(tmp_path / "mosei"),
-                     "--feats", str(feats), "--exp_root", str(exp), "--lengths", "30 50", "--epochs", "1", "--device", "cpu")
+    out = run_recipe(
+        "mosei",
+        "--fake",
+        "true",
+        "--fake_videos",
+        "12",
+        "--corpus_dir",
+        str(tmp_path / "mosei"),
+        "--feats",
+        str(feats),
+        "--exp_root",
+        str(exp),
+        "--lengths",
+        "30 50",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert (feats / "aligned-csd_covarep-glove-50.h5").exists()
     for L in (30, 50):
         for T in (30, 50):
@@ -166,9 +247,27 @@ def test_mosei_recipe_on_generated_csd_files(tmp_path):
 @pytest.mark.slow
 def test_meld_recipe_on_a_generated_text_corpus(tmp_path):
     feats, exp = tmp_path / "feats", tmp_path / "exp"
-    out = run_recipe("meld", "--fake", "true", "--fake_per_label", "3", "--corpus_dir", str(tmp_path / "meld"),
-                     "--feats", str(feats), "--exp_root", str(exp), "--models", "probe cmd", "--epochs", "1",
-                     "--distill_opts", "--set distill.epochs=1", "--device", "cpu")
+    out = run_recipe(
+        "meld",
+        "--fake",
+        "true",
+        "--fake_per_label",
+        "3",
+        "--corpus_dir",
+        str(tmp_path / "meld"),
+        "--feats",
+        str(feats),
+        "--exp_root",
+        str(exp),
+        "--models",
+        "probe cmd",
+        "--epochs",
+        "1",
+        "--distill_opts",
+        "--set distill.epochs=1",
+        "--device",
+        "cpu",
+    )
     check_evaluated(exp / "probe", 1)
     assert "| probe | probe | glove | corpus | 1 |" in out
     # CMD in two steps: `sertool distill` then `sertool train -m cmd --init`, evaluated like the others
@@ -190,19 +289,56 @@ def test_ravdess_recipe_on_demo_clips(tmp_path):
             (corpus / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, corpus / path.parent.name / path.name)
     feats, exp = tmp_path / "feats", tmp_path / "exp"
-    out = run_recipe("ravdess", "--corpus_dir", str(corpus), "--feats", str(feats), "--exp_root", str(exp),
-                     "--models", "probe", "--protocol", "loso", "--folds", "spk-Actor_01", "--epochs", "1", "--device", "cpu")
+    out = run_recipe(
+        "ravdess",
+        "--corpus_dir",
+        str(corpus),
+        "--feats",
+        str(feats),
+        "--exp_root",
+        str(exp),
+        "--models",
+        "probe",
+        "--protocol",
+        "loso",
+        "--folds",
+        "spk-Actor_01",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert len((feats / "manifest.jsonl").read_text().splitlines()) == 32
     assert "| probe | probe | mfcc | loso | 1 |" in out
     check_evaluated(exp / "probe", 1)
     assert len((exp / "probe" / "predictions-sample.csv").read_text().splitlines()) == 1 + 8
     # the speaker-normalised probe (on MFCC here, for speed): trained and evaluated, skipped by predict
-    out = run_recipe("ravdess", "--corpus_dir", str(corpus), "--feats", str(feats), "--exp_root", str(exp),
-                     "--models", "probe-whisper-spk probe", "--ssl_feat", "mfcc", "--stage", "3", "--protocol", "loso",
-                     "--folds", "spk-Actor_01", "--epochs", "1", "--device", "cpu")
+    out = run_recipe(
+        "ravdess",
+        "--corpus_dir",
+        str(corpus),
+        "--feats",
+        str(feats),
+        "--exp_root",
+        str(exp),
+        "--models",
+        "probe-whisper-spk probe",
+        "--ssl_feat",
+        "mfcc",
+        "--stage",
+        "3",
+        "--protocol",
+        "loso",
+        "--folds",
+        "spk-Actor_01",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert "| probe-whisper-spk | probe | mfcc | loso | 1 |" in out
     cfg = yaml.safe_load((exp / "probe-whisper-spk" / "config.yaml").read_text())
     assert cfg["data"]["normalize"]["audio"] == "speaker"
     assert not (exp / "probe-whisper-spk" / "predictions-sample.csv").exists()
-    assert "skip probe-whisper-spk (speaker-level normalisation" in out   # listed first: skipped, probe predicts
+    assert "skip probe-whisper-spk (speaker-level normalisation" in out  # listed first: skipped, probe predicts
     assert len((exp / "probe" / "predictions-sample.csv").read_text().splitlines()) == 1 + 8

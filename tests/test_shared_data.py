@@ -26,7 +26,9 @@ def test_ravdess_manifest(tmp_path):
 
 
 def test_meld_text_manifest(tmp_path):
-    r = CliRunner().invoke(cli, ["extract", str(SHARED / "meld-text"), "-o", str(tmp_path / "meld"), "--corpus", "meld"])
+    r = CliRunner().invoke(
+        cli, ["extract", str(SHARED / "meld-text"), "-o", str(tmp_path / "meld"), "--corpus", "meld"]
+    )
     assert r.exit_code == 0, r.output
     utts = read_manifest(tmp_path / "meld")
     assert len(utts) == 13708 and all(u.audio is None and u.text for u in utts)

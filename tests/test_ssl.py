@@ -13,23 +13,44 @@ SR = 16000
 
 
 def save_tiny(kind: str, path, layer_norm: bool):
-    from transformers import (Data2VecAudioConfig, Data2VecAudioModel, HubertConfig, HubertModel, WavLMConfig,
-                              WavLMModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model)
+    from transformers import (
+        Data2VecAudioConfig,
+        Data2VecAudioModel,
+        HubertConfig,
+        HubertModel,
+        Wav2Vec2Config,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2Model,
+        WavLMConfig,
+        WavLMModel,
+    )
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                  conv_dim=(16,) * 7, num_conv_pos_embedding_groups=4)
+    common = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(16,) * 7,
+        num_conv_pos_embedding_groups=4,
+    )
     if kind == "data2vec-audio":
-        model = Data2VecAudioModel(Data2VecAudioConfig(**{**common, "conv_pos_kernel_size": 5, "num_conv_pos_embeddings": 5}))
+        model = Data2VecAudioModel(
+            Data2VecAudioConfig(**{**common, "conv_pos_kernel_size": 5, "num_conv_pos_embeddings": 5})
+        )
     else:
         norm = dict(feat_extract_norm="layer" if layer_norm else "group", do_stable_layer_norm=layer_norm)
-        cls, cfg = {"wav2vec2": (Wav2Vec2Model, Wav2Vec2Config), "hubert": (HubertModel, HubertConfig),
-                    "wavlm": (WavLMModel, WavLMConfig)}[kind]
+        cls, cfg = {
+            "wav2vec2": (Wav2Vec2Model, Wav2Vec2Config),
+            "hubert": (HubertModel, HubertConfig),
+            "wavlm": (WavLMModel, WavLMConfig),
+        }[kind]
         extra = {"num_buckets": 8, "max_bucket_distance": 50} if kind == "wavlm" else {}
         model = cls(cfg(**common, **norm, **extra))
     model.save_pretrained(path)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=layer_norm).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True, return_attention_mask=layer_norm
+    ).save_pretrained(path)
     return path
 
 
@@ -145,6 +166,8 @@ def test_fp16_on_cuda_is_close_to_fp32(w2v_layer):
     fp32 = build_extractor("wav2vec2", {"model": str(w2v_layer), "device": "cpu"})
     assert fp16.torch_dtype == torch.float16
     ws = waves(SR, 2 * SR)
-    for a, b in zip(fp16.extract_batch([(Utterance("a"), w) for w in ws]), fp32.extract_batch([(Utterance("a"), w) for w in ws])):
+    for a, b in zip(
+        fp16.extract_batch([(Utterance("a"), w) for w in ws]), fp32.extract_batch([(Utterance("a"), w) for w in ws])
+    ):
         assert a.data.dtype == np.float32 and a.data.shape == b.data.shape
         np.testing.assert_allclose(a.data, b.data, atol=5e-2, rtol=5e-2)

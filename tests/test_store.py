@@ -17,8 +17,14 @@ from sertool.store import (
     shard_path,
 )
 
-ATTRS = {"feature": "toy", "kind": "audio", "dim": 3, "frame_rate_hz": 100.0, "columns": ["a", "b", "c"],
-         "extractor": {"name": "toy", "params": {"x": 1}}}
+ATTRS = {
+    "feature": "toy",
+    "kind": "audio",
+    "dim": 3,
+    "frame_rate_hz": 100.0,
+    "columns": ["a", "b", "c"],
+    "extractor": {"name": "toy", "params": {"x": 1}},
+}
 
 
 def make(n, seed=0):

@@ -9,8 +9,17 @@ import shutil
 import numpy as np
 import pytest
 
-from sertool.timings import (TimingError, align_emissions, corpus_timings, ctc_viterbi, interpolate_missing,
-                             make_aligner, refine_with_energy, token_spans, uniform_timings)
+from sertool.timings import (
+    TimingError,
+    align_emissions,
+    corpus_timings,
+    ctc_viterbi,
+    interpolate_missing,
+    make_aligner,
+    refine_with_energy,
+    token_spans,
+    uniform_timings,
+)
 
 LOW, HIGH = np.log(0.02), np.log(0.9)
 
@@ -60,8 +69,11 @@ def test_ctc_viterbi_best_path_score():
             prev = s
         return out
 
-    best = max((sum(lp[t, s] for t, s in enumerate(p)), p) for p in itertools.product(range(3), repeat=6)
-               if collapse(p) == targets)
+    best = max(
+        (sum(lp[t, s] for t, s in enumerate(p)), p)
+        for p in itertools.product(range(3), repeat=6)
+        if collapse(p) == targets
+    )
     path = ctc_viterbi(lp, targets)
     labels = [0 if k < 0 else targets[k] for k in path]
     assert np.isclose(sum(lp[t, s] for t, s in enumerate(labels)), best[0])
@@ -178,9 +190,17 @@ def test_wav2vec2_ctc_aligner_runs_a_local_model(tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     tok = transformers.Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), pad_token="<pad>", word_delimiter_token="|")
     fe = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True)
-    cfg = transformers.Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=16, conv_dim=(8,) * 7, num_conv_pos_embeddings=16,
-                                      num_conv_pos_embedding_groups=2, pad_token_id=0)
+    cfg = transformers.Wav2Vec2Config(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        conv_dim=(8,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        pad_token_id=0,
+    )
     import torch
 
     torch.manual_seed(0)

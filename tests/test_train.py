@@ -1,4 +1,5 @@
 """The train stage on small synthetic stores: EXP layout, learning, resume after kill -9, bad inputs."""
+
 import json
 import os
 import subprocess
@@ -20,29 +21,44 @@ from sertool.train import Schedule, TrainError, load_inputs, resolve_config, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("angry", "happy", "neutral", "sad")
-TINY_RAJAN = ["model.conv=local", "model.modalities=[audio,text]", "model.gru_hidden=8", "model.num_heads=2",
-              "model.fc_hidden=8"]
+TINY_RAJAN = [
+    "model.conv=local",
+    "model.modalities=[audio,text]",
+    "model.gru_hidden=8",
+    "model.num_heads=2",
+    "model.fc_hidden=8",
+]
 
 
-def make_feats(root, n_spk=4, per=12, seed=0, da=6, dt=5, score=False, drop_from_text=(), splits=True,
-               label_of=None):
+def make_feats(root, n_spk=4, per=12, seed=0, da=6, dt=5, score=False, drop_from_text=(), splits=True, label_of=None):
     """Manifest + audio store `fa` (dim da) + text store `ft` (dim dt); class c shifts the features by c."""
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     utts = []
-    wa = StoreWriter(root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": da, "frame_rate_hz": 100,
-                                      "extractor": {"name": "fa", "param": 1}})
-    wt = StoreWriter(root / "ft.h5", {"feature": "ft", "kind": "text", "dim": dt, "unit": "token",
-                                      "extractor": {"name": "ft"}})
+    wa = StoreWriter(
+        root / "fa.h5",
+        {"feature": "fa", "kind": "audio", "dim": da, "frame_rate_hz": 100, "extractor": {"name": "fa", "param": 1}},
+    )
+    wt = StoreWriter(
+        root / "ft.h5", {"feature": "ft", "kind": "text", "dim": dt, "unit": "token", "extractor": {"name": "ft"}}
+    )
     for s in range(n_spk):
         for i in range(per):
             c = i % len(CLASSES)
             uid = f"s{s}_u{i:03d}"
             label = label_of(s, i) if label_of else CLASSES[c]
-            utts.append(Utterance(id=uid, text="hello", label=label, speaker=f"spk{s + 1}", session=f"ses{s // 2 + 1}",
-                                  split=["train", "train", "dev", "test"][s % 4] if splits else None,
-                                  score=float(c) - 1.5 if score else None))
+            utts.append(
+                Utterance(
+                    id=uid,
+                    text="hello",
+                    label=label,
+                    speaker=f"spk{s + 1}",
+                    session=f"ses{s // 2 + 1}",
+                    split=["train", "train", "dev", "test"][s % 4] if splits else None,
+                    score=float(c) - 1.5 if score else None,
+                )
+            )
             T = int(rng.integers(5, 20))
             wa.add(uid, ((rng.normal(size=(T, da)) + c) * 2 + 3).astype(np.float32))
             if uid not in drop_from_text:
@@ -69,12 +85,41 @@ def invoke(args):
 # ----------------------------------------------------------------------------------- a full run
 def test_probe_trains_and_writes_the_experiment(feats, tmp_path):
     exp = tmp_path / "exp"
-    res = invoke(["train", str(feats), "-m", "probe", "--audio", "fa", "--protocol", "speaker-kfold:4", "--seeds", "2",
-                  "--epochs", "12", "--set", "optim.lr=0.05", "--set", "train.batch_size=8",
-                  "--set", "schedule.name=cosine", "-o", str(exp), "-q"])
+    res = invoke(
+        [
+            "train",
+            str(feats),
+            "-m",
+            "probe",
+            "--audio",
+            "fa",
+            "--protocol",
+            "speaker-kfold:4",
+            "--seeds",
+            "2",
+            "--epochs",
+            "12",
+            "--set",
+            "optim.lr=0.05",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "schedule.name=cosine",
+            "-o",
+            str(exp),
+            "-q",
+        ]
+    )
     assert res.exit_code == 0, res.output
-    for name in ("config.yaml", "folds.json", "metrics.json", "log.jsonl", "model.safetensors", "norm.safetensors",
-                 "predictor.json"):
+    for name in (
+        "config.yaml",
+        "folds.json",
+        "metrics.json",
+        "log.jsonl",
+        "model.safetensors",
+        "norm.safetensors",
+        "predictor.json",
+    ):
         assert (exp / name).exists(), name
     cfg = yaml.safe_load((exp / "config.yaml").read_text())
     assert cfg["model"]["input_dim"] == 6 and cfg["model"]["n_classes"] == 4
@@ -115,16 +160,52 @@ def _weights(exp):
 
 
 def test_kill_mid_epoch_and_resume_gives_the_same_weights(feats, tmp_path):
-    args = ["-m", "self_attn", "--audio", "fa", "--text", "ft", "--protocol", "speaker-kfold:2", "--epochs", "3",
-            "--threads", "1",
-            "--set", "train.batch_size=8", "--set", "optim.lr=0.01", "--set", "schedule.name=plateau",
-            "--set", "schedule.patience=0", "--set", "schedule.gamma=0.5", *sum([["--set", s] for s in TINY_RAJAN], [])]
+    args = [
+        "-m",
+        "self_attn",
+        "--audio",
+        "fa",
+        "--text",
+        "ft",
+        "--protocol",
+        "speaker-kfold:2",
+        "--epochs",
+        "3",
+        "--threads",
+        "1",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "optim.lr=0.01",
+        "--set",
+        "schedule.name=plateau",
+        "--set",
+        "schedule.patience=0",
+        "--set",
+        "schedule.gamma=0.5",
+        *sum([["--set", s] for s in TINY_RAJAN], []),
+    ]
     ref = tmp_path / "ref"
-    run_train("self_attn", feats, ref, overrides=[*TINY_RAJAN, "data.audio=fa", "data.text=ft",
-                                                  "protocol.name=speaker-kfold:2", "train.epochs=3",
-                                                  "train.batch_size=8", "optim.lr=0.01", "schedule.name=plateau",
-                                                  "schedule.patience=0", "schedule.gamma=0.5", "run.threads=1"], progress=False,
-              log=lambda s: None)
+    run_train(
+        "self_attn",
+        feats,
+        ref,
+        overrides=[
+            *TINY_RAJAN,
+            "data.audio=fa",
+            "data.text=ft",
+            "protocol.name=speaker-kfold:2",
+            "train.epochs=3",
+            "train.batch_size=8",
+            "optim.lr=0.01",
+            "schedule.name=plateau",
+            "schedule.patience=0",
+            "schedule.gamma=0.5",
+            "run.threads=1",
+        ],
+        progress=False,
+        log=lambda s: None,
+    )
     exp = tmp_path / "exp"
     env = {**os.environ, "SERTOOL_TEST_KILL_AFTER_STEPS": "5", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "sertool", "train", str(feats), *args, "-o", str(exp), "-q"]
@@ -155,8 +236,23 @@ def test_resume_an_experiment_from_before_a_model_option_existed(feats, tmp_path
     """A model option added by a newer sertool (absent from the old config.yaml, at its default
     now) does not block --resume; a changed setting still does."""
     exp = tmp_path / "exp"
-    args = ["train", str(feats), "-m", "probe", "--audio", "fa", "--protocol", "speaker-kfold:2", "--epochs", "1",
-            "--threads", "1", "-o", str(exp), "-q"]
+    args = [
+        "train",
+        str(feats),
+        "-m",
+        "probe",
+        "--audio",
+        "fa",
+        "--protocol",
+        "speaker-kfold:2",
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        "-o",
+        str(exp),
+        "-q",
+    ]
     assert CliRunner().invoke(cli, args).exit_code == 0
     cfg_file = exp / "config.yaml"
     cfg = yaml.safe_load(cfg_file.read_text())
@@ -193,7 +289,8 @@ def test_modalities_follow_the_inputs_given(feats):
     assert cfg["model"]["modalities"] == ["audio", "text"]
     assert resolve_config("cma", overrides=["data.text=ft"])["model"]["modalities"] == ["text"]
     assert resolve_config("self_attn", overrides=["data.audio=fa", "model.modalities=[audio,text]"])["model"][
-        "modalities"] == ["audio", "text"]  # explicit: kept
+        "modalities"
+    ] == ["audio", "text"]  # explicit: kept
 
 
 def test_unknown_fold_name(feats, tmp_path):
@@ -217,8 +314,16 @@ def test_empty_split(tmp_path):
 
 def test_mismatched_ids_between_stores(tmp_path):
     f = make_feats(tmp_path / "f", drop_from_text=("s1_u003", "s2_u004"))
-    out = _bad(f, tmp_path / "e", "--audio", "fa", "--text", "ft", *sum([["--set", s] for s in TINY_RAJAN], []),
-               model="self_attn")
+    out = _bad(
+        f,
+        tmp_path / "e",
+        "--audio",
+        "fa",
+        "--text",
+        "ft",
+        *sum([["--set", s] for s in TINY_RAJAN], []),
+        model="self_attn",
+    )
     assert "2 of 48 utterances are missing from the text store" in out and "s1_u003" in out
 
 
@@ -267,7 +372,7 @@ def test_padding_masks_and_dynamic_batching(feats):
         assert b[m].shape[1] == lens.max()
         for i, uid in enumerate(b["ids"]):
             real = src[m].get(uid)[: (12 if m == "audio" else None)]
-            assert np.allclose(b[m][i, : lens[i]].numpy(), real) and not b[m][i, lens[i]:].any()
+            assert np.allclose(b[m][i, : lens[i]].numpy(), real) and not b[m][i, lens[i] :].any()
     batches = ds.batch_indices(batch_size=16, max_frames=40, shuffle=True, seed=1, epoch=2)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(ids)))
     assert all(len(x) * ds.max_length[x].max() <= 40 or len(x) == 1 for x in batches)
@@ -295,10 +400,24 @@ def test_regression_on_an_aligned_file(tmp_path):
         h["ids"] = np.array([u.id for u in utts], dtype="S")
         h["audio"], h["text"], h["mask"] = audio, text, mask
     exp = tmp_path / "exp"
-    tiny = ["model.d=10", "model.num_heads=2", "model.cross_layers=1", "model.transformer_layers=1",
-            "model.rnn_hidden=4", "model.audio_conv=[[8,3,1]]", "train.epochs=2", "train.batch_size=16"]
-    out = run_train("lgcct", f, exp, overrides=[*tiny, "data.audio=aligned-test.h5", "data.text=aligned-test.h5",
-                                               "protocol.name=corpus"], progress=False, log=lambda s: None)
+    tiny = [
+        "model.d=10",
+        "model.num_heads=2",
+        "model.cross_layers=1",
+        "model.transformer_layers=1",
+        "model.rnn_hidden=4",
+        "model.audio_conv=[[8,3,1]]",
+        "train.epochs=2",
+        "train.batch_size=16",
+    ]
+    out = run_train(
+        "lgcct",
+        f,
+        exp,
+        overrides=[*tiny, "data.audio=aligned-test.h5", "data.text=aligned-test.h5", "protocol.name=corpus"],
+        progress=False,
+        log=lambda s: None,
+    )
     assert out["task"] == "regression"
     for k in ("MAE", "corr", "acc7", "acc5", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0"):
         assert k in out["summary"], k
@@ -308,19 +427,39 @@ def test_regression_on_an_aligned_file(tmp_path):
 
 
 def test_class_weights_selection_metric_and_dynamic_batches(feats, tmp_path):
-    out = run_train("probe", feats, tmp_path / "e", overrides=[
-        "data.audio=fa", "protocol.name=loso", "train.epochs=2", "train.class_weights=true",
-        "train.select_on=macro_f1", "train.max_batch_frames=60", "schedule.name=warmup_linear",
-        "schedule.warmup_epochs=0.5", "optim.name=adamw"], progress=False, log=lambda s: None)
+    out = run_train(
+        "probe",
+        feats,
+        tmp_path / "e",
+        overrides=[
+            "data.audio=fa",
+            "protocol.name=loso",
+            "train.epochs=2",
+            "train.class_weights=true",
+            "train.select_on=macro_f1",
+            "train.max_batch_frames=60",
+            "schedule.name=warmup_linear",
+            "schedule.warmup_epochs=0.5",
+            "optim.name=adamw",
+        ],
+        progress=False,
+        log=lambda s: None,
+    )
     assert out["selected_on"] == "dev macro_f1" and len(out["runs"]) == 4
     pred = json.loads((tmp_path / "e" / "predictor.json").read_text())
     assert "dev_macro_f1" in pred["selection"]
 
 
-
 # ----------------------------------------------------------------------------------- run.final
-FINAL_ARGS = ["data.audio=fa", "protocol.name=speaker-kfold:4", "train.epochs=4", "train.early_stopping=0",
-              "train.batch_size=8", "optim.lr=0.001", "run.threads=1"]
+FINAL_ARGS = [
+    "data.audio=fa",
+    "protocol.name=speaker-kfold:4",
+    "train.epochs=4",
+    "train.early_stopping=0",
+    "train.batch_size=8",
+    "optim.lr=0.001",
+    "run.threads=1",
+]
 
 
 def _counting_hook(counter, stop_at=None):
@@ -329,7 +468,9 @@ def _counting_hook(counter, stop_at=None):
             counter[0] += 1
             if stop_at is not None and counter[0] >= stop_at:
                 raise KeyboardInterrupt("test: interrupted")
+
         return step
+
     return make
 
 
@@ -384,8 +525,9 @@ def test_final_all_trains_the_deployment_model_on_every_utterance(feats, tmp_pat
     counter[0] = 0
     monkeypatch.setattr(T, "_kill_hook", _counting_hook(counter))
     lines = []
-    out2 = run_train("probe", feats, exp2, overrides=[*FINAL_ARGS, "run.final=all"], resume=True, progress=False,
-                     log=lines.append)
+    out2 = run_train(
+        "probe", feats, exp2, overrides=[*FINAL_ARGS, "run.final=all"], resume=True, progress=False, log=lines.append
+    )
     assert sum("already done" in l for l in lines) == 4 and any("resuming after epoch 1" in l for l in lines)
     assert counter[0] == final_spe * (expected - 1)  # only the final model's remaining epochs were trained
     assert out2["final"]["epochs"] == expected
@@ -404,8 +546,9 @@ def _speaker_offset_feats(root: Path) -> Path:
     normalisation makes the held-out speakers' features comparable to the training ones."""
     rng = np.random.default_rng(3)
     root.mkdir(parents=True)
-    w = StoreWriter(root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": 4, "frame_rate_hz": 100,
-                                     "extractor": {"name": "fa"}})
+    w = StoreWriter(
+        root / "fa.h5", {"feature": "fa", "kind": "audio", "dim": 4, "frame_rate_hz": 100, "extractor": {"name": "fa"}}
+    )
     utts = []
     for s in range(6):
         offset, scale = rng.normal(scale=6.0, size=4), 1.0 + s * 0.5
@@ -421,8 +564,14 @@ def _speaker_offset_feats(root: Path) -> Path:
 
 def test_speaker_normalisation(tmp_path):
     feats = _speaker_offset_feats(tmp_path / "f")
-    base = ["data.audio=fa", "protocol.name=speaker-kfold:3", "train.epochs=30", "optim.lr=0.05", "run.threads=1",
-            "train.batch_size=16"]
+    base = [
+        "data.audio=fa",
+        "protocol.name=speaker-kfold:3",
+        "train.epochs=30",
+        "optim.lr=0.05",
+        "run.threads=1",
+        "train.batch_size=16",
+    ]
     # every speaker's frames: zero mean, unit std per dimension, whatever subset is loaded
     cfg = resolve_config("probe", overrides=[*base, "data.normalize.audio=speaker"])
     full = load_inputs(cfg, feats)
@@ -434,14 +583,19 @@ def test_speaker_normalisation(tmp_path):
     ua = {}
     for mode in ("global", "speaker"):
         exp = tmp_path / mode
-        out = run_train("probe", feats, exp, overrides=[*base, f"data.normalize.audio={mode}"], progress=False,
-                        log=lambda s: None)
+        out = run_train(
+            "probe", feats, exp, overrides=[*base, f"data.normalize.audio={mode}"], progress=False, log=lambda s: None
+        )
         ua[mode] = out["summary"]["UA"]["mean"]
     assert ua["speaker"] > 0.9 and ua["speaker"] > ua["global"] + 0.2, ua
     # evaluate recomputes the same speaker statistics and scores
     from sertool.evaluate import run_evaluate
-    assert run_evaluate(tmp_path / "speaker", feats, log=lambda s: None)["UA"]["mean"] == pytest.approx(ua["speaker"], abs=1e-6)
+
+    assert run_evaluate(tmp_path / "speaker", feats, log=lambda s: None)["UA"]["mean"] == pytest.approx(
+        ua["speaker"], abs=1e-6
+    )
     # predict and export cannot know a new recording's speaker statistics: refused, naming the option
     from sertool.predict import PredictError, load_predictor
+
     with pytest.raises(PredictError, match="data.normalize.audio=global"):
         load_predictor(tmp_path / "speaker", "cpu")

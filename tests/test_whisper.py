@@ -19,10 +19,23 @@ def tiny_whisper(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-whisper")
     torch.manual_seed(0)
-    config = WhisperConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
-                           decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, num_mel_bins=80,
-                           max_source_positions=1500, max_target_positions=32, pad_token_id=0, bos_token_id=1,
-                           eos_token_id=2, decoder_start_token_id=1)
+    config = WhisperConfig(
+        vocab_size=100,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
     WhisperModel(config).save_pretrained(d)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(d)
     return d
@@ -31,7 +44,9 @@ def tiny_whisper(tmp_path_factory):
 def speechlike(n, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(n) / SR
-    return (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(n)).astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(n)).astype(
+        np.float32
+    )
 
 
 def test_frames_are_trimmed_to_the_real_length():
@@ -50,7 +65,9 @@ def test_transformers_backend_matches_the_encoder(tiny_whisper):
     fe = WhisperFeatureExtractor.from_pretrained(tiny_whisper)
     encoder = WhisperModel.from_pretrained(tiny_whisper).get_encoder().eval()
     with torch.no_grad():
-        states = encoder(fe(wave, sampling_rate=SR, return_tensors="pt").input_features, output_hidden_states=True).hidden_states
+        states = encoder(
+            fe(wave, sampling_rate=SR, return_tensors="pt").input_features, output_hidden_states=True
+        ).hidden_states
     np.testing.assert_allclose(res.data, torch.cat(states, -1)[0, :52].numpy(), atol=1e-5)
     last = build_extractor("whisper", {"model": str(tiny_whisper), "layer": 1}).extract(Utterance("u"), wave)
     np.testing.assert_allclose(last.data, states[1][0, :52].numpy(), atol=1e-5)
@@ -64,7 +81,7 @@ def test_long_audio_is_windowed_and_batching_does_not_change_values(tiny_whisper
     assert isinstance(out[2], ExtractorError)
     np.testing.assert_allclose(out[0].data, ex.extract(Utterance("a"), short).data, atol=1e-5)
     # the second window is the encoding of samples [30 s, 60 s) on their own
-    window = ex.extract(Utterance("w"), long[30 * SR:60 * SR]).data
+    window = ex.extract(Utterance("w"), long[30 * SR : 60 * SR]).data
     np.testing.assert_allclose(out[1].data[1500:3000], window, atol=1e-5)
     assert build_extractor(ex.config()).params() == ex.params()
 
@@ -83,6 +100,6 @@ def test_packaged_tiny_en_matches_faster_whisper():
     assert res.data.shape == (n_frames(len(wave)), 384)
     model = WhisperModel(str(models.get_model_path()), device="cpu", compute_type="float32")
     expected = np.array(model.encode(pad_or_trim(model.feature_extractor(wave))))[0]
-    np.testing.assert_allclose(res.data, expected[:res.data.shape[0]], atol=1e-4)
+    np.testing.assert_allclose(res.data, expected[: res.data.shape[0]], atol=1e-4)
     with pytest.raises(ExtractorError, match="last encoder layer only"):
         build_extractor("whisper", {"layer": 2})

@@ -62,13 +62,28 @@ def write_word2vec_binary(path, vocab=VOCAB):
 
 def test_tokenize_follows_treebank_conventions():
     assert W.tokenize("I don't know, it's the U.S. well-known 3.5 dollars...") == [
-        "i", "do", "n't", "know", ",", "it", "'s", "the", "u.s.", "well-known", "3.5", "dollars", "..."]
+        "i",
+        "do",
+        "n't",
+        "know",
+        ",",
+        "it",
+        "'s",
+        "the",
+        "u.s.",
+        "well-known",
+        "3.5",
+        "dollars",
+        "...",
+    ]
     assert W.tokenize("Kids’ “door”", lowercase=False) == ["Kids", "'", '"', "door", '"']
     assert W.tokenize("") == []
 
 
-@pytest.mark.parametrize("writer,fmt", [(write_glove, "glove"), (write_word2vec_text, "word2vec"),
-                                        (write_word2vec_binary, "word2vec-binary")])
+@pytest.mark.parametrize(
+    "writer,fmt",
+    [(write_glove, "glove"), (write_word2vec_text, "word2vec"), (write_word2vec_binary, "word2vec-binary")],
+)
 def test_readers_agree(tmp_path, writer, fmt):
     path = writer(tmp_path / f"vectors.{'bin' if 'binary' in fmt else 'txt'}")
     assert W.detect_format(path) == fmt
@@ -150,7 +165,12 @@ def test_oov_policies(tmp_path):
 
 
 def test_cased_vectors_keep_case_and_fall_back_to_lower(tmp_path):
-    vocab = {"Paris": [1, 1, 1, 1], "paris": [2, 2, 2, 2], "door": [3, 3, 3, 3], **{f"W{i}": [0, 0, 0, i] for i in range(5)}}
+    vocab = {
+        "Paris": [1, 1, 1, 1],
+        "paris": [2, 2, 2, 2],
+        "door": [3, 3, 3, 3],
+        **{f"W{i}": [0, 0, 0, i] for i in range(5)},
+    }
     ex = build_extractor("glove", {"path": str(write_glove(tmp_path / "c.txt", vocab))})
     assert not ex.lowercase
     res = ex.extract(Utterance("u", text="Paris paris Door"), None)

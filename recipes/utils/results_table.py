@@ -40,7 +40,9 @@ def row(exp: Path, eval_name: str) -> tuple[tuple[str, ...], str]:
     protocol = (cfg.get("protocol") or {}).get("name", "?")
     runs = len(m.get("runs", [])) or "?"
     keys = REGRESSION if "MAE" in s else CLASSIFICATION
-    return keys, f"| {exp.name} | {model} | {inputs} | {protocol} | {runs} | " + " | ".join(cell(s.get(k)) for k in keys) + " |"
+    return keys, f"| {exp.name} | {model} | {inputs} | {protocol} | {runs} | " + " | ".join(
+        cell(s.get(k)) for k in keys
+    ) + " |"
 
 
 def main() -> None:

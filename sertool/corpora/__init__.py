@@ -61,8 +61,9 @@ def detect_corpus(root: str | os.PathLike) -> str:
     return "folder"
 
 
-def read_corpus(root: str | os.PathLike, corpus: str | None = None, *,
-                problems: list[tuple[str, str]] | None = None, **options) -> tuple[str, list[Utterance]]:
+def read_corpus(
+    root: str | os.PathLike, corpus: str | None = None, *, problems: list[tuple[str, str]] | None = None, **options
+) -> tuple[str, list[Utterance]]:
     """Read a corpus folder; returns (corpus name, validated utterances)."""
     name = corpus or detect_corpus(root)
     if name not in READERS:

@@ -21,8 +21,17 @@ from sertool.corpora.base import AUDIO_EXTENSIONS, CorpusError, Utterance, safe_
 METADATA_NAMES = ("metadata.csv", "metadata.tsv")
 _RAW_FILE = "\0file"  # the 'file' value before stripping (a key no column can have)
 _COLUMNS = ("file", "label", "text", "speaker", "session", "split", "score")
-_ALIASES = {"path": "file", "audio": "file", "wav": "file", "emotion": "label", "transcript": "text",
-            "transcription": "text", "speaker_id": "speaker", "fold": "session", "sentiment_score": "score"}
+_ALIASES = {
+    "path": "file",
+    "audio": "file",
+    "wav": "file",
+    "emotion": "label",
+    "transcript": "text",
+    "transcription": "text",
+    "speaker_id": "speaker",
+    "fold": "session",
+    "sentiment_score": "score",
+}
 
 
 def find_audio(root: Path) -> list[Path]:
@@ -70,8 +79,9 @@ def read_table(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def read_folder(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None,
-                metadata: str | None = None) -> list[Utterance]:
+def read_folder(
+    root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None, metadata: str | None = None
+) -> list[Utterance]:
     root = Path(root).resolve()
     problems = problems if problems is not None else []
     meta_path = Path(metadata) if metadata else next((root / n for n in METADATA_NAMES if (root / n).exists()), None)
@@ -124,15 +134,26 @@ def read_folder(root: str | os.PathLike, *, problems: list[tuple[str, str]] | No
                 problems.append((str(path), f"score {row['score']!r} is not a number; left empty"))
         split = row.get("split") or None
         if split is not None:
-            split = {"valid": "dev", "validation": "dev", "val": "dev", "training": "train"}.get(split.lower(), split.lower())
+            split = {"valid": "dev", "validation": "dev", "val": "dev", "training": "train"}.get(
+                split.lower(), split.lower()
+            )
             if split not in ("train", "dev", "test"):
                 problems.append((str(path), f"split {row['split']!r} is not train/dev/test; left empty"))
                 split = None
         for key, value in row.items():
             if key not in _COLUMNS and value:
                 extra[key] = value
-        utts.append(Utterance(
-            id=uid, audio=str(path), text=text, label=row.get("label") or None, score=score,
-            speaker=row.get("speaker") or None, session=row.get("session") or None, split=split, extra=extra,
-        ))
+        utts.append(
+            Utterance(
+                id=uid,
+                audio=str(path),
+                text=text,
+                label=row.get("label") or None,
+                score=score,
+                speaker=row.get("speaker") or None,
+                session=row.get("session") or None,
+                split=split,
+                extra=extra,
+            )
+        )
     return utts

@@ -22,15 +22,27 @@ from pathlib import Path
 
 from sertool.corpora.base import Utterance
 
-LABEL_NAMES = {"neu": "neutral", "hap": "happy", "exc": "excited", "ang": "angry", "sad": "sad",
-               "fru": "frustrated", "sur": "surprised", "fea": "fearful", "dis": "disgusted",
-               "oth": "other", "xxx": "undecided"}
+LABEL_NAMES = {
+    "neu": "neutral",
+    "hap": "happy",
+    "exc": "excited",
+    "ang": "angry",
+    "sad": "sad",
+    "fru": "frustrated",
+    "sur": "surprised",
+    "fea": "fearful",
+    "dis": "disgusted",
+    "oth": "other",
+    "xxx": "undecided",
+}
 LABEL_SETS = {
     "all": None,
     "4class": {"neutral": "neutral", "happy": "happy", "excited": "happy", "angry": "angry", "sad": "sad"},
     "7class": {k: k for k in ("neutral", "happy", "angry", "sad", "excited", "frustrated", "surprised")},
 }
-_EVAL = re.compile(r"^\[(?P<start>[\d.]+)\s*-\s*(?P<end>[\d.]+)\]\s+(?P<utt>\S+)\s+(?P<label>\w+)\s+\[(?P<vad>[^\]]*)\]")
+_EVAL = re.compile(
+    r"^\[(?P<start>[\d.]+)\s*-\s*(?P<end>[\d.]+)\]\s+(?P<utt>\S+)\s+(?P<label>\w+)\s+\[(?P<vad>[^\]]*)\]"
+)
 _TRANS = re.compile(r"^(?P<utt>Ses\d\d[FM]_\S+)\s+\[[^\]]*\]:\s*(?P<text>.*)$")
 
 
@@ -53,8 +65,9 @@ def read_wdseg(path: Path) -> list[list]:
     return words
 
 
-def read_iemocap(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None,
-                 labels: str = "all") -> list[Utterance]:
+def read_iemocap(
+    root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None, labels: str = "all"
+) -> list[Utterance]:
     if labels not in LABEL_SETS:
         raise ValueError(f"labels must be one of {list(LABEL_SETS)}, got {labels!r}")
     keep = LABEL_SETS[labels]
@@ -95,12 +108,25 @@ def read_iemocap(root: str | os.PathLike, *, problems: list[tuple[str, str]] | N
                 wdseg = session_dir / "sentences" / "ForcedAlignment" / dialog / f"{uid}.wdseg"
                 words = read_wdseg(wdseg) if wdseg.exists() else None
                 gender = uid.split("_")[-1][0]
-                utts.append(Utterance(
-                    id=uid, audio=str(wav), text=texts.get(uid, ""), label=label, score=valence,
-                    speaker=f"{uid[:5]}_{gender}", session=session, words=words,
-                    extra={"dialog": dialog, "improvised": "impro" in dialog, "raw_label": code,
-                           "text_source": "corpus", "word_timings": "wdseg" if words is not None else None},
-                ))
+                utts.append(
+                    Utterance(
+                        id=uid,
+                        audio=str(wav),
+                        text=texts.get(uid, ""),
+                        label=label,
+                        score=valence,
+                        speaker=f"{uid[:5]}_{gender}",
+                        session=session,
+                        words=words,
+                        extra={
+                            "dialog": dialog,
+                            "improvised": "impro" in dialog,
+                            "raw_label": code,
+                            "text_source": "corpus",
+                            "word_timings": "wdseg" if words is not None else None,
+                        },
+                    )
+                )
     for u in utts:
         if u.extra.get("word_timings") is None:
             u.extra.pop("word_timings")

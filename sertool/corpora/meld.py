@@ -42,8 +42,9 @@ def _find_audio(root: Path) -> dict[tuple[str, int, int], Path]:
     return found
 
 
-def read_meld(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None,
-              audio: bool = True) -> list[Utterance]:
+def read_meld(
+    root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None, audio: bool = True
+) -> list[Utterance]:
     problems = problems if problems is not None else []
     root = Path(root).resolve()
     clips = _find_audio(root) if audio else {}
@@ -62,17 +63,29 @@ def read_meld(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None
             text = " ".join(row.get("utterance", "").split())
             wav = clips.get((split, dia, utt_no))
             if not text and wav is None:
-                problems.append((f"{csv_path}:{lineno}", f"dia{dia}_utt{utt_no}: empty utterance text and no audio; skipped"))
+                problems.append(
+                    (f"{csv_path}:{lineno}", f"dia{dia}_utt{utt_no}: empty utterance text and no audio; skipped")
+                )
                 continue
             sentiment = row.get("sentiment", "").lower() or None
-            utts.append(Utterance(
-                id=f"{split}_dia{dia}_utt{utt_no}", audio=str(wav) if wav else None, text=text,
-                label=row.get("emotion", "").lower() or None,
-                score=SENTIMENT_SCORE.get(sentiment) if sentiment else None,
-                speaker=row.get("speaker") or None, session=f"{split}_dia{dia}", split=split,
-                extra={"sentiment": sentiment, "season": row.get("season"), "episode": row.get("episode"),
-                       "text_source": "corpus"},
-            ))
+            utts.append(
+                Utterance(
+                    id=f"{split}_dia{dia}_utt{utt_no}",
+                    audio=str(wav) if wav else None,
+                    text=text,
+                    label=row.get("emotion", "").lower() or None,
+                    score=SENTIMENT_SCORE.get(sentiment) if sentiment else None,
+                    speaker=row.get("speaker") or None,
+                    session=f"{split}_dia{dia}",
+                    split=split,
+                    extra={
+                        "sentiment": sentiment,
+                        "season": row.get("season"),
+                        "episode": row.get("episode"),
+                        "text_source": "corpus",
+                    },
+                )
+            )
     return utts
 
 
@@ -82,5 +95,3 @@ def read_table_meld(path: Path) -> list[dict[str, str]]:
     content = decode_table_bytes(path.read_bytes())
     reader = csv.DictReader(io.StringIO(content, newline=""))  # not splitlines: U+2028 in an utterance is no row end
     return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
-
-

@@ -60,9 +60,14 @@ def _decode_word(raw) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def read_mosei(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None,
-               labels_csd: str | None = None, words_csd: str | None = None,
-               folds: str | None = None) -> list[Utterance]:
+def read_mosei(
+    root: str | os.PathLike,
+    *,
+    problems: list[tuple[str, str]] | None = None,
+    labels_csd: str | None = None,
+    words_csd: str | None = None,
+    folds: str | None = None,
+) -> list[Utterance]:
     """`folds`: optional JSON {"train": [video ids], "dev": [...], "test": [...]} (the SDK's standard folds)."""
     problems = problems if problems is not None else []
     root = Path(root).resolve()
@@ -98,8 +103,11 @@ def read_mosei(root: str | os.PathLike, *, problems: list[tuple[str, str]] | Non
                 words = None
                 text = ""
                 if all_words is not None:
-                    inside = [(w, a, b) for w, a, b in all_words
-                              if a >= start - 1e-3 and b <= end + 1e-3 and w.lower() not in SDK_PADDING_WORDS]
+                    inside = [
+                        (w, a, b)
+                        for w, a, b in all_words
+                        if a >= start - 1e-3 and b <= end + 1e-3 and w.lower() not in SDK_PADDING_WORDS
+                    ]
                     words = [[w, round(a - start, 4), round(b - start, 4)] for w, a, b in inside]
                     text = " ".join(w for w, _, _ in inside)
                 if not np.isfinite(row).all():
@@ -112,12 +120,22 @@ def read_mosei(root: str | os.PathLike, *, problems: list[tuple[str, str]] | Non
                 if not text and wav is None:
                     problems.append((str(labels_path), f"{video}[{k}]: no words and no audio; skipped"))
                     continue
-                utts.append(Utterance(
-                    id=safe_id(f"{video}__{k}"), audio=str(wav) if wav else None, text=text,
-                    score=float(row[0]), speaker=video, session=video, split=split_of.get(video),
-                    words=words, start=float(start) if wav else None, end=float(end) if wav else None,
-                    duration=float(end - start), extra=extra,
-                ))
+                utts.append(
+                    Utterance(
+                        id=safe_id(f"{video}__{k}"),
+                        audio=str(wav) if wav else None,
+                        text=text,
+                        score=float(row[0]),
+                        speaker=video,
+                        session=video,
+                        split=split_of.get(video),
+                        words=words,
+                        start=float(start) if wav else None,
+                        end=float(end) if wav else None,
+                        duration=float(end - start),
+                        extra=extra,
+                    )
+                )
     finally:
         labels_file.close()
         if words_file is not None:
@@ -129,8 +147,9 @@ def read_mosi(root: str | os.PathLike, **kw) -> list[Utterance]:
     return read_mosei(root, **kw)
 
 
-def import_csd_features(csd_path: str | os.PathLike, utts: list[Utterance], out_path: str | os.PathLike,
-                        *, name: str, kind: str = "audio") -> Path:
+def import_csd_features(
+    csd_path: str | os.PathLike, utts: list[Utterance], out_path: str | os.PathLike, *, name: str, kind: str = "audio"
+) -> Path:
     """Copy one pre-extracted sequence into a sertool store, one [T, D] slice per segment.
 
     Frames whose interval lies inside the segment are kept (the SDK's own inclusion rule);
@@ -145,8 +164,12 @@ def import_csd_features(csd_path: str | os.PathLike, utts: list[Utterance], out_
         if len(dims) != 1:
             raise CorpusError(f"{csd_path}: feature dimension differs between videos ({sorted(dims)})")
         dim = dims.pop()
-        attrs = {"feature": name, "kind": kind, "dim": int(dim),
-                 "extractor": {"name": "csd", "params": {"file": csd_path.name, "sequence": name}}}
+        attrs = {
+            "feature": name,
+            "kind": kind,
+            "dim": int(dim),
+            "extractor": {"name": "csd", "params": {"file": csd_path.name, "sequence": name}},
+        }
         first = data[next(iter(data.keys()))]["intervals"][()]
         if kind == "audio":
             step = float(np.median(np.diff(first[:, 0]))) if len(first) > 1 else 0.01
@@ -163,8 +186,9 @@ def import_csd_features(csd_path: str | os.PathLike, utts: list[Utterance], out_
                 # segment bounds are not stored for audio-less utterances: recover them from words
                 lo, hi = _segment_bounds(u, seg_start)
                 inside = (intervals[:, 0] >= lo - 1e-3) & (intervals[:, 1] <= hi + 1e-3)
-                feats = np.nan_to_num(np.asarray(data[video]["features"][()][inside], dtype=np.float32),
-                                      nan=0.0, posinf=0.0, neginf=0.0)
+                feats = np.nan_to_num(
+                    np.asarray(data[video]["features"][()][inside], dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0
+                )
                 if kind == "text" and u.words is not None:
                     # word-level sequences carry the SDK's padding tokens (`sp`) as rows; the
                     # reader dropped them from `words`, so keep exactly the rows whose start

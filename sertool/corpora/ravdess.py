@@ -14,8 +14,16 @@ from pathlib import Path
 
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
 
-EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
-            "06": "fearful", "07": "disgust", "08": "surprised"}
+EMOTIONS = {
+    "01": "neutral",
+    "02": "calm",
+    "03": "happy",
+    "04": "sad",
+    "05": "angry",
+    "06": "fearful",
+    "07": "disgust",
+    "08": "surprised",
+}
 STATEMENTS = {"01": "Kids are talking by the door.", "02": "Dogs are sitting by the door."}
 INTENSITY = {"01": "normal", "02": "strong"}
 _NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$", re.ASCII)  # not other scripts' digits
@@ -30,8 +38,9 @@ def looks_like(root: Path) -> bool:
     return False
 
 
-def read_ravdess(root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None,
-                 vocal: str = "speech") -> list[Utterance]:
+def read_ravdess(
+    root: str | os.PathLike, *, problems: list[tuple[str, str]] | None = None, vocal: str = "speech"
+) -> list[Utterance]:
     """vocal: 'speech' (default), 'song' or 'both'."""
     problems = problems if problems is not None else []
     channels = {"speech": {"01"}, "song": {"02"}, "both": {"01", "02"}}[vocal]
@@ -50,11 +59,22 @@ def read_ravdess(root: str | os.PathLike, *, problems: list[tuple[str, str]] | N
             problems.append((str(path), "unknown emotion, intensity or statement code in the file name; skipped"))
             continue
         n = int(actor)
-        utts.append(Utterance(
-            id=path.stem, audio=str(path), text=STATEMENTS[statement], label=EMOTIONS[emotion],
-            speaker=f"Actor_{n:02d}", session=None,
-            extra={"gender": "male" if n % 2 else "female", "intensity": INTENSITY[intensity],
-                   "statement": statement, "repetition": repetition,
-                   "vocal_channel": "speech" if channel == "01" else "song", "text_source": "corpus"},
-        ))
+        utts.append(
+            Utterance(
+                id=path.stem,
+                audio=str(path),
+                text=STATEMENTS[statement],
+                label=EMOTIONS[emotion],
+                speaker=f"Actor_{n:02d}",
+                session=None,
+                extra={
+                    "gender": "male" if n % 2 else "female",
+                    "intensity": INTENSITY[intensity],
+                    "statement": statement,
+                    "repetition": repetition,
+                    "vocal_channel": "speech" if channel == "01" else "song",
+                    "text_source": "corpus",
+                },
+            )
+        )
     return utts

@@ -64,8 +64,9 @@ def _positive_int(feature: str, name: str, value: Any) -> int:
     return number
 
 
-def _number(feature: str, name: str, value: Any, *, low: float = 0.0, strict: bool = True,
-            high: float | None = None) -> float:
+def _number(
+    feature: str, name: str, value: Any, *, low: float = 0.0, strict: bool = True, high: float | None = None
+) -> float:
     """`value` as a finite float > low (>= low when not `strict`, and <= high when given)."""
     if isinstance(value, bool):
         raise _bad(feature, f"{name} must be a number, got {value!r}")
@@ -79,10 +80,27 @@ def _number(feature: str, name: str, value: Any, *, low: float = 0.0, strict: bo
 class MelCepstrum:
     """Precomputed window, mel filter bank and DCT matrix: wave -> [T, n_mfcc] cepstra."""
 
-    def __init__(self, sample_rate: int, n_mfcc: int, n_fft: int, win_length: int, hop_length: int,
-                 window: str, n_mels: int, fmin: float, fmax: float | None, mel_scale: str,
-                 mel_norm: str | None, power: float, log: str, top_db: float | None, center: bool,
-                 pad_mode: str, preemphasis: float, lifter: float):
+    def __init__(
+        self,
+        sample_rate: int,
+        n_mfcc: int,
+        n_fft: int,
+        win_length: int,
+        hop_length: int,
+        window: str,
+        n_mels: int,
+        fmin: float,
+        fmax: float | None,
+        mel_scale: str,
+        mel_norm: str | None,
+        power: float,
+        log: str,
+        top_db: float | None,
+        center: bool,
+        pad_mode: str,
+        preemphasis: float,
+        lifter: float,
+    ):
         if win_length > n_fft:
             raise ExtractorError(f"win_length {win_length} > n_fft {n_fft}")
         if n_mfcc > n_mels:
@@ -96,8 +114,16 @@ class MelCepstrum:
             # empty bands (e.g. mfcc80's 128 HTK bands on 201 bins) are intended: torchaudio
             # keeps them too, and they sit at the dB floor
             warnings.filterwarnings("ignore", message="Empty filters detected")
-            fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax,
-                                     htk=(mel_scale == "htk"), norm=mel_norm, dtype=np.float32)
+            fb = librosa.filters.mel(
+                sr=sample_rate,
+                n_fft=n_fft,
+                n_mels=n_mels,
+                fmin=fmin,
+                fmax=fmax,
+                htk=(mel_scale == "htk"),
+                norm=mel_norm,
+                dtype=np.float32,
+            )
         self.mel_t = np.ascontiguousarray(fb.T)
         dct = scipy.fft.dct(np.eye(n_mels), type=2, norm="ortho", axis=0)[:n_mfcc]  # [C, M]
         if lifter > 0:
@@ -125,7 +151,7 @@ class MelCepstrum:
             need = (n_frames - 1) * self.hop + self.win
             if padded.size < need:
                 padded = np.pad(padded, (0, need - padded.size))
-        return np.lib.stride_tricks.sliding_window_view(padded, self.win)[::self.hop][:n_frames]
+        return np.lib.stride_tricks.sliding_window_view(padded, self.win)[:: self.hop][:n_frames]
 
     def mel_power(self, wave: np.ndarray) -> np.ndarray:
         frames = self.frames(wave) * self.window
@@ -133,7 +159,7 @@ class MelCepstrum:
         if self.power == 2:
             spec = spec * spec
         elif self.power != 1:
-            spec = spec ** self.power
+            spec = spec**self.power
         return spec.astype(np.float32, copy=False) @ self.mel_t  # [T, M]
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
@@ -156,8 +182,10 @@ def deltas(feats: np.ndarray, order: int, width: int = 9) -> list[np.ndarray]:
     # librosa's order-2 delta is the second derivative of a local quadratic fit (one savgol
     # call), not the delta of the delta; call it per order as librosa users do.
     mode = "interp" if feats.shape[0] >= width else "nearest"
-    return [librosa.feature.delta(feats, width=width, order=k, axis=0, mode=mode).astype(np.float32)
-            for k in range(1, order + 1)]
+    return [
+        librosa.feature.delta(feats, width=width, order=k, axis=0, mode=mode).astype(np.float32)
+        for k in range(1, order + 1)
+    ]
 
 
 @register_extractor("mfcc")
@@ -167,12 +195,29 @@ class MFCC(Extractor):
     kind = "audio"
     needs_audio = True
 
-    def __init__(self, n_mfcc: int = 40, deltas: int = 2, window: str = "hamming", win_ms: float = 25.0,
-                 hop_ms: float = 10.0, n_fft: int = 512, n_mels: int = 40, fmin: float = 0.0,
-                 fmax: float | None = None, mel_scale: str = "slaney", mel_norm: str | None = "slaney",
-                 power: float = 2.0, log: str = "db", top_db: float | None = 80.0, center: bool = True,
-                 pad_mode: str = "constant", preemphasis: float = 0.0, lifter: float = 0.0,
-                 delta_width: int = 9, sample_rate: int = 16000):
+    def __init__(
+        self,
+        n_mfcc: int = 40,
+        deltas: int = 2,
+        window: str = "hamming",
+        win_ms: float = 25.0,
+        hop_ms: float = 10.0,
+        n_fft: int = 512,
+        n_mels: int = 40,
+        fmin: float = 0.0,
+        fmax: float | None = None,
+        mel_scale: str = "slaney",
+        mel_norm: str | None = "slaney",
+        power: float = 2.0,
+        log: str = "db",
+        top_db: float | None = 80.0,
+        center: bool = True,
+        pad_mode: str = "constant",
+        preemphasis: float = 0.0,
+        lifter: float = 0.0,
+        delta_width: int = 9,
+        sample_rate: int = 16000,
+    ):
         # every parameter is checked here, when the extractor is built: before `sertool extract`
         # writes anything (a negative n_mfcc used to surface only as "store dim is -9")
         f = self.name or "mfcc"
@@ -210,19 +255,55 @@ class MFCC(Extractor):
         if self.hop_length < 1 or self.win_length < 2:
             raise _bad(f, f"window {win_ms} ms / hop {hop_ms} ms too short at {sample_rate} Hz")
         if self.win_length > self.n_fft:
-            raise _bad(f, f"window of {win_ms} ms ({self.win_length} samples at {self.sample_rate} Hz) is longer "
-                          f"than n_fft {self.n_fft}")
-        self._cepstrum = MelCepstrum(self.sample_rate, self.n_mfcc, self.n_fft, self.win_length, self.hop_length,
-                                     window, self.n_mels, self.fmin, self.fmax, mel_scale, mel_norm, self.power,
-                                     log, self.top_db, self.center, pad_mode, self.preemphasis, self.lifter)
+            raise _bad(
+                f,
+                f"window of {win_ms} ms ({self.win_length} samples at {self.sample_rate} Hz) is longer "
+                f"than n_fft {self.n_fft}",
+            )
+        self._cepstrum = MelCepstrum(
+            self.sample_rate,
+            self.n_mfcc,
+            self.n_fft,
+            self.win_length,
+            self.hop_length,
+            window,
+            self.n_mels,
+            self.fmin,
+            self.fmax,
+            mel_scale,
+            mel_norm,
+            self.power,
+            log,
+            self.top_db,
+            self.center,
+            pad_mode,
+            self.preemphasis,
+            self.lifter,
+        )
 
     def params(self) -> dict[str, Any]:
-        return {"n_mfcc": self.n_mfcc, "deltas": self.deltas, "window": self.window, "win_ms": self.win_ms,
-                "hop_ms": self.hop_ms, "n_fft": self.n_fft, "n_mels": self.n_mels, "fmin": self.fmin,
-                "fmax": self.fmax, "mel_scale": self.mel_scale, "mel_norm": self.mel_norm, "power": self.power,
-                "log": self.log, "top_db": self.top_db, "center": self.center, "pad_mode": self.pad_mode,
-                "preemphasis": self.preemphasis, "lifter": self.lifter, "delta_width": self.delta_width,
-                "sample_rate": self.sample_rate}
+        return {
+            "n_mfcc": self.n_mfcc,
+            "deltas": self.deltas,
+            "window": self.window,
+            "win_ms": self.win_ms,
+            "hop_ms": self.hop_ms,
+            "n_fft": self.n_fft,
+            "n_mels": self.n_mels,
+            "fmin": self.fmin,
+            "fmax": self.fmax,
+            "mel_scale": self.mel_scale,
+            "mel_norm": self.mel_norm,
+            "power": self.power,
+            "log": self.log,
+            "top_db": self.top_db,
+            "center": self.center,
+            "pad_mode": self.pad_mode,
+            "preemphasis": self.preemphasis,
+            "lifter": self.lifter,
+            "delta_width": self.delta_width,
+            "sample_rate": self.sample_rate,
+        }
 
     def columns(self) -> list[str]:
         base = [f"mfcc_{i}" for i in range(self.n_mfcc)]
@@ -230,10 +311,16 @@ class MFCC(Extractor):
         return [p + c for p in prefixes for c in base]
 
     def file_attrs(self) -> dict[str, Any]:
-        return {"dim": self.n_mfcc * (self.deltas + 1), "frame_rate_hz": self.sample_rate / self.hop_length,
-                "columns": self.columns(), "hop_length": self.hop_length, "win_length": self.win_length,
-                "frame_centre": "frame t is centred on sample t * hop_length" if self.center
-                else "frame t starts at sample t * hop_length"}
+        return {
+            "dim": self.n_mfcc * (self.deltas + 1),
+            "frame_rate_hz": self.sample_rate / self.hop_length,
+            "columns": self.columns(),
+            "hop_length": self.hop_length,
+            "win_length": self.win_length,
+            "frame_centre": "frame t is centred on sample t * hop_length"
+            if self.center
+            else "frame t starts at sample t * hop_length",
+        }
 
     def compute(self, wave: np.ndarray) -> np.ndarray:
         """[T, D] float32 from a mono waveform at `sample_rate`."""
@@ -256,6 +343,23 @@ class MFCC(Extractor):
         return FeatureResult(self.compute(wave), {})
 
 
-register_preset("mfcc80", "mfcc", n_mfcc=80, deltas=0, window="hann", win_ms=25.0, hop_ms=12.5, n_fft=400,
-                n_mels=128, fmin=0.0, fmax=None, mel_scale="htk", mel_norm=None, power=2.0, log="db",
-                top_db=80.0, center=True, pad_mode="reflect")
+register_preset(
+    "mfcc80",
+    "mfcc",
+    n_mfcc=80,
+    deltas=0,
+    window="hann",
+    win_ms=25.0,
+    hop_ms=12.5,
+    n_fft=400,
+    n_mels=128,
+    fmin=0.0,
+    fmax=None,
+    mel_scale="htk",
+    mel_norm=None,
+    power=2.0,
+    log="db",
+    top_db=80.0,
+    center=True,
+    pad_mode="reflect",
+)

@@ -77,8 +77,11 @@ def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
 
 def asr_report(utts: list[Utterance]) -> dict[str, Any]:
     """WER of transcribed utterances that kept a reference transcript (``extra['reference_text']``)."""
-    pairs = [(u.extra.get("reference_text", ""), u.text) for u in utts
-             if u.extra.get("text_source") == "asr" and normalize_text(u.extra.get("reference_text", ""))]
+    pairs = [
+        (u.extra.get("reference_text", ""), u.text)
+        for u in utts
+        if u.extra.get("text_source") == "asr" and normalize_text(u.extra.get("reference_text", ""))
+    ]
     failed = sum(1 for u in utts if "asr_error" in u.extra)
     report: dict[str, Any] = {"n_utterances": len(utts), "n_scored": len(pairs), "n_failed": failed}
     if pairs:
@@ -88,26 +91,42 @@ def asr_report(utts: list[Utterance]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- recognisers
 class FasterWhisperASR:
-    def __init__(self, resolved: ResolvedModel, device: str, language: str | None, beam_size: int = 5,
-                 word_timestamps: bool = True):
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        device: str,
+        language: str | None,
+        beam_size: int = 5,
+        word_timestamps: bool = True,
+    ):
         if int(beam_size) < 1:
             raise ExtractorError(f"ASR beam size must be >= 1, got {beam_size}")
         try:
             from faster_whisper import WhisperModel
         except ModuleNotFoundError:
-            raise ExtractorError("ASR with Whisper needs faster-whisper: pip install 'sertool[offline-models]'") from None
+            raise ExtractorError(
+                "ASR with Whisper needs faster-whisper: pip install 'sertool[offline-models]'"
+            ) from None
         import os
 
         cuda = device.startswith("cuda")
         index = int(device.split(":")[1]) if cuda and ":" in device else 0
         try:
-            self.model = WhisperModel(str(resolved.path), device="cuda" if cuda else "cpu", device_index=index,
-                                      compute_type="float16" if cuda else "float32",
-                                      cpu_threads=min(4, os.cpu_count() or 1))
+            self.model = WhisperModel(
+                str(resolved.path),
+                device="cuda" if cuda else "cpu",
+                device_index=index,
+                compute_type="float16" if cuda else "float32",
+                cpu_threads=min(4, os.cpu_count() or 1),
+            )
         except Exception as e:  # noqa: BLE001
-            raise ExtractorError(f"cannot load faster-whisper model from {resolved.path} ({type(e).__name__}: {e})") from None
+            raise ExtractorError(
+                f"cannot load faster-whisper model from {resolved.path} ({type(e).__name__}: {e})"
+            ) from None
         if language and not self.model.model.is_multilingual and language != "en":
-            raise ExtractorError(f"{resolved.name} is an English-only model; language {language!r} needs a multilingual one")
+            raise ExtractorError(
+                f"{resolved.name} is an English-only model; language {language!r} needs a multilingual one"
+            )
         self.language = language
         self.beam_size = int(beam_size)
         self.word_timestamps = bool(word_timestamps)
@@ -121,8 +140,13 @@ class FasterWhisperASR:
         the recogniser's setting for this call)."""
         timed = self.word_timestamps if word_timestamps is None else bool(word_timestamps)
         segments, _info = self.model.transcribe(
-            wave, language=self.language, beam_size=self.beam_size, word_timestamps=timed,
-            condition_on_previous_text=False, vad_filter=False)
+            wave,
+            language=self.language,
+            beam_size=self.beam_size,
+            word_timestamps=timed,
+            condition_on_previous_text=False,
+            vad_filter=False,
+        )
         texts, words = [], []
         for seg in segments:
             texts.append(seg.text.strip())
@@ -147,8 +171,10 @@ class CTCASR:
                 self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
                 self.model = AutoModelForCTC.from_pretrained(path, local_files_only=True).eval().to(device)
         except Exception as e:  # noqa: BLE001
-            raise ExtractorError(f"cannot load CTC model from {path} ({type(e).__name__}: {e}); it needs the "
-                                 f"processor files (preprocessor_config.json, vocab.json)") from None
+            raise ExtractorError(
+                f"cannot load CTC model from {path} ({type(e).__name__}: {e}); it needs the "
+                f"processor files (preprocessor_config.json, vocab.json)"
+            ) from None
         self.device = device
         self.stride_s = float(np.prod(self.model.config.conv_stride)) / SAMPLE_RATE
         self.torch = torch
@@ -162,7 +188,7 @@ class CTCASR:
         step = int(self.CHUNK_S * SAMPLE_RATE)
         texts, words = [], []
         for s in range(0, len(wave), step):
-            piece = wave[s:s + step]
+            piece = wave[s : s + step]
             if len(piece) < 400:
                 continue
             inputs = self.processor(piece, sampling_rate=SAMPLE_RATE, return_tensors="pt")
@@ -186,8 +212,14 @@ class CTCASR:
         return text, words
 
 
-def load_asr(model: str = DEFAULT_ASR_MODEL, device: str = "auto", language: str | None = None, *,
-             beam_size: int = 5, word_timestamps: bool = True):
+def load_asr(
+    model: str = DEFAULT_ASR_MODEL,
+    device: str = "auto",
+    language: str | None = None,
+    *,
+    beam_size: int = 5,
+    word_timestamps: bool = True,
+):
     """(recogniser, resolved model): callable wave -> (text, words); ``recogniser.settings`` says how
     it decodes.  ``beam_size`` / ``word_timestamps`` apply to faster-whisper (CTC decoding is greedy
     and always has word timings)."""
@@ -196,22 +228,35 @@ def load_asr(model: str = DEFAULT_ASR_MODEL, device: str = "auto", language: str
     device = str(pick_device(device))
     resolved = resolve_whisper(model, option="--asr")
     if resolved.kind == "ctranslate2":
-        return FasterWhisperASR(resolved, device, language, beam_size=beam_size, word_timestamps=word_timestamps), resolved
+        return FasterWhisperASR(
+            resolved, device, language, beam_size=beam_size, word_timestamps=word_timestamps
+        ), resolved
     config_file = resolved.path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
     if any(a.endswith("ForCTC") for a in config.get("architectures") or []):
         return CTCASR(resolved, device), resolved
     if config.get("model_type") == "whisper":
-        raise ExtractorError(f"{resolved.path}: a transformers Whisper checkpoint; --asr needs its CTranslate2 "
-                             f"conversion (ct2-transformers-converter --model DIR --output_dir DIR-ct2) or a "
-                             f"faster-whisper name such as tiny.en")
-    raise ExtractorError(f"{resolved.path}: not an ASR model sertool can run (a faster-whisper model, or a "
-                         f"transformers checkpoint with a *ForCTC architecture)")
+        raise ExtractorError(
+            f"{resolved.path}: a transformers Whisper checkpoint; --asr needs its CTranslate2 "
+            f"conversion (ct2-transformers-converter --model DIR --output_dir DIR-ct2) or a "
+            f"faster-whisper name such as tiny.en"
+        )
+    raise ExtractorError(
+        f"{resolved.path}: not an ASR model sertool can run (a faster-whisper model, or a "
+        f"transformers checkpoint with a *ForCTC architecture)"
+    )
 
 
-def transcribe_utterances(utts: list[Utterance], model: str = DEFAULT_ASR_MODEL, device: str = "auto",
-                          language: str | None = None, progress: bool = True, *, beam_size: int = 5,
-                          word_timestamps: bool = True) -> list[Utterance]:
+def transcribe_utterances(
+    utts: list[Utterance],
+    model: str = DEFAULT_ASR_MODEL,
+    device: str = "auto",
+    language: str | None = None,
+    progress: bool = True,
+    *,
+    beam_size: int = 5,
+    word_timestamps: bool = True,
+) -> list[Utterance]:
     """Copies of `utts` with ASR text and word timings; see the module docstring."""
     recognise, resolved = load_asr(model, device, language, beam_size=beam_size, word_timestamps=word_timestamps)
     settings = recognise.settings

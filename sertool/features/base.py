@@ -175,8 +175,10 @@ def resolve(name: str, params: dict[str, Any] | None = None) -> tuple[type[Extra
     if name not in _REGISTRY:
         known = ", ".join(sorted([*_REGISTRY, *_PRESETS])) or "none"
         failed = "; ".join(f"{m}: {err}" for m, err in _IMPORT_ERRORS.items())
-        raise ExtractorError(f"unknown feature {name!r} (known: {known})"
-                             + (f"; modules that could not be loaded: {failed}" if failed else ""))
+        raise ExtractorError(
+            f"unknown feature {name!r} (known: {known})"
+            + (f"; modules that could not be loaded: {failed}" if failed else "")
+        )
     return _REGISTRY[name], params
 
 

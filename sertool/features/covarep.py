@@ -39,9 +39,12 @@ from sertool.features import glottal, phase
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
 
 N_MCEP, N_PDM, N_PDD = 25, 25, 13
-COLUMNS = (["F0", "VUV", "NAQ", "QOQ", "H1H2", "PSP", "MDQ", "peakSlope", "Rd", "Rd_conf", "creak"]
-           + [f"MCEP_{i}" for i in range(N_MCEP)] + [f"HMPDM_{i}" for i in range(N_PDM)]
-           + [f"HMPDD_{i}" for i in range(N_PDD)])
+COLUMNS = (
+    ["F0", "VUV", "NAQ", "QOQ", "H1H2", "PSP", "MDQ", "peakSlope", "Rd", "Rd_conf", "creak"]
+    + [f"MCEP_{i}" for i in range(N_MCEP)]
+    + [f"HMPDM_{i}" for i in range(N_PDM)]
+    + [f"HMPDD_{i}" for i in range(N_PDD)]
+)
 assert len(COLUMNS) == 74
 
 
@@ -57,8 +60,10 @@ def creak_probability(h2h1, prom, pwp, ifp, ips):
     isolated pulses), Ishi's by product (his detector needs all three), and the score is the
     geometric mean of the two: creak needs a KD cue and an irregular, pulse-like excitation
     (unvoiced noise has a high H2-H1 but neither power peaks nor similar pulses)."""
+
     def s(z):
         return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+
     kd = 1 - (1 - s((h2h1 + 6.0) / 2.0)) * (1 - s((prom - 0.3) / 0.1))
     ishi = s((pwp - 7.0) / 2.0) * s((0.5 - ifp) / 0.1) * s((ips - 0.5) / 0.1)
     return np.sqrt(kd * ishi)
@@ -71,8 +76,15 @@ class Covarep(Extractor):
     kind = "audio"
     needs_audio = True
 
-    def __init__(self, f0min: float = 50.0, f0max: float = 500.0, hop_ms: float = 10.0, alpha: float = 0.42,
-                 polarity: str = "auto", sample_rate: int = 16000):
+    def __init__(
+        self,
+        f0min: float = 50.0,
+        f0max: float = 500.0,
+        hop_ms: float = 10.0,
+        alpha: float = 0.42,
+        polarity: str = "auto",
+        sample_rate: int = 16000,
+    ):
         if polarity not in ("auto", "keep", "invert"):
             raise ExtractorError(f"polarity must be auto, keep or invert, got {polarity!r}")
         if not 0 < f0min < f0max:
@@ -91,13 +103,24 @@ class Covarep(Extractor):
         self._cep_basis = None
 
     def params(self) -> dict[str, Any]:
-        return {"f0min": self.f0min, "f0max": self.f0max, "hop_ms": self.hop_ms, "alpha": self.alpha,
-                "polarity": self.polarity, "sample_rate": self.sample_rate}
+        return {
+            "f0min": self.f0min,
+            "f0max": self.f0max,
+            "hop_ms": self.hop_ms,
+            "alpha": self.alpha,
+            "polarity": self.polarity,
+            "sample_rate": self.sample_rate,
+        }
 
     def file_attrs(self) -> dict[str, Any]:
-        return {"dim": 74, "frame_rate_hz": self.sample_rate / self.hop, "columns": list(COLUMNS),
-                "frame_centre": f"frame t is centred on sample {self.hop // 2} + {self.hop} t",
-                "unvoiced": "zeros (F0 and the glottal/phase columns)", "reference": "COVAREP 1.4 (Degottex et al. 2014)"}
+        return {
+            "dim": 74,
+            "frame_rate_hz": self.sample_rate / self.hop,
+            "columns": list(COLUMNS),
+            "frame_centre": f"frame t is centred on sample {self.hop // 2} + {self.hop} t",
+            "unvoiced": "zeros (F0 and the glottal/phase columns)",
+            "reference": "COVAREP 1.4 (Degottex et al. 2014)",
+        }
 
     def centres(self, n: int) -> np.ndarray:
         first = self.hop // 2
@@ -125,8 +148,9 @@ class Covarep(Extractor):
         p = fs // 1000 + 2
         hp = glottal.reskew_highpass(x, fs) if self.polarity == "auto" and x.size >= 0.05 * fs else None
         res, *rest = glottal.lpc_residuals(x, round(0.025 * fs), round(0.005 * fs), (p,), extra_source=hp)
-        if self.polarity == "invert" or (self.polarity == "auto" and hp is not None
-                                         and glottal.polarity_reskew(x, fs, res, rest[0]) < 0):
+        if self.polarity == "invert" or (
+            self.polarity == "auto" and hp is not None and glottal.polarity_reskew(x, fs, res, rest[0]) < 0
+        ):
             x, res = -x, -res
 
         # pitch and voicing: SRH on the LP residual (order fs/1000 + 2 for both SRH and GCIs;
@@ -162,7 +186,9 @@ class Covarep(Extractor):
         amp, ph, nharm = phase.harmonic_analysis(x, fs, centres, f0_h, nfft=self._nfft_harm)
         # H1-H2 of the glottal flow derivative over 3 periods (COVAREP get_vq_params), per frame
         if voiced.any():
-            gamp, _, _ = phase.harmonic_analysis(dgf, fs, centres[voiced], f0_h[voiced], nfft=self._nfft_harm, max_harm=2)
+            gamp, _, _ = phase.harmonic_analysis(
+                dgf, fs, centres[voiced], f0_h[voiced], nfft=self._nfft_harm, max_harm=2
+            )
             out[voiced, 4] = 20 * np.log10((gamp[:, 0] + 1e-9) / (gamp[:, 1] + 1e-9))
         rd, conf = phase.rd_msp(amp, ph, nharm, voiced)
         out[:, 8], out[:, 9] = rd, conf
@@ -171,7 +197,7 @@ class Covarep(Extractor):
         out[:, 10] = self._creak(x, res, centres, f0[voiced] if voiced.any() else f0[:0])
 
         # MCEP: warped cepstrum of the cepstrally smoothed harmonic envelope
-        out[:, 11:11 + N_MCEP] = self._mcep(amp, nharm, f0_h) + np.r_[np.log(peak), np.zeros(N_MCEP - 1)]
+        out[:, 11 : 11 + N_MCEP] = self._mcep(amp, nharm, f0_h) + np.r_[np.log(peak), np.zeros(N_MCEP - 1)]
 
         # HMPD: phase distortion mean and deviation (only voiced frames carry them; the
         # moving statistics give unvoiced frames zero weight, so they are taken over the frames
@@ -189,8 +215,8 @@ class Covarep(Extractor):
             pd[rv], mask[rv] = phase.phase_distortion(amp[vi, :kv], ph[vi, :kv], nharm[vi])
             pdm, pdd = phase.hmpd_stats(pd, mask, mean_frames, 3)
             n_pd = np.maximum(nharm[vi] - 1, 0)
-            out[vi, 36:36 + N_PDM] = phase.sample_harmonics(pdm[rv], self._pdm_pos, n_pd, circular=True)
-            out[vi, 61:61 + N_PDD] = self._pdd_cepstrum(pdd[rv], n_pd, f0_h[vi])
+            out[vi, 36 : 36 + N_PDM] = phase.sample_harmonics(pdm[rv], self._pdm_pos, n_pd, circular=True)
+            out[vi, 61 : 61 + N_PDD] = self._pdd_cepstrum(pdd[rv], n_pd, f0_h[vi])
         unv = ~voiced
         out[unv, 2:10] = 0.0
         out[unv, 36:] = 0.0
@@ -239,9 +265,9 @@ class Covarep(Extractor):
         order = np.argsort(inv, kind="stable")
         bounds = np.searchsorted(inv[order], np.arange(uf0.size + 1))
         for i, f in enumerate(uf0):
-            rows = order[bounds[i]:bounds[i + 1]]
+            rows = order[bounds[i] : bounds[i + 1]]
             P = self._mcep_map(float(f))
-            out[rows] = la[rows, :P.shape[0]] @ P
+            out[rows] = la[rows, : P.shape[0]] @ P
         return out
 
     def _mcep_map(self, f0: float) -> np.ndarray:

@@ -18,6 +18,7 @@ parts whose lengths differ by a frame or two at the end of the file (window cent
 line up. Written here because no library aligns feature matrices of different frame rates;
 resampling them as signals (librosa, scipy) would smear across the sequence ends.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -78,8 +79,10 @@ class ConcatExtractor(Extractor):
             extra = {"device": device} if device is not None and "device" in cls.cli_options.values() else {}
             ex = build_extractor(spec, extra)
             if ex.kind != "audio" or not ex.needs_audio or ex.needs_text:
-                raise ExtractorError(f"concat: part {name!r} is a {ex.kind} feature; only acoustic features are "
-                                     "concatenated frame by frame")
+                raise ExtractorError(
+                    f"concat: part {name!r} is a {ex.kind} feature; only acoustic features are "
+                    "concatenated frame by frame"
+                )
             if ex.file_attrs().get("frame_rate_hz") is None:
                 raise ExtractorError(f"concat: part {name!r} records no frame rate")
             self.parts.append(ex)
@@ -100,8 +103,12 @@ class ConcatExtractor(Extractor):
         for ex, a in zip(self.parts, attrs):
             cols = a.get("columns") or [str(k) for k in range(int(a["dim"]))]
             columns += [f"{ex.name}:{c}" for c in cols]
-        return {"dim": sum(int(a["dim"]) for a in attrs), "frame_rate_hz": self.rates[0], "columns": columns,
-                "parts": [ex.name for ex in self.parts]}
+        return {
+            "dim": sum(int(a["dim"]) for a in attrs),
+            "frame_rate_hz": self.rates[0],
+            "columns": columns,
+            "parts": [ex.name for ex in self.parts],
+        }
 
     def extract(self, utt: Utterance, wave: np.ndarray | None) -> FeatureResult:
         return FeatureResult(concat_frames([ex.extract(utt, wave).data for ex in self.parts], self.rates), {})
@@ -122,8 +129,14 @@ class ConcatExtractor(Extractor):
         return out
 
 
-def concat_stores(feats_dir: str | Path, names: list[str], out_name: str | None = None, *, overwrite: bool = False,
-                  log: Callable[[str], None] = lambda s: None) -> Path:
+def concat_stores(
+    feats_dir: str | Path,
+    names: list[str],
+    out_name: str | None = None,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda s: None,
+) -> Path:
     """Write FEATS/OUT.h5 (default: the names joined by ``+``) from stores already extracted: the same
     numbers as ``-f OUT=concat:parts=...`` would compute. Resumes like ``extract``; an utterance
     missing from any part is left out and counted in the log line."""
@@ -137,8 +150,10 @@ def concat_stores(feats_dir: str | Path, names: list[str], out_name: str | None 
         for name, s in zip(names, stores):
             kind = s.attrs.get("kind", "audio")
             if kind != "audio":
-                raise StoreError(f"{store_path(feats_dir, name)}: holds {kind} features; only acoustic stores are "
-                                 "concatenated frame by frame")
+                raise StoreError(
+                    f"{store_path(feats_dir, name)}: holds {kind} features; only acoustic stores are "
+                    "concatenated frame by frame"
+                )
             if not s.attrs.get("frame_rate_hz"):
                 raise StoreError(f"{store_path(feats_dir, name)}: records no frame_rate_hz")
         rates = [float(s.attrs["frame_rate_hz"]) for s in stores]
@@ -147,19 +162,29 @@ def concat_stores(feats_dir: str | Path, names: list[str], out_name: str | None 
         for name, s in zip(names, stores):
             cols = s.attrs.get("columns") or [str(k) for k in range(s.dim)]
             columns += [f"{_part_name(s.attrs.get('extractor') or {'name': name})}:{c}" for c in cols]
-        attrs = {"feature": out_name, "kind": "audio", "dim": sum(s.dim for s in stores), "frame_rate_hz": rates[0],
-                 "columns": columns, "parts": list(names), "corpus": stores[0].attrs.get("corpus"),
-                 # provenance that rebuilds the fused features for new audio (predict): only when every part has it
-                 "extractor": ({"name": "concat", "params": {"parts": configs}}
-                               if all(isinstance(c, dict) for c in configs) else None)}
+        attrs = {
+            "feature": out_name,
+            "kind": "audio",
+            "dim": sum(s.dim for s in stores),
+            "frame_rate_hz": rates[0],
+            "columns": columns,
+            "parts": list(names),
+            "corpus": stores[0].attrs.get("corpus"),
+            # provenance that rebuilds the fused features for new audio (predict): only when every part has it
+            "extractor": (
+                {"name": "concat", "params": {"parts": configs}} if all(isinstance(c, dict) for c in configs) else None
+            ),
+        }
         attrs = {k: v for k, v in attrs.items() if v is not None}
         common = [u for u in stores[0].ids if all(u in s for s in stores[1:])]
         with StoreWriter(store_path(feats_dir, out_name), attrs, overwrite=overwrite) as w:
             todo = [u for u in common if u not in w]
             for uid in todo:
                 w.add(uid, concat_frames([s[uid] for s in stores], rates), {})
-        log(f"{out_name}: {len(todo)} written, {len(common) - len(todo)} already done, "
-            f"{len(stores[0].ids) - len(common)} missing from some part")
+        log(
+            f"{out_name}: {len(todo)} written, {len(common) - len(todo)} already done, "
+            f"{len(stores[0].ids) - len(common)} missing from some part"
+        )
         return store_path(feats_dir, out_name)
     finally:
         for s in stores:

@@ -41,7 +41,7 @@ def _skew(a: np.ndarray) -> float:
     m3 = (d2 * d).mean()
     if m2 <= (np.finfo(np.float64).resolution * mean) ** 2:
         return float("nan")
-    return float(m3 / m2 ** 1.5)
+    return float(m3 / m2**1.5)
 
 
 def levinson(r: np.ndarray, order: int) -> np.ndarray:
@@ -51,9 +51,9 @@ def levinson(r: np.ndarray, order: int) -> np.ndarray:
     a[:, 0] = 1.0
     err = r[:, 0] * (1 + 1e-6) + TINY  # white-noise correction (-60 dB): float32 spectra
     for i in range(1, order + 1):
-        acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
+        acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1 : 0 : -1]) if i > 1 else r[:, 1].copy()
         k = np.minimum(np.maximum(-acc / err, -0.99999), 0.99999)  # keep the filter minimum-phase
-        a[:, 1:i + 1] += k[:, None] * a[:, i - 1::-1]  # the product is formed first: old values
+        a[:, 1 : i + 1] += k[:, None] * a[:, i - 1 :: -1]  # the product is formed first: old values
         err = np.maximum(err * (1 - k * k), TINY)
     return a
 
@@ -61,12 +61,13 @@ def levinson(r: np.ndarray, order: int) -> np.ndarray:
 def lpc(frames: np.ndarray, order: int) -> np.ndarray:
     """LPC polynomials [T, order+1] of already windowed frames [T, L] (autocorrelation method)."""
     if order == 1:  # two lags: direct products
-        r = np.stack([np.einsum("ij,ij->i", frames, frames),
-                      np.einsum("ij,ij->i", frames[:, 1:], frames[:, :-1])], axis=1)
+        r = np.stack(
+            [np.einsum("ij,ij->i", frames, frames), np.einsum("ij,ij->i", frames[:, 1:], frames[:, :-1])], axis=1
+        )
         return levinson(r.astype(np.float64), 1)
     n = scipy.fft.next_fast_len(frames.shape[1] + order + 1, real=True)
     spec = scipy.fft.rfft(frames, n=n, axis=1)
-    r = scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n, axis=1)[:, :order + 1]
+    r = scipy.fft.irfft(spec.real**2 + spec.imag**2, n=n, axis=1)[:, : order + 1]
     return levinson(r.astype(np.float64), order)
 
 
@@ -80,13 +81,13 @@ def overlap_add(frames: np.ndarray, hop: int, n: int) -> np.ndarray:
     T, L = frames.shape
     out = np.zeros(max(n, (T - 1) * hop + L))
     for q in range(0, L, hop):
-        block = frames[:, q:q + hop]
+        block = frames[:, q : q + hop]
         w = block.shape[1]
         if w == hop:
-            out[q:q + T * hop] += block.reshape(-1)
+            out[q : q + T * hop] += block.reshape(-1)
         else:
             for t in range(T):
-                out[q + t * hop:q + t * hop + w] += block[t]
+                out[q + t * hop : q + t * hop + w] += block[t]
     return out[:n]
 
 
@@ -98,7 +99,7 @@ def _overlap_add_rows(frames: np.ndarray, rows: np.ndarray, hop: int, n: int) ->
     nb = max(-(-n // hop), n_frames + L // hop)
     out = np.zeros((nb, hop))
     for j in range(L // hop):
-        out[rows + j] += frames[:, j * hop:(j + 1) * hop]
+        out[rows + j] += frames[:, j * hop : (j + 1) * hop]
     return out.reshape(-1)[:n]
 
 
@@ -110,8 +111,14 @@ def lpc_residual(x: np.ndarray, length: int, hop: int, order: int, lpc_source: n
     return lpc_residuals(x, length, hop, (order,), lpc_source)[0]
 
 
-def lpc_residuals(x: np.ndarray, length: int, hop: int, orders: tuple[int, ...], lpc_source: np.ndarray | None = None,
-                  extra_source: np.ndarray | None = None) -> list[np.ndarray]:
+def lpc_residuals(
+    x: np.ndarray,
+    length: int,
+    hop: int,
+    orders: tuple[int, ...],
+    lpc_source: np.ndarray | None = None,
+    extra_source: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """lpc_residual for several LPC orders from one pass (one Levinson recursion, one frame
     FFT). With `extra_source`, one more residual of x is appended whose LPC comes from
     `extra_source` at the highest order (RESKEW's high-passed analysis)."""
@@ -125,8 +132,13 @@ def lpc_residuals(x: np.ndarray, length: int, hop: int, orders: tuple[int, ...],
     energy = (seg.astype(np.float64) ** 2).sum(1)
 
     def autocorr(spec):
-        return scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=nfft, axis=1)[:, :p + 1].astype(np.float64)
-    src_spec = S if lpc_source is None else scipy.fft.rfft(frame_view(lpc_source.astype(np.float32), length, hop) * win, n=nfft, axis=1)
+        return scipy.fft.irfft(spec.real**2 + spec.imag**2, n=nfft, axis=1)[:, : p + 1].astype(np.float64)
+
+    src_spec = (
+        S
+        if lpc_source is None
+        else scipy.fft.rfft(frame_view(lpc_source.astype(np.float32), length, hop) * win, n=nfft, axis=1)
+    )
     polys = levinson_orders(autocorr(src_spec), orders)
     if extra_source is not None:
         xs = scipy.fft.rfft(frame_view(extra_source.astype(np.float32), length, hop) * win, n=nfft, axis=1)
@@ -149,12 +161,12 @@ def levinson_orders(r: np.ndarray, orders: tuple[int, ...]) -> list[np.ndarray]:
     err = r[:, 0] * (1 + 1e-6) + TINY  # white-noise correction (-60 dB): float32 spectra
     out = {}
     for i in range(1, top + 1):
-        acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1:0:-1]) if i > 1 else r[:, 1].copy()
+        acc = r[:, i] + np.einsum("tj,tj->t", a[:, 1:i], r[:, i - 1 : 0 : -1]) if i > 1 else r[:, 1].copy()
         k = np.minimum(np.maximum(-acc / err, -0.99999), 0.99999)  # keep the filter minimum-phase
-        a[:, 1:i + 1] += k[:, None] * a[:, i - 1::-1]  # the product is formed first: old values
+        a[:, 1 : i + 1] += k[:, None] * a[:, i - 1 :: -1]  # the product is formed first: old values
         err = np.maximum(err * (1 - k * k), TINY)
         if i in orders:
-            out[i] = a[:, :i + 1].copy()
+            out[i] = a[:, : i + 1].copy()
     return [out[o] for o in orders]
 
 
@@ -163,8 +175,9 @@ def reskew_highpass(x: np.ndarray, fs: int) -> np.ndarray:
     return scipy.signal.sosfilt(_reskew_sos(fs), x)  # one pass: only the frames' power spectra (LPC) use it
 
 
-def polarity_reskew(x: np.ndarray, fs: int, residual: np.ndarray | None = None,
-                    residual_hp: np.ndarray | None = None) -> float:
+def polarity_reskew(
+    x: np.ndarray, fs: int, residual: np.ndarray | None = None, residual_hp: np.ndarray | None = None
+) -> float:
     """RESKEW (Drugman 2013): sign of skew(residual) - skew(residual with LPC from >500 Hz)."""
     if x.size < 0.05 * fs or np.max(np.abs(x)) < 1e-6:
         return 1.0
@@ -216,25 +229,28 @@ class SRH:
             col = np.broadcast_to(np.arange(self.cands.size), freqs.shape)
             for i, ww in ((i0, 1 - w), (i0 + 1, w)):
                 ok = i < n_bins
-                rows.append(i[ok]); cols.append(col[ok]); vals.append(sign * ww[ok])
+                rows.append(i[ok])
+                cols.append(col[ok])
+                vals.append(sign * ww[ok])
 
         rows = np.concatenate(rows)
         self.n_bins = int(rows.max()) + 1  # spectrum bins SRH reads (up to n_harm x f0max)
         self._weights = scipy.sparse.csr_matrix(
-            (np.concatenate(vals), (rows, np.concatenate(cols))), shape=(self.n_bins, self.cands.size))
+            (np.concatenate(vals), (rows, np.concatenate(cols))), shape=(self.n_bins, self.cands.size)
+        )
 
     def __call__(self, residual: np.ndarray, centres: np.ndarray):
         frames = gather_frames(residual.astype(np.float32), centres, self.length)  # a copy: scaled in place
         frames *= self.win.astype(np.float32)
         frames -= frames.mean(1, keepdims=True)
-        spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1)[:, :self.n_bins])
+        spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1)[:, : self.n_bins])
         # sum over 0..fs/2 of |X|^2 at 1 Hz resolution = (fs/2) * sum(x^2) (Parseval, half)
         denom = np.sqrt(self.fs / 2 * (frames.astype(np.float64) ** 2).sum(1)) + TINY
         spec /= denom[:, None]
         srh = np.asarray(spec @ self._weights)  # [T, F]
         lo, hi = self.f0min, self.f0max
         for _ in range(2):
-            sel = srh[:, lo - self.f0min:hi - self.f0min + 1]
+            sel = srh[:, lo - self.f0min : hi - self.f0min + 1]
             f0 = self._odd_multiple_check(srh, lo + sel.argmax(1).astype(float), self.f0min)
             val = sel.max(1)
             if val.size and val.max() > 0.1:
@@ -264,7 +280,7 @@ class SRH:
         multiple check: a perfectly harmonic flat residual spectrum gives SRH(3 F0) and
         SRH(5 F0) the same value as SRH(F0) (the subtracted (k - 1/2) f bins fall between
         harmonics), so f/3 or f/5 is taken when its SRH is within 15 % of SRH(f)."""
-        sel = srh[:, lo - self.f0min:hi - self.f0min + 1]
+        sel = srh[:, lo - self.f0min : hi - self.f0min + 1]
         T, F = sel.shape
         if F < 3:
             return lo + sel.argmax(1).astype(float)
@@ -301,10 +317,10 @@ class SRH:
                 t += 1
             else:
                 j = int(run_end[np.searchsorted(run_end, t)])
-                m = np.cumsum(np.r_[acc.max(), v[t:j - 1].max(1)])
+                m = np.cumsum(np.r_[acc.max(), v[t : j - 1].max(1)])
                 accs = v[t:j] + m[:, None]
                 back[t] = int(acc.argmax())
-                back[t + 1:j] = accs[:-1].argmax(1)[:, None]
+                back[t + 1 : j] = accs[:-1].argmax(1)[:, None]
                 acc = accs[-1]
                 t = j
         path = np.empty(T, dtype=int)
@@ -326,8 +342,9 @@ class SRH:
         return out
 
 
-def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float,
-                    active: np.ndarray | None = None) -> np.ndarray:
+def mean_based_gcis(
+    x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float, active: np.ndarray | None = None
+) -> np.ndarray:
     """SEDREAMS-style GCIs (Drugman et al. 2012): the mean-based signal (Blackman window of
     1.75 mean periods) gives one interval per cycle, from each minimum to the next maximum,
     and the GCI is the largest LP-residual peak in that interval. With `active` (a boolean
@@ -348,7 +365,7 @@ def mean_based_gcis(x: np.ndarray, res: np.ndarray, fs: int, f0_mean: float,
     ok = nxt < maxs.size
     starts, stops = mins[ok], maxs[nxt[ok]]
     if active is not None:
-        csum = np.concatenate([[0], np.cumsum(active[:x.size], dtype=np.int64)])
+        csum = np.concatenate([[0], np.cumsum(active[: x.size], dtype=np.int64)])
         hit = csum[np.minimum(stops + 1, csum.size - 1)] > csum[np.minimum(starts, csum.size - 1)]
         starts, stops = starts[hit], stops[hit]
     gcis = starts + _segment_argmax(res, starts, stops - starts + 1)
@@ -368,12 +385,18 @@ def _segment_argmax(v: np.ndarray, starts: np.ndarray, lengths: np.ndarray, cap:
         seg = np.where(j < n[:, None], seg, -np.inf)
         out[short[sel]] = seg.argmax(1)
     for i in np.nonzero(lengths > cap)[0]:
-        out[i] = int(np.argmax(v[starts[i]:starts[i] + lengths[i]]))
+        out[i] = int(np.argmax(v[starts[i] : starts[i] + lengths[i]]))
     return out
 
 
-def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: float = 0.99,
-         active: np.ndarray | None = None):
+def iaif(
+    x: np.ndarray,
+    fs: int,
+    win_ms: float = 30.0,
+    hop_ms: float = 10.0,
+    d: float = 0.99,
+    active: np.ndarray | None = None,
+):
     """Iterative Adaptive Inverse Filtering (Alku 1992) frame by frame with overlap-add, as
     COVAREP's iaif_ola: returns (glottal flow, glottal flow derivative). With `active` (a
     boolean per sample), only frames within 20 ms of an active sample are analysed (the flow
@@ -390,7 +413,7 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
     keep = np.ones(n_frames, bool)
     if active is not None:
         margin = int(0.02 * fs)
-        pos = np.flatnonzero(active[:x.size])  # sorted active samples
+        pos = np.flatnonzero(active[: x.size])  # sorted active samples
         s0 = np.clip(starts_all - pre - margin, 0, x.size)
         s1 = np.clip(starts_all - pre + L + margin, 0, x.size)
         keep = np.searchsorted(pos, s1) > np.searchsorted(pos, s0)  # an active sample in [s0, s1)
@@ -406,7 +429,8 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
 
     def inv(poly):
         y = scipy.fft.irfft(E * scipy.fft.rfft(poly.astype(np.float32), n=nfft, axis=1), n=nfft, axis=1)
-        return y[:, pre:pre + L].astype(np.float64)
+        return y[:, pre : pre + L].astype(np.float64)
+
     g1 = lpc(frames * win, 1)
     y = inv(g1)
     hvt1 = lpc(y * win, p_vt)
@@ -417,7 +441,7 @@ def iaif(x: np.ndarray, fs: int, win_ms: float = 30.0, hop_ms: float = 10.0, d: 
     kept = np.nonzero(keep)[0]
     dg_sig = _overlap_add_rows(inv(hvt2) * win, kept, hop, x.size + L)  # frames not analysed are 0
     norm = _overlap_add_rows(np.broadcast_to(win, (n_frames, L)), np.arange(n_frames), hop, x.size + L)
-    dg_sig = (dg_sig / np.maximum(norm, 1e-3))[:x.size]
+    dg_sig = (dg_sig / np.maximum(norm, 1e-3))[: x.size]
     gf = scipy.signal.lfilter(*integ, dg_sig)
     return gf, dg_sig
 
@@ -447,7 +471,7 @@ def _psp_a_bins(X: np.ndarray, ne_min: float) -> tuple[np.ndarray, np.ndarray]:
     N = np.arange(1, K + 1, dtype=float)
     s_k2, s_k4 = np.cumsum(k2), np.cumsum(k2 * k2)
     s_x, s_xk2, s_x2 = np.cumsum(X, 1), np.cumsum(X * k2, 1), np.cumsum(X * X, 1)
-    den = N * s_k4 - s_k2 ** 2
+    den = N * s_k4 - s_k2**2
     a = (N * s_xk2 - s_x * s_k2) / np.where(den == 0, 1, den)
     b = (s_x - a * s_k2) / N
     sse = s_x2 - 2 * a * s_xk2 - 2 * b * s_x + a * a * s_k4 + 2 * a * b * s_k2 + N * b * b
@@ -528,6 +552,7 @@ def _vq_cycles(gf, dgf, fs, shift, rows, start, stop, T0, out) -> None:
         i0c = np.clip(i0, 0, L - 2)
         y0, y1 = sc[r, i0c], sc[r, i0c + 1]
         return i0c + np.clip((half[:, 0] - y0) / np.where(y1 == y0, 1, y1 - y0), 0, 1)
+
     t1 = np.where(left >= 0, cross(left), 0.0)
     t2 = np.where(right <= T0, cross(right - 1), T0)
     out[rows + 1, 0] = (f_ac / (d_peak + TINY)) / T0
@@ -549,7 +574,7 @@ def _psp_amax(T0: int, nfft: int) -> float:
     key = (T0, nfft)
     if key not in _PSP_AMAX:
         sig = np.zeros(nfft)
-        sig[:min(T0, nfft)] = 1.0 / T0
+        sig[: min(T0, nfft)] = 1.0 / T0
         X = 20 * np.log10(np.abs(np.fft.rfft(sig)) + TINY)
         _PSP_AMAX[key] = float(_psp_a(X[None])[0]) or -TINY
     return _PSP_AMAX[key]
@@ -560,10 +585,10 @@ def wavelet_bank(fs: int, n_scales: int = 6) -> list[np.ndarray]:
     tau = 1 / (2 f_n), at f_n = fs/2, fs/4, ... (one octave per scale)."""
     bank = []
     for i in range(n_scales):
-        fn = fs / 2 / 2 ** i
+        fn = fs / 2 / 2**i
         tau = 1 / (2 * fn)
         t = np.arange(-int(np.ceil(5 * tau * fs)), int(np.ceil(5 * tau * fs)) + 1) / fs
-        bank.append(-np.cos(2 * np.pi * fn * t) * np.exp(-t ** 2 / (2 * tau ** 2)))
+        bank.append(-np.cos(2 * np.pi * fn * t) * np.exp(-(t**2) / (2 * tau**2)))
     return bank
 
 
@@ -579,7 +604,7 @@ def wavelet_decompose(x: np.ndarray, bank: list[np.ndarray]) -> np.ndarray:
     X = scipy.fft.rfft(x2, n=n, axis=1)
     H = scipy.fft.rfft(_bank_matrix(tuple(len(h) for h in bank), bank, longest), n=n, axis=1)
     y = scipy.fft.irfft(X[:, None, :] * H[None], n=n, axis=2)
-    out = y[:, :, longest // 2:longest // 2 + N]
+    out = y[:, :, longest // 2 : longest // 2 + N]
     return out[0] if single else out
 
 
@@ -588,7 +613,7 @@ def _bank_matrix(lengths, bank, longest) -> np.ndarray:
     M = np.zeros((len(bank), longest), np.float32)
     for i, h in enumerate(bank):
         o = longest // 2 - len(h) // 2
-        M[i, o:o + len(h)] = h
+        M[i, o : o + len(h)] = h
     return M
 
 
@@ -608,7 +633,7 @@ def peak_slope(wav_resp: np.ndarray, fs: int, centres: np.ndarray, win_ms: float
         a = np.zeros((S, total), np.float32)
         lo, hi = first + pad_l, min(N, first + total)
         if hi > lo:
-            a[:, pad_l:pad_l + hi - lo] = np.abs(wav_resp[:, lo:hi])
+            a[:, pad_l : pad_l + hi - lo] = np.abs(wav_resp[:, lo:hi])
         blocks = a.reshape(S, n_blocks, hop).max(2)
         env = np.lib.stride_tricks.sliding_window_view(blocks, nb, axis=1).max(2)  # [S, T]
         peaks = np.log10(env.astype(np.float64) + TINY)
@@ -661,6 +686,7 @@ def interp_events(times: np.ndarray, values: np.ndarray, frame_times: np.ndarray
 
 # ---- creaky voice cues (Kane, Drugman & Gobl 2013; Drugman, Kane & Gobl 2014; Ishi et al. 2008)
 
+
 def _resonator(x: np.ndarray, f: float, rho: float, fs: int) -> np.ndarray:
     phi = 2 * np.pi * f / fs
     return scipy.signal.lfilter([1.0], [1.0, -2 * rho * np.cos(phi), rho * rho], x)
@@ -670,12 +696,18 @@ def _unit_acf(frames: np.ndarray, max_lag: int, n: int | None = None) -> np.ndar
     """Autocorrelation [T, max_lag+1] of frames via one FFT, divided by the lag-0 value."""
     n = n or scipy.fft.next_fast_len(frames.shape[1] + max_lag + 1, real=True)
     spec = scipy.fft.rfft(frames, n=n, axis=1)
-    acf = scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n, axis=1)[:, :max_lag + 1]
+    acf = scipy.fft.irfft(spec.real**2 + spec.imag**2, n=n, axis=1)[:, : max_lag + 1]
     return acf / (acf[:, :1] + TINY)
 
 
-def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
-            need: np.ndarray | None = None, resonated: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def kd_h2h1(
+    res: np.ndarray,
+    fs: int,
+    centres: np.ndarray,
+    f0_mean: float,
+    need: np.ndarray | None = None,
+    resonated: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Kane-Drugman H2-H1 (dB) of the residual through a resonator at the mean F0 (get_creak_h2h1):
     50 ms Hann frames; the 'creak F0' is the autocorrelation peak after the first zero
     crossing of the rho = 0.8 resonator output, H1 and H2 are read at 1 and 2 x that F0 on the
@@ -713,6 +745,7 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
         i = np.clip(np.floor(b).astype(int), 0, spec.shape[1] - 2)
         w = np.clip(b - i, 0, 1)
         return np.abs(spec[rows, i]) ** 2 * (1 - w) + np.abs(spec[rows, i + 1]) ** 2 * w
+
     h2h1_c, f0c_c = np.zeros(n_sub), np.full(n_sub, fs / 5.0)
     h2h1_c[calc] = 10 * np.log10((at(2 * b1) + TINY) / (at(b1) + TINY))
     f0c_c[calc] = f0c
@@ -722,8 +755,14 @@ def kd_h2h1(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float,
     return scipy.ndimage.uniform_filter1d(h2h1, 10, mode="nearest"), f0c
 
 
-def kd_peak_prominence(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: float, energy_db: np.ndarray,
-                       resonated: np.ndarray | None = None) -> np.ndarray:
+def kd_peak_prominence(
+    res: np.ndarray,
+    fs: int,
+    centres: np.ndarray,
+    f0_mean: float,
+    energy_db: np.ndarray,
+    resonated: np.ndarray | None = None,
+) -> np.ndarray:
     """Residual peak prominence (res_peak / get_res_peak_prom): the residual through a rho = 0.8
     resonator at the mean F0; in a window of two periods of the highest plausible creak F0
     (90, 65 or 55 Hz by the mean F0) re-centred on its largest peak, 1 - (largest positive
@@ -741,7 +780,7 @@ def kd_peak_prominence(res: np.ndarray, fs: int, centres: np.ndarray, f0_mean: f
     pk = seg[:, half]
     seg = seg * np.sign(pk + TINY)[:, None] / (np.abs(pk) + TINY)[:, None]
     rem = int(round(0.2 * W))
-    seg[:, half - rem:half + rem + 1] = 0.0
+    seg[:, half - rem : half + rem + 1] = 0.0
     prom = 1.0 - np.clip(seg.max(1), 0, 1)
     prom[(m - half < 0) | (m + half >= n)] = 0.0
     local_max = scipy.ndimage.maximum_filter1d(energy_db, size=81, mode="nearest")
@@ -763,7 +802,7 @@ def ishi_cues(x: np.ndarray, fs: int, centres: np.ndarray) -> tuple[np.ndarray, 
     xf = scipy.signal.sosfiltfilt(sos, x) if x.size > 60 else x
     L4, h2 = int(round(0.004 * fs)), int(round(0.002 * fs))
     n_pow = max(1, (xf.size - L4) // h2 + 1)
-    csum = np.concatenate([[0.0], np.cumsum(xf ** 2)])
+    csum = np.concatenate([[0.0], np.cumsum(xf**2)])
     starts = np.arange(n_pow) * h2
     pw = (csum[np.minimum(starts + L4, xf.size)] - csum[starts]) / L4
     pdb = 20 * np.log10(pw + 1e-20)

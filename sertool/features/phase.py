@@ -31,8 +31,15 @@ def wrap_fast(p):
     return p - (2 * np.pi) * np.rint(p * (0.5 / np.pi))
 
 
-def harmonic_analysis(x: np.ndarray, fs: int, centres: np.ndarray, f0: np.ndarray, n_periods: float = 3.0,
-                      nfft: int = 2048, max_harm: int | None = None):
+def harmonic_analysis(
+    x: np.ndarray,
+    fs: int,
+    centres: np.ndarray,
+    f0: np.ndarray,
+    n_periods: float = 3.0,
+    nfft: int = 2048,
+    max_harm: int | None = None,
+):
     """Amplitudes and phases of harmonics k*f0 (k = 1..K) at each frame centre.
 
     Zero-phase Blackman window of `n_periods` periods centred on the frame, one batched rFFT,
@@ -99,12 +106,15 @@ def _blackman_window(f0: float, fs: int, n_periods: float, nfft: int) -> np.ndar
     offs = (np.arange(nfft) - half).astype(np.float32)
     hw = np.minimum(n_periods * fs / np.array([f0]) / 2, half - 1)
     u = offs[None, :] / hw[:, None].astype(np.float32)
-    w = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0).astype(np.float32)[0]
+    w = np.where(np.abs(u) <= 1, 0.42 + 0.5 * np.cos(np.pi * u) + 0.08 * np.cos(2 * np.pi * u), 0.0).astype(np.float32)[
+        0
+    ]
     w.setflags(write=False)
     return w
 
 
 # ---- Liljencrants-Fant model -------------------------------------------------------------
+
 
 def rd_to_tetpta(rd: float) -> tuple[float, float, float]:
     """Fant (1995) Rd -> (te, tp, ta) for T0 = 1."""
@@ -126,8 +136,9 @@ def lf_period(rd: float, n: int = 4096) -> np.ndarray:
 
     def net_flow(alpha):
         e0 = -1 / (np.exp(alpha * te) * np.sin(wg * te))
-        opn = e0 * (np.exp(alpha * te) * (alpha * np.sin(wg * te) - wg * np.cos(wg * te)) + wg) / (alpha ** 2 + wg ** 2)
+        opn = e0 * (np.exp(alpha * te) * (alpha * np.sin(wg * te) - wg * np.cos(wg * te)) + wg) / (alpha**2 + wg**2)
         return opn + ret
+
     lo, hi = -50.0, 200.0
     try:
         alpha = scipy.optimize.brentq(net_flow, lo, hi)
@@ -135,8 +146,11 @@ def lf_period(rd: float, n: int = 4096) -> np.ndarray:
         alpha = 0.0
     t = np.arange(n) / n
     e0 = -1 / (np.exp(alpha * te) * np.sin(wg * te))
-    g = np.where(t <= te, e0 * np.exp(alpha * t) * np.sin(wg * t),
-                 -(1 / (eps * ta)) * (np.exp(-eps * (t - te)) - np.exp(-eps * (tc - te))))
+    g = np.where(
+        t <= te,
+        e0 * np.exp(alpha * t) * np.sin(wg * t),
+        -(1 / (eps * ta)) * (np.exp(-eps * (t - te)) - np.exp(-eps * (tc - te))),
+    )
     return g
 
 
@@ -145,7 +159,7 @@ def lf_harmonics(kmax: int = 400) -> np.ndarray:
     """[len(RD_GRID), kmax + 1] complex LF spectrum at harmonics 0..kmax (depends on Rd and
     the harmonic number only, since the model is defined in time normalised by T0)."""
     n = 8192
-    return np.stack([np.fft.rfft(lf_period(rd, n))[:kmax + 1] / n for rd in RD_GRID])
+    return np.stack([np.fft.rfft(lf_period(rd, n))[: kmax + 1] / n for rd in RD_GRID])
 
 
 @lru_cache(maxsize=512)
@@ -154,7 +168,7 @@ def minphase_operator(K: int, rows: int) -> np.ndarray:
     spectrum) -> minimum-phase phase at harmonics 0..rows-1 (real-cepstrum folding)."""
     n = 2 * K
     eye = np.eye(K + 1)
-    full = np.concatenate([eye, eye[:, K - 1:0:-1]], axis=1)  # [K+1, 2K]
+    full = np.concatenate([eye, eye[:, K - 1 : 0 : -1]], axis=1)  # [K+1, 2K]
     c = np.fft.ifft(full, axis=1).real
     fold = np.zeros(n)
     fold[0] = 1
@@ -176,10 +190,10 @@ def msp_table(K: int) -> tuple[np.ndarray, np.ndarray]:
     E[K] = 0
     E[K, K - 1] = 1
     Q = Q @ E
-    G = lf_harmonics()[:, :K + 1].copy()
+    G = lf_harmonics()[:, : K + 1].copy()
     G[:, 0] = TINY
     lg = np.log(np.abs(G) + TINY)
-    ang = np.angle(G[:, :o + 1])
+    ang = np.angle(G[:, : o + 1])
     ang[:, 0] = 0.0
     A = -ang + lg @ Q.T
     return Q, A
@@ -276,11 +290,14 @@ def _refine(err: np.ndarray, idx: np.ndarray, rd: np.ndarray, conf: np.ndarray) 
 
 # ---- HMPD ------------------------------------------------------------------------------------
 
+
 def _circ_moving(z: np.ndarray, w: np.ndarray, size: int) -> np.ndarray:
     """Weighted moving average over time (axis 0) of complex values with weights w."""
     import scipy.ndimage
-    num = scipy.ndimage.uniform_filter1d(z.real * w, size, axis=0, mode="nearest") + \
-        1j * scipy.ndimage.uniform_filter1d(z.imag * w, size, axis=0, mode="nearest")
+
+    num = scipy.ndimage.uniform_filter1d(
+        z.real * w, size, axis=0, mode="nearest"
+    ) + 1j * scipy.ndimage.uniform_filter1d(z.imag * w, size, axis=0, mode="nearest")
     den = scipy.ndimage.uniform_filter1d(w, size, axis=0, mode="nearest")
     return num / np.maximum(den, TINY)
 
@@ -319,8 +336,10 @@ def hmpd_stats(pd: np.ndarray, mask: np.ndarray, mean_frames: int, dev_frames: i
 
 def loglin_harmonic_positions(n: int = 25, hb: float = 8.0, hmax: float = 160.0) -> np.ndarray:
     """`n` harmonic numbers (from 1) uniform on a scale linear below `hb`, logarithmic above."""
+
     def fwd(h):
         return np.where(h <= hb, h, hb * (1 + np.log(h / hb)))
+
     grid = np.linspace(fwd(1.0), fwd(hmax), n)
     return np.where(grid <= hb, grid, hb * np.exp(grid / hb - 1))
 

@@ -55,9 +55,19 @@ class SSLFeatures(Extractor):
     sample_rate = 16000
     cli_options = {"ssl_model": "model", "device": "device"}
 
-    def __init__(self, model: str = DEFAULT_SSL_MODEL, layer: Any = -1, combine: str = "mean", chunk_s: float = 30.0,
-                 context_s: float = 2.0, dtype: str = "auto", device: str = "auto", batch_size: int = 8,
-                 model_path: str | None = None, model_checksum: str | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_SSL_MODEL,
+        layer: Any = -1,
+        combine: str = "mean",
+        chunk_s: float = 30.0,
+        context_s: float = 2.0,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        model_path: str | None = None,
+        model_checksum: str | None = None,
+    ):
         import torch
         from transformers import AutoFeatureExtractor, AutoModel
 
@@ -73,11 +83,15 @@ class SSLFeatures(Extractor):
                 self.feature_extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
                 self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.torch_dtype)
         except Exception as e:  # noqa: BLE001
-            raise ExtractorError(f"cannot load speech model from {path} ({type(e).__name__}: {e}); it needs "
-                                 f"config.json, the weights and preprocessor_config.json") from None
+            raise ExtractorError(
+                f"cannot load speech model from {path} ({type(e).__name__}: {e}); it needs "
+                f"config.json, the weights and preprocessor_config.json"
+            ) from None
         if not hasattr(self.model, "_get_feat_extract_output_lengths"):
-            raise ExtractorError(f"{path}: {type(self.model).__name__} is not a wav2vec2-family audio encoder "
-                                 f"(for Whisper checkpoints use -f whisper)")
+            raise ExtractorError(
+                f"{path}: {type(self.model).__name__} is not a wav2vec2-family audio encoder "
+                f"(for Whisper checkpoints use -f whisper)"
+            )
         self.model.eval().to(self.device)
         cfg = self.model.config
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000) or 16000)
@@ -85,8 +99,10 @@ class SSLFeatures(Extractor):
         self.stride = int(np.prod(cfg.conv_stride))
         self.receptive = self._receptive_field(cfg.conv_kernel, cfg.conv_stride)
         self.frame_rate_hz = self.sample_rate / self.stride
-        self.can_pad = (getattr(cfg, "feat_extract_norm", "layer") == "layer"
-                        and getattr(cfg, "model_type", "") not in _PADDING_CHANGES_RESULTS)
+        self.can_pad = (
+            getattr(cfg, "feat_extract_norm", "layer") == "layer"
+            and getattr(cfg, "model_type", "") not in _PADDING_CHANGES_RESULTS
+        )
         self.layer = parse_layers(layer)
         self.layer_ids = layer_indices(self.layer, int(cfg.num_hidden_layers) + 1)
         self.combine = "stack" if self.layer == "all" else (combine if not isinstance(self.layer, int) else "mean")
@@ -106,15 +122,30 @@ class SSLFeatures(Extractor):
         return field
 
     def params(self) -> dict[str, Any]:
-        return {"model": self.model_name, "model_path": self.resolved.record, "model_checksum": self.model_checksum,
-                "layer": self.layer, "combine": self.combine, "chunk_s": self.chunk_s, "context_s": self.context_s,
-                "dtype": self.dtype_name}
+        return {
+            "model": self.model_name,
+            "model_path": self.resolved.record,
+            "model_checksum": self.model_checksum,
+            "layer": self.layer,
+            "combine": self.combine,
+            "chunk_s": self.chunk_s,
+            "context_s": self.context_s,
+            "dtype": self.dtype_name,
+        }
 
     def file_attrs(self) -> dict[str, Any]:
-        return {"dim": self.dim, "frame_rate_hz": float(self.frame_rate_hz), "model": self.model_name,
-                "model_type": getattr(self.model.config, "model_type", ""), "layers": self.layer_ids,
-                "layer_dim": self.layer_dim, "combine": self.combine, "model_source": self.resolved.source,
-                "frame_shift_samples": self.stride, "frame_length_samples": self.receptive}
+        return {
+            "dim": self.dim,
+            "frame_rate_hz": float(self.frame_rate_hz),
+            "model": self.model_name,
+            "model_type": getattr(self.model.config, "model_type", ""),
+            "layers": self.layer_ids,
+            "layer_dim": self.layer_dim,
+            "combine": self.combine,
+            "model_source": self.resolved.source,
+            "frame_shift_samples": self.stride,
+            "frame_length_samples": self.receptive,
+        }
 
     # ------------------------------------------------------------------ frames
     def n_frames(self, n_samples: int) -> int:
@@ -161,8 +192,10 @@ class SSLFeatures(Extractor):
         for i, (utt, wave) in enumerate(items):
             if wave is None or len(wave) < self.receptive:
                 n = 0 if wave is None else len(wave)
-                out[i] = ExtractorError(f"utterance {utt.id!r}: audio too short for {self.model_name} "
-                                        f"({n} samples, at least {self.receptive} needed)")
+                out[i] = ExtractorError(
+                    f"utterance {utt.id!r}: audio too short for {self.model_name} "
+                    f"({n} samples, at least {self.receptive} needed)"
+                )
                 continue
             x = self._normalise(np.asarray(wave, np.float32))
             pieces = self._pieces(len(x))
@@ -193,20 +226,22 @@ class SSLFeatures(Extractor):
                 data = np.concatenate(pieces, 0) if len(pieces) > 1 else pieces[0]
                 expected = self.n_frames(len(items[i][1]))
                 assert data.shape[0] == expected, (data.shape, expected)
-                out[i] = FeatureResult(np.ascontiguousarray(data, dtype=np.float32),
-                                       {"n_chunks": len(pieces), "n_samples": int(len(items[i][1]))})
+                out[i] = FeatureResult(
+                    np.ascontiguousarray(data, dtype=np.float32),
+                    {"n_chunks": len(pieces), "n_samples": int(len(items[i][1]))},
+                )
         return out
 
     def _batches(self, jobs: list) -> list[list]:
         if self.can_pad:
             order = sorted(jobs, key=lambda j: len(j[2]))
-            return [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+            return [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
         by_length: dict[int, list] = {}
         for j in jobs:
             by_length.setdefault(len(j[2]), []).append(j)
         batches = []
         for same in by_length.values():
-            batches += [same[s:s + self.batch_size] for s in range(0, len(same), self.batch_size)]
+            batches += [same[s : s + self.batch_size] for s in range(0, len(same), self.batch_size)]
         return batches
 
     def _forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -216,8 +251,8 @@ class SSLFeatures(Extractor):
         batch = np.zeros((len(inputs), longest), np.float32)
         mask = np.zeros((len(inputs), longest), np.int64)
         for r, x in enumerate(inputs):
-            batch[r, :len(x)] = x
-            mask[r, :len(x)] = 1
+            batch[r, : len(x)] = x
+            mask[r, : len(x)] = 1
         values = torch.from_numpy(batch).to(self.device, dtype=self.torch_dtype)
         kwargs = {}
         if len(set(lengths)) > 1:
@@ -225,5 +260,4 @@ class SSLFeatures(Extractor):
         with torch.inference_mode():
             outputs = self.model(values, output_hidden_states=True, return_dict=True, **kwargs)
         states = combine_states(outputs.hidden_states, self.layer_ids, self.combine).float().cpu().numpy()
-        return [states[r, :self.n_frames(n)] for r, n in enumerate(lengths)]
-
+        return [states[r, : self.n_frames(n)] for r, n in enumerate(lengths)]

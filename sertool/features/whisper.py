@@ -30,8 +30,15 @@ import numpy as np
 
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
-from sertool.features.hub import (check_weights, combine_states, layer_indices, parse_layers, pick_dtype,
-                                  quiet_transformers, resolve_model)
+from sertool.features.hub import (
+    check_weights,
+    combine_states,
+    layer_indices,
+    parse_layers,
+    pick_dtype,
+    quiet_transformers,
+    resolve_model,
+)
 from sertool.utils import pick_device
 
 DEFAULT_WHISPER_MODEL = "tiny.en"
@@ -73,9 +80,17 @@ class WhisperFeatures(Extractor):
     sample_rate = SAMPLE_RATE
     cli_options = {"whisper_model": "model", "device": "device"}
 
-    def __init__(self, model: str = DEFAULT_WHISPER_MODEL, layer: Any = -1, combine: str = "mean",
-                 dtype: str = "auto", device: str = "auto", batch_size: int = 8, model_path: str | None = None,
-                 model_checksum: str | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_WHISPER_MODEL,
+        layer: Any = -1,
+        combine: str = "mean",
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        model_path: str | None = None,
+        model_checksum: str | None = None,
+    ):
         if combine not in ("mean", "stack"):
             raise ExtractorError(f"combine={combine!r}: choose mean or stack")
         model = model or DEFAULT_WHISPER_MODEL
@@ -99,8 +114,10 @@ class WhisperFeatures(Extractor):
             n_states = self._load_transformers()
         if self.backend == "ctranslate2":
             if self.layer not in (-1, self.n_layers):
-                raise ExtractorError(f"layer={layer!r}: the CTranslate2 (faster-whisper) back end gives the last encoder "
-                                     f"layer only; use a transformers Whisper checkpoint for other layers")
+                raise ExtractorError(
+                    f"layer={layer!r}: the CTranslate2 (faster-whisper) back end gives the last encoder "
+                    f"layer only; use a transformers Whisper checkpoint for other layers"
+                )
             self.layer_ids = [-1]  # the last encoder layer (CTranslate2 does not expose the others)
             self.combine = "mean"
         else:
@@ -113,22 +130,35 @@ class WhisperFeatures(Extractor):
         try:
             from faster_whisper import WhisperModel
         except ModuleNotFoundError:
-            raise ExtractorError("the faster-whisper package is needed for CTranslate2 Whisper models: "
-                                 "pip install 'sertool[offline-models]' (or faster-whisper)") from None
+            raise ExtractorError(
+                "the faster-whisper package is needed for CTranslate2 Whisper models: "
+                "pip install 'sertool[offline-models]' (or faster-whisper)"
+            ) from None
         import json
 
-        compute = {"auto": "float16" if self.device.startswith("cuda") else "float32"}.get(self.dtype_name.lower(),
-                                                                                          self.dtype_name.lower())
+        compute = {"auto": "float16" if self.device.startswith("cuda") else "float32"}.get(
+            self.dtype_name.lower(), self.dtype_name.lower()
+        )
         compute = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}.get(compute, compute)
         device, index = (self.device.split(":") + ["0"])[:2] if self.device.startswith("cuda") else (self.device, "0")
         try:
-            self.fw = WhisperModel(str(self.resolved.path), device=device, device_index=int(index), compute_type=compute,
-                                   cpu_threads=min(4, os.cpu_count() or 1))
+            self.fw = WhisperModel(
+                str(self.resolved.path),
+                device=device,
+                device_index=int(index),
+                compute_type=compute,
+                cpu_threads=min(4, os.cpu_count() or 1),
+            )
         except Exception as e:  # noqa: BLE001
-            raise ExtractorError(f"cannot load faster-whisper model from {self.resolved.path} ({type(e).__name__}: {e})") from None
+            raise ExtractorError(
+                f"cannot load faster-whisper model from {self.resolved.path} ({type(e).__name__}: {e})"
+            ) from None
         self.compute_type = compute
-        self.n_mels = int(self.fw.feature_extractor.n_mels if hasattr(self.fw.feature_extractor, "n_mels")
-                          else self.fw.feature_extractor.mel_filters.shape[0])
+        self.n_mels = int(
+            self.fw.feature_extractor.n_mels
+            if hasattr(self.fw.feature_extractor, "n_mels")
+            else self.fw.feature_extractor.mel_filters.shape[0]
+        )
         # the encoder width and depth are not exposed by CTranslate2: probe once with silence
         probe = self._encode_ct2([np.zeros(SAMPLES_PER_FRAME, np.float32)])[0]
         self.layer_dim = int(probe.shape[-1])
@@ -145,8 +175,10 @@ class WhisperFeatures(Extractor):
             with quiet_transformers():
                 config = AutoConfig.from_pretrained(path, local_files_only=True)
                 if getattr(config, "model_type", "") != "whisper":
-                    raise ExtractorError(f"{path}: model type {config.model_type!r} is not Whisper "
-                                         f"(for wav2vec2-family models use -f wav2vec2)")
+                    raise ExtractorError(
+                        f"{path}: model type {config.model_type!r} is not Whisper "
+                        f"(for wav2vec2-family models use -f wav2vec2)"
+                    )
                 self.feature_extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
                 model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.torch_dtype)
         except ExtractorError:
@@ -161,13 +193,27 @@ class WhisperFeatures(Extractor):
 
     # ------------------------------------------------------------------ describing
     def params(self) -> dict[str, Any]:
-        return {"model": self.model_name, "model_path": self.resolved.record, "model_checksum": self.model_checksum,
-                "layer": self.layer, "combine": self.combine, "dtype": self.dtype_name}
+        return {
+            "model": self.model_name,
+            "model_path": self.resolved.record,
+            "model_checksum": self.model_checksum,
+            "layer": self.layer,
+            "combine": self.combine,
+            "dtype": self.dtype_name,
+        }
 
     def file_attrs(self) -> dict[str, Any]:
-        return {"dim": self.dim, "frame_rate_hz": SAMPLE_RATE / SAMPLES_PER_FRAME, "model": self.model_name,
-                "backend": self.backend, "layers": self.layer_ids, "layer_dim": self.layer_dim,
-                "combine": self.combine, "model_source": self.resolved.source, "n_mels": self.n_mels}
+        return {
+            "dim": self.dim,
+            "frame_rate_hz": SAMPLE_RATE / SAMPLES_PER_FRAME,
+            "model": self.model_name,
+            "backend": self.backend,
+            "layers": self.layer_ids,
+            "layer_dim": self.layer_dim,
+            "combine": self.combine,
+            "model_source": self.resolved.source,
+            "n_mels": self.n_mels,
+        }
 
     # ------------------------------------------------------------------ running
     def _encode_ct2(self, windows: list[np.ndarray]) -> np.ndarray:
@@ -184,7 +230,9 @@ class WhisperFeatures(Extractor):
 
         feats = self.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
         with torch.inference_mode():
-            out = self.encoder(feats.to(self.device, dtype=self.torch_dtype), output_hidden_states=True, return_dict=True)
+            out = self.encoder(
+                feats.to(self.device, dtype=self.torch_dtype), output_hidden_states=True, return_dict=True
+            )
         return combine_states(out.hidden_states, self.layer_ids, self.combine).float().cpu().numpy()
 
     def extract(self, utt: Utterance, wave: np.ndarray | None) -> FeatureResult:
@@ -205,10 +253,10 @@ class WhisperFeatures(Extractor):
             starts = range(0, len(wave), WINDOW_SAMPLES)
             parts[i] = [None] * len(starts)
             for k, s in enumerate(starts):
-                jobs.append((i, k, wave[s:s + WINDOW_SAMPLES]))
+                jobs.append((i, k, wave[s : s + WINDOW_SAMPLES]))
         encode = self._encode_ct2 if self.backend == "ctranslate2" else self._encode_transformers
         for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start:start + self.batch_size]
+            batch = jobs[start : start + self.batch_size]
             try:
                 states = list(encode([j[2] for j in batch]))
             except Exception as e:  # noqa: BLE001
@@ -222,10 +270,12 @@ class WhisperFeatures(Extractor):
                 if isinstance(st, Exception):
                     out[i] = ExtractorError(f"utterance {items[i][0].id!r}: {type(st).__name__}: {st}")
                 else:
-                    parts[i][k] = st[:n_frames(len(w))]
+                    parts[i][k] = st[: n_frames(len(w))]
         for i, pieces in parts.items():
             if out[i] is None:
                 data = np.concatenate(pieces, 0) if len(pieces) > 1 else pieces[0]
-                out[i] = FeatureResult(np.ascontiguousarray(data, dtype=np.float32),
-                                       {"n_windows": len(pieces), "n_samples": int(len(items[i][1]))})
+                out[i] = FeatureResult(
+                    np.ascontiguousarray(data, dtype=np.float32),
+                    {"n_windows": len(pieces), "n_samples": int(len(items[i][1]))},
+                )
         return out

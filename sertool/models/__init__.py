@@ -6,6 +6,7 @@
 
 See ``docs/models.md`` for the table of models, parameter counts and departures from the papers.
 """
+
 from .registry import (
     SERModel,
     apply_overrides,

@@ -25,6 +25,7 @@ length factor is folded into the queries).  Renormalised key-sparse attention is
 the kept keys, so it also runs through SDPA, with the kept keys (selected without autograd) as
 the mask; only non-renormalised key-sparse attention and requested weights use the explicit path.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -123,7 +124,7 @@ def attention(
         raise ValueError(f"length_scale must be one of {LENGTH_SCALES}, got {length_scale!r}")
     B, H, Tq, dh = q.shape
     Tk = k.shape[-2]
-    base = float(scale) if scale is not None else dh ** -0.5
+    base = float(scale) if scale is not None else dh**-0.5
     km = key_mask
     if km is not None:
         km = km.to(torch.bool)

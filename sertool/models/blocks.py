@@ -5,6 +5,7 @@ All sequence tensors are ``[B, T, D]`` with a bool mask ``[B, T]`` (True = real 
 Every block keeps padded positions from influencing real ones (attention masks keys; pooling
 uses only real frames), so appending padding to an item never changes its outputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -149,10 +150,17 @@ class MultiHeadAttention(nn.Module):
             value = key
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         res = attention(
-            q, k, v,
-            key_mask=key_mask, query_mask=query_mask,
-            length_scale=self.length_scale, topk_rate=self.topk_rate, renormalize=self.renormalize,
-            dropout_p=self.dropout, training=self.training, return_weights=return_attention,
+            q,
+            k,
+            v,
+            key_mask=key_mask,
+            query_mask=query_mask,
+            length_scale=self.length_scale,
+            topk_rate=self.topk_rate,
+            renormalize=self.renormalize,
+            dropout_p=self.dropout,
+            training=self.training,
+            return_weights=return_attention,
         )
         out, w = res if return_attention else (res, None)
         B, H, T, dh = out.shape
@@ -192,8 +200,13 @@ class TransformerLayer(nn.Module):
         self.cross, self.norm = cross, norm
         kdim = kdim if (cross and kdim) else d_model
         self.attn = MultiHeadAttention(
-            d_model, num_heads, kdim=kdim, dropout=attn_dropout,
-            length_scale=length_scale, topk_rate=topk_rate, renormalize=renormalize,
+            d_model,
+            num_heads,
+            kdim=kdim,
+            dropout=attn_dropout,
+            length_scale=length_scale,
+            topk_rate=topk_rate,
+            renormalize=renormalize,
         )
         self.norm1 = nn.LayerNorm(d_model)
         self.norm_kv = nn.LayerNorm(kdim) if (cross and norm == "pre" and kdim != d_model) else None
@@ -204,8 +217,7 @@ class TransformerLayer(nn.Module):
         self.relu_dropout = dropout if relu_dropout is None else relu_dropout
         self.act = _activation(activation)
 
-    def forward(self, x, x_mask=None, memory=None, memory_mask=None, pos=None, memory_pos=None,
-                return_attention=False):
+    def forward(self, x, x_mask=None, memory=None, memory_mask=None, pos=None, memory_pos=None, return_attention=False):
         """``pos`` / ``memory_pos`` are added to the attention inputs only (not the residual),
         as in the KS-Transformer code."""
         if self.cross and memory is None:
@@ -276,10 +288,21 @@ class TransformerStack(nn.Module):
         self.kdim = kdim if (cross and kdim) else d_model
         self.positions, self.embed_scale, self.embed_dropout = positions, embed_scale, embed_dropout
         self.layers = nn.ModuleList(
-            TransformerLayer(d_model, num_heads, ffn_dim, cross=cross, kdim=self.kdim, norm=norm,
-                             dropout=dropout, attn_dropout=attn_dropout, relu_dropout=relu_dropout,
-                             activation=activation, length_scale=length_scale, topk_rate=topk_rate,
-                             renormalize=renormalize)
+            TransformerLayer(
+                d_model,
+                num_heads,
+                ffn_dim,
+                cross=cross,
+                kdim=self.kdim,
+                norm=norm,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+                relu_dropout=relu_dropout,
+                activation=activation,
+                length_scale=length_scale,
+                topk_rate=topk_rate,
+                renormalize=renormalize,
+            )
             for _ in range(num_layers)
         )
         self.input_norm = nn.LayerNorm(d_model) if input_norm else None
@@ -329,12 +352,32 @@ class CCAB(nn.Module):
     queries from modality A and keys/values from B, then key-sparse self-attention on the fused
     sequence.  Each part has its own input LayerNorm and sinusoidal positions, as in the KS code."""
 
-    def __init__(self, d_model, kdim, num_heads, ffn_dim, dropout=0.1, attn_dropout=0.1,
-                 topk_rate=0.5, renormalize=True, norm="post", positions="layer"):
+    def __init__(
+        self,
+        d_model,
+        kdim,
+        num_heads,
+        ffn_dim,
+        dropout=0.1,
+        attn_dropout=0.1,
+        topk_rate=0.5,
+        renormalize=True,
+        norm="post",
+        positions="layer",
+    ):
         super().__init__()
-        common = dict(num_heads=num_heads, ffn_dim=ffn_dim, norm=norm, dropout=dropout,
-                      attn_dropout=attn_dropout, topk_rate=topk_rate, renormalize=renormalize,
-                      positions=positions, input_norm=True, final_norm=False)
+        common = dict(
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            norm=norm,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            topk_rate=topk_rate,
+            renormalize=renormalize,
+            positions=positions,
+            input_norm=True,
+            final_norm=False,
+        )
         self.cross = TransformerStack(1, d_model, cross=True, kdim=kdim, **common)
         self.self_attn = TransformerStack(1, d_model, **common)
 

@@ -29,6 +29,7 @@ Recognition." arXiv:2108.09669, 2021.
 Departures: the paper does not give the number of CMA layers or dropout inside them (1 layer,
 dropout 0.1 here); BatchNorm statistics in training mode include padded frames (eval is exact).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,9 @@ def _build_hf(kind: str, path, cfg: dict):
         return transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**conf))
     if path:
         return transformers.BertModel.from_pretrained(path, local_files_only=True)
-    return transformers.BertModel(transformers.BertConfig(**{k: v for k, v in cfg.items() if v is not None}),
-                                  add_pooling_layer=False)
+    return transformers.BertModel(
+        transformers.BertConfig(**{k: v for k, v in cfg.items() if v is not None}), add_pooling_layer=False
+    )
 
 
 @register("cma")
@@ -102,15 +104,23 @@ class CMA(SERModel):
                 self.bert = _build_hf("bert", bert_path, bert_config or {})
                 text_dim = self.bert.config.hidden_size
         if "audio" in self.modalities:
-            self.audio_encoder = ConvRNNEncoder(audio_dim, audio_conv, lstm_hidden, cell="lstm",
-                                                batch_norm=True, dropout=encoder_dropout)
+            self.audio_encoder = ConvRNNEncoder(
+                audio_dim, audio_conv, lstm_hidden, cell="lstm", batch_norm=True, dropout=encoder_dropout
+            )
             if self.audio_encoder.out_dim != d:
                 raise ValueError(f"2 x lstm_hidden ({self.audio_encoder.out_dim}) must equal model.d ({d})")
         if "text" in self.modalities:
             self.text_proj = nn.Linear(text_dim, d)  # Conv1d kernel 1
         if len(self.modalities) == 2:
-            common = dict(num_heads=num_heads, ffn_dim=ffn_dim, cross=True, kdim=d, norm=norm,
-                          dropout=dropout, attn_dropout=attn_dropout)
+            common = dict(
+                num_heads=num_heads,
+                ffn_dim=ffn_dim,
+                cross=True,
+                kdim=d,
+                norm=norm,
+                dropout=dropout,
+                attn_dropout=attn_dropout,
+            )
             self.cma1 = TransformerStack(cma_layers, d, **common)  # audio queries text
             self.cma2 = TransformerStack(cma_layers, d, **common)  # text queries audio
         self.classifier = nn.Linear(2 * d * len(self.modalities), 1 if task == "regression" else n_classes)

@@ -24,6 +24,7 @@ Not specified by the paper (sertool choices, docs/distill.md): the fine-tuning b
 320,000 audio samples (the distillation budget; 4,096 tokens for a text-only student), Adam
 1e-4 for 30 epochs with early stopping after 10 epochs without a better dev UA.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,8 @@ class UnimodalCore(nn.Module):
         self.proj = nn.ModuleDict({modality: ConvStack(in_dim, [[d, proj_kernel, 1]], activation="none")})
         self.self_attn = nn.ModuleList(
             nn.ModuleDict({modality: TransformerLayer(d, num_heads, ffn_dim, norm=norm, dropout=dropout)})
-            for _ in range(num_blocks))
+            for _ in range(num_blocks)
+        )
 
     def encode(self, batch):
         m = self.modality
@@ -75,18 +77,30 @@ class DistillStudent(nn.Module):
         self.spec = copy.deepcopy(spec)
         s = spec["student"]
         self.modalities = tuple(s["modalities"])
-        if (not self.modalities or any(m not in MODALITIES for m in self.modalities)
-                or len(set(self.modalities)) != len(self.modalities)):
-            raise ValueError(f"student.modalities must be [audio, text], [audio] or [text], got {list(self.modalities)}")
+        if (
+            not self.modalities
+            or any(m not in MODALITIES for m in self.modalities)
+            or len(set(self.modalities)) != len(self.modalities)
+        ):
+            raise ValueError(
+                f"student.modalities must be [audio, text], [audio] or [text], got {list(self.modalities)}"
+            )
         encoders = encoders or {}
-        self.encoders = nn.ModuleDict({m: encoders[m] if m in encoders else build_input_encoder(spec["inputs"][m])
-                                       for m in self.modalities})
+        self.encoders = nn.ModuleDict(
+            {m: encoders[m] if m in encoders else build_input_encoder(spec["inputs"][m]) for m in self.modalities}
+        )
         kw = {k: s[k] for k in ("d", "proj_kernel", "num_heads", "num_blocks", "ffn_dim", "norm", "dropout")}
         if len(self.modalities) == 2:
             from .registry import build_model
 
-            self.core = build_model("cmd_student", audio_dim=self.encoders["audio"].out_dim,
-                                    text_dim=self.encoders["text"].out_dim, n_classes=1, fusion=s["fusion"], **kw)
+            self.core = build_model(
+                "cmd_student",
+                audio_dim=self.encoders["audio"].out_dim,
+                text_dim=self.encoders["text"].out_dim,
+                n_classes=1,
+                fusion=s["fusion"],
+                **kw,
+            )
             del self.core.heads  # the fine-tuning heads live in CMD
         else:
             m = self.modalities[0]
@@ -154,18 +168,26 @@ class CMD(SERModel):
     def __init__(self, *, init, student, modalities, n_classes, hidden, kappa, task):
         super().__init__()
         if not student:
-            raise ValueError("model cmd fine-tunes a distilled student: give --init DISTILL_EXP (the output folder of "
-                             "`sertool distill`), i.e. model.init")
+            raise ValueError(
+                "model cmd fine-tunes a distilled student: give --init DISTILL_EXP (the output folder of "
+                "`sertool distill`), i.e. model.init"
+            )
         if task != "classification":
             raise ValueError(f"model cmd is a classifier (model.task: classification), got {task!r}")
         self.init = init
         self.student = DistillStudent(student)
         self.modalities = self.student.modalities
         if list(modalities) != list(self.modalities):
-            raise ValueError(f"model.modalities {list(modalities)}: the student of {init} reads {list(self.modalities)}")
+            raise ValueError(
+                f"model.modalities {list(modalities)}: the student of {init} reads {list(self.modalities)}"
+            )
         self.kappa = float(kappa if kappa is not None else 1.0)
-        self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(self.student.d, hidden), nn.ReLU(),
-                                                     nn.Linear(hidden, n_classes)) for m in self.modalities})
+        self.heads = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(self.student.d, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+                for m in self.modalities
+            }
+        )
 
     def modality_logits(self, batch: dict) -> dict[str, torch.Tensor]:
         x, m = self.student(batch)
@@ -196,12 +218,16 @@ class CMD(SERModel):
 
         m, data = cfg["model"], cfg["data"]
         if not m.get("init"):
-            raise ValueError("model cmd fine-tunes a distilled student: give --init DISTILL_EXP (the output folder of "
-                             "`sertool distill`)")
+            raise ValueError(
+                "model cmd fine-tunes a distilled student: give --init DISTILL_EXP (the output folder of "
+                "`sertool distill`)"
+            )
         init = Path(m["init"])
         if not (init / "distill.yaml").exists() or not (init / "student.safetensors").exists():
-            raise ValueError(f"--init {init}: not a distillation experiment (no distill.yaml + student.safetensors); "
-                             "give the output folder of `sertool distill`")
+            raise ValueError(
+                f"--init {init}: not a distillation experiment (no distill.yaml + student.safetensors); "
+                "give the output folder of `sertool distill`"
+            )
         rec = load_config_file(init / "distill.yaml")
         spec = read_student_spec(init / "student.safetensors")
         mods = list(spec["student"]["modalities"])
@@ -211,8 +237,11 @@ class CMD(SERModel):
         for mod in ("audio", "text", "visual"):
             want = _student_input(mod, rec, spec) if mod in mods else None
             if data.get(mod) not in (None, want):
-                raise ValueError(f"--{mod} {data[mod]}: the student of {init} reads "
-                                 + (f"{want}" if want else f"no {mod} input") + " (its inputs come from --init)")
+                raise ValueError(
+                    f"--{mod} {data[mod]}: the student of {init} reads "
+                    + (f"{want}" if want else f"no {mod} input")
+                    + " (its inputs come from --init)"
+                )
             data[mod] = want
         if "text" in mods and str(data["text"]).startswith("tokens:"):
             vocab = json.loads((init / "vocab.json").read_text())

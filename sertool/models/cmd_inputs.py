@@ -12,6 +12,7 @@ over the store's tokens for text (:class:`TokenEmbedding`).
 Each encoder maps ``(x, mask) -> (states [B, T, D], mask [B, T])`` and carries a JSON ``spec``
 from which :func:`build_input_encoder` rebuilds it (the student's weights file records it).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,8 +50,13 @@ class TeacherWaveEncoder(nn.Module):
     def __init__(self, cnn: nn.Module, kernels, strides, out_dim: int, spec: dict | None = None):
         super().__init__()
         self.cnn, self.kernels, self.strides, self.out_dim = cnn, list(kernels), list(strides), out_dim
-        self.spec = {"type": "teacher_cnn", "module": spec, "kernels": self.kernels, "strides": self.strides,
-                     "out_dim": out_dim}
+        self.spec = {
+            "type": "teacher_cnn",
+            "module": spec,
+            "kernels": self.kernels,
+            "strides": self.strides,
+            "out_dim": out_dim,
+        }
 
     def forward(self, wave: torch.Tensor, mask: torch.Tensor):
         x = self.cnn(wave).transpose(1, 2)
@@ -100,8 +106,15 @@ class LogMelStem(nn.Module):
     def forward(self, wave, mask):
         # zero padding at the edges (not reflection): what Whisper sees after its 30 s zero padding,
         # and it makes a padded batch give the same frames as each utterance alone
-        spec = torch.stft(wave.float(), self.N_FFT, self.HOP, window=self.window, center=True, pad_mode="constant",
-                          return_complex=True)
+        spec = torch.stft(
+            wave.float(),
+            self.N_FFT,
+            self.HOP,
+            window=self.window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        )
         logmel = torch.log10((self.mel @ spec.abs().pow(2)).clamp_min(1e-10))  # [B, 80, T]
         lengths = torch.div(mask.long().sum(1), self.HOP, rounding_mode="floor") + 1
         valid = torch.arange(logmel.shape[-1], device=logmel.device)[None, :] < lengths[:, None]
@@ -122,9 +135,11 @@ def logmel_halvings(frame_rate_hz: float | None) -> int:
         return 1
     ratio = 100.0 / float(frame_rate_hz)
     halvings = int(round(np.log2(ratio))) if ratio >= 1 else -1
-    if halvings < 0 or abs(2 ** halvings - ratio) > 1e-6:
-        raise ValueError(f"student.audio_stem=logmel: the teacher frame rate {frame_rate_hz} Hz is not 100 Hz "
-                           "halved a whole number of times; use student.audio_stem=waveform")
+    if halvings < 0 or abs(2**halvings - ratio) > 1e-6:
+        raise ValueError(
+            f"student.audio_stem=logmel: the teacher frame rate {frame_rate_hz} Hz is not 100 Hz "
+            "halved a whole number of times; use student.audio_stem=waveform"
+        )
     return halvings
 
 
@@ -138,8 +153,10 @@ def stem_layers(frame_rate_hz: float | None, sample_rate: int = SAMPLE_RATE):
     while layers and int(np.prod([s for _, s in layers])) > want + 1e-6 and len(layers) > 1:
         layers.pop()
     if abs(np.prod([s for _, s in layers]) - want) > 1e-6:
-        raise ValueError(f"no conv stem of stride-2 layers gives the teacher frame rate {frame_rate_hz} Hz "
-                           f"at {sample_rate} Hz (stride {want})")
+        raise ValueError(
+            f"no conv stem of stride-2 layers gives the teacher frame rate {frame_rate_hz} Hz "
+            f"at {sample_rate} Hz (stride {want})"
+        )
     return layers
 
 
@@ -182,8 +199,9 @@ def build_input_encoder(spec: dict) -> nn.Module:
     if t == "embedding":
         return TokenEmbedding(spec["vocab_size"], spec["dim"], spec.get("positions", True))
     if t == "teacher_cnn":
-        return TeacherWaveEncoder(_rebuild_module(spec["module"]), spec["kernels"], spec["strides"], spec["out_dim"],
-                                  spec=spec["module"])
+        return TeacherWaveEncoder(
+            _rebuild_module(spec["module"]), spec["kernels"], spec["strides"], spec["out_dim"], spec=spec["module"]
+        )
     if t == "teacher_embeddings":
         return TeacherTokenEncoder(_rebuild_module(spec["module"]), spec=spec["module"])
     raise ValueError(f"unknown input encoder type {t!r}")

@@ -24,6 +24,7 @@ Student:
 Not specified by the paper (sertool choices): FFN width (4d = 128), post-LN, dropout 0.1,
 kernel-1 projection conv.  The distillation loss (temperature kappa) lives in the distill stage.
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,15 +78,20 @@ class CMDStudent(SERModel):
             audio_dim = stem_channels
         if text_input == "ids":
             self.embedding = nn.Embedding(vocab_size, text_dim)
-        self.proj = nn.ModuleDict({
-            "audio": ConvStack(audio_dim, [[d, proj_kernel, 1]], activation="none"),
-            "text": ConvStack(text_dim, [[d, proj_kernel, 1]], activation="none"),
-        })
+        self.proj = nn.ModuleDict(
+            {
+                "audio": ConvStack(audio_dim, [[d, proj_kernel, 1]], activation="none"),
+                "text": ConvStack(text_dim, [[d, proj_kernel, 1]], activation="none"),
+            }
+        )
         kw = dict(d_model=d, num_heads=num_heads, ffn_dim=ffn_dim, norm=norm, dropout=dropout)
-        self.cross = nn.ModuleList(nn.ModuleDict({m: TransformerLayer(cross=True, kdim=d, **kw)
-                                                  for m in ("audio", "text")}) for _ in range(num_blocks))
-        self.self_attn = nn.ModuleList(nn.ModuleDict({m: TransformerLayer(**kw) for m in ("audio", "text")})
-                                       for _ in range(num_blocks))
+        self.cross = nn.ModuleList(
+            nn.ModuleDict({m: TransformerLayer(cross=True, kdim=d, **kw) for m in ("audio", "text")})
+            for _ in range(num_blocks)
+        )
+        self.self_attn = nn.ModuleList(
+            nn.ModuleDict({m: TransformerLayer(**kw) for m in ("audio", "text")}) for _ in range(num_blocks)
+        )
         self.embed_proj = nn.ModuleDict({m: nn.Linear(d, embed_dim) for m in ("audio", "text")}) if embed_dim else None
         out = 1 if task == "regression" else n_classes
         self.heads = nn.ModuleDict({m: nn.Linear(d, out) for m in ("audio", "text")})
@@ -103,8 +109,10 @@ class CMDStudent(SERModel):
         return {"audio": xa, "text": xt}, {"audio": ma, "text": mt}
 
     def _cross(self, i, x, m):
-        return {"audio": self.cross[i]["audio"](x["audio"], m["audio"], x["text"], m["text"]),
-                "text": self.cross[i]["text"](x["text"], m["text"], x["audio"], m["audio"])}
+        return {
+            "audio": self.cross[i]["audio"](x["audio"], m["audio"], x["text"], m["text"]),
+            "text": self.cross[i]["text"](x["text"], m["text"], x["audio"], m["audio"]),
+        }
 
     def _self(self, i, x, m):
         return {k: self.self_attn[i][k](x[k], m[k]) for k in ("audio", "text")}
@@ -130,6 +138,11 @@ class CMDStudent(SERModel):
         if not return_embeddings:
             return out
         emb = {k: (self.embed_proj[k](x[k]) if self.embed_proj is not None else x[k]) for k in x}
-        return {"logits": out, "modality_logits": logits,
-                "audio": emb["audio"], "text": emb["text"],
-                "audio_mask": m["audio"], "text_mask": m["text"]}
+        return {
+            "logits": out,
+            "modality_logits": logits,
+            "audio": emb["audio"],
+            "text": emb["text"],
+            "audio_mask": m["audio"],
+            "text_mask": m["text"],
+        }

@@ -7,6 +7,7 @@ padding), the output mask follows the convolution arithmetic, and recurrent laye
 sequences.  BatchNorm (CMA encoder) uses batch statistics in training mode, where padded frames
 are included in the statistics; in eval mode it is exact.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -35,8 +36,15 @@ class ConvStack(nn.Module):
     none (``pad=False``, e.g. a wav2vec2-style waveform stem).
     """
 
-    def __init__(self, in_dim: int, layers: Sequence[Sequence[int]], batch_norm: bool = False,
-                 activation: str = "relu", dropout: float = 0.0, pad: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        layers: Sequence[Sequence[int]],
+        batch_norm: bool = False,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        pad: bool = True,
+    ):
         super().__init__()
         self.specs = []
         mods = []
@@ -71,12 +79,26 @@ class ConvStack(nn.Module):
 class RNNEncoder(nn.Module):
     """(Bi)LSTM / (Bi)GRU over real frames only (packed); outputs zeros at padded frames."""
 
-    def __init__(self, in_dim: int, hidden: int, cell: str = "lstm", num_layers: int = 1,
-                 bidirectional: bool = True, dropout: float = 0.0, inter_dropout: float = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: int,
+        cell: str = "lstm",
+        num_layers: int = 1,
+        bidirectional: bool = True,
+        dropout: float = 0.0,
+        inter_dropout: float = 0.0,
+    ):
         super().__init__()
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
-        self.rnn = rnn(in_dim, hidden, num_layers=num_layers, bidirectional=bidirectional,
-                       batch_first=True, dropout=inter_dropout if num_layers > 1 else 0.0)
+        self.rnn = rnn(
+            in_dim,
+            hidden,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            batch_first=True,
+            dropout=inter_dropout if num_layers > 1 else 0.0,
+        )
         self.out_dim = hidden * (2 if bidirectional else 1)
         self.dropout = nn.Dropout(dropout)
 
@@ -95,8 +117,16 @@ class RNNEncoder(nn.Module):
 class ConvRNNEncoder(nn.Module):
     """Conv1d stack followed by a bidirectional RNN (LGCCT CNN-BiLSTM, CMA audio encoder)."""
 
-    def __init__(self, in_dim: int, conv_layers: Sequence[Sequence[int]], hidden: int, cell: str = "lstm",
-                 batch_norm: bool = False, dropout: float = 0.0, num_layers: int = 1):
+    def __init__(
+        self,
+        in_dim: int,
+        conv_layers: Sequence[Sequence[int]],
+        hidden: int,
+        cell: str = "lstm",
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+    ):
         super().__init__()
         self.conv = ConvStack(in_dim, conv_layers, batch_norm=batch_norm)
         self.rnn = RNNEncoder(self.conv.out_dim, hidden, cell=cell, num_layers=num_layers, dropout=dropout)

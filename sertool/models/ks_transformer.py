@@ -35,6 +35,7 @@ Options and departures (docs/models.md):
   with a LayerNorm, as in the reference code (not described in the paper).
 * With a single modality the MIM is skipped (uni-modal baseline of Table 2).
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,8 +82,15 @@ class KSTransformer(SERModel):
         dims = {"audio": audio_dim, "text": text_dim}
         ffns = {"audio": audio_ffn, "text": text_ffn}
         rate = topk_rate if sparse else None
-        common = dict(num_heads=num_heads, norm=norm, dropout=dropout, attn_dropout=attn_dropout,
-                      positions=positions, input_norm=True, final_norm=False)
+        common = dict(
+            num_heads=num_heads,
+            norm=norm,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            positions=positions,
+            input_norm=True,
+            final_norm=False,
+        )
         self.fem = nn.ModuleDict()
         self.mim = nn.ModuleDict()
         self.dfm = nn.ModuleDict()
@@ -90,18 +98,33 @@ class KSTransformer(SERModel):
             if fem and fem_layers > 0:
                 self.fem[m] = TransformerStack(fem_layers, dims[m], ffn_dim=ffns[m], **common)
             if dfm and dfm_layers > 0:
-                self.dfm[m] = TransformerStack(dfm_layers, dims[m], ffn_dim=ffns[m], topk_rate=rate,
-                                               renormalize=renormalize, **common)
+                self.dfm[m] = TransformerStack(
+                    dfm_layers, dims[m], ffn_dim=ffns[m], topk_rate=rate, renormalize=renormalize, **common
+                )
         if mim and ccab_blocks > 0 and len(self.modalities) == 2:
             for m, o in (("audio", "text"), ("text", "audio")):
-                self.mim[m] = CCABStack(ccab_blocks, dims[m], dims[o], num_heads=num_heads, ffn_dim=ffns[m],
-                                        dropout=dropout, attn_dropout=attn_dropout, topk_rate=rate,
-                                        renormalize=renormalize, norm=norm, positions=positions)
+                self.mim[m] = CCABStack(
+                    ccab_blocks,
+                    dims[m],
+                    dims[o],
+                    num_heads=num_heads,
+                    ffn_dim=ffns[m],
+                    dropout=dropout,
+                    attn_dropout=attn_dropout,
+                    topk_rate=rate,
+                    renormalize=renormalize,
+                    norm=norm,
+                    positions=positions,
+                )
         fc = sum(dims[m] for m in self.modalities)
         out = 1 if task == "regression" else n_classes
         self.classifier = nn.Sequential(
-            nn.Linear(fc, fc // 2), nn.ReLU(), nn.Dropout(classifier_dropout),
-            nn.Linear(fc // 2, fc // 4), nn.ReLU(), nn.Dropout(classifier_dropout),
+            nn.Linear(fc, fc // 2),
+            nn.ReLU(),
+            nn.Dropout(classifier_dropout),
+            nn.Linear(fc // 2, fc // 4),
+            nn.ReLU(),
+            nn.Dropout(classifier_dropout),
             nn.Linear(fc // 4, out),
         )
 
@@ -113,8 +136,7 @@ class KSTransformer(SERModel):
                 x = self.fem[m](x, mask)
             xs[m], ms[m] = x, mask
         if len(self.mim):
-            fused = {m: self.mim[m](xs[m], ms[m], xs[o], ms[o])
-                     for m, o in (("audio", "text"), ("text", "audio"))}
+            fused = {m: self.mim[m](xs[m], ms[m], xs[o], ms[o]) for m, o in (("audio", "text"), ("text", "audio"))}
             xs = fused
         attn = {}
         pooled = []

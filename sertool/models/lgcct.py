@@ -38,6 +38,7 @@ Options and where they depart from the paper (see docs/models.md):
 * The two directions are concatenated along features, so both sequences must have the same length
   (word-aligned features, ``sertool align``); otherwise ``forward`` raises ``ValueError``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -103,21 +104,31 @@ class LGCCT(SERModel):
         self.embed_dropout = embed_dropout
         self.proj_audio = nn.Linear(a_in, d, bias=False)  # Conv1d k=1, no bias, in the code
         self.proj_text = nn.Linear(t_in, d, bias=False)
-        common = dict(num_heads=num_heads, norm=norm, dropout=res_dropout, relu_dropout=relu_dropout,
-                      embed_dropout=embed_dropout, length_scale=ls,
-                      positions="input" if positions else "none", embed_scale=embed_scale)
+        common = dict(
+            num_heads=num_heads,
+            norm=norm,
+            dropout=res_dropout,
+            relu_dropout=relu_dropout,
+            embed_dropout=embed_dropout,
+            length_scale=ls,
+            positions="input" if positions else "none",
+            embed_scale=embed_scale,
+        )
         # text queries audio ("text with audio"), audio queries text
-        self.cross_text = TransformerStack(cross_layers, d, ffn_dim=ffn_mult * d, cross=True, kdim=d,
-                                           attn_dropout=attn_dropout_audio, **common)
-        self.cross_audio = TransformerStack(cross_layers, d, ffn_dim=ffn_mult * d, cross=True, kdim=d,
-                                            attn_dropout=attn_dropout, **common)
+        self.cross_text = TransformerStack(
+            cross_layers, d, ffn_dim=ffn_mult * d, cross=True, kdim=d, attn_dropout=attn_dropout_audio, **common
+        )
+        self.cross_audio = TransformerStack(
+            cross_layers, d, ffn_dim=ffn_mult * d, cross=True, kdim=d, attn_dropout=attn_dropout, **common
+        )
         if gates:
             self.gate_text = GatedFusion(d, gate_mode)
             self.gate_audio = GatedFusion(d, gate_mode)
         D = 2 * d
         if transformer:
-            self.transformer = TransformerStack(transformer_layers, D, ffn_dim=ffn_mult * D,
-                                                attn_dropout=attn_dropout, **common)
+            self.transformer = TransformerStack(
+                transformer_layers, D, ffn_dim=ffn_mult * D, attn_dropout=attn_dropout, **common
+            )
         self.proj1 = nn.Linear(D, D)
         self.proj2 = nn.Linear(D, D)
         self.out_dropout = out_dropout
@@ -129,7 +140,8 @@ class LGCCT(SERModel):
         if xa.shape[1] != xt.shape[1]:
             raise ValueError(
                 f"lgcct concatenates the two directions along features and needs word-aligned "
-                f"sequences of equal length (got audio {xa.shape[1]}, text {xt.shape[1]} frames)")
+                f"sequences of equal length (got audio {xa.shape[1]}, text {xt.shape[1]} frames)"
+            )
         if self.use_encoders:
             xa, ma = self.audio_encoder(xa, ma)
             xt, mt = self.text_encoder(xt, mt)

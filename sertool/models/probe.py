@@ -4,6 +4,7 @@ classifier.  A cheap baseline for comparing feature sets (not a published system
 ``hidden: H`` (default 0 = linear) puts one hidden layer of H ReLU units (dropout after it)
 between the pooled statistics and the classes: the MLP probe, the usual next step up from a
 linear probe on frozen features."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -25,8 +26,11 @@ class Probe(SERModel):
             raise ValueError(f"model.hidden must be >= 0 (0 = linear probe), got {hidden!r}")
         self.dropout = nn.Dropout(dropout)
         out_dim = 1 if task == "regression" else n_classes
-        self.hidden = (nn.Sequential(nn.Linear(2 * input_dim, int(hidden)), nn.ReLU(), nn.Dropout(dropout))
-                       if int(hidden) else None)
+        self.hidden = (
+            nn.Sequential(nn.Linear(2 * input_dim, int(hidden)), nn.ReLU(), nn.Dropout(dropout))
+            if int(hidden)
+            else None
+        )
         self.linear = nn.Linear(int(hidden) or 2 * input_dim, out_dim)
 
     def forward(self, batch: dict, return_attention: bool = False):

@@ -32,6 +32,7 @@ Departures: the reference code names the two statistics the other way round (std
 they are ``[mean, std]`` (population std, so one vector gives std 0).  The paper does not state
 the training settings; the config uses the released code's (Adam 1e-3 ... see conf).
 """
+
 from __future__ import annotations
 
 import torch
@@ -117,8 +118,9 @@ class _RajanBase(SERModel):
             self.pairs = [(t, s) for t in self.modalities for s in self.modalities if t != s]
         else:
             self.pairs = [(m, m) for m in self.modalities]
-        self.attn = nn.ModuleDict({f"{t}_{s}": MultiHeadAttention(D, num_heads, dropout=attn_dropout)
-                                   for t, s in self.pairs})
+        self.attn = nn.ModuleDict(
+            {f"{t}_{s}": MultiHeadAttention(D, num_heads, dropout=attn_dropout) for t, s in self.pairs}
+        )
         self.fc = nn.Linear(2 * D, fc_hidden)
         self.dropout = dropout
         self.out = nn.Linear(fc_hidden, 1 if task == "regression" else n_classes)
@@ -138,8 +140,9 @@ class _RajanBase(SERModel):
         hs, ms = self.encode(batch)
         vecs, attn = [], {}
         for t, s in self.pairs:
-            res = self.attn[f"{t}_{s}"](hs[t], hs[s], hs[s], query_mask=ms[t], key_mask=ms[s],
-                                        return_attention=return_attention)
+            res = self.attn[f"{t}_{s}"](
+                hs[t], hs[s], hs[s], query_mask=ms[t], key_mask=ms[s], return_attention=return_attention
+            )
             if return_attention:
                 a, attn[f"{t}<-{s}"] = res
             else:

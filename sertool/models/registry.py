@@ -18,6 +18,7 @@ override naming any other key raises ``ValueError`` naming that key.  Override v
 with ``yaml.safe_load`` (``model.d=30``, ``model.gates=false``, ``optim.lr=1e-4``); the machinery
 (merge, coercion, overrides, safe YAML files) is :mod:`sertool.config`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,8 +72,9 @@ def list_models() -> list[str]:
     """Registered model keys, in the order of their modules in _MODULES (whatever was imported first)."""
     _import_all()
     module_rank = {f"{__package__}.{m}": i for i, m in enumerate(_MODULES)}
-    return sorted(_REGISTRY, key=lambda k: (module_rank.get(_REGISTRY[k].__module__, len(_MODULES)),
-                                            list(_REGISTRY).index(k)))
+    return sorted(
+        _REGISTRY, key=lambda k: (module_rank.get(_REGISTRY[k].__module__, len(_MODULES)), list(_REGISTRY).index(k))
+    )
 
 
 # ----------------------------------------------------------------------------- configs
@@ -158,7 +160,7 @@ def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), 
         apply_overrides(cfg, overrides)
     key = cfg["model"]["name"]
     for k, v in dims.items():
-        k2 = k[len("model."):] if k.startswith("model.") else k
+        k2 = k[len("model.") :] if k.startswith("model.") else k
         if k2 not in cfg["model"]:
             raise ValueError(f"unknown config key 'model.{k2}'")
         cfg["model"][k2] = coerce(cfg["model"][k2], v, f"model.{k2}")

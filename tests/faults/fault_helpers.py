@@ -27,8 +27,17 @@ def make_train_feats(root, n_spk=4, per=8, seed=0, da=6, dt=5, label_of=None, dr
     tests/test_train.py, without splits)."""
     from test_train import make_feats
 
-    return make_feats(root, n_spk=n_spk, per=per, seed=seed, da=da, dt=dt, label_of=label_of,
-                      drop_from_text=drop_from_text, splits=False)
+    return make_feats(
+        root,
+        n_spk=n_spk,
+        per=per,
+        seed=seed,
+        da=da,
+        dt=dt,
+        label_of=label_of,
+        drop_from_text=drop_from_text,
+        splits=False,
+    )
 
 
 def make_align_feats(root, n=40, words=6, rate=100.0, seed=0):
@@ -36,19 +45,35 @@ def make_align_feats(root, n=40, words=6, rate=100.0, seed=0):
     rng = np.random.default_rng(seed)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    aw = StoreWriter(root / "aud.h5", {"feature": "aud", "kind": "audio", "dim": 3, "frame_rate_hz": rate,
-                                       "extractor": {"name": "synthetic"}})
-    tw = StoreWriter(root / "txt.h5", {"feature": "txt", "kind": "text", "dim": 4, "unit": "token",
-                                       "extractor": {"name": "synthetic-text"}})
+    aw = StoreWriter(
+        root / "aud.h5",
+        {"feature": "aud", "kind": "audio", "dim": 3, "frame_rate_hz": rate, "extractor": {"name": "synthetic"}},
+    )
+    tw = StoreWriter(
+        root / "txt.h5",
+        {"feature": "txt", "kind": "text", "dim": 4, "unit": "token", "extractor": {"name": "synthetic-text"}},
+    )
     utts = []
     for k in range(n):
         ws = [[f"w{j}", round(0.1 + 0.3 * j, 3), round(0.35 + 0.3 * j, 3)] for j in range(words)]
         dur = 0.2 + 0.3 * words
-        utts.append(Utterance(id=f"u{k:04d}", audio=str(root / f"u{k:04d}.wav"), duration=dur,
-                              text=" ".join(w[0] for w in ws), words=ws, label=CLASSES[k % 4], speaker=f"s{k % 3}"))
+        utts.append(
+            Utterance(
+                id=f"u{k:04d}",
+                audio=str(root / f"u{k:04d}.wav"),
+                duration=dur,
+                text=" ".join(w[0] for w in ws),
+                words=ws,
+                label=CLASSES[k % 4],
+                speaker=f"s{k % 3}",
+            )
+        )
         aw.add(utts[-1].id, rng.normal(size=(int(dur * rate), 3)).astype(np.float32))
-        tw.add(utts[-1].id, rng.normal(size=(words, 4)).astype(np.float32),
-               {"tokens": [w[0] for w in ws], "word_index": np.arange(words, dtype=np.int32)})
+        tw.add(
+            utts[-1].id,
+            rng.normal(size=(words, 4)).astype(np.float32),
+            {"tokens": [w[0] for w in ws], "word_index": np.arange(words, dtype=np.int32)},
+        )
     aw.finalize()
     tw.finalize()
     write_manifest(utts, root / "manifest.jsonl")

@@ -28,8 +28,23 @@ def feats(base, tmp_path):
 
 
 def align(feats, *extra, audio="aud", text="txt"):
-    return CliRunner().invoke(cli, ["align", str(feats), "--audio", audio, "--text", text, "--timings", "corpus",
-                                    "--length", "4", "-q", *map(str, extra)])
+    return CliRunner().invoke(
+        cli,
+        [
+            "align",
+            str(feats),
+            "--audio",
+            audio,
+            "--text",
+            text,
+            "--timings",
+            "corpus",
+            "--length",
+            "4",
+            "-q",
+            *map(str, extra),
+        ],
+    )
 
 
 def refused(res, feats):
@@ -46,7 +61,8 @@ def test_store_from_another_version(feats):
         h.attrs["format_version"] = 99
     assert refused(align(feats, audio="v9"), feats) == (
         f"Error: {feats / 'v9.h5'}: store format version 99 (written by sertool 0.1.0) is not supported by this "
-        "sertool (reads versions [1]); upgrade sertool to read it.")
+        "sertool (reads versions [1]); upgrade sertool to read it."
+    )
     with h5py.File(feats / "v9.h5", "a") as h:
         h.attrs["format_version"] = 0
     assert refused(align(feats, audio="v9"), feats).endswith("re-run `sertool extract` to rebuild it.")
@@ -69,7 +85,8 @@ def test_foreign_hdf5_and_missing_frame_rate(feats):
     with h5py.File(feats / "norate.h5", "a") as h:
         del h.attrs["frame_rate_hz"]
     assert refused(align(feats, audio="norate"), feats) == (
-        f"Error: {feats / 'norate.h5'}: an audio store without frame_rate_hz cannot be aligned to words")
+        f"Error: {feats / 'norate.h5'}: an audio store without frame_rate_hz cannot be aligned to words"
+    )
 
 
 def test_stores_of_another_corpus_are_reported_per_utterance(feats, tmp_path):
@@ -113,6 +130,7 @@ def test_truncated_aligned_file(feats):
     out.write_bytes(data[: len(data) // 3])
     with pytest.raises(StoreError, match="not a readable HDF5 file"):
         open_aligned(out)
-    res = CliRunner().invoke(cli, ["train", str(feats), "-m", "probe", "--audio", str(out), "-o",
-                                   str(feats / "e"), "-q"])
+    res = CliRunner().invoke(
+        cli, ["train", str(feats), "-m", "probe", "--audio", str(out), "-o", str(feats / "e"), "-q"]
+    )
     assert res.exit_code == 1 and "aligned-aud-txt-4.h5: not a readable HDF5 file" in res.output

@@ -63,10 +63,10 @@ def mutate(data: bytes, rng: random.Random, name: str) -> tuple[bytes, str]:
         b = b[:i] + b[j:] + b[i:j]
     elif kind == "zero-run":
         i = rng.randrange(len(b))
-        b[i:i + rng.randint(1, 64)] = bytes(len(b[i:i + 64]))
+        b[i : i + rng.randint(1, 64)] = bytes(len(b[i : i + 64]))
     elif kind == "nan" and name == "float.wav":
         i = 44 + 4 * rng.randrange((len(b) - 44) // 4)
-        b[i:i + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf"), 3e38]))
+        b[i : i + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf"), 3e38]))
     else:
         kind = "flip"
         b[rng.randrange(len(b))] ^= 0xFF

@@ -105,27 +105,30 @@ def test_corrupt_store_is_reported_not_overwritten(tmp_path, folder_corpus, plug
         assert len(s) == 6 and np.isfinite(s["spk1__utt0"]).all()
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("mfcc:n_mfcc=-3", "feature 'mfcc': n_mfcc must be a positive integer, got -3"),
-    ("mfcc:n_mfcc=0", "feature 'mfcc': n_mfcc must be a positive integer, got 0"),
-    ("mfcc:n_mfcc=2.5", "feature 'mfcc': n_mfcc must be a positive integer, got 2.5"),
-    ("mfcc:n_mels=0", "feature 'mfcc': n_mels must be a positive integer, got 0"),
-    ("mfcc:n_mfcc=50", "feature 'mfcc': n_mfcc (50) must not exceed n_mels (40)"),
-    ("mfcc:n_fft=-512", "feature 'mfcc': n_fft must be a positive integer, got -512"),
-    ("mfcc:n_fft=128", "feature 'mfcc': window of 25.0 ms (400 samples at 16000 Hz) is longer than n_fft 128"),
-    ("mfcc:win_ms=-25", "feature 'mfcc': win_ms must be a finite number > 0, got -25"),
-    ("mfcc:hop_ms=0", "feature 'mfcc': hop_ms must be a finite number > 0, got 0"),
-    ("mfcc:hop_ms=0.01", "feature 'mfcc': window 25.0 ms / hop 0.01 ms too short at 16000 Hz"),
-    ("mfcc:fmin=-10", "feature 'mfcc': fmin must be a finite number >= 0 and <= 8000, got -10"),
-    ("mfcc:fmax=9000", "feature 'mfcc': fmax must be a finite number > 0 and <= 8000, got 9000"),
-    ("mfcc:fmin=4000,fmax=2000", "feature 'mfcc': fmax (2000) must be greater than fmin (4000)"),
-    ("mfcc:fmin=8000", "feature 'mfcc': fmin (8000) must be below fmax (default sample_rate / 2 = 8000)"),
-    ("mfcc:sample_rate=0", "feature 'mfcc': sample_rate must be a positive integer, got 0"),
-    ("mfcc:power=0", "feature 'mfcc': power must be a finite number > 0, got 0"),
-    ("mfcc:top_db=-5", "feature 'mfcc': top_db must be a finite number > 0, got -5"),
-    ("mfcc:deltas=3", "feature 'mfcc': deltas must be 0, 1 or 2, got 3"),
-    ("mfcc80:n_mfcc=-1", "feature 'mfcc': n_mfcc must be a positive integer, got -1"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("mfcc:n_mfcc=-3", "feature 'mfcc': n_mfcc must be a positive integer, got -3"),
+        ("mfcc:n_mfcc=0", "feature 'mfcc': n_mfcc must be a positive integer, got 0"),
+        ("mfcc:n_mfcc=2.5", "feature 'mfcc': n_mfcc must be a positive integer, got 2.5"),
+        ("mfcc:n_mels=0", "feature 'mfcc': n_mels must be a positive integer, got 0"),
+        ("mfcc:n_mfcc=50", "feature 'mfcc': n_mfcc (50) must not exceed n_mels (40)"),
+        ("mfcc:n_fft=-512", "feature 'mfcc': n_fft must be a positive integer, got -512"),
+        ("mfcc:n_fft=128", "feature 'mfcc': window of 25.0 ms (400 samples at 16000 Hz) is longer than n_fft 128"),
+        ("mfcc:win_ms=-25", "feature 'mfcc': win_ms must be a finite number > 0, got -25"),
+        ("mfcc:hop_ms=0", "feature 'mfcc': hop_ms must be a finite number > 0, got 0"),
+        ("mfcc:hop_ms=0.01", "feature 'mfcc': window 25.0 ms / hop 0.01 ms too short at 16000 Hz"),
+        ("mfcc:fmin=-10", "feature 'mfcc': fmin must be a finite number >= 0 and <= 8000, got -10"),
+        ("mfcc:fmax=9000", "feature 'mfcc': fmax must be a finite number > 0 and <= 8000, got 9000"),
+        ("mfcc:fmin=4000,fmax=2000", "feature 'mfcc': fmax (2000) must be greater than fmin (4000)"),
+        ("mfcc:fmin=8000", "feature 'mfcc': fmin (8000) must be below fmax (default sample_rate / 2 = 8000)"),
+        ("mfcc:sample_rate=0", "feature 'mfcc': sample_rate must be a positive integer, got 0"),
+        ("mfcc:power=0", "feature 'mfcc': power must be a finite number > 0, got 0"),
+        ("mfcc:top_db=-5", "feature 'mfcc': top_db must be a finite number > 0, got -5"),
+        ("mfcc:deltas=3", "feature 'mfcc': deltas must be 0, 1 or 2, got 3"),
+        ("mfcc80:n_mfcc=-1", "feature 'mfcc': n_mfcc must be a positive integer, got -1"),
+    ],
+)
 def test_out_of_range_extractor_parameters_are_refused_before_writing(tmp_path, spec, message):
     """Checked when the extractor is built: one line naming the feature and parameter, nothing written
     (a negative n_mfcc used to fail only after the manifest, as "store dim is -9")."""

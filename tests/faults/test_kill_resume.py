@@ -60,8 +60,9 @@ def test_extract(tmp_path, plugin_env):
 
 def test_align(tmp_path):
     feats = make_align_feats(tmp_path / "f", n=1200)
-    ref = run_align(feats, "aud", "txt", out=tmp_path / "ref.h5", timings="corpus", length=4, progress=False,
-                    log=quiet).path
+    ref = run_align(
+        feats, "aud", "txt", out=tmp_path / "ref.h5", timings="corpus", length=4, progress=False, log=quiet
+    ).path
     cmd = sertool_cmd("align", feats, "--audio", "aud", "--text", "txt", "--timings", "corpus", "--length", "4", "-q")
     out = feats / "aligned-aud-txt-4.h5"
     killed = kill_when(cmd, lambda: any(feats.glob("aligned-aud-txt-4.h5.tmp*")), seed=SEED, max_delay=0.2)
@@ -72,8 +73,14 @@ def test_align(tmp_path):
     assert not list(feats.glob("*.tmp*"))
 
 
-TRAIN = ["data.audio=fa", "protocol.name=speaker-kfold:2", "train.epochs=40", "train.batch_size=4",
-         "optim.lr=0.01", "run.threads=1"]
+TRAIN = [
+    "data.audio=fa",
+    "protocol.name=speaker-kfold:2",
+    "train.epochs=40",
+    "train.batch_size=4",
+    "optim.lr=0.01",
+    "run.threads=1",
+]
 
 
 def test_train(tmp_path):
@@ -100,7 +107,9 @@ def test_train(tmp_path):
 def _same_weights(ref, exp):
     weights = sorted(p.relative_to(ref) for p in ref.rglob("*.safetensors") if p.name != "checkpoint.safetensors")
     assert len([w for w in weights if w.name == "model.safetensors"]) >= 2
-    assert weights == sorted(p.relative_to(exp) for p in exp.rglob("*.safetensors") if p.name != "checkpoint.safetensors")
+    assert weights == sorted(
+        p.relative_to(exp) for p in exp.rglob("*.safetensors") if p.name != "checkpoint.safetensors"
+    )
     for w in weights:
         a, b = load_file(str(ref / w)), load_file(str(exp / w))
         assert a.keys() == b.keys()
@@ -112,15 +121,29 @@ def test_train_cmd_finetuning(tmp_path):
     """CMD fine-tuning is an ordinary train-stage model: killed and resumed, same weights."""
     feats = make_distill_feats(tmp_path / "f")
     dexp = tmp_path / "dexp"
-    run_distill(feats, dexp, teacher_audio="ta", teacher_text="tt", progress=False, log=quiet,
-                overrides=["distill.epochs=1", "distill.budget=24000", "student.stem_channels=8",
-                           "student.text_embed_dim=8", "student.ffn_dim=32", "distill.dev_fraction=0.25"])
-    sets = ["protocol.name=kfold:2", "train.epochs=6", "train.max_batch_frames=16000", "optim.lr=1e-3",
-            "run.threads=1"]
+    run_distill(
+        feats,
+        dexp,
+        teacher_audio="ta",
+        teacher_text="tt",
+        progress=False,
+        log=quiet,
+        overrides=[
+            "distill.epochs=1",
+            "distill.budget=24000",
+            "student.stem_channels=8",
+            "student.text_embed_dim=8",
+            "student.ffn_dim=32",
+            "distill.dev_fraction=0.25",
+        ],
+    )
+    sets = ["protocol.name=kfold:2", "train.epochs=6", "train.max_batch_frames=16000", "optim.lr=1e-3", "run.threads=1"]
     ref = tmp_path / "ref"
     run_train("cmd", feats, ref, overrides=[f"model.init={dexp}", *sets], progress=False, log=quiet)
     exp = tmp_path / "exp"
-    cmd = sertool_cmd("train", feats, "-m", "cmd", "--init", dexp, "-o", exp, "-q", *sum((["--set", s] for s in sets), []))
+    cmd = sertool_cmd(
+        "train", feats, "-m", "cmd", "--init", dexp, "-o", exp, "-q", *sum((["--set", s] for s in sets), [])
+    )
     epochs_at_kill = random.Random(SEED).randint(1, 10)  # of 2 folds x 6 epochs, one log line each
 
     def started():

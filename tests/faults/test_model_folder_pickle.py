@@ -27,8 +27,9 @@ def test_text_model_with_a_pickled_payload_is_refused(tmp_path):
     from transformers import BertConfig, BertTokenizerFast
 
     model = tmp_path / "evil-bert"
-    BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=8).save_pretrained(model)
+    BertConfig(
+        vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+    ).save_pretrained(model)
     (model / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]))
     BertTokenizerFast(vocab_file=str(model / "vocab.txt")).save_pretrained(model)
     marker = tmp_path / "PWNED"
@@ -37,8 +38,9 @@ def test_text_model_with_a_pickled_payload_is_refused(tmp_path):
     corpus.mkdir()
     sf.write(corpus / "a.wav", tone(200, 0.3), 16000)
     (corpus / "metadata.csv").write_text("file,text\na.wav,hello world\n")
-    res = CliRunner().invoke(cli, ["extract", str(corpus), "-o", str(tmp_path / "f"), "-f", "bert",
-                                   "--text-model", str(model), "-q"])
+    res = CliRunner().invoke(
+        cli, ["extract", str(corpus), "-o", str(tmp_path / "f"), "-f", "bert", "--text-model", str(model), "-q"]
+    )
     assert not marker.exists(), "the pickle in a model folder was executed"
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert f"Error: cannot load text model from {model} (UnpicklingError: Weights only load failed" in res.output

@@ -78,8 +78,9 @@ def test_bad_recordings_get_an_error_row_and_the_run_goes_on(clips, tmp_path):
     res = predict(clean, "-o", tmp_path / "c.csv", "-q")
     assert res.exit_code == 0, res.output
     for r in iter_rows(tmp_path / "c.csv"):
-        assert {k: v for k, v in r.items() if k != "file"} == \
-            {k: v for k, v in rows[Path(r["file"]).name].items() if k != "file"}
+        assert {k: v for k, v in r.items() if k != "file"} == {
+            k: v for k, v in rows[Path(r["file"]).name].items() if k != "file"
+        }
 
 
 @pytest.fixture
@@ -102,15 +103,22 @@ def refused(res):
     return lines[0]
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"version": 99}, "predictor.json: predictor version 99 is not supported by this sertool (reads version 1)"),
-    ({"format": "pickle"}, "predictor.json: not a sertool predictor file (format 'pickle')"),
-    ({"classes": "abc"}, "predictor.json: 'classes' must be a list of class names, got 'abc'"),
-    ({"model": "../outside.safetensors"},
-     "predictor.json: 'model' must name a file inside the experiment folder, got '../outside.safetensors'"),
-    ({"normalizer": "/etc/hostname"},
-     "predictor.json: 'normalizer' must name a file inside the experiment folder, got '/etc/hostname'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"version": 99}, "predictor.json: predictor version 99 is not supported by this sertool (reads version 1)"),
+        ({"format": "pickle"}, "predictor.json: not a sertool predictor file (format 'pickle')"),
+        ({"classes": "abc"}, "predictor.json: 'classes' must be a list of class names, got 'abc'"),
+        (
+            {"model": "../outside.safetensors"},
+            "predictor.json: 'model' must name a file inside the experiment folder, got '../outside.safetensors'",
+        ),
+        (
+            {"normalizer": "/etc/hostname"},
+            "predictor.json: 'normalizer' must name a file inside the experiment folder, got '/etc/hostname'",
+        ),
+    ],
+)
 def test_bad_predictor_file(exp, clips, tmp_path, changes, message):
     shutil.copy(exp / "model.safetensors", tmp_path / "outside.safetensors")  # would load, if it were looked at
     _edit(exp, **changes)
@@ -125,7 +133,8 @@ def test_bad_model_config_names_the_key(exp, clips, tmp_path):
     assert "unknown config key 'model.bogus'" in refused(predict(exp, clips / "a_good.wav", "-q"))
     _edit(exp, model_config={**spec["model_config"], "input_dim": "abc"})
     assert "config key 'model.input_dim': expected a number, got 'abc'" in refused(
-        predict(exp, clips / "a_good.wav", "-q"))
+        predict(exp, clips / "a_good.wav", "-q")
+    )
     (exp / "predictor.json").write_text('{"format": "sertool-predictor", "vers')
     assert refused(predict(exp, clips / "a_good.wav", "-q")).startswith(f"Error: {exp / 'predictor.json'}: unreadable")
 
@@ -136,8 +145,10 @@ def test_truncated_weights(exp, clips):
     line = refused(predict(exp, clips / "a_good.wav", "-q"))
     assert f"{exp / 'model.safetensors'}: not a readable safetensors file" in line
     (exp / "model.safetensors").unlink()
-    assert refused(predict(exp, clips / "a_good.wav", "-q")) == \
-        f"Error: {exp / 'model.safetensors'} is missing: the experiment folder is incomplete"
+    assert (
+        refused(predict(exp, clips / "a_good.wav", "-q"))
+        == f"Error: {exp / 'model.safetensors'} is missing: the experiment folder is incomplete"
+    )
 
 
 def test_read_only_output_folder(clips, tmp_path, monkeypatch):
@@ -159,10 +170,13 @@ def test_output_is_never_clobbered(clips, tmp_path):
     assert res.exit_code != 0 and "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("device, message", [
-    ("tpu", "Error: device 'tpu': expected auto, cpu, cuda or cuda:N"),
-    ("cuda:x", "Error: device 'cuda:x': expected auto, cpu, cuda or cuda:N"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "Error: device 'tpu': expected auto, cpu, cuda or cuda:N"),
+        ("cuda:x", "Error: device 'cuda:x': expected auto, cpu, cuda or cuda:N"),
+    ],
+)
 def test_unknown_device_is_one_line(clips, tmp_path, device, message):
     line = refused(predict(clips / "a_good.wav", "-o", tmp_path / "p.csv", "--device", device, "-q"))
     assert line == message

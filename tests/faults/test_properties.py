@@ -10,7 +10,6 @@ from pathlib import Path
 # hypothesis caches to ./.hypothesis by default; keep the checkout clean
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "sertool-hypothesis"))
 
-import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -18,14 +17,24 @@ from sertool.corpora import read_corpus
 from sertool.corpora.base import MAX_ID_LENGTH, CorpusError, Utterance, check_id, read_manifest, safe_id, write_manifest
 from sertool.corpora.ravdess import EMOTIONS, INTENSITY, STATEMENTS, read_ravdess
 
-BOUNDED = settings(max_examples=40, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+BOUNDED = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 # file-system-valid name pieces: any unicode except '/', NUL and surrogates, at most 40 bytes
-name_piece = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1,
-                     max_size=12).filter(lambda s: s not in (".", "..") and len(s.encode()) <= 40)
+name_piece = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00"), min_size=1, max_size=12
+).filter(lambda s: s not in (".", "..") and len(s.encode()) <= 40)
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=60)
-label = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), blacklist_characters=","),
-                min_size=1, max_size=10)
+label = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp"), blacklist_characters=","),
+    min_size=1,
+    max_size=10,
+)
 
 
 def fresh_dir():
@@ -33,9 +42,15 @@ def fresh_dir():
 
 
 @BOUNDED
-@given(st.lists(st.tuples(st.lists(name_piece, min_size=1, max_size=3), text, label), min_size=1, max_size=6,
-                unique_by=lambda t: tuple(t[0])),
-       st.booleans())
+@given(
+    st.lists(
+        st.tuples(st.lists(name_piece, min_size=1, max_size=3), text, label),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda t: tuple(t[0]),
+    ),
+    st.booleans(),
+)
 def test_folder_reader_on_generated_corpora(entries, sidecars):
     """Every audio file is either one utterance with its label and text, or reported; ids are safe."""
     root = fresh_dir()
@@ -44,8 +59,12 @@ def test_folder_reader_on_generated_corpora(entries, sidecars):
         for parts, transcript, lab in entries:
             rel = Path(*parts[:-1], parts[-1] + ".wav")
             path = root / rel
-            if parts[0] in ("metadata.csv", "metadata.tsv", "feats") or path.is_dir() or path.exists() \
-                    or any(p.is_file() for p in path.parents if p != root):
+            if (
+                parts[0] in ("metadata.csv", "metadata.tsv", "feats")
+                or path.is_dir()
+                or path.exists()
+                or any(p.is_file() for p in path.parents if p != root)
+            ):
                 continue  # a generated folder name equals an earlier file name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"RIFF")  # the reader never opens the audio
@@ -76,8 +95,9 @@ def test_folder_reader_on_generated_corpora(entries, sidecars):
         out = root / "feats"
         write_manifest(utts, out / "manifest.jsonl")
         again = read_manifest(out)
-        assert [(Path(u.audio), u.id, u.text, u.label) for u in again] == \
-            [(Path(u.audio), u.id, u.text, u.label) for u in utts]
+        assert [(Path(u.audio), u.id, u.text, u.label) for u in again] == [
+            (Path(u.audio), u.id, u.text, u.label) for u in utts
+        ]
         assert set(by_audio) <= set(written)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -86,21 +106,38 @@ def test_folder_reader_on_generated_corpora(entries, sidecars):
 safe_ids = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._\-\[\]+=,@]{0,30}\Z")
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 optional_text = st.none() | st.text(min_size=1, max_size=20)
-json_value = st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53) | finite | st.text(max_size=10),
-                          lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-                          max_leaves=8)
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | finite | st.text(max_size=10),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+    max_leaves=8,
+)
 
 
 @st.composite
 def utterances(draw):
     start = draw(st.none() | st.floats(0, 1e4))
-    words = draw(st.none() | st.lists(st.tuples(st.text(max_size=8), st.floats(0, 100), st.floats(0, 100)).map(
-        lambda w: [w[0], min(w[1], w[2]), max(w[1], w[2])]), max_size=4))
+    words = draw(
+        st.none()
+        | st.lists(
+            st.tuples(st.text(max_size=8), st.floats(0, 100), st.floats(0, 100)).map(
+                lambda w: [w[0], min(w[1], w[2]), max(w[1], w[2])]
+            ),
+            max_size=4,
+        )
+    )
     return Utterance(
-        id=draw(safe_ids), text=draw(text), label=draw(st.none() | label), score=draw(st.none() | finite),
-        speaker=draw(optional_text), session=draw(optional_text), split=draw(st.sampled_from([None, "train", "dev", "test"])),
-        duration=draw(st.none() | st.floats(0, 1e5)), sample_rate=draw(st.none() | st.integers(1, 384000)),
-        words=words, start=start, end=None if start is None else start + draw(st.floats(0, 100)),
+        id=draw(safe_ids),
+        text=draw(text),
+        label=draw(st.none() | label),
+        score=draw(st.none() | finite),
+        speaker=draw(optional_text),
+        session=draw(optional_text),
+        split=draw(st.sampled_from([None, "train", "dev", "test"])),
+        duration=draw(st.none() | st.floats(0, 1e5)),
+        sample_rate=draw(st.none() | st.integers(1, 384000)),
+        words=words,
+        start=start,
+        end=None if start is None else start + draw(st.floats(0, 100)),
         extra=draw(st.dictionaries(st.text(min_size=1, max_size=6), json_value, max_size=3)),
         audio=draw(st.none() | st.sampled_from(["a.wav", "sub/ü b.flac", "../elsewhere/c.wav"])),
     )

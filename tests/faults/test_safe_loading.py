@@ -66,14 +66,19 @@ def test_yaml_config_with_python_tags_is_not_executed(tmp_path):
     config.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
     feats = tmp_path / "feats"
     feats.mkdir()
-    r = CliRunner().invoke(cli, ["train", str(feats), "-m", "probe", "--config", str(config), "-o", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        cli, ["train", str(feats), "-m", "probe", "--config", str(config), "-o", str(tmp_path / "e")]
+    )
     assert r.exit_code == 1 and not marker.exists()
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
-    assert r.output.startswith(f"Error: {config}: line 1, column 8: the tag '!!python/object/apply:os.system' "
-                               "is not allowed"), r.output
+    assert r.output.startswith(
+        f"Error: {config}: line 1, column 8: the tag '!!python/object/apply:os.system' is not allowed"
+    ), r.output
     r = CliRunner().invoke(cli, ["models", "--set", f'model.d=!!python/object/apply:os.system ["touch {marker}"]'])
     assert r.exit_code == 1 and not marker.exists()
-    assert r.output.startswith("Error: override 'model.d=!!python/object/apply:os.system") and "is not allowed" in r.output
+    assert (
+        r.output.startswith("Error: override 'model.d=!!python/object/apply:os.system") and "is not allowed" in r.output
+    )
 
 
 def test_yaml_config_with_a_syntax_error_is_one_line_naming_the_file(tmp_path):
@@ -81,7 +86,9 @@ def test_yaml_config_with_a_syntax_error_is_one_line_naming_the_file(tmp_path):
     config.write_text("model:\n  d: [1, 2\n  gates: false\n")
     feats = tmp_path / "feats"
     feats.mkdir()
-    r = CliRunner().invoke(cli, ["train", str(feats), "-m", "probe", "--config", str(config), "-o", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        cli, ["train", str(feats), "-m", "probe", "--config", str(config), "-o", str(tmp_path / "e")]
+    )
     assert r.exit_code == 1 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert r.output.startswith(f"Error: {config}: line 3, column 8: expected ',' or ']'"), r.output
 
@@ -97,8 +104,8 @@ def test_path_traversal_ids_never_write_outside_the_output(tmp_path):
 
 
 def test_truncated_and_missing_safetensors_give_one_clear_error(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from sertool.weights import WeightsError, load_tensors
 

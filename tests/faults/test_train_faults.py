@@ -19,8 +19,25 @@ def feats(tmp_path_factory):
 
 
 def train(feats, exp, *extra):
-    return CliRunner().invoke(cli, ["train", str(feats), "-m", "probe", "-o", str(exp), "-q", "--threads", "1",
-                                    "--epochs", "2", "--protocol", "speaker-kfold:2", *map(str, extra)])
+    return CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(feats),
+            "-m",
+            "probe",
+            "-o",
+            str(exp),
+            "-q",
+            "--threads",
+            "1",
+            "--epochs",
+            "2",
+            "--protocol",
+            "speaker-kfold:2",
+            *map(str, extra),
+        ],
+    )
 
 
 def refused(res, exp):
@@ -33,16 +50,19 @@ def refused(res, exp):
     return lines[0]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epochz=3", "Error: unknown config key 'train.epochz' (in override 'train.epochz=3')"),
-    ("model.hiddenn=8", "Error: unknown config key 'model.hiddenn' (in override 'model.hiddenn=8')"),
-    ("trian.epochs=3", "Error: unknown config key 'trian' (in override 'trian.epochs=3')"),
-    ("train.epochs=abc", "Error: config key 'train.epochs': expected a number, got 'abc'"),
-    ("optim.lr=[1, 2]", "Error: config key 'optim.lr': expected a number, got [1, 2]"),
-    ("optim.lr={a: 1}", "Error: config key 'optim.lr': expected a number, got {'a': 1}"),
-    ("train.epochs=true", "Error: config key 'train.epochs': expected a number, got True"),
-    ("train", "Error: override 'train' is not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochz=3", "Error: unknown config key 'train.epochz' (in override 'train.epochz=3')"),
+        ("model.hiddenn=8", "Error: unknown config key 'model.hiddenn' (in override 'model.hiddenn=8')"),
+        ("trian.epochs=3", "Error: unknown config key 'trian' (in override 'trian.epochs=3')"),
+        ("train.epochs=abc", "Error: config key 'train.epochs': expected a number, got 'abc'"),
+        ("optim.lr=[1, 2]", "Error: config key 'optim.lr': expected a number, got [1, 2]"),
+        ("optim.lr={a: 1}", "Error: config key 'optim.lr': expected a number, got {'a': 1}"),
+        ("train.epochs=true", "Error: config key 'train.epochs': expected a number, got True"),
+        ("train", "Error: override 'train' is not of the form key.sub=value"),
+    ],
+)
 def test_bad_override_names_the_key(feats, tmp_path, override, message):
     exp = tmp_path / "e"
     assert refused(train(feats, exp, "--audio", "fa", "--set", override), exp) == message
@@ -54,8 +74,10 @@ def test_bad_config_file_names_the_key(feats, tmp_path):
     cfg.write_text("train:\n  epochs: 2\n  batch_sise: 4\n")
     assert "train.batch_sise" in refused(train(feats, exp, "--audio", "fa", "--config", cfg), exp)
     cfg.write_text("optim:\n  lr: fast\n")
-    assert refused(train(feats, exp, "--audio", "fa", "--config", cfg), exp) == \
-        f"Error: {cfg}: config key 'optim.lr': expected a number, got 'fast'"
+    assert (
+        refused(train(feats, exp, "--audio", "fa", "--config", cfg), exp)
+        == f"Error: {cfg}: config key 'optim.lr': expected a number, got 'fast'"
+    )
     cfg.write_text("train: 3\n")
     assert "config key 'train' is a section" in refused(train(feats, exp, "--audio", "fa", "--config", cfg), exp)
 
@@ -64,8 +86,10 @@ def test_label_outside_a_closed_label_set(tmp_path):
     f = make_train_feats(tmp_path / "f", label_of=lambda s, i: ("angry", "happy", "neutral", "bored")[i % 4])
     exp = tmp_path / "e"
     line = refused(train(f, exp, "--audio", "fa", "--labels", "ravdess8"), exp)
-    assert line == ("Error: utterance 's0_u003' has label 'bored', which label set 'ravdess8' "
-                    "(neutral, calm, happy, sad, angry, fearful, disgust, surprised) does not contain")
+    assert line == (
+        "Error: utterance 's0_u003' has label 'bored', which label set 'ravdess8' "
+        "(neutral, calm, happy, sad, angry, fearful, disgust, surprised) does not contain"
+    )
 
 
 def test_custom_label_list_records_what_it_dropped(tmp_path):
@@ -111,8 +135,24 @@ def test_truncated_and_empty_store(feats, tmp_path):
 def test_mismatched_ids_between_stores(tmp_path):
     f = make_train_feats(tmp_path / "f", drop_from_text=("s1_u003",))
     exp = tmp_path / "e"
-    res = CliRunner().invoke(cli, ["train", str(f), "-m", "self_attn", "-o", str(exp), "-q", "--audio", "fa",
-                                   "--text", "ft", "--set", "model.modalities=[audio,text]"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(f),
+            "-m",
+            "self_attn",
+            "-o",
+            str(exp),
+            "-q",
+            "--audio",
+            "fa",
+            "--text",
+            "ft",
+            "--set",
+            "model.modalities=[audio,text]",
+        ],
+    )
     line = refused(res, exp)
     assert "1 of 32 utterances are missing from the text store" in line and "s1_u003" in line
 
@@ -123,8 +163,7 @@ def test_broken_manifest(feats, tmp_path):
     lines = (f / "manifest.jsonl").read_text().splitlines()
     exp = tmp_path / "e"
     (f / "manifest.jsonl").write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
-    assert refused(train(f, exp, "--audio", "fa"), exp).startswith(
-        f"Error: {f / 'manifest.jsonl'}:3: not valid JSON")
+    assert refused(train(f, exp, "--audio", "fa"), exp).startswith(f"Error: {f / 'manifest.jsonl'}:3: not valid JSON")
     (f / "manifest.jsonl").write_text("\n".join(lines + [lines[0]]) + "\n")
     assert "duplicate utterance id 's0_u000' (entries 0 and 32)" in refused(train(f, exp, "--audio", "fa"), exp)
     (f / "manifest.jsonl").write_text(lines[0][:-1] + ', "colour": "red"}\n')
@@ -146,12 +185,32 @@ def test_read_only_output_folder(feats, tmp_path, monkeypatch):
 def test_store_of_the_wrong_modality_is_refused(feats, tmp_path):
     """A text store given as --audio (or an audio store as --text) is refused before training."""
     exp = tmp_path / "e"
-    assert refused(train(feats, exp, "--audio", "ft"), exp) == \
-        "Error: --audio ft: store 'ft' holds text (token) features, not audio frames; pass it as --text"
-    res = CliRunner().invoke(cli, ["train", str(feats), "-m", "self_attn", "-o", str(exp), "-q", "--audio", "fa",
-                                   "--text", "fa", "--set", "model.modalities=[audio,text]"])
-    assert refused(res, exp) == \
-        "Error: --text fa: store 'fa' holds audio frames, not text (word) features; pass it as --audio"
+    assert (
+        refused(train(feats, exp, "--audio", "ft"), exp)
+        == "Error: --audio ft: store 'ft' holds text (token) features, not audio frames; pass it as --text"
+    )
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(feats),
+            "-m",
+            "self_attn",
+            "-o",
+            str(exp),
+            "-q",
+            "--audio",
+            "fa",
+            "--text",
+            "fa",
+            "--set",
+            "model.modalities=[audio,text]",
+        ],
+    )
+    assert (
+        refused(res, exp)
+        == "Error: --text fa: store 'fa' holds audio frames, not text (word) features; pass it as --audio"
+    )
     assert not exp.exists()  # refused while the inputs are read, before the experiment folder is made
 
 

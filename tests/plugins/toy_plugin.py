@@ -22,8 +22,13 @@ class Toy(Extractor):
         self.hop_ms, self.sample_rate, self.log, self.sleep, self.fail_on = hop_ms, sample_rate, log, sleep, fail_on
 
     def params(self):
-        return {"hop_ms": self.hop_ms, "sample_rate": self.sample_rate, "log": self.log, "sleep": self.sleep,
-                "fail_on": self.fail_on}
+        return {
+            "hop_ms": self.hop_ms,
+            "sample_rate": self.sample_rate,
+            "log": self.log,
+            "sleep": self.sleep,
+            "fail_on": self.fail_on,
+        }
 
     def file_attrs(self):
         return {"dim": 2, "frame_rate_hz": 1000.0 / self.hop_ms, "columns": ["rms", "zcr"]}
@@ -36,7 +41,7 @@ class Toy(Extractor):
         hop = int(self.sample_rate * self.hop_ms / 1000)
         n = max(1, len(wave) // hop)
         frames = wave[: n * hop].reshape(n, hop) if len(wave) >= hop else np.pad(wave, (0, hop - len(wave)))[None]
-        rms = np.sqrt((frames ** 2).mean(axis=1))
+        rms = np.sqrt((frames**2).mean(axis=1))
         zcr = (np.diff(np.sign(frames), axis=1) != 0).mean(axis=1)
         if self.log:
             with open(self.log, "a") as f:

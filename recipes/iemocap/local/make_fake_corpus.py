@@ -39,10 +39,26 @@ SENTENCES = {
     "xxx": ["i do not know what to say"],
 }
 # espeak-ng pitch (0-99), speed (words per minute), amplitude per label
-PROSODY = {"neu": (45, 160, 100), "hap": (75, 185, 130), "exc": (85, 210, 160), "ang": (55, 200, 190),
-           "sad": (30, 120, 70), "fru": (50, 175, 150), "sur": (90, 170, 140), "xxx": (50, 160, 100)}
-VAD = {"neu": (3.0, 2.5, 2.5), "hap": (4.0, 3.0, 3.0), "exc": (4.5, 4.0, 3.5), "ang": (1.5, 4.0, 4.0),
-       "sad": (1.5, 2.0, 2.0), "fru": (2.0, 3.5, 3.0), "sur": (3.5, 4.0, 2.5), "xxx": (3.0, 3.0, 3.0)}
+PROSODY = {
+    "neu": (45, 160, 100),
+    "hap": (75, 185, 130),
+    "exc": (85, 210, 160),
+    "ang": (55, 200, 190),
+    "sad": (30, 120, 70),
+    "fru": (50, 175, 150),
+    "sur": (90, 170, 140),
+    "xxx": (50, 160, 100),
+}
+VAD = {
+    "neu": (3.0, 2.5, 2.5),
+    "hap": (4.0, 3.0, 3.0),
+    "exc": (4.5, 4.0, 3.5),
+    "ang": (1.5, 4.0, 4.0),
+    "sad": (1.5, 2.0, 2.0),
+    "fru": (2.0, 3.5, 3.0),
+    "sur": (3.5, 4.0, 2.5),
+    "xxx": (3.0, 3.0, 3.0),
+}
 PAUSE = 0.08  # seconds between words
 
 
@@ -52,15 +68,18 @@ def espeak_word(word: str, label: str, gender: str, tmp: Path) -> np.ndarray:
     if gender == "M":
         pitch = max(0, pitch - 20)
     out = tmp / "w.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amp),
-                    "-w", str(out), word], check=True, capture_output=True)
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-p", str(pitch), "-s", str(speed), "-a", str(amp), "-w", str(out), word],
+        check=True,
+        capture_output=True,
+    )
     x, sr = sf.read(out, dtype="float32")
     if x.ndim > 1:
         x = x.mean(axis=1)
     n = int(round(len(x) * SR / sr))
     x = np.interp(np.linspace(0, len(x) - 1, n), np.arange(len(x)), x).astype(np.float32)
     voiced = np.flatnonzero(np.abs(x) > 0.01)  # trim espeak's leading/trailing silence
-    return x[voiced[0]: voiced[-1] + 1] if len(voiced) else x
+    return x[voiced[0] : voiced[-1] + 1] if len(voiced) else x
 
 
 def synthetic_word(word: str, label: str, gender: str, rng: np.random.Generator) -> np.ndarray:

@@ -25,10 +25,28 @@ WORDS = {
     "disgust": ["gross", "ew", "disgusting", "yuck", "nasty"],
     "fear": ["scared", "afraid", "help", "oh", "god", "terrified"],
 }
-SENTIMENT = {"neutral": "neutral", "joy": "positive", "surprise": "positive", "anger": "negative",
-             "sadness": "negative", "disgust": "negative", "fear": "negative"}
-HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID",
-          "Season", "Episode", "StartTime", "EndTime"]
+SENTIMENT = {
+    "neutral": "neutral",
+    "joy": "positive",
+    "surprise": "positive",
+    "anger": "negative",
+    "sadness": "negative",
+    "disgust": "negative",
+    "fear": "negative",
+}
+HEADER = [
+    "Sr No.",
+    "Utterance",
+    "Speaker",
+    "Emotion",
+    "Sentiment",
+    "Dialogue_ID",
+    "Utterance_ID",
+    "Season",
+    "Episode",
+    "StartTime",
+    "EndTime",
+]
 
 
 def main() -> None:
@@ -39,7 +57,11 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", args.per_label), ("dev", max(1, args.per_label // 3)), ("test", max(1, args.per_label // 3))):
+    for split, n in (
+        ("train", args.per_label),
+        ("dev", max(1, args.per_label // 3)),
+        ("test", max(1, args.per_label // 3)),
+    ):
         with open(args.out / f"{split}_sent_emo.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(HEADER)
@@ -50,8 +72,21 @@ def main() -> None:
                     words += [WORDS["neutral"][rng.integers(9)] for _ in range(int(rng.integers(2, 6)))]
                     rng.shuffle(words)
                     row += 1
-                    w.writerow([row, " ".join(words).capitalize() + ".", ["Ross", "Rachel", "Joey"][utt % 3], label,
-                                SENTIMENT[label], dia, utt, 1, 1, "00:00:01,000", "00:00:02,000"])
+                    w.writerow(
+                        [
+                            row,
+                            " ".join(words).capitalize() + ".",
+                            ["Ross", "Rachel", "Joey"][utt % 3],
+                            label,
+                            SENTIMENT[label],
+                            dia,
+                            utt,
+                            1,
+                            1,
+                            "00:00:01,000",
+                            "00:00:02,000",
+                        ]
+                    )
     print(f"wrote MELD-layout transcripts ({args.per_label} training utterances per label) to {args.out}")
 
 

@@ -92,10 +92,16 @@ def main() -> None:
     write_csd(args.out / "CMU_MOSEI_COVAREP.csd", "COVAREP", covarep)
     videos = sorted(labels)
     n_test = max(1, len(videos) // 6)
-    folds = {"train": videos[: len(videos) - 2 * n_test], "valid": videos[-2 * n_test: -n_test], "test": videos[-n_test:]}
+    folds = {
+        "train": videos[: len(videos) - 2 * n_test],
+        "valid": videos[-2 * n_test : -n_test],
+        "test": videos[-n_test:],
+    }
     (args.out / "folds.json").write_text(json.dumps(folds, indent=1) + "\n")
-    print(f"wrote {len(videos)} videos x {args.segments} segments to {args.out} "
-          f"(train/valid/test videos {len(folds['train'])}/{len(folds['valid'])}/{len(folds['test'])})")
+    print(
+        f"wrote {len(videos)} videos x {args.segments} segments to {args.out} "
+        f"(train/valid/test videos {len(folds['train'])}/{len(folds['valid'])}/{len(folds['test'])})"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the absolute paths of the training machine replaced by paths relative to the rep
 writes README.md (what the model is, its speaker-independent test scores from metrics.json,
 how it was trained) and LICENSE (CC BY-NC-SA 4.0, inherited from RAVDESS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,9 @@ def main() -> None:
     spec["name"] = args.name
     spec["license"] = "CC BY-NC-SA 4.0 (trained on RAVDESS; see LICENSE)"
     metrics = json.loads((exp / "metrics.json").read_text())
-    spec["speaker_independent_test"] = {k: metrics["summary"][k] for k in ("WA", "UA", "macro_f1")
-                                        if k in metrics["summary"]}
+    spec["speaker_independent_test"] = {
+        k: metrics["summary"][k] for k in ("WA", "UA", "macro_f1") if k in metrics["summary"]
+    }
     (out / "predictor.json").write_text(json.dumps(spec, indent=2) + "\n")
     cfg = relative(yaml.safe_load((exp / "config.yaml").read_text()))
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -78,29 +80,36 @@ def main() -> None:
     folds = {f["name"]: f for f in json.loads((exp / "folds.json").read_text())["folds"]}
     sel = spec["selection"]
     if sel.get("final") == "all":
-        deployed = (f"one model trained on all {sel['n_utterances']} recordings (no held-out data) for\n"
-                    f"  {sel['epochs']} epochs, the median of the {len(sel['selected_epoch_counts'])} cross-validation runs' selected\n"
-                    "  (best dev UA) epoch counts, normalised with statistics of all recordings; the scores below\n"
-                    "  are those of the cross-validation runs, which never saw their test actors")
+        deployed = (
+            f"one model trained on all {sel['n_utterances']} recordings (no held-out data) for\n"
+            f"  {sel['epochs']} epochs, the median of the {len(sel['selected_epoch_counts'])} cross-validation runs' selected\n"  # noqa: E501
+            "  (best dev UA) epoch counts, normalised with statistics of all recordings; the scores below\n"
+            "  are those of the cross-validation runs, which never saw their test actors"
+        )
         norm_note = "mean and standard deviation of all recordings"
     else:
         chosen = folds[sel["fold"]]
         n_train, n_dev = len(chosen["train"]), len(chosen["dev"])
-        deployed = (f"the fold x seed run with the best *dev* UA ({sel['fold']}: trained on\n"
-                    f"  {n_train} recordings of the other actors, with {n_dev} recordings of held-out training actors\n"
-                    "  for early stopping; its test actors are listed below); test scores were not used to choose it")
+        deployed = (
+            f"the fold x seed run with the best *dev* UA ({sel['fold']}: trained on\n"
+            f"  {n_train} recordings of the other actors, with {n_dev} recordings of held-out training actors\n"
+            "  for early stopping; its test actors are listed below); test scores were not used to choose it"
+        )
         norm_note = "training\n  split's mean and standard deviation"
-    runs = "\n".join(f"| {r['fold']} | {', '.join(folds[r['fold']]['info'].get('test_speakers', []))} | "
-                     f"{r['test']['WA']:.3f} | {r['test']['UA']:.3f} | {r['dev']['UA']:.3f} |" for r in metrics["runs"])
+    runs = "\n".join(
+        f"| {r['fold']} | {', '.join(folds[r['fold']]['info'].get('test_speakers', []))} | "
+        f"{r['test']['WA']:.3f} | {r['test']['UA']:.3f} | {r['dev']['UA']:.3f} |"
+        for r in metrics["runs"]
+    )
     (out / "README.md").write_text(f"""# {args.name}: the default model of `sertool predict`
 
 `sertool predict WAV_DIR` with no experiment folder uses this model.
 
-* Task: 8 emotions of RAVDESS ({', '.join(spec['classes'])}), from the audio only.
-* Model: `{spec['model_config']['name']}` (statistics pooling, mean + std over frames, of
-  {feature['dim']}-d `{feature['feature']}` features, then one linear layer), cross-validated with
+* Task: 8 emotions of RAVDESS ({", ".join(spec["classes"])}), from the audio only.
+* Model: `{spec["model_config"]["name"]}` (statistics pooling, mean + std over frames, of
+  {feature["dim"]}-d `{feature["feature"]}` features, then one linear layer), cross-validated with
   `sertool train` on all 1,440 RAVDESS speech recordings (24 actors).
-* Features: `{feature['extractor']['name']}` with the parameters in predictor.json (no model download:
+* Features: `{feature["extractor"]["name"]}` with the parameters in predictor.json (no model download:
   computed by sertool itself from the waveform, 16 kHz mono), normalised with the {norm_note}
   (norm.safetensors).
 * Deployed weights: {deployed}.
@@ -113,7 +122,7 @@ the 6 test folds:
 
 | WA (accuracy) | UA (mean recall) | macro F1 |
 |---|---|---|
-| {s['WA']['mean']:.3f} ± {s['WA']['std']:.3f} | {s['UA']['mean']:.3f} ± {s['UA']['std']:.3f} | {s['macro_f1']['mean']:.3f} ± {s['macro_f1']['std']:.3f} |
+| {s["WA"]["mean"]:.3f} ± {s["WA"]["std"]:.3f} | {s["UA"]["mean"]:.3f} ± {s["UA"]["std"]:.3f} | {s["macro_f1"]["mean"]:.3f} ± {s["macro_f1"]["std"]:.3f} |
 
 Per fold:
 
