@@ -91,6 +91,16 @@ def test_train(tmp_path):
     cmd = sertool_cmd("train", feats, "-m", "probe", "-o", exp, "-q", *sum((["--set", s] for s in TRAIN), []))
     epochs_at_kill = random.Random(SEED).randint(2, 60)  # of 2 folds x 40 epochs, one log line each
 
+    _kill_then_resume(cmd, exp, epochs_at_kill)
+    _same_weights(ref, exp)
+    ma, mb = json.loads((ref / "metrics.json").read_text()), json.loads((exp / "metrics.json").read_text())
+    for key, value in ma["summary"].items():
+        assert value["mean"] == pytest.approx(mb["summary"][key]["mean"], abs=1e-6), key
+
+
+def _kill_then_resume(cmd, exp, epochs_at_kill):
+    """Kill the train command once ``epochs_at_kill`` epoch lines are logged, then finish it with --resume."""
+
     def started():
         return sum(p.read_bytes().count(b"\n") for p in exp.glob("folds/*/seed0/log.jsonl")) >= epochs_at_kill
 
@@ -98,10 +108,6 @@ def test_train(tmp_path):
     assert not (exp / "predictor.json").exists(), "killed too late to test anything"
     again = kill_when(cmd + ["--resume"], lambda: False, seed=SEED)
     assert again.returncode == 0, again.stderr
-    _same_weights(ref, exp)
-    ma, mb = json.loads((ref / "metrics.json").read_text()), json.loads((exp / "metrics.json").read_text())
-    for key, value in ma["summary"].items():
-        assert value["mean"] == pytest.approx(mb["summary"][key]["mean"], abs=1e-6), key
 
 
 def _same_weights(ref, exp):
@@ -146,13 +152,7 @@ def test_train_cmd_finetuning(tmp_path):
     )
     epochs_at_kill = random.Random(SEED).randint(1, 10)  # of 2 folds x 6 epochs, one log line each
 
-    def started():
-        return sum(p.read_bytes().count(b"\n") for p in exp.glob("folds/*/seed0/log.jsonl")) >= epochs_at_kill
-
-    assert kill_when(cmd, started, seed=SEED, max_delay=0.05) is None
-    assert not (exp / "predictor.json").exists(), "killed too late to test anything"
-    again = kill_when(cmd + ["--resume"], lambda: False, seed=SEED)
-    assert again.returncode == 0, again.stderr
+    _kill_then_resume(cmd, exp, epochs_at_kill)
     _same_weights(ref, exp)
 
 
