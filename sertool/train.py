@@ -190,6 +190,13 @@ def _dim_key(cfg: dict, modality: str) -> str:
     raise TrainError(f"model {cfg['model']['name']!r} has no {modality}_dim/input_dim key")
 
 
+def _layers_key(cfg: dict, modality: str) -> str | None:
+    """The model key that takes the layer count of a stacked-layer store, if the model has one:
+    ``layers`` beside ``input_dim``, ``{modality}_layers`` beside ``{modality}_dim``."""
+    key = "layers" if _dim_key(cfg, modality) == "input_dim" else f"{modality}_layers"
+    return key if key in cfg["model"] else None
+
+
 def _task(cfg: dict) -> str:
     return cfg["model"].get("task", "classification")
 
@@ -325,11 +332,22 @@ def check_label_coverage(inputs: Inputs) -> None:
 
 
 def finalize_model_config(cfg: dict, inputs: Inputs) -> None:
-    """Set input dims and the class count from the data."""
+    """Set input dims and the class count from the data.
+
+    A stacked-layer store (``Source.stacked_layers``: every layer of an encoder side by side) given
+    to a model with a layer-count key (``{modality}_layers`` or ``layers``) sets that key to the
+    number of layers and the input dim to one layer's width: the model learns softmax weights over
+    the layers (blocks.LayerWeights).  A plain store sets the dim alone, as a model without such a
+    key does (it reads the stacked frames as one wide vector)."""
     for m, src in inputs.sources.items():
         if src.dim == 0:  # waveform samples or token ids: the model's own input encoder reads them
             continue
-        cfg["model"][_dim_key(cfg, m)] = int(src.dim)
+        dim, stacked, layers_key = int(src.dim), src.stacked_layers, _layers_key(cfg, m)
+        if stacked is not None and layers_key is not None:
+            cfg["model"][layers_key], dim = len(stacked[0]), stacked[1]
+        elif layers_key is not None:
+            cfg["model"][layers_key] = 1
+        cfg["model"][_dim_key(cfg, m)] = dim
     if not inputs.labels.regression and "n_classes" in cfg["model"]:
         cfg["model"]["n_classes"] = len(inputs.labels.classes)
 
@@ -448,10 +466,45 @@ class Schedule:
         self.plateau_bad = state["plateau_bad"]
 
 
+def full_batch(cfg: dict) -> bool:
+    """``optim.name: lbfgs``: one optimiser step per epoch on the whole training split."""
+    return str(cfg["optim"]["name"]).lower() == "lbfgs"
+
+
+def weight_decay_of(cfg: dict, epoch: int) -> float:
+    """``optim.weight_decay``, or with ``optim.weight_decay_path`` the epoch's value of the path (a
+    regularisation path: the last value once the path is done)."""
+    path = cfg["optim"].get("weight_decay_path") or []
+    return float(path[min(epoch, len(path) - 1)]) if path else float(cfg["optim"]["weight_decay"])
+
+
+def l2_penalty(cfg: dict, model: torch.nn.Module, epoch: int) -> torch.Tensor | float:
+    """L-BFGS's weight decay, as a term of the loss: ``0.5 * wd * ||W||^2`` over the weight matrices
+    (not biases, norms or layer weights; scikit-learn's LogisticRegression with C = 1 / (wd * n_train)
+    has the same optimum), ``wd = weight_decay_of(cfg, epoch)``."""
+    if not full_batch(cfg):
+        return 0.0  # the other optimisers apply optim.weight_decay themselves
+    wd = weight_decay_of(cfg, epoch)
+    if wd == 0:
+        return 0.0
+    return 0.5 * wd * sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad and p.ndim >= 2)
+
+
 def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg["optim"]
     params = [p for p in model.parameters() if p.requires_grad]
     name = o["name"].lower()
+    path = o.get("weight_decay_path") or []
+    if path and name != "lbfgs":
+        raise TrainError("optim.weight_decay_path (a regularisation path, one value per epoch) needs optim.name lbfgs")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in path):
+        raise TrainError(f"optim.weight_decay_path {path!r}: expected a list of numbers >= 0")
+    if name == "lbfgs":
+        if D.world().distributed:
+            raise TrainError("optim.name lbfgs (full batch) runs in one process; launch it without torchrun")
+        return torch.optim.LBFGS(
+            params, lr=o["lr"], max_iter=int(o["max_iter"]), history_size=20, line_search_fn="strong_wolfe"
+        )
     if name == "adam":
         return torch.optim.Adam(
             params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
@@ -462,7 +515,7 @@ def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
         )
     if name == "sgd":
         return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=o.get("momentum", 0.0))
-    raise TrainError(f"optim.name {o['name']!r}: expected adam, adamw or sgd")
+    raise TrainError(f"optim.name {o['name']!r}: expected adam, adamw, sgd or lbfgs")
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -552,9 +605,9 @@ def predict(
     batch_size: int | None = None,
     weight: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Predictions for every item of ``ds`` (in order) and the mean loss.  Batches follow
-    ``train.max_batch_frames`` when it is set (grouped by length; the predictions are put back in
-    data order).
+    """Predictions for every item of ``ds`` (in order) and the mean loss (with class weights, the
+    weighted mean over all items, whatever the batches).  Batches follow ``train.max_batch_frames``
+    when it is set (grouped by length; the predictions are put back in data order).
 
     In a distributed run each rank predicts every ``world``-th item and the predictions are
     all-gathered, so every rank returns the same arrays as a single process would."""
@@ -566,23 +619,27 @@ def predict(
         batches = [mine[i : i + bs] for i in range(0, len(mine), bs)]
     else:
         batches = ds.batch_indices(bs, cfg["train"]["max_batch_frames"] or None)
-    outs, where, total = [], [], 0.0
+    weighted = weight is not None and _task(cfg) != "regression"
+    outs, where, total, mass = [], [], 0.0, 0.0
     for idx in batches:
         batch = to_device(ds.collate(idx), device)
         with _autocast(device, cfg["train"]["amp"]):
             out = model(batch)
         target = batch["target"]
-        total += float(compute_loss(cfg, out, target, weight)) * len(target)
+        # a batch's loss is the (weighted) mean over its items: weigh it by its items' total weight
+        items = float(weight[target].sum()) if weighted else len(target)
+        total += float(compute_loss(cfg, out, target, weight)) * items
+        mass += items
         outs.append(outputs_to_predictions(cfg, out))
         where.append(np.asarray(idx))
     local = (np.concatenate(where), np.concatenate(outs)) if outs else None
-    parts = D.all_gather_object((local, total)) if w.distributed else [(local, total)]
+    parts = D.all_gather_object((local, total, mass)) if w.distributed else [(local, total, mass)]
     first = next(p[0][1] for p in parts if p[0] is not None)
     preds = np.empty((len(ds), *first.shape[1:]), dtype=first.dtype)
-    for part, _ in parts:
+    for part, _, _ in parts:
         if part is not None:
             preds[part[0]] = part[1]
-    return preds, sum(p[1] for p in parts) / max(len(ds), 1)
+    return preds, sum(p[1] for p in parts) / max(sum(p[2] for p in parts), 1e-12)
 
 
 def score_predictions(cfg: dict, preds: np.ndarray, targets: np.ndarray, classes: list[str]) -> dict:
@@ -727,7 +784,8 @@ def setup_run(
     model = build(cfg).to(device)
     D.broadcast_module(model)  # identical initial weights on every rank (they are: same seed)
     optimizer = make_optimizer(cfg, model)
-    spe = len(train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0))
+    batches = train_ds.batch_indices(tr["batch_size"], tr["max_batch_frames"] or None, True, seed, 0)
+    spe = 1 if full_batch(cfg) else len(batches)  # optimiser steps per epoch
     higher = _select_key(cfg) not in ("loss", "MAE")
     schedule = Schedule(cfg["schedule"], cfg["optim"]["lr"], spe, tr["epochs"], higher and not final)
     run = Run(
@@ -781,19 +839,27 @@ def setup_run(
 
 
 def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | None) -> tuple[float, float]:
-    """One pass over the training split; returns (mean training loss, seconds)."""
+    """One pass over the training split; returns (mean training loss before each step, seconds).
+
+    Every optimiser step evaluates a closure: the loss and gradient of one batch, or, with
+    ``optim.name: lbfgs`` (full batch), of the whole training split, accumulated over its batches
+    (collated once per epoch): one L-BFGS step of ``optim.max_iter`` iterations per epoch, started
+    afresh from the current weights (no optimiser state between epochs), with its weight decay in
+    the loss (``l2_penalty``)."""
     from tqdm.auto import tqdm
 
     cfg, tr, w = run.cfg, run.cfg["train"], D.world()
-    epoch = run.state["epoch"]
+    epoch, whole = run.state["epoch"], full_batch(run.cfg)
     run.model.train()
     batches = distributed_batch_indices(
         run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, run.seed, epoch, w.rank, w.size
     )
     collated = iterate_batches(run.train_ds, [idx for _, idx, _ in batches], int(cfg["data"].get("workers") or 0))
+    pairs = zip(batches, collated)
+    steps = [list(pairs)] if whole else ([pair] for pair in pairs)
     bar = tqdm(
-        zip(batches, collated),
-        total=len(batches),
+        steps,
+        total=1 if whole else len(batches),
         desc=f"{run.fold.name} s{run.seed} ep{epoch + 1}/{run.epochs}",
         disable=not progress,
         leave=False,
@@ -801,26 +867,39 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     )
     clip = float(cfg["optim"]["grad_clip"] or 0)
     total, n, t0 = 0.0, 0, time.time()
-    for (gidx, idx, real), batch in bar:
-        batch = to_device(batch, run.device)
+    for step in bar:
+        step = [(ids, to_device(batch, run.device)) for ids, batch in step]
+        items = np.concatenate([gidx for (gidx, _, _), _ in step])
         lr = run.schedule.lr(run.state["step"])
         for g in run.optimizer.param_groups:
             g["lr"] = lr
-        with _autocast(run.device, tr["amp"]):
-            out = run.net(batch)
-        loss = compute_loss(cfg, out, batch["target"], run.weight)
-        # this rank's share of the global batch's mean loss; DDP averages gradients over the
-        # ranks, hence the factor w.size (1 and an unchanged loss in a single process)
-        share = float(run.item_weight[idx].sum() / run.item_weight[gidx].sum()) if real else 0.0
-        scaled = loss * (share * w.size) if w.distributed else loss
-        run.optimizer.zero_grad(set_to_none=True)
-        scaled.backward()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
-        run.optimizer.step()
+
+        def closure() -> torch.Tensor:
+            """The step's mean loss (its gradient in .grad): a sum over its batches, each weighted by
+            its share of the step's items; under DDP this rank's share of the global batch's mean
+            loss, times w.size because DDP averages gradients over the ranks."""
+            run.optimizer.zero_grad(set_to_none=True)
+            step_loss = l2_penalty(cfg, run.model, epoch)
+            if torch.is_tensor(step_loss):
+                step_loss.backward()
+                step_loss = step_loss.detach()
+            for (gidx, idx, real), batch in step:
+                with _autocast(run.device, tr["amp"] and not whole):
+                    out = run.net(batch)
+                loss = compute_loss(cfg, out, batch["target"], run.weight)
+                share = float(run.item_weight[idx].sum() / run.item_weight[items].sum()) if real else 0.0
+                (loss * (share * w.size if w.distributed else share)).backward()
+                step_loss = step_loss + loss.detach() * share
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+            return step_loss
+
+        loss = float(run.optimizer.step(closure))
+        if whole:
+            run.optimizer.state.clear()  # each epoch's L-BFGS solve starts afresh: nothing to checkpoint
         run.state["step"] += 1
-        total += float(loss.detach()) * (share * len(gidx) if w.distributed else len(idx))
-        n += len(gidx)
+        total += loss * len(items)
+        n += len(items)
         bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.2e}")
         if kill_step is not None:
             kill_step()
@@ -858,6 +937,7 @@ def select_and_checkpoint(
         "epoch": epoch,
         "lr": run.schedule.lr(max(state["step"] - 1, 0)),
         "train_loss": train_loss,
+        **({"weight_decay": weight_decay_of(run.cfg, epoch)} if run.cfg["optim"].get("weight_decay_path") else {}),
         **({} if run.final else {"dev_loss": dev_m["loss"]}),
         **{f"dev_{k}": dev_m[k] for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in dev_m},
         "best": improved,
