@@ -75,8 +75,22 @@ class Source:
             "versions",
             "created",
             "source",
+            "layers",
+            "layer_dim",
         )
         return {"path": str(self.path), **{k: self.attrs[k] for k in keep if k in self.attrs}}
+
+    @property
+    def stacked_layers(self) -> tuple[list[int], int] | None:
+        """``(layer ids, layer_dim)`` when every frame stacks several encoder layers side by side
+        (an extractor's ``layer=all`` or a layer list with ``combine=stack``: attrs ``layers`` and
+        ``layer_dim``, dim = len(layers) x layer_dim); None for a plain store."""
+        layers, layer_dim = self.attrs.get("layers"), self.attrs.get("layer_dim")
+        if not isinstance(layers, (list, tuple)) or len(layers) < 2 or not layer_dim:
+            return None
+        if self.attrs.get("combine", "stack") != "stack" or int(layer_dim) * len(layers) != int(self.dim):
+            return None
+        return [int(i) for i in layers], int(layer_dim)
 
 
 class StoreSource(Source):

@@ -108,6 +108,7 @@ def evaluate_experiment(
         torch.set_num_threads(int(settings["run"]["threads"]))
     rows: list[dict] = []
     dominance: list[dict] = []
+    layer_weights: list[dict] = []
     for fold, seed, rd in _runs(exp, folds, seeds):
         missing = [u for u in fold.test if u not in target]
         if missing:
@@ -121,6 +122,8 @@ def evaluate_experiment(
         preds, loss = predict(settings, model, ds, dev)
         if hasattr(model, "modality_logits") and not regression:
             dominance.append(modality_dominance(settings, model, ds, dev))
+        if hasattr(model, "learned_layer_weights"):
+            layer_weights.append(model.learned_layer_weights())
         for i, uid in enumerate(fold.test):
             if regression:
                 rows.append(
@@ -142,10 +145,29 @@ def evaluate_experiment(
     metrics["selected_on"] = cfg.get("experiment", {}).get("selected_on")
     if dominance:
         metrics["dominance"] = {m: M.summarize([d[m] for d in dominance]) for m in dominance[0]}
+    if layer_weights and layer_weights[0]:
+        metrics["layer_weights"] = summarize_layer_weights(layer_weights, cfg.get("features") or {})
     for src in inputs.sources.values():
         if getattr(src, "store", None) is not None:
             src.store.close()
     return metrics, rows
+
+
+def summarize_layer_weights(per_run: list[dict[str, list[float]]], features: dict) -> dict:
+    """The learned softmax weights over a stacked-layer store's layers (SUPERB), per modality: the
+    layer ids (hidden-state indices of the store's ``layers`` attr, 0 = embeddings) and the mean and
+    sample std of each layer's weight over the runs."""
+    out = {}
+    for m in per_run[0]:
+        w = np.array([r[m] for r in per_run], dtype=np.float64)  # [runs, layers]
+        ids = (features.get(m) or {}).get("layers") or list(range(w.shape[1]))
+        out[m] = {
+            "layers": [int(i) for i in ids],
+            "mean": w.mean(0).tolist(),
+            "std": (w.std(0, ddof=1) if len(w) > 1 else np.zeros(w.shape[1])).tolist(),
+            "runs": len(w),
+        }
+    return out
 
 
 def modality_dominance(cfg: dict, model, ds: SERDataset, device) -> dict[str, float]:
@@ -357,6 +379,16 @@ def write_report(path: Path, exp: Path, cfg: dict, metrics: dict, comparison: di
             "|---|---|",
         ]
         lines += [f"| {m} | {v['mean']:.3f} ± {v['std']:.3f} |" for m, v in metrics["dominance"].items()]
+    for m, lw in (metrics.get("layer_weights") or {}).items():
+        lines += [
+            "",
+            f"## Learned layer weights ({m}; softmax over the store's stacked layers, mean ± std over "
+            f"{lw['runs']} runs)",
+            "",
+            "| layer | weight |",
+            "|---|---|",
+        ]
+        lines += [f"| {i} | {mu:.3f} ± {sd:.3f} |" for i, mu, sd in zip(lw["layers"], lw["mean"], lw["std"])]
     if has_curves:
         lines += ["", "![curves](curves.png)"]
     if comparison:

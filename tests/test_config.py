@@ -160,7 +160,9 @@ def test_a_misspelt_or_missing_key_in_a_model_yaml_is_reported(tmp_path, monkeyp
     ]
     # and a default written into a constructor again is reported too
     cls = model_class("probe")
-    monkeypatch.setattr(cls, "__init__", lambda self, *, modality, input_dim, n_classes, task, dropout, hidden=0: None)
+    monkeypatch.setattr(
+        cls, "__init__", lambda self, *, modality, input_dim, layers, n_classes, task, dropout, hidden=0: None
+    )
     assert signature_problems("probe", registry.default_config("probe")["model"]) == [
         "parameter 'hidden' has a default (0): defaults live in conf/probe.yaml only"
     ]

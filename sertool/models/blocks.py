@@ -1,5 +1,5 @@
 """Shared building blocks: multi-head attention, transformer layers/stacks, CCAB, LGCCT gate,
-statistics pooling and masked pooling helpers.
+statistics pooling, masked pooling helpers and learned layer weights over a stacked-layer store.
 
 All sequence tensors are ``[B, T, D]`` with a bool mask ``[B, T]`` (True = real frame).
 Every block keeps padded positions from influencing real ones (attention masks keys; pooling
@@ -24,6 +24,8 @@ __all__ = [
     "CCAB",
     "CCABStack",
     "GatedFusion",
+    "LayerWeights",
+    "stacked_layer_weights",
     "sinusoidal_positions",
     "masked_mean",
     "statistics_pooling",
@@ -82,6 +84,36 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
     angle = pos / torch.pow(10000.0, 2.0 * torch.div(i, 2, rounding_mode="floor") / dim)
     table = torch.where(i.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
     return table.to(dtype)
+
+
+class LayerWeights(nn.Module):
+    """SUPERB's weighted sum of an encoder's layers (Yang et al., Interspeech 2021; s3prl's
+    featurizer): frames ``[B, T, L * D]`` of a stacked-layer store (layer l in columns
+    ``l*D:(l+1)*D``, the layout of the extractors' ``layer=all``) -> ``sum_l softmax(w)_l x_l``,
+    ``[B, T, D]``.  The weights start equal (w = 0) and are learned with the downstream model."""
+
+    def __init__(self, layers: int):
+        super().__init__()
+        if int(layers) < 2:
+            raise ValueError(f"LayerWeights needs >= 2 layers, got {layers!r}")
+        self.layers = int(layers)
+        self.logits = nn.Parameter(torch.zeros(self.layers))
+
+    def weights(self) -> torch.Tensor:
+        return self.logits.softmax(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % self.layers:
+            raise ValueError(f"input width {x.shape[-1]} is not {self.layers} stacked layers")
+        stacked = x.reshape(*x.shape[:-1], self.layers, x.shape[-1] // self.layers)
+        return torch.einsum("...ld,l->...d", stacked, self.weights().to(x.dtype))
+
+
+def stacked_layer_weights(layers: dict[str, int]) -> nn.ModuleDict:
+    """One :class:`LayerWeights` per modality whose store stacks more than one layer
+    (``{"audio": model.audio_layers, ...}``; 1 = a plain store, nothing to learn).  A model keeps it
+    as ``self.layer_weights``; ``SERModel._inputs`` applies it to that modality's frames."""
+    return nn.ModuleDict({m: LayerWeights(n) for m, n in layers.items() if int(n) > 1})
 
 
 def _activation(name: str):

@@ -3,19 +3,26 @@ classifier.  A cheap baseline for comparing feature sets (not a published system
 
 ``hidden: H`` (default 0 = linear) puts one hidden layer of H ReLU units (dropout after it)
 between the pooled statistics and the classes: the MLP probe, the usual next step up from a
-linear probe on frozen features."""
+linear probe on frozen features.
+
+``layers: L`` > 1 (set by the train stage from a stacked-layer store, e.g. ``bert``/``whisper``
+with ``layer=all``; ``input_dim`` is then one layer's width): the frames are first the learned
+softmax-weighted sum of the L layers (SUPERB; blocks.LayerWeights, weights start equal), then
+pooled.  ``layers: 1`` is a plain store and the same model as before."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-from .blocks import statistics_pooling
+from .blocks import stacked_layer_weights, statistics_pooling
 from .registry import MODALITIES, SERModel, register
 
 
 @register("probe")
 class Probe(SERModel):
-    def __init__(self, *, modality: str, input_dim: int, n_classes: int, task: str, dropout: float, hidden: int):
+    def __init__(
+        self, *, modality: str, input_dim: int, layers: int, n_classes: int, task: str, dropout: float, hidden: int
+    ):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"model.modality must be one of {MODALITIES}, got {modality!r}")
@@ -24,6 +31,9 @@ class Probe(SERModel):
         self.modalities = (modality,)
         if int(hidden) < 0:
             raise ValueError(f"model.hidden must be >= 0 (0 = linear probe), got {hidden!r}")
+        if int(layers) < 1:
+            raise ValueError(f"model.layers must be >= 1 (1 = a plain store), got {layers!r}")
+        self.layer_weights = stacked_layer_weights({modality: int(layers)})
         self.dropout = nn.Dropout(dropout)
         out_dim = 1 if task == "regression" else n_classes
         self.hidden = (

@@ -123,13 +123,23 @@ class SERModel(nn.Module):
     config: dict = {}
 
     def _inputs(self, batch: dict, m: str):
+        """Frames and mask of modality ``m``; frames of a stacked-layer store come out as the
+        learned weighted sum of their layers (``self.layer_weights``, blocks.stacked_layer_weights)."""
         if m not in batch or batch[m] is None:
             raise KeyError(f"{type(self).__name__} needs batch[{m!r}] (consumes {self.modalities})")
         x = batch[m]
+        layer_weights = getattr(self, "layer_weights", None)
+        if layer_weights is not None and m in layer_weights:
+            x = layer_weights[m](x)
         mask = batch.get(f"{m}_mask")
         if mask is None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask.to(torch.bool)
+
+    def learned_layer_weights(self) -> dict[str, list[float]]:
+        """``{modality: softmax weight per stacked layer}`` (empty for plain stores)."""
+        layer_weights = getattr(self, "layer_weights", None) or {}
+        return {m: [float(v) for v in lw.weights().detach().cpu()] for m, lw in layer_weights.items()}
 
 
 def _check_modalities(mods, allowed=MODALITIES):
