@@ -8,10 +8,12 @@ so a features folder can be moved together with its corpus.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -83,12 +85,27 @@ def _shares_root(path: Path, base: Path) -> bool:
 
 
 def safe_id(raw: str) -> str:
-    """Turn a corpus key (a relative path, a MOSEI segment name …) into a safe id."""
-    s = raw.replace("\\", "/").strip().strip("/")
-    s = s.replace("/", "__")
+    """Turn a corpus key (a relative path, a MOSEI segment name …) into a safe id.
+
+    ASCII keys keep their ids of earlier versions (a character outside the safe set becomes '_').
+    A key with other characters (Cyrillic, Greek, CJK, accents …) keeps what reads the same in
+    ASCII (accents folded: 'é' -> 'e') and gets a short hash of the whole key, so names that differ
+    only in non-ASCII characters stay apart, and the id does not depend on the file system's Unicode
+    normalisation (NFC and NFD spellings of one name give one id). A truncated key gets the hash too.
+    """
+    key = unicodedata.normalize("NFC", raw.replace("\\", "/").strip().strip("/"))
+    s = key.replace("/", "__")
+    lossy = not s.isascii()
+    if lossy:
+        folded = unicodedata.normalize("NFKD", s)
+        s = "".join(c for c in folded if c.isascii() or not unicodedata.combining(c))
     s = re.sub(r"[^A-Za-z0-9._\-\[\]+=,@]", "_", s)
-    s = re.sub(r"^[^A-Za-z0-9]+", "", s) or "utt"  # an id starts with a letter or digit (check_id)
-    return s[:MAX_ID_LENGTH]
+    s = re.sub(r"^[^A-Za-z0-9]+", "", s)
+    if lossy or len(s) > MAX_ID_LENGTH:
+        suffix = "-" + hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        s = re.sub(r"_{2,}$", "", s[: MAX_ID_LENGTH - len(suffix)].rstrip("_")) or "utt"
+        return s + suffix
+    return s or "utt"  # an id starts with a letter or digit (check_id)
 
 
 def check_id(uid: Any) -> None:

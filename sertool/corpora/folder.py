@@ -6,17 +6,20 @@
       any/sub/dirs/x.txt            optional transcript next to the audio (used when no text column)
 
 Without a metadata file every audio file is an unlabelled utterance (what `predict` needs).
-Ids are the relative path without extension, '/' written as '__'.
+Ids are the relative path without extension, '/' written as '__' (base.safe_id: non-ASCII names
+keep their ASCII-readable part plus a short hash; two files whose ids would clash both stay, the
+later one, in sorted order, with a hash of its path appended).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 from pathlib import Path
 
-from sertool.corpora.base import AUDIO_EXTENSIONS, CorpusError, Utterance, safe_id
+from sertool.corpora.base import AUDIO_EXTENSIONS, MAX_ID_LENGTH, CorpusError, Utterance, safe_id
 
 METADATA_NAMES = ("metadata.csv", "metadata.tsv")
 _RAW_FILE = "\0file"  # the 'file' value before stripping (a key no column can have)
@@ -32,6 +35,20 @@ _ALIASES = {
     "fold": "session",
     "sentiment_score": "score",
 }
+
+
+def unique_id(uid: str, key: str, taken: dict[str, Path] | set[str]) -> str:
+    """`uid`, or when another file already has it, `uid` plus a hash of this file's own key (and a
+    counter in the unlikely case that is taken too): a clash never drops a file, and the id depends
+    only on the file's relative path and the names sorted before it."""
+    if uid not in taken:
+        return uid
+    digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    base = f"{uid[: MAX_ID_LENGTH - 12]}-{digest}"
+    candidate, n = base, 1
+    while candidate in taken:
+        candidate, n = f"{base}-{n}", n + 1
+    return candidate
 
 
 def find_audio(root: Path) -> list[Path]:
@@ -113,10 +130,7 @@ def read_folder(
             problems.append((str(path), f"not listed in {meta_path.name}; skipped"))
             continue
         rel = path.relative_to(root).with_suffix("").as_posix()
-        uid = safe_id(rel)
-        if uid in ids:
-            problems.append((str(path), f"id {uid!r} clashes with {ids[uid]}; skipped"))
-            continue
+        uid = unique_id(safe_id(rel), path.relative_to(root).as_posix(), ids)
         ids[uid] = path
         text = row.get("text", "")
         extra = {}
