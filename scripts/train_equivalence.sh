@@ -19,11 +19,12 @@ work=$(mktemp -d)
 trap 'git -C "${repo}" worktree remove --force "${work}/old" >/dev/null 2>&1 || true; rm -rf "${work}"' EXIT
 git -C "${repo}" worktree add -q --detach "${work}/old" "${old_rev}"
 
+cd "${work}"  # not the repository: python -c would import sertool from the current folder
 common=(--labels ravdess8 --protocol loso --fold "${fold}" --seeds 1 --threads 1 -q --overwrite)
 train() {  # TREE TAG MODEL ARGS...
   local tree=$1 tag=$2 model=$3
   shift 3
-  PYTHONPATH="${tree}" "${py}" -c "from sertool.cli import main; main()" train "${feats}" -m "${model}" \
+  PYTHONPATH="${tree}" "${py}" -P -c "from sertool.cli import main; main()" train "${feats}" -m "${model}" \
     "${common[@]}" "$@" -o "${work}/${tag}-$(basename "${tree}")"
 }
 for tree in "${work}/old" "${repo}"; do
