@@ -312,12 +312,20 @@ def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data:
 
 
 def check_label_coverage(inputs: Inputs) -> None:
-    """Every class must have training examples in every fold."""
+    """Every class must have training examples in every fold, and every training split at least two
+    classes (one class trains a constant and scores WA = UA = F1 = 1.000 on a one-class test)."""
     if inputs.labels.regression:
         return
     t = inputs.target_of
     for fold in inputs.folds:
         present = {t[u] for u in fold.train}
+        if len(present) < 2:
+            found = ", ".join(inputs.labels.classes[i] for i in sorted(present)) or "none"
+            raise TrainError(
+                f"fold {fold.name!r}: the training split has {len(present)} class(es) ({found}) in "
+                f"{len(fold.train)} utterances; a classifier needs at least two (check the labels in the "
+                "manifest, --labels, or the protocol)"
+            )
         missing = [c for i, c in enumerate(inputs.labels.classes) if i not in present]
         if missing:
             where = {

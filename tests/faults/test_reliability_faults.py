@@ -46,3 +46,17 @@ def test_unicode_file_names_get_unique_stable_safe_ids(tmp_path, plugin_env):
     assert len(read_manifest(tmp_path / "f")) == 2 * len(NAMES)
     with open_store(tmp_path / "f", "toy") as s:
         assert len(s) == 2 * len(NAMES)
+
+
+# ----------------------------------------------------------------------------- 5. one class
+def test_a_training_split_with_one_class_is_an_error_naming_the_fold(tmp_path, one_torch_thread):
+    from fault_helpers import make_train_feats
+
+    f = make_train_feats(tmp_path / "f", label_of=lambda s, i: "angry")
+    exp = tmp_path / "e"
+    args = ["-m", "probe", "--audio", "fa", "-q", "--threads", "1", "--epochs", "1"]
+    res = run("train", f, "-o", exp, *args, "--protocol", "speaker-kfold:2")
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert lines[0].startswith("Error: fold ") and "training split has 1 class(es) (angry)" in lines[0]
+    assert "at least two" in lines[0] and not list(exp.glob("**/*.safetensors"))
