@@ -102,10 +102,17 @@ def test_a_stacked_store_sets_layers_and_one_layers_width(stacked_feats):
         cfg = resolve_config("probe", None, [f"data.audio={store}"])
         finalize_model_config(cfg, load_inputs(cfg, stacked_feats))
         assert (cfg["model"]["layers"], cfg["model"]["input_dim"]) == (layers, dim), store
-    # a model without a layer-count key reads the stacked frames as one wide vector, as before
+    # the other models take {modality}_layers beside {modality}_dim
     cfg = resolve_config("self_attn", None, ["data.audio=st"])
-    finalize_model_config(cfg, load_inputs(cfg, stacked_feats))
-    assert cfg["model"]["audio_dim"] == 12 and "audio_layers" not in cfg["model"]
+    inputs = load_inputs(cfg, stacked_feats)
+    finalize_model_config(cfg, inputs)
+    assert (cfg["model"]["audio_layers"], cfg["model"]["audio_dim"]) == (4, 3)
+    model = build_model({"model": cfg["model"]})
+    assert list(model.layer_weights) == ["audio"] and model.learned_layer_weights()["audio"] == [0.25] * 4
+    # a model without a layer-count key reads the stacked frames as one wide vector, as before
+    del cfg["model"]["audio_layers"]
+    finalize_model_config(cfg, inputs)
+    assert cfg["model"]["audio_dim"] == 12
 
 
 def test_a_plain_store_gives_the_same_probe():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import TransformerStack, statistics_pooling
+from .blocks import TransformerStack, stacked_layer_weights, statistics_pooling
 from .encoders import ConvRNNEncoder
 from .registry import SERModel, _check_modalities, register
 
@@ -67,6 +67,8 @@ class CMA(SERModel):
         modalities,
         audio_dim: int,
         text_dim: int,
+        audio_layers: int,
+        text_layers: int,
         n_classes: int,
         task: str,
         frontend: str,
@@ -87,6 +89,7 @@ class CMA(SERModel):
         freeze_feature_encoder: bool,
     ):
         super().__init__()
+        self.layer_weights = stacked_layer_weights({"audio": audio_layers, "text": text_layers})
         self.modalities = _check_modalities(modalities, ("audio", "text"))
         if frontend not in ("features", "end_to_end"):
             raise ValueError(f"model.frontend must be features|end_to_end, got {frontend!r}")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import CCABStack, TransformerStack, masked_mean
+from .blocks import CCABStack, TransformerStack, masked_mean, stacked_layer_weights
 from .registry import SERModel, _check_modalities, register
 
 
@@ -53,6 +53,8 @@ class KSTransformer(SERModel):
         modalities,
         audio_dim: int,
         text_dim: int,
+        audio_layers: int,
+        text_layers: int,
         n_classes: int,
         task: str,
         num_heads: int,
@@ -74,6 +76,7 @@ class KSTransformer(SERModel):
         positions: str,
     ):
         super().__init__()
+        self.layer_weights = stacked_layer_weights({"audio": audio_layers, "text": text_layers})
         self.modalities = _check_modalities(modalities, ("audio", "text"))
         if task not in ("regression", "classification"):
             raise ValueError(f"model.task must be regression|classification, got {task!r}")

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import GatedFusion, TransformerStack, last_real, masked_mean
+from .blocks import GatedFusion, TransformerStack, last_real, masked_mean, stacked_layer_weights
 from .encoders import ConvRNNEncoder, RNNEncoder
 from .registry import SERModel, _check_modalities, register
 
@@ -58,6 +58,8 @@ class LGCCT(SERModel):
         modalities,
         audio_dim: int,
         text_dim: int,
+        audio_layers: int,
+        text_layers: int,
         n_classes: int,
         task: str,
         encoders: bool,
@@ -85,6 +87,7 @@ class LGCCT(SERModel):
         pooling: str,
     ):
         super().__init__()
+        self.layer_weights = stacked_layer_weights({"audio": audio_layers, "text": text_layers})
         self.modalities = _check_modalities(modalities)
         if set(self.modalities) != {"audio", "text"}:
             raise ValueError("lgcct is an audio-text model: model.modalities must be [audio, text]")

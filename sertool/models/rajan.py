@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import MultiHeadAttention, masked_mean, statistics_pooling, zero_padding
+from .blocks import MultiHeadAttention, masked_mean, stacked_layer_weights, statistics_pooling, zero_padding
 from .encoders import ConvStack, RNNEncoder
 from .registry import SERModel, _check_modalities, register
 
@@ -73,6 +73,9 @@ class _RajanBase(SERModel):
         audio_dim: int,
         text_dim: int,
         visual_dim: int,
+        audio_layers: int,
+        text_layers: int,
+        visual_layers: int,
         n_classes: int,
         task: str,
         conv: str,
@@ -88,6 +91,9 @@ class _RajanBase(SERModel):
         attn_dropout: float,
     ):
         super().__init__()
+        self.layer_weights = stacked_layer_weights(
+            {"audio": audio_layers, "text": text_layers, "visual": visual_layers}
+        )
         self.modalities = _check_modalities(modalities)
         if self.cross and len(self.modalities) < 2:
             raise ValueError("cross_attn needs at least two modalities (use self_attn for one)")
