@@ -399,6 +399,7 @@ def train(
         progress=not quiet,
         log=(lambda s: None) if quiet else click.echo,
         folds_only=folds or None,
+        warn=lambda s: click.echo(s, err=True),
     )
     import os
 

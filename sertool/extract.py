@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from sertool.audio import AudioError, audio_info, file_checksum, is_silent, load_audio
 from sertool.config import parse_assignment
-from sertool.corpora import read_corpus, write_manifest
+from sertool.corpora import EmptyCorpusError, read_corpus, write_manifest
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, FeatureResult, build_extractor, resolve
 from sertool.store import StoreWriter, library_versions, shard_path, store_path
@@ -211,7 +211,13 @@ def run_extract(
 
     # 1. corpus -> validated utterances
     problems: list[tuple[str, str]] = []
-    corpus_name, utts = read_corpus(corpus_dir, corpus, problems=problems, **(corpus_options or {}))
+    try:
+        corpus_name, utts = read_corpus(corpus_dir, corpus, problems=problems, **(corpus_options or {}))
+    except EmptyCorpusError as e:  # the reasons are written, not dropped
+        if not e.problems:
+            raise
+        _write_errors(out_dir / "errors.tsv", [(f, "", "corpus", r) for f, r in e.problems])
+        raise EmptyCorpusError(f"{e}; all {len(e.problems)} in {out_dir / 'errors.tsv'}", e.problems) from None
     probe_audio(utts, problems)
 
     # 2. ASR for utterances without text, then the manifest

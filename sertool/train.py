@@ -311,6 +311,29 @@ def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data:
     return out
 
 
+def left_out(inputs: Inputs) -> list[str]:
+    """Warning lines for the manifest's utterances that training leaves out (no label, a label the
+    label set drops, features missing with data.missing=drop); config.yaml records the counts."""
+    lines = []
+    dropped = dict(inputs.labels.dropped)
+    unlabelled = dropped.pop("<no label>", 0) + dropped.pop("<no score>", 0)
+    if unlabelled:
+        what = "score" if inputs.labels.regression else "label"
+        lines.append(f"warning: {unlabelled} utterance(s) have no {what} in the manifest; left out of training")
+    if dropped:
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items()))
+        lines.append(
+            f"warning: {sum(dropped.values())} utterance(s) have a label that label set {inputs.labels.name!r} "
+            f"drops ({shown}); left out of training"
+        )
+    if inputs.dropped_missing:
+        lines.append(
+            f"warning: {len(inputs.dropped_missing)} utterance(s) lack features in a store (data.missing=drop, "
+            f"e.g. {inputs.dropped_missing[0]}); left out of training"
+        )
+    return lines
+
+
 def check_label_coverage(inputs: Inputs) -> None:
     """Every class must have training examples in every fold, and every training split at least two
     classes (one class trains a constant and scores WA = UA = F1 = 1.000 on a one-class test)."""
@@ -1092,6 +1115,7 @@ def run_train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     folds_only: Iterable[str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Train ``model`` on FEATS into EXP; returns the content of EXP/metrics.json.
 
@@ -1101,6 +1125,9 @@ def run_train(
     overrides = list(overrides)
     cfg = resolve_config(model, config_file, [*overrides, f"data.feats={Path(feats).resolve()}"])
     inputs = load_inputs(cfg, feats)
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # once under torchrun
+        for line in left_out(inputs):
+            (warn or log)(line)
     finalize_model_config(cfg, inputs)
     build(cfg)  # a model that cannot be built fails before any training
     final_mode(cfg)

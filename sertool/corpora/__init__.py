@@ -10,6 +10,7 @@ which the extract stage writes to errors.tsv.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -70,7 +71,33 @@ def read_corpus(
         raise CorpusError(f"unknown corpus {name!r}; known: {', '.join(READERS)}")
     if not Path(root).is_dir():
         raise CorpusError(f"{root}: corpus folder does not exist or is not a folder")
+    problems = problems if problems is not None else []
     utts = READERS[name](root, problems=problems, **options)
     if not utts:
-        raise CorpusError(f"{root}: no utterances found for corpus layout {name!r}")
+        message = f"{root}: no utterances found for corpus layout {name!r}"
+        if problems:
+            message += f"; {len(problems)} entr{'y' if len(problems) == 1 else 'ies'} skipped: {summarize(problems)}"
+        raise EmptyCorpusError(message, problems)
     return name, validate(utts)
+
+
+class EmptyCorpusError(CorpusError):
+    """No utterance read; `problems` says why (the extract stage writes them to errors.tsv)."""
+
+    def __init__(self, message: str, problems: list[tuple[str, str]]):
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+def summarize(problems: list[tuple[str, str]], most: int = 3) -> str:
+    """'10 × lies outside the corpus folder (e.g. c/wavs/a.wav), 2 × …': the reasons, counted, with
+    the file-specific parts (quoted names) left out, most frequent first."""
+    groups: dict[str, list[str]] = {}
+    for where, reason in problems:
+        key = re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason)
+        groups.setdefault(key, []).append(where)
+    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    parts = [f"{len(w)} × {k} (e.g. {w[0]})" for k, w in ranked[:most]]
+    if len(ranked) > most:
+        parts.append(f"{sum(len(w) for _, w in ranked[most:])} with {len(ranked) - most} other reason(s)")
+    return ", ".join(parts)

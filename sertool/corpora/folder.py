@@ -14,6 +14,7 @@ later one, in sorted order, with a hash of its path appended).
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import os
@@ -51,9 +52,69 @@ def unique_id(uid: str, key: str, taken: dict[str, Path] | set[str]) -> str:
     return candidate
 
 
-def find_audio(root: Path) -> list[Path]:
-    files = [p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()]
-    return sorted(files)
+def find_audio(root: Path, problems: list[tuple[str, str]] | None = None) -> list[Path]:
+    """The audio files below `root`, sorted, as paths below `root`.
+
+    Symbolic links to folders and files are followed (whoever made the corpus folder put them
+    there, e.g. `wavs -> /data/x/wavs`), after the folder's own tree, so each real folder and file
+    is read once and by its own name where it has one; a second route to a folder is not walked
+    again (nothing is lost). What cannot be read is never left out silently: unreadable folders,
+    dangling or looping links, and a second name for an audio file already found are appended to
+    `problems` (errors.tsv).
+    """
+    problems = problems if problems is not None else []
+    found: dict[str, Path] = {}  # real path -> the first name it was found under
+    seen_dirs = {os.path.realpath(root)}
+    links: list[Path] = []  # folder links, walked after the tree without links
+
+    def walk(folder: Path) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problems.append((str(folder), f"folder cannot be read ({e.strerror or e}); the files in it are skipped"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink() and not os.path.exists(path):
+                    problems.append((str(path), _broken_link(path)))
+                elif entry.is_dir():
+                    if entry.is_symlink():
+                        links.append(path)
+                    elif os.path.realpath(path) not in seen_dirs:
+                        seen_dirs.add(os.path.realpath(path))
+                        walk(path)
+                elif path.suffix.lower() in AUDIO_EXTENSIONS and entry.is_file():
+                    real = os.path.realpath(path)
+                    if real in found:
+                        problems.append((str(path), f"the same audio file as {found[real]}; skipped"))
+                    else:
+                        found[real] = path
+            except OSError as e:
+                problems.append((str(path), f"cannot be read ({e.strerror or e}); skipped"))
+
+    walk(root)
+    while links:
+        link = links.pop(0)
+        real = os.path.realpath(link)
+        if real not in seen_dirs:
+            seen_dirs.add(real)
+            walk(link)
+    return sorted(found.values())
+
+
+def _broken_link(path: Path) -> str:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"link to {target!r} loops (a link that leads back to itself); skipped"
+    return f"link to {target!r} is dangling (the target does not exist); skipped"
 
 
 def read_text_file(path: Path, problems: list[tuple[str, str]] | None = None) -> str:
@@ -102,29 +163,57 @@ def read_folder(
     root = Path(root).resolve()
     problems = problems if problems is not None else []
     meta_path = Path(metadata) if metadata else next((root / n for n in METADATA_NAMES if (root / n).exists()), None)
-    audio_files = find_audio(root)
-    rows_by_file: dict[Path, dict[str, str]] = {}
+    audio_files = find_audio(root, problems)
+    rows_by_file: dict[str, tuple[int, dict[str, str]]] = {}  # real path -> (line, row)
+    conflicts: list[str] = []
     if meta_path is not None:
         for lineno, row in enumerate(read_table(meta_path), 2):
+            where = f"{meta_path}:{lineno}"
             rel = row.get("file", "")
             if not rel:
-                problems.append((f"{meta_path}:{lineno}", "row has an empty 'file' value; skipped"))
+                problems.append((where, "row has an empty 'file' value; skipped"))
                 continue
-            path = (root / rel).resolve()
+            # inside the corpus by name ('..' and absolute paths refused); links in it are followed
+            path = Path(os.path.normpath(root / rel))
             raw = row.pop(_RAW_FILE, None)
-            if raw is not None and not path.exists() and (root / raw).exists():
-                path = (root / raw).resolve()
+            if raw is not None and not os.path.lexists(path) and os.path.lexists(root / raw):
+                path = Path(os.path.normpath(root / raw))
             if not path.is_relative_to(root):
-                problems.append((f"{meta_path}:{lineno}", f"file {rel!r} lies outside the corpus folder; row skipped"))
+                problems.append((where, f"file {rel!r} lies outside the corpus folder; row skipped"))
+                continue
+            if os.path.lexists(path) and not path.exists():
+                problems.append((where, f"file {rel!r}: {_broken_link(path).replace('; skipped', '; row skipped')}"))
                 continue
             if not path.exists():
-                problems.append((f"{meta_path}:{lineno}", f"audio file {rel!r} does not exist; row skipped"))
+                problems.append((where, f"audio file {rel!r} does not exist; row skipped"))
                 continue
-            rows_by_file[path] = row
+            real = os.path.realpath(path)
+            if real in rows_by_file:
+                first, kept = rows_by_file[real]
+                differ = [k for k in ("label", "score") if (row.get(k) or "") != (kept.get(k) or "")]
+                if differ:
+                    conflicts.append(
+                        f"line {lineno} gives file {rel!r} "
+                        + " and ".join(f"{k} {row.get(k) or ''!r}" for k in differ)
+                        + f", line {first} "
+                        + " and ".join(f"{k} {kept.get(k) or ''!r}" for k in differ)
+                    )
+                else:
+                    problems.append((where, f"file {rel!r} is listed again (first on line {first}); row ignored"))
+                continue
+            rows_by_file[real] = (lineno, row)
+    if conflicts:
+        raise CorpusError(
+            f"{meta_path}: {len(conflicts)} file(s) listed twice with different labels ({conflicts[0]}"
+            f"{'; …' if len(conflicts) > 1 else ''}); keep one row per file"
+        )
     utts = []
     ids: dict[str, Path] = {}
+    used: set[str] = set()
     for path in audio_files:
-        row = rows_by_file.get(path, {})
+        real = os.path.realpath(path)
+        row = rows_by_file.get(real, (0, {}))[1]
+        used.add(real)
         if meta_path is not None and not row and rows_by_file:
             # a metadata file lists the corpus; audio it does not mention is left out, loudly
             problems.append((str(path), f"not listed in {meta_path.name}; skipped"))
@@ -170,4 +259,13 @@ def read_folder(
                 extra=extra,
             )
         )
+    for real, (lineno, row) in rows_by_file.items():
+        if real not in used:
+            problems.append(
+                (
+                    f"{meta_path}:{lineno}",
+                    f"file {row.get('file')!r} is not an audio file sertool reads "
+                    f"({', '.join(AUDIO_EXTENSIONS)}) or was not reached; row skipped",
+                )
+            )
     return utts

@@ -60,3 +60,134 @@ def test_a_training_split_with_one_class_is_an_error_naming_the_fold(tmp_path, o
     assert res.exit_code == 1 and len(lines) == 1, res.output
     assert lines[0].startswith("Error: fold ") and "training split has 1 class(es) (angry)" in lines[0]
     assert "at least two" in lines[0] and not list(exp.glob("**/*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- 6. one Error: line
+def test_unknown_device_and_bad_experiment_yaml_are_one_error_line(tmp_path, one_torch_thread):
+    """Fixed before this issue's other items (kept as regression tests): `train --device tpu`, and an
+    experiment's config.yaml with a syntax error or a Python tag read by `evaluate`."""
+    import shutil
+
+    from fault_helpers import make_train_feats
+
+    f = make_train_feats(tmp_path / "f")
+    args = ["-m", "probe", "--audio", "fa", "-q", "--threads", "1", "--epochs", "1", "--protocol", "speaker-kfold:2"]
+    res = run("train", f, "-o", tmp_path / "x", *args, "--device", "tpu")
+    assert res.exit_code == 1 and res.output.splitlines() == ["Error: device 'tpu': expected auto, cpu, cuda or cuda:N"]
+    exp = tmp_path / "e"
+    assert run("train", f, "-o", exp, *args).exit_code == 0
+    marker = tmp_path / "PWNED"
+    for text, message in (
+        ("model: [1\n", "line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+        (
+            f'model: !!python/object/apply:os.system ["touch {marker}"]\n',
+            "line 1, column 8: the tag '!!python/object/apply:os.system' is not allowed",
+        ),
+    ):
+        bad = tmp_path / f"bad{len(text)}"
+        shutil.copytree(exp, bad)
+        (bad / "config.yaml").write_text(text)
+        res = run("evaluate", bad)
+        assert res.exit_code == 1 and "Traceback" not in res.output and not marker.exists()
+        lines = res.output.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: {bad / 'config.yaml'}: {message}"), res.output
+
+
+# ----------------------------------------------------------------------------- 7. silent omissions
+def _corpus(root, names, labels=None):
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(root / name, tone(200, 0.2), 16000)
+    if labels:
+        (root / "metadata.csv").write_text("file,label\n" + "".join(f"{f},{lab}\n" for f, lab in labels))
+    return root
+
+
+def test_links_and_unreadable_folders_are_followed_or_reported(tmp_path, monkeypatch, plugin_env):
+    import os
+
+    outside = _corpus(tmp_path / "elsewhere", ["x.wav", "y.wav"])
+    root = _corpus(tmp_path / "c", ["a.wav", "locked/b.wav"])
+    (root / "linked").symlink_to(outside)  # a symlinked folder: read
+    (root / "loop").symlink_to(root)  # a folder link back to the corpus: not walked twice
+    (root / "dangling.wav").symlink_to(tmp_path / "nowhere.wav")
+    (root / "l1.wav").symlink_to(root / "l2.wav")
+    (root / "l2.wav").symlink_to(root / "l1.wav")
+    (root / "again.wav").symlink_to(root / "a.wav")  # a second name for one recording
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # tests run as root, who reads any folder: refuse this one
+        if isinstance(path, (str, os.PathLike)) and os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    problems = []
+    _, utts = read_corpus(root, problems=problems)
+    assert sorted(u.id for u in utts) == ["a", "linked__x", "linked__y"]
+    reasons = {os.path.basename(f): r for f, r in problems}
+    assert reasons == {
+        "locked": "folder cannot be read (Permission denied); the files in it are skipped",
+        "dangling.wav": f"link to {str(tmp_path / 'nowhere.wav')!r} is dangling (the target does not exist); skipped",
+        "l1.wav": f"link to {str(root / 'l2.wav')!r} loops (a link that leads back to itself); skipped",
+        "l2.wav": f"link to {str(root / 'l1.wav')!r} loops (a link that leads back to itself); skipped",
+        "again.wav": f"the same audio file as {root / 'a.wav'}; skipped",
+    }
+    # the CLI: a warning count on stderr, every reason in errors.tsv
+    r = run("extract", root, "-o", tmp_path / "f", "-f", "toy", "-q")
+    assert r.exit_code == 3 and "5 file(s) failed" in r.output, r.output
+    errors = (tmp_path / "f" / "errors.tsv").read_text()
+    assert all(name in errors for name in reasons)
+
+
+def test_duplicate_metadata_rows(tmp_path):
+    root = _corpus(tmp_path / "c", ["a.wav", "b.wav"], [("a.wav", "sad"), ("b.wav", "happy"), ("./a.wav", "sad")])
+    problems = []
+    _, utts = read_corpus(root, problems=problems)
+    assert {u.id: u.label for u in utts} == {"a": "sad", "b": "happy"}
+    assert problems == [(f"{root / 'metadata.csv'}:4", "file './a.wav' is listed again (first on line 2); row ignored")]
+    # different labels for one file: an error naming both lines, not "the last one wins"
+    (root / "metadata.csv").write_text("file,label\na.wav,sad\nb.wav,happy\na.wav,angry\n")
+    r = run("extract", root, "-o", tmp_path / "f", "-q")
+    assert r.exit_code == 1 and r.output.splitlines() == [
+        f"Error: {root / 'metadata.csv'}: 1 file(s) listed twice with different labels (line 4 gives file "
+        "'a.wav' label 'angry', line 2 label 'sad'); keep one row per file"
+    ], r.output
+
+
+def test_utterances_left_out_of_training_are_counted(tmp_path, one_torch_thread):
+    from fault_helpers import make_train_feats
+
+    labels = ("angry", "happy", None, "bored")
+    f = make_train_feats(tmp_path / "f", label_of=lambda s, i: labels[i % 4])
+    args = ["-m", "probe", "--audio", "fa", "-q", "--threads", "1", "--epochs", "1", "--protocol", "speaker-kfold:2"]
+    res = CliRunner().invoke(cli, ["train", str(f), "-o", str(tmp_path / "e"), *args, "--labels", "angry,happy"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines() == [
+        "warning: 8 utterance(s) have no label in the manifest; left out of training",
+        "warning: 8 utterance(s) have a label that label set 'custom' drops (bored 8); left out of training",
+    ]
+
+
+# ----------------------------------------------------------------------------- 9. held-out corpus
+def test_symlinked_audio_folder(tmp_path, plugin_env):
+    outside = _corpus(tmp_path / "store", [f"u{i}.wav" for i in range(4)])
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "wavs").symlink_to(outside)
+    (root / "metadata.csv").write_text("file,label\n" + "".join(f"wavs/u{i}.wav,{'ab'[i % 2]}\n" for i in range(4)))
+    r = run("extract", root, "-o", tmp_path / "f", "-f", "toy", "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(u.label for u in read_manifest(tmp_path / "f")) == ["a", "a", "b", "b"]
+    # nothing readable at all: a summary of the reasons, and every one in errors.tsv
+    (root / "wavs").unlink()
+    (root / "wavs").symlink_to(tmp_path / "gone")
+    r = run("extract", root, "-o", tmp_path / "g", "-f", "toy", "-q")
+    errors = tmp_path / "g" / "errors.tsv"
+    assert r.exit_code == 1 and r.output.splitlines() == [
+        f"Error: {root}: no utterances found for corpus layout 'folder'; 5 entries skipped: 4 × audio file … does "
+        f"not exist; row skipped (e.g. {root / 'metadata.csv'}:2), 1 × link to … is dangling (the target does not "
+        f"exist); skipped (e.g. {root / 'wavs'}); all 5 in {errors}"
+    ], r.output
+    assert len(errors.read_text().splitlines()) == 6
