@@ -98,6 +98,28 @@ def test_train(tmp_path):
         assert value["mean"] == pytest.approx(mb["summary"][key]["mean"], abs=1e-6), key
 
 
+def test_train_lbfgs(tmp_path):
+    """Full-batch L-BFGS on a weight-decay path (one solve per epoch, no optimiser state between
+    epochs), killed and resumed: the weights of an uninterrupted run."""
+    feats = make_train_feats(tmp_path / "f", per=16)
+    settings = [
+        *TRAIN[:2],
+        "optim.name=lbfgs",
+        "optim.lr=1.0",
+        "optim.max_iter=20",
+        "optim.weight_decay_path=[1.0,0.3,0.1,0.03,0.01,0.003]",
+        "train.epochs=6",
+        "train.batch_size=4",
+        "run.threads=1",
+    ]
+    ref = tmp_path / "ref"
+    run_train("probe", feats, ref, overrides=settings, progress=False, log=quiet)
+    exp = tmp_path / "exp"
+    cmd = sertool_cmd("train", feats, "-m", "probe", "-o", exp, "-q", *sum((["--set", s] for s in settings), []))
+    _kill_then_resume(cmd, exp, random.Random(SEED).randint(2, 10))  # of 2 folds x 6 epochs
+    _same_weights(ref, exp)
+
+
 def _kill_then_resume(cmd, exp, epochs_at_kill):
     """Kill the train command once ``epochs_at_kill`` epoch lines are logged, then finish it with --resume."""
 
