@@ -70,7 +70,7 @@ from sertool.timings import (
     make_aligner,
     uniform_timings,
 )
-from sertool.utils import atomic_path, stale_pid, write_tsv
+from sertool.utils import atomic_path, show_bar, stale_pid, write_tsv
 
 FORMAT = "sertool-aligned"
 FORMAT_VERSION = 1
@@ -751,7 +751,7 @@ def _progress(total: int, enabled: bool):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc="align", unit="utt", disable=not enabled)
+        return tqdm(total=total, desc="align", unit="utt", disable=not show_bar(enabled))
     except ModuleNotFoundError:  # pragma: no cover
 
         class _Null:

@@ -76,7 +76,7 @@ from sertool.models.cmd_inputs import (
     stem_layers,
 )
 from sertool.train import STAGE_DEFAULTS, Schedule
-from sertool.utils import DeviceError, pick_device, write_json, write_text
+from sertool.utils import DeviceError, pick_device, show_bar, write_json, write_text
 
 MODALITIES = ("audio", "text")
 # The student and the schedule: written once, in sertool/conf/stages/distill.yaml.
@@ -623,7 +623,9 @@ def run_distill(
         distiller.train()
         batches = mk(train, train_len, epoch, True)
         total, n, te = 0.0, 0, time.time()
-        for idx in tqdm(batches, desc=f"distill ep{epoch + 1}/{d['epochs']}", disable=not progress, leave=False):
+        for idx in tqdm(
+            batches, desc=f"distill ep{epoch + 1}/{d['epochs']}", disable=not show_bar(progress), leave=False
+        ):
             batch = to_device(train.collate(idx, train_len), device)
             teacher = train.teacher_states(batch)
             lr = schedule.lr(step)

@@ -33,7 +33,7 @@ from sertool.corpora import EmptyCorpusError, read_corpus, write_manifest
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, FeatureResult, build_extractor, resolve
 from sertool.store import StoreWriter, library_versions, shard_path, store_path
-from sertool.utils import append_jsonl, pick_device, write_tsv
+from sertool.utils import append_jsonl, pick_device, show_bar, write_tsv
 
 EXIT_SOME_FAILED = 3
 
@@ -281,7 +281,9 @@ def run_extract(
         if jobs:
             by_id = {u.id: u for u in mine}
             results = _run_jobs(jobs, {s: extractors[s].config() for s in simple}, extractors, nj)
-            for uid, outputs in tqdm(results, total=len(jobs), desc="extract", unit="utt", disable=not progress):
+            for uid, outputs in tqdm(
+                results, total=len(jobs), desc="extract", unit="utt", disable=not show_bar(progress)
+            ):
                 u = by_id[uid]
                 for store, result in outputs:
                     if isinstance(result, FeatureResult):
@@ -296,7 +298,7 @@ def run_extract(
             if not ex.batched:
                 continue
             todo = [u for u in mine if u.id in pending[spec.store]]
-            bar = tqdm(total=len(todo), desc=f"extract {spec.store}", unit="utt", disable=not progress)
+            bar = tqdm(total=len(todo), desc=f"extract {spec.store}", unit="utt", disable=not show_bar(progress))
             for start in range(0, len(todo), max(1, ex.batch_size)):
                 batch = todo[start : start + max(1, ex.batch_size)]
                 items, loaded = [], []

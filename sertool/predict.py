@@ -50,7 +50,7 @@ import numpy as np
 
 from sertool.audio import AudioError, audio_info, load_audio
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
-from sertool.utils import pick_device
+from sertool.utils import pick_device, show_bar
 from sertool.weights import load_tensors
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
@@ -598,7 +598,7 @@ def run_predict(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc="predict", unit="file", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(todo), desc="predict", unit="file", disable=not show_bar(progress), file=sys.stderr)
 
     def finish(done: list[_File]) -> None:
         rows = []

@@ -78,6 +78,7 @@ from sertool.utils import (
     atomic_path,
     json_default,
     save_tensors,
+    show_bar,
     write_json,
     write_jsonl,
     write_text,
@@ -892,7 +893,7 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
         steps,
         total=1 if whole else len(batches),
         desc=f"{run.fold.name} s{run.seed} ep{epoch + 1}/{run.epochs}",
-        disable=not progress,
+        disable=not show_bar(progress),
         leave=False,
         dynamic_ncols=True,
     )

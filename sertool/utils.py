@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,3 +184,15 @@ def pick_device(name: str | None = "auto"):
             raise DeviceError("device 'mps': not available here; use cpu")
         return torch.device("mps")
     raise DeviceError(f"device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def show_bar(progress: bool) -> bool:
+    """Whether to draw a progress bar: asked for, and stderr is a terminal (a bar redirected to a
+    file writes a line per refresh: megabytes of log). SERTOOL_PROGRESS=1 forces bars, 0 hides them."""
+    forced = os.environ.get("SERTOOL_PROGRESS", "").strip()
+    if forced in ("0", "1"):
+        return progress and forced == "1"
+    try:
+        return progress and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False

@@ -37,7 +37,7 @@ from sertool.audio import load_audio
 from sertool.corpora.base import Utterance
 from sertool.features.base import ExtractorError
 from sertool.features.hub import ResolvedModel, quiet_transformers
-from sertool.utils import pick_device
+from sertool.utils import pick_device, show_bar
 
 DEFAULT_ASR_MODEL = "tiny.en"
 SAMPLE_RATE = 16000
@@ -262,7 +262,7 @@ def transcribe_utterances(
     settings = recognise.settings
     model_id = resolved.name if resolved.source in ("package", "hub", "hub-cache") else str(resolved.path)
     bar = None
-    if progress:
+    if show_bar(progress):
         try:
             from tqdm import tqdm
 

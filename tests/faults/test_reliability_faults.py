@@ -191,3 +191,16 @@ def test_symlinked_audio_folder(tmp_path, plugin_env):
         f"exist); skipped (e.g. {root / 'wavs'}); all 5 in {errors}"
     ], r.output
     assert len(errors.read_text().splitlines()) == 6
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, one_torch_thread, plugin_env, folder_corpus):
+    """CliRunner's stderr is not a terminal (like `2> log`): per-epoch lines, no bar redraws."""
+    from fault_helpers import make_train_feats
+
+    f = make_train_feats(tmp_path / "f")
+    args = ["-m", "probe", "--audio", "fa", "--threads", "1", "--epochs", "2", "--protocol", "speaker-kfold:2"]
+    res = run("train", f, "-o", tmp_path / "e", *args)
+    assert res.exit_code == 0, res.output
+    assert "epoch 2: train loss" in res.output and "\r" not in res.output and "it/s" not in res.output
+    res = run("extract", folder_corpus, "-o", tmp_path / "g", "-f", "toy")
+    assert res.exit_code == 0 and "\r" not in res.output and "utt/s" not in res.output, res.output
