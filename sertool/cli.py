@@ -406,6 +406,9 @@ def train(
     if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun every process returns the summary: print once
         shown = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in out["summary"].items())
         click.echo(f"{exp}: {len(out['runs'])} run(s); test {shown}")
+        from sertool.train import deployment_note
+
+        click.echo(deployment_note(exp))
 
 
 # ----------------------------------------------------------------------------------- evaluate

@@ -14,11 +14,16 @@ Specs (``--protocol``):
 ``kfold:K``            stratified K-fold over utterances (speaker-dependent); dev = stratified
                        ``dev_fraction`` of the training part.
 ``loso``               leave-one-speaker-out; dev = ``dev_fraction`` of the remaining speakers
-                       (at least one), so dev is speaker-independent too.
+                       (at least two when five or more remain, else one), so dev is
+                       speaker-independent too.
 ``speaker-kfold:K``    speakers sorted (natural order) and cut into K contiguous groups; fold k
                        tests group k.  RAVDESS with K = 6: fold k tests actors 4k+1..4k+4.
 ``loso-session``       leave-one-session-out (IEMOCAP: both speakers of the session are held out);
                        dev = ``dev_fraction`` of the training speakers.
+
+Every dev split carved by speaker has at least two speakers when the training part has five or
+more (``MIN_SPEAKERS_FOR_TWO_DEV``), whatever ``dev_fraction`` gives: with one dev speaker, early
+stopping and model selection follow one voice.
 ``rajan``              Rajan et al.: 5 random stratified splits with train : dev : test =
                        8 : 0.5 : 1.5 (80 % / 5 % / 15 %), one per fold (``rajan:N`` for N splits).
 """
@@ -111,6 +116,12 @@ def _stratified_kfold(ids: list[str], strata: list, k: int, rng: np.random.Gener
     return [sorted(f, key=order.__getitem__) for f in folds]
 
 
+# dev carved by speaker takes at least two speakers once the training part has this many (two of
+# five keeps 60 % for training); with 2-4 training speakers it takes one, since two would leave too
+# little to train on.
+MIN_SPEAKERS_FOR_TWO_DEV = 5
+
+
 def _dev_by_speaker(
     train: list[Utterance], fraction: float, rng: np.random.Generator
 ) -> tuple[list[str], list[str], list[str]]:
@@ -118,6 +129,10 @@ def _dev_by_speaker(
     if len(speakers) < 2:
         raise ValueError(f"cannot carve a speaker-independent dev split from {len(speakers)} training speaker(s)")
     n_dev = max(1, int(round(fraction * len(speakers))))
+    if n_dev < 2 and len(speakers) >= MIN_SPEAKERS_FOR_TWO_DEV:
+        # one dev speaker makes early stopping follow that speaker (a LOSO run over 10 speakers
+        # picked best epochs from 1 to 24 and scored one fold below chance); two of five or more
+        n_dev = 2
     n_dev = min(n_dev, len(speakers) - 1)
     dev_speakers = sorted(rng.choice(speakers, size=n_dev, replace=False).tolist(), key=_natural_key)
     dev = [u.id for u in train if u.speaker in dev_speakers]

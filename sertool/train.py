@@ -1486,6 +1486,27 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
     return predictor
 
 
+def deployment_note(exp: str | os.PathLike) -> str:
+    """One line saying which model `sertool predict EXP` and `sertool export EXP` will use."""
+    exp = Path(exp)
+    try:
+        sel = json.loads((exp / "predictor.json").read_text())["selection"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no deployment model in {exp} yet (predict/export need EXP/predictor.json)"
+    if sel.get("final") == "all":
+        return (
+            f"predict/export will use {exp / 'model.safetensors'}: one model trained on all "
+            f"{sel.get('n_utterances', '?')} labelled utterances for {sel.get('epochs', '?')} epoch(s) (run.final=all)"
+        )
+    score = next(((k, v) for k, v in sel.items() if k.startswith("dev_")), None)
+    shown = f", best dev {score[0][4:]} {score[1]:.4f}" if score and isinstance(score[1], (int, float)) else ""
+    return (
+        f"predict/export will use {exp / 'model.safetensors'}: the {sel.get('fold')} seed {sel.get('seed')} run"
+        f"{shown} (run.final=best-dev), trained without that fold's test data; for deployment, train one model "
+        "on all labelled data with --set run.final=all"
+    )
+
+
 def load_experiment(exp: str | os.PathLike) -> tuple[dict, list[Fold]]:
     """The resolved config (with records) and the folds of an experiment directory."""
     exp = Path(exp)

@@ -204,3 +204,39 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, one_torch_thre
     assert "epoch 2: train loss" in res.output and "\r" not in res.output and "it/s" not in res.output
     res = run("extract", folder_corpus, "-o", tmp_path / "g", "-f", "toy")
     assert res.exit_code == 0 and "\r" not in res.output and "utt/s" not in res.output, res.output
+
+
+def test_leave_one_speaker_out_dev_has_two_speakers():
+    from sertool.corpora.base import Utterance
+    from sertool.protocols import make_folds
+
+    for n_spk, want in ((10, 2), (6, 2), (4, 1)):
+        utts = [
+            Utterance(id=f"s{s}_{i}", text="x", label="ab"[i % 2], speaker=f"s{s}")
+            for s in range(n_spk)
+            for i in range(4)
+        ]
+        for fold in make_folds(utts, [i % 2 for i in range(len(utts))], "loso"):
+            assert len(fold.info["dev_speakers"]) == want, (n_spk, fold.info)
+
+
+def test_train_names_the_model_predict_will_use(tmp_path, one_torch_thread):
+    import json
+
+    from fault_helpers import make_train_feats
+
+    f = make_train_feats(tmp_path / "f")
+    args = ["-m", "probe", "--audio", "fa", "-q", "--threads", "1", "--epochs", "2", "--protocol", "speaker-kfold:2"]
+    res = run("train", f, "-o", tmp_path / "e", *args)
+    sel = json.loads((tmp_path / "e" / "predictor.json").read_text())["selection"]
+    last = res.output.splitlines()[-1]
+    assert last.startswith(
+        f"predict/export will use {tmp_path / 'e' / 'model.safetensors'}: the {sel['fold']} seed 0 run"
+    )
+    assert "trained without that fold's test data" in last and "--set run.final=all" in last
+    res = run("train", f, "-o", tmp_path / "a", *args, "--set", "run.final=all")
+    last = res.output.splitlines()[-1]
+    assert last.startswith(
+        f"predict/export will use {tmp_path / 'a' / 'model.safetensors'}: one model trained on all 32"
+    )
+    assert last.endswith("epoch(s) (run.final=all)")
