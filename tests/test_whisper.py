@@ -5,59 +5,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from whisper_synth import SR, cosines, speechlike, tiny_whisper_config
 
 from sertool.corpora.base import Utterance
 from sertool.features.base import ExtractorError, build_extractor
 from sertool.features.whisper import n_frames
 
-SR = 16000
-
 
 @pytest.fixture(scope="module")
 def tiny_whisper(tmp_path_factory):
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    from transformers import WhisperFeatureExtractor, WhisperModel
 
     d = tmp_path_factory.mktemp("tiny-whisper")
     torch.manual_seed(0)
-    config = WhisperConfig(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        num_mel_bins=80,
-        max_source_positions=1500,
-        max_target_positions=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    WhisperModel(config).save_pretrained(d)
+    WhisperModel(tiny_whisper_config()).save_pretrained(d)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(d)
     return d
-
-
-def speechlike(n, seed=0):
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / SR
-    return (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(n)).astype(
-        np.float32
-    )
 
 
 def test_frames_are_trimmed_to_the_real_length():
     assert [n_frames(n) for n in (1, 320, 321, SR, 30 * SR, 30 * SR + 1)] == [1, 1, 2, 50, 1500, 1501]
 
 
-def test_transformers_backend_matches_the_encoder(tiny_whisper):
+def test_transformers_checkpoint_matches_the_encoder(tiny_whisper):
     from transformers import WhisperFeatureExtractor, WhisperModel
 
     ex = build_extractor("whisper", {"model": str(tiny_whisper), "layer": "all", "window": "30s"})
-    assert ex.backend == "torch" and ex.file_attrs()["window"] == "30s"
+    assert ex.file_attrs()["window"] == "30s"
     assert ex.file_attrs()["frame_rate_hz"] == 50.0 and ex.file_attrs()["dim"] == 96
     wave = speechlike(SR + 500)
     res = ex.extract(Utterance("u", audio="x"), wave)
@@ -94,26 +68,16 @@ def test_packaged_tiny_en_matches_faster_whisper():
     from faster_whisper import WhisperModel
     from faster_whisper.audio import pad_or_trim
 
-    ex = build_extractor("whisper", {"window": "30s"})  # packaged tiny.en through CTranslate2
-    assert ex.backend == "ctranslate2" and ex.resolved.source == "package"
+    ex = build_extractor("whisper", {"window": "30s"})  # packaged tiny.en, PyTorch encoder, padded as faster-whisper
+    assert ex.file_attrs()["backend"] == "torch" and ex.resolved.source == "package"
     assert ex.file_attrs()["dim"] == 384 and ex.file_attrs()["frame_rate_hz"] == 50.0
     wave = speechlike(2 * SR + 100, seed=4)
     res = ex.extract(Utterance("u", audio="x"), wave)
     assert res.data.shape == (n_frames(len(wave)), 384)
     model = WhisperModel(str(models.get_model_path()), device="cpu", compute_type="float32")
-    expected = np.array(model.encode(pad_or_trim(model.feature_extractor(wave))))[0]
-    np.testing.assert_allclose(res.data, expected[: res.data.shape[0]], atol=1e-4)
-    with pytest.raises(ExtractorError, match="last encoder layer of 30 s windows only"):
-        build_extractor("whisper", {"layer": 2, "window": "30s", "backend": "ctranslate2"})
-    # the PyTorch encoder on the same 30 s window gives the same states
-    torch_30s = build_extractor("whisper", {"window": "30s", "backend": "torch"})
-    assert torch_30s.backend == "torch"
-    assert cosines(torch_30s.extract(Utterance("u"), wave).data, res.data).min() >= 0.999
-
-
-def cosines(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    expected = np.array(model.encode(pad_or_trim(model.feature_extractor(wave))))[0][: res.data.shape[0]]
+    assert cosines(res.data, expected).min() >= 0.9999
+    np.testing.assert_allclose(res.data, expected, atol=2e-3)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +88,7 @@ def packaged_utterance():
 
 def test_packaged_utterance_window_and_every_layer(packaged_utterance):
     ex = packaged_utterance
-    assert ex.window == "utterance" == ex.params()["window"] and ex.backend == "torch"
+    assert ex.window == "utterance" == ex.params()["window"]
     attrs = ex.file_attrs()
     assert attrs["layers"] == [0, 1, 2, 3, 4] and attrs["layer_dim"] == 384 and attrs["dim"] == 5 * 384
     assert attrs["combine"] == "stack" and attrs["window"] == "utterance"
@@ -148,7 +112,6 @@ def test_bad_options_give_one_line_errors(packaged_utterance):
         ({"layer": -6}, "layer -6"),
         ({"layer": "2,9"}, "layer 9"),
         ({"window": "10s"}, "window='10s'"),
-        ({"backend": "onnx"}, "backend='onnx'"),
         ({"model": "/no/such/dir"}, "/no/such/dir"),
     ]:
         with pytest.raises(ExtractorError) as e:
@@ -168,7 +131,35 @@ def test_records_rebuild_the_same_extractor(packaged_utterance):
     wave = speechlike(SR, seed=7)
     np.testing.assert_allclose(rebuilt.extract(Utterance("u"), wave).data, ex.extract(Utterance("u"), wave).data)
     # a store made before the window option (no window in its record) was made on 30 s windows
-    old = {k: v for k, v in ex.config()["params"].items() if k not in ("window", "backend")}
+    old = {k: v for k, v in ex.config()["params"].items() if k != "window"}
     old["layer"] = -1
     rebuilt = build_extractors({"features": {"audio": {"extractor": {"name": "whisper", "params": old}}}})["audio"]
-    assert rebuilt.window == "30s" and rebuilt.backend == "ctranslate2"
+    assert rebuilt.window == "30s" and rebuilt.layer_ids == [4]
+
+
+def test_extract_stores_the_options_and_the_cli_rejects_a_missing_layer(packaged_utterance, tmp_path):
+    import soundfile as sf
+    from click.testing import CliRunner
+
+    from sertool.cli import cli
+    from sertool.extract import run_extract
+    from sertool.store import open_store
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, seconds in enumerate((0.4, 1.3)):
+        sf.write(corpus / f"u{i}.wav", speechlike(int(seconds * SR), seed=i), SR, subtype="FLOAT")
+    (corpus / "metadata.csv").write_text("file,label,speaker\nu0.wav,a,s0\nu1.wav,b,s1\n")
+    run_extract(corpus, tmp_path / "feats", ["whisper:layer=all"], progress=False, log=lambda s: None)
+    with open_store(tmp_path / "feats" / "whisper.h5") as store:
+        attrs, record, data = store.attrs, store.extractor, {u: store[u] for u in store.ids}
+    assert attrs["window"] == "utterance" and attrs["layers"] == [0, 1, 2, 3, 4] and attrs["layer_dim"] == 384
+    assert record["params"]["window"] == "utterance" and record["params"]["layer"] == "all"
+    rebuilt = build_extractor(record)
+    for uid, stored in data.items():
+        wave = speechlike(int((0.4, 1.3)[int(uid[-1])] * SR), seed=int(uid[-1]))
+        assert stored.shape == (n_frames(len(wave)), 5 * 384)
+        np.testing.assert_allclose(rebuilt.extract(Utterance(uid), wave).data, stored, atol=1e-4)
+    res = CliRunner().invoke(cli, ["extract", str(corpus), "-o", str(tmp_path / "f2"), "-f", "whisper:layer=7", "-q"])
+    assert res.exit_code != 0 and "layer 7" in res.output and "Traceback" not in res.output
+    assert len([line for line in res.output.splitlines() if "layer 7" in line]) == 1

@@ -8,11 +8,12 @@ import struct
 import numpy as np
 import pytest
 import torch
+from whisper_synth import SR, cosines, tiny_whisper_config
+from whisper_synth import speechlike as speech
 
 from sertool.models.ct2_file import CT2FormatError, read_ct2
 from sertool.models.whisper_encoder import WhisperWeightsError, load_whisper_encoder
 
-SR = 16000
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -50,46 +51,17 @@ def encoder(packaged):
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     """A random transformers Whisper (d 32, 2 layers) and its CTranslate2 conversions."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
     d = tmp_path_factory.mktemp("tiny-hf")
     torch.manual_seed(0)
-    config = WhisperConfig(
-        vocab_size=100,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        num_mel_bins=80,
-        max_source_positions=1500,
-        max_target_positions=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    model = WhisperForConditionalGeneration(config)
+    model = WhisperForConditionalGeneration(tiny_whisper_config())
     with torch.no_grad():  # non-trivial biases and norms (random init leaves them 0 and 1)
         for name, p in model.named_parameters():
             if name.endswith("bias") or "layer_norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(d / "hf")
     return d
-
-
-def speech(n, seed=0):
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / SR
-    x = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.01 * rng.standard_normal(n)
-    return x.astype(np.float32)
-
-
-def cosines(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 # ------------------------------------------------------------------------------ the file format

