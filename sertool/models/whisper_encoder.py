@@ -17,9 +17,10 @@ Any input length works, from one Mel frame (10 ms: the convolutions pad by one, 
 gives one state) up to the model's window (3,000 frames = 30 s): the positional embeddings are
 cut to the clip (``window="utterance"``), as the encoder's own convolutions allow. Whisper was
 trained on 30 s windows only; `log_mel` with ``frames=3000`` gives that window, padded as
-transformers (audio silence) or faster-whisper (log-Mel zeros) pads it. Batches of clips of different lengths are masked (the Mel frames and first convolution
-past each clip are zeroed, as the convolution's own padding would be, and attention skips the
-padded states), so a clip's states do not depend on its batch.
+transformers (audio silence) or faster-whisper (log-Mel zeros) pads it. Batches of clips of
+different lengths are masked (the Mel frames and first convolution past each clip are zeroed,
+as the convolution's own padding would be, and attention skips the padded states), so a clip's
+states do not depend on its batch.
 
 Hidden states follow transformers: index 0 = the convolutional front end plus positions,
 index i = after layer i, and the last one after the final layer norm (= CTranslate2's
