@@ -110,6 +110,11 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 @click.option("--asr", metavar="MODEL", help="Transcribe audio that has no text (e.g. tiny.en); sets text_source=asr.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N for model-based features.")
 @click.option("--nj", default=1, show_default=True, type=click.IntRange(1), help="Worker processes for CPU features.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="CPU threads for model-based features and --asr (torch, CTranslate2); default: torch's own, 4 for ASR.",
+)
 @click.option("--shard", metavar="i/N", help="Process every N-th utterance starting at i (cluster array jobs).")
 @click.option("--merge", is_flag=True, help="Merge the shards in OUT into one store per feature and exit.")
 @click.option("--overwrite", is_flag=True, help="Recompute stores from scratch instead of resuming.")
@@ -138,6 +143,7 @@ def extract(
     asr,
     device,
     nj,
+    threads,
     shard,
     merge,
     overwrite,
@@ -191,6 +197,7 @@ def extract(
             "ssl_model": ssl_model,
             "whisper_model": whisper_model,
             "device": device,
+            "threads": threads,
         },
         nj=nj,
         shard=_parse_shard(shard),

