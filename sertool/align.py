@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 
 from sertool.corpora.base import Utterance, read_manifest
+from sertool.locks import locking
 from sertool.store import (
     FeatureStore,
     StoreError,
@@ -620,6 +621,11 @@ class _Writer:
         return self.n
 
 
+@locking(
+    "align",
+    lambda a: [a["out"] or default_output(a["feats_dir"], a["audio"], a["text"], a["length"])],
+    hint="wait for it or use another -o",
+)
 def run_align(
     feats_dir: str | os.PathLike,
     audio: str,

@@ -211,9 +211,11 @@ def extract(
     )
     for store, path in report.stores.items():
         if store in report.computed:
+            changed = report.recomputed.get(store, 0)
             click.echo(
-                f"{store}: {path} (computed {report.computed[store]}, already done "
-                f"{report.skipped_done[store]}, no input {report.skipped_no_input[store]})"
+                f"{store}: {path} (computed {report.computed[store]}"
+                + (f", recomputed {changed} changed" if changed else "")
+                + f", already done {report.skipped_done[store]}, no input {report.skipped_no_input[store]})"
             )
     click.echo(f"done in {report.seconds:.1f} s")
     if report.errors:

@@ -63,6 +63,7 @@ import yaml
 
 from sertool.batching import budget_batches, crop_lengths
 from sertool.data import to_device
+from sertool.locks import locking
 from sertool.models.cmd import DistillStudent, count_parameters, modality_parameters, save_student
 from sertool.models.cmd_inputs import (
     SAMPLE_RATE,
@@ -513,6 +514,7 @@ def _split_ids(utts, cfg: dict) -> tuple[list, list]:
 
 
 # =================================================================================== pre-training
+@locking("distill", lambda a: [a["exp"]], hint="wait for it or use another -o")
 def run_distill(
     feats,
     exp,

@@ -5,7 +5,11 @@
 1. Read the corpus with its reader (validated utterances) and probe each audio file.
 2. Optionally transcribe audio without text (`asr=`), then write the manifest atomically.
 3. For every feature set, open its store for appending; utterances already in it (from an
-   interrupted or earlier run) are skipped, so a re-run computes only what is missing.
+   interrupted or earlier run) are skipped, so a re-run computes only what is missing, and
+   those whose audio (or transcript) changed since: each utterance's features record the
+   checksum of their source, which a re-run compares; changed ones are recomputed and counted
+   (``ExtractReport.recomputed``). One run at a time writes a store: a second run on the same
+   store is refused at once, naming the first (sertool.locks).
 4. Per-utterance extractors run in `nj` worker processes (results written in manifest order,
    so the output does not depend on `nj`); batched extractors (GPU models) run in this
    process over batches.
@@ -16,6 +20,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import multiprocessing as mp
 import os
 import sys
@@ -32,6 +37,7 @@ from sertool.config import parse_assignment
 from sertool.corpora import EmptyCorpusError, read_corpus, write_manifest
 from sertool.corpora.base import Utterance
 from sertool.features.base import Extractor, FeatureResult, build_extractor, resolve
+from sertool.locks import locking
 from sertool.store import StoreWriter, library_versions, shard_path, store_path
 from sertool.utils import append_jsonl, pick_device, show_bar, write_tsv
 
@@ -56,6 +62,7 @@ class ExtractReport:
     computed: dict[str, int] = field(default_factory=dict)
     skipped_done: dict[str, int] = field(default_factory=dict)
     skipped_no_input: dict[str, int] = field(default_factory=dict)
+    recomputed: dict[str, int] = field(default_factory=dict)  # in the store, but the source changed since
     errors: list[tuple[str, str, str, str]] = field(default_factory=list)  # file, id, feature, reason
     seconds: float = 0.0
 
@@ -155,6 +162,8 @@ def _compute(utt: Utterance, stores: list[str], extractors: dict[str, Extractor]
             result = _checked(result, store, utt.id)
             if checksum:
                 result.attrs.setdefault("source_checksum", checksum)
+            if ex.needs_text:
+                result.attrs.setdefault("text_checksum", text_checksum(utt.text))
             if wave is not None and is_silent(wave):
                 result.attrs.setdefault("silent", True)
             out.append((store, result))
@@ -172,12 +181,56 @@ def _checked(result: FeatureResult, store: str, uid: str) -> FeatureResult:
     return FeatureResult(data, dict(result.attrs))
 
 
+def text_checksum(text: str) -> str:
+    """Checksum of a transcript, recorded with text features as ``source_checksum`` is with audio ones."""
+    return "blake2b:" + hashlib.blake2b((text or "").encode("utf-8"), digest_size=16).hexdigest()
+
+
+def changed_sources(
+    utts: list[Utterance], writer: StoreWriter, ex: Extractor, audio_sums: dict[tuple[str, str], str]
+) -> list[str]:
+    """Ids in the store whose recorded source checksum (audio file, transcript) differs from the
+    source now. ``audio_sums`` caches file checksums across stores. Features written before
+    checksums were recorded cannot be checked and count as unchanged."""
+    keys = (("source_checksum",) if ex.needs_audio else ()) + (("text_checksum",) if ex.needs_text else ())
+    done = [u for u in utts if u.id in writer]
+    recorded = writer.recorded(keys) if keys and done else {}
+    changed = []
+    for u in done:
+        old = recorded.get(u.id)
+        if not old:
+            continue
+        was = old.get("source_checksum")
+        if isinstance(was, str) and u.audio:
+            algorithm = was.partition(":")[0]
+            if (u.audio, algorithm) not in audio_sums:
+                try:
+                    audio_sums[u.audio, algorithm] = file_checksum(u.audio, algorithm)
+                except (OSError, ValueError):
+                    audio_sums[u.audio, algorithm] = ""
+            if audio_sums[u.audio, algorithm] != was:
+                changed.append(u.id)
+                continue
+        was = old.get("text_checksum")
+        if isinstance(was, str) and was != text_checksum(u.text):
+            changed.append(u.id)
+    return changed
+
+
 def _reason(e: Exception) -> str:
     text = str(e) if isinstance(e, (AudioError,)) else f"{type(e).__name__}: {e}"
     return " ".join(text.split())[:500]
 
 
 # ------------------------------------------------------------------------------ the stage
+def _store_targets(args: dict) -> list[Path]:
+    """The store files a run writes (for their locks)."""
+    specs = [f if isinstance(f, FeatureSpec) else parse_feature_spec(f, args["overrides"]) for f in args["features"]]
+    paths = [store_path(args["out_dir"], s.store) for s in specs]
+    return paths if args["shard"] is None else [shard_path(p, *args["shard"]) for p in paths]
+
+
+@locking("extract", _store_targets, hint="wait for it or use another -o")
 def run_extract(
     corpus_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -254,6 +307,7 @@ def run_extract(
     mine = utts if shard is None else [u for i, u in enumerate(utts) if i % shard[1] == shard[0]]
     writers: dict[str, StoreWriter] = {}
     pending: dict[str, set[str]] = {}
+    audio_sums: dict[tuple[str, str], str] = {}  # (file, algorithm) -> checksum, shared by the stores
     try:
         for spec in specs:
             ex = extractors[spec.store]
@@ -278,7 +332,14 @@ def run_extract(
                 and (not ex.needs_text or u.text.strip())
             ]
             report.skipped_no_input[spec.store] = len(mine) - len(usable)
-            pending[spec.store] = {u.id for u in usable if u.id not in w}
+            changed = [] if overwrite else changed_sources(usable, w, ex, audio_sums)
+            if changed:
+                log(
+                    f"{spec.store}: {len(changed)} utterance(s) changed since they were extracted (source "
+                    f"checksum differs), recomputing: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "")
+                )
+            report.recomputed[spec.store] = len(changed)
+            pending[spec.store] = {u.id for u in usable if u.id not in w} | set(changed)
             report.skipped_done[spec.store] = len(usable) - len(pending[spec.store])
             report.computed[spec.store] = 0
 
@@ -324,6 +385,12 @@ def run_extract(
                         if isinstance(result, Exception):
                             raise result
                         result = _checked(result, spec.store, u.id)
+                        if ex.needs_audio and u.audio:
+                            if not audio_sums.get((u.audio, "blake2b")):
+                                audio_sums[u.audio, "blake2b"] = file_checksum(u.audio)
+                            result.attrs.setdefault("source_checksum", audio_sums[u.audio, "blake2b"])
+                        if ex.needs_text:
+                            result.attrs.setdefault("text_checksum", text_checksum(u.text))
                         writers[spec.store].add(u.id, result.data, result.attrs)
                         report.computed[spec.store] += 1
                     except Exception as e:  # noqa: BLE001
@@ -400,6 +467,7 @@ def _append_log(path: Path, corpus_dir, specs, extractors, report: ExtractReport
         "computed": report.computed,
         "skipped_done": report.skipped_done,
         "skipped_no_input": report.skipped_no_input,
+        "recomputed_changed": report.recomputed,
         "failed": report.n_failed,
         "shard": list(shard) if shard else None,
         "nj": nj,

@@ -26,6 +26,10 @@
    with the ``error`` column filled and the run goes on; the report counts them (the CLI exits
    with status 3 when any file failed, as ``sertool extract`` does, and prints their number last
    on stderr; 1 = a fatal error before any prediction, 2 = a usage error).
+   ``OUT.model.json`` beside the output records which model writes it (experiment folder,
+   checksums of its weights and normalisation statistics); ``resume=True`` with another model is
+   refused, naming both.  One run at a time writes an output file: a second one is refused at
+   once, naming the first (sertool.locks).
 
 Output columns: ``file, duration, label, p_<class>...`` (``score`` for regression models),
 ``n_segments, text, text_source, error``; with ``segments=True`` also ``segment, start, end``,
@@ -50,7 +54,8 @@ import numpy as np
 
 from sertool.audio import AudioError, audio_info, load_audio
 from sertool.corpora.base import AUDIO_EXTENSIONS, Utterance
-from sertool.utils import pick_device, show_bar
+from sertool.locks import locking
+from sertool.utils import pick_device, show_bar, write_json
 from sertool.weights import load_tensors
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
@@ -354,6 +359,30 @@ def sidecar_text(audio: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------- output
+def model_record_of(output: str | os.PathLike) -> Path:
+    """``OUT.model.json``: which model wrote the output file ``OUT``."""
+    return Path(f"{output}.model.json")
+
+
+def model_identity(predictor: Predictor) -> dict:
+    """The model that writes an output: its experiment folder and the checksums of its weights and
+    normalisation statistics (the folder alone would not tell a retrained model from the old one)."""
+    from sertool.audio import file_checksum
+
+    spec = predictor.spec
+    return {
+        "experiment": str(predictor.path.resolve()),
+        "weights": file_checksum(predictor.path / spec.get("model", "model.safetensors")),
+        "normalizer": file_checksum(predictor.path / spec.get("normalizer", "norm.safetensors")),
+        "classes": predictor.classes,
+    }
+
+
+def _short(checksum) -> str:
+    algorithm, _, digest = str(checksum).partition(":")
+    return f"{algorithm}:{digest[:12]}" if digest else str(checksum)
+
+
 class Output:
     """Rows to CSV or JSON Lines (a file or stdout), written and flushed one file at a time."""
 
@@ -365,6 +394,7 @@ class Output:
         *,
         resume: bool = False,
         overwrite: bool = False,
+        model: dict | None = None,
     ):
         self.target = str(target)
         self.stdout = self.target == "-"
@@ -385,6 +415,7 @@ class Output:
             raise PredictError(f"{path} already exists; use --resume to continue it or --overwrite to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume and path.exists():
+            self._check_model(path, model)
             keep = self._read_back(path)
             with open(path, "r+b") as f:
                 f.truncate(keep)
@@ -394,6 +425,30 @@ class Output:
         else:
             self.f = open(path, "w", encoding="utf-8", newline="")
             self._header()
+        if model is not None:
+            write_json(model_record_of(path), {"format": "sertool-predictions-model", "version": 1, **model})
+
+    @staticmethod
+    def _check_model(path: Path, model: dict | None) -> None:
+        """Refuse to resume an output written by another model (an output of an older sertool,
+        without the record, cannot be checked)."""
+        record = model_record_of(path)
+        if model is None or not record.exists():
+            return
+        try:
+            old = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PredictError(
+                f"--resume: {record} is unreadable ({e}); use another output file or --overwrite"
+            ) from None
+        if not isinstance(old, dict):
+            old = {}
+        if (old.get("weights"), old.get("normalizer")) != (model["weights"], model["normalizer"]):
+            raise PredictError(
+                f"--resume: {path} was written by the model in {old.get('experiment')} (weights "
+                f"{_short(old.get('weights'))}), this run's model is {model['experiment']} (weights "
+                f"{_short(model['weights'])}); use another output file or --overwrite"
+            )
 
     def _header(self) -> None:
         if self.fmt == "csv":
@@ -529,6 +584,7 @@ def _segment_text(f: "_File", start: float, end: float) -> str:
     return " ".join(str(w[0]) for w in words) if words else f.text
 
 
+@locking("predict", lambda a: [] if str(a["out"]) == "-" else [a["out"]], hint="wait for it or use another -o")
 def run_predict(
     exp: str | os.PathLike | None,
     wav_dir: str | os.PathLike,
@@ -579,7 +635,7 @@ def run_predict(
         "text_source",
         "error",
     ]
-    output = Output(out, columns, fmt, resume=resume, overwrite=overwrite)
+    output = Output(out, columns, fmt, resume=resume, overwrite=overwrite, model=model_identity(predictor))
     report = PredictReport(output=output.target, n_files=len(files))
     kill_after = int(os.environ.get("SERTOOL_TEST_KILL_AFTER_FILES", "0") or 0)  # test hook
     recogniser = None

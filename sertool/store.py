@@ -10,7 +10,9 @@ extraction never writes into the final file. Finished utterances are buffered an
 small *part* files (`NAME.h5.parts/part-000001.h5`), each written to a temporary name and
 renamed when complete; a kill -9 loses at most the buffer. When the run finishes, the parts
 (and any earlier complete store) are merged into `NAME.h5.tmp`, which is renamed over
-`NAME.h5`. A re-run reads the ids already in the store and its parts and computes only the rest.
+`NAME.h5`. A re-run reads the ids already in the store and its parts and computes only the rest
+(and the utterances whose recorded source checksum no longer matches: the merge keeps an id's
+latest version).
 
 Shards from parallel or cluster jobs (`--shard i/N`) are `NAME.shard-i-of-N.h5`; `open_store`
 reads a complete set of shards as one store and `merge_shards` joins them.
@@ -321,17 +323,20 @@ def _write_h5(path: Path, file_attrs: dict, items: list[tuple[str, np.ndarray, d
 
 
 def _merge_files(target: Path, sources: list[Path], file_attrs: dict) -> None:
-    seen: set[str] = set()
+    """Join ``sources`` into ``target``; an id in several sources is taken from the last one (an
+    utterance recomputed because its audio changed is in a part written after the old store)."""
+    last: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        with _open_h5(source) as f:
+            last.update((uid, i) for uid in f["utts"].keys())
     with atomic_path(target, fsync=True) as tmp, h5py.File(tmp, "w") as out:
         _encode_attrs(out.attrs, file_attrs)
         group = out.create_group("utts")
-        for source in sources:
+        for i, source in enumerate(sources):
             with _open_h5(source) as f:
                 for uid in f["utts"].keys():
-                    if uid in seen:  # a resumed run never writes an id twice; be safe anyway
-                        continue
-                    seen.add(uid)
-                    f.copy(f["utts"][uid], group, name=uid)
+                    if last[uid] == i:
+                        f.copy(f["utts"][uid], group, name=uid)
 
 
 class StoreWriter:
@@ -396,6 +401,29 @@ class StoreWriter:
 
     def __contains__(self, uid: str) -> bool:
         return uid in self.done
+
+    def recorded(self, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """The per-utterance attributes ``keys`` (e.g. ``source_checksum``) of the utterances already
+        written (store and parts; the latest write of an id wins), for ids that have any of them."""
+        out: dict[str, dict[str, Any]] = {}
+        sources = ([self.path] if self._existing_complete else []) + (
+            sorted(self.parts_dir.glob("part-*.h5")) if self.parts_dir.exists() else []
+        )
+        for source in sources:
+            with _open_h5(source) as f:
+                for uid, ds in f["utts"].items():
+                    if any(k in ds.attrs for k in keys):
+                        attrs = _decode_attrs(ds.attrs)
+                        out[uid] = {k: attrs[k] for k in keys if k in attrs}
+                    else:
+                        out.pop(uid, None)
+        for uid, _, attrs in self._buffer:
+            found = {k: attrs[k] for k in keys if k in attrs}
+            if found:
+                out[uid] = found
+            else:
+                out.pop(uid, None)
+        return out
 
     def add(self, uid: str, data: np.ndarray, attrs: dict | None = None) -> None:
         data = np.asarray(data)

@@ -71,6 +71,7 @@ from sertool.data import (
 )
 from sertool.labels import LabelSet, label_set
 from sertool.labels import apply as apply_labels
+from sertool.locks import OutputBusy, OutputLock
 from sertool.protocols import Fold, make_folds
 from sertool.utils import (
     DeviceError,
@@ -1135,6 +1136,8 @@ def run_train(
     seeds = seeds_of(cfg)
     started_group = D.launched_by_torchrun() and not D.world().distributed
     w, device_name = D.setup(cfg["run"]["device"])
+    # one run at a time writes EXP (rank 0 holds the lock; _run_train shares a refusal with every rank)
+    lock = OutputLock(exp, "train", hint="wait for it or use another -o", log=log) if w.main else None
     try:
         return _run_train(
             cfg,
@@ -1148,8 +1151,11 @@ def run_train(
             progress=progress,
             log=log,
             folds_only=folds_only,
+            lock=lock,
         )
     finally:
+        if lock is not None:
+            lock.release()
         if started_group:
             D.shutdown()
 
@@ -1167,6 +1173,7 @@ def _run_train(
     progress: bool,
     log: Callable[[str], None],
     folds_only: Iterable[str] | None,
+    lock: OutputLock | None = None,
 ) -> dict:
     main = w.main
     if not main:
@@ -1196,8 +1203,10 @@ def _run_train(
     error = None
     if main:
         try:
+            if lock is not None:
+                lock.acquire()
             _prepare_exp(exp, cfg, record, cfg_path, inputs, resume=resume, overwrite=overwrite)
-        except TrainError as e:
+        except (TrainError, OutputBusy) as e:
             error = str(e)
     error = D.broadcast_object(error)  # rank 0 has checked and written EXP (or every rank fails alike)
     if error is not None:
