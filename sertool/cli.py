@@ -246,6 +246,30 @@ def store_info(path):
             for key, value in sorted(s.attrs.items()):
                 text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
                 click.echo(f"  {key}: {text if len(text) < 300 else text[:300] + ' …'}")
+    # a run that was stopped leaves NAME.h5.parts/ (and no NAME.h5 when it was the first run)
+    for parts in sorted(path.glob("*.h5.parts") if path.is_dir() else path.parent.glob(path.name + ".parts")):
+        click.echo(_unfinished_run(parts))
+    if path.is_dir() and not paths and not list(path.glob("*.h5.parts")):
+        click.echo(f"{path}: no feature stores (run `sertool extract CORPUS -o {path} -f FEATURE`)")
+
+
+def _unfinished_run(parts: Path) -> str:
+    import h5py
+
+    files = sorted(parts.glob("part-*.h5"))
+    count = 0
+    for f in files:
+        try:
+            with h5py.File(f, "r") as h:
+                count += len(h["utts"]) if "utts" in h else 0
+        except OSError:
+            pass  # a part being written by a live run
+    store = parts.with_name(parts.name[: -len(".parts")])
+    state = "on top of the complete store" if store.exists() else "no complete store yet"
+    return (
+        f"{store}: unfinished run ({len(files)} part file(s), {count} utterance(s) so far; {state}): run the same "
+        f"`sertool extract ... -o {store.parent}` command again to finish it (it resumes from the parts)"
+    )
 
 
 @store.command("merge", context_settings=CONTEXT)

@@ -275,3 +275,25 @@ def test_asr_honours_threads_and_never_samples(tmp_path, monkeypatch):
         torch.set_num_threads(before)
     assert seen["init"]["cpu_threads"] == 1
     assert seen["transcribe"]["temperature"] == 0.0
+
+
+# ----------------------------------------------------------------------------- 8. minor
+def test_store_info_on_an_unfinished_run(tmp_path):
+    import numpy as np
+
+    from sertool.store import StoreWriter
+
+    feats = tmp_path / "f"
+    feats.mkdir()
+    r = run("store", "info", feats)
+    assert r.exit_code == 0 and r.output.splitlines() == [
+        f"{feats}: no feature stores (run `sertool extract CORPUS -o {feats} -f FEATURE`)"
+    ]
+    w = StoreWriter(feats / "mfcc.h5", {"feature": "mfcc", "kind": "audio", "dim": 2}, flush_every=2)
+    for k in range(5):  # two parts written, one utterance in the buffer: then the run is killed
+        w.add(f"u{k}", np.zeros((3, 2), np.float32))
+    r = run("store", "info", feats)
+    assert r.exit_code == 0 and r.output.splitlines() == [
+        f"{feats / 'mfcc.h5'}: unfinished run (2 part file(s), 4 utterance(s) so far; no complete store yet): run "
+        f"the same `sertool extract ... -o {feats}` command again to finish it (it resumes from the parts)"
+    ], r.output
