@@ -5,7 +5,7 @@
 Measured, in one run:
 
 * utterances per second of ``glove`` (packaged GloVe 6B-50d), ``bert`` (packaged MiniLM-L6)
-  and ``whisper`` (packaged faster-whisper tiny.en) on CPU, and of ``wav2vec2`` with randomly
+  and ``whisper`` (packaged tiny.en, default window; see bench_whisper.py) on CPU, and of ``wav2vec2`` with randomly
   initialised wav2vec2-base-sized weights (95 M parameters; ``--ssl-limit`` utterances); audio
   is decoded once before timing (decoding speed is reported on its own), each extractor is
   warmed up on one utterance and then run over the utterances in its own batches;
