@@ -876,9 +876,10 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
 
     Every optimiser step evaluates a closure: the loss and gradient of one batch, or, with
     ``optim.name: lbfgs`` (full batch), of the whole training split, accumulated over its batches
-    (collated once per epoch): one L-BFGS step of ``optim.max_iter`` iterations per epoch, started
-    afresh from the current weights (no optimiser state between epochs), with its weight decay in
-    the loss (``l2_penalty``)."""
+    (collated once per epoch; a model's ``frozen_inputs(batch)``, the part of its forward pass
+    without trained weights, applied once): one L-BFGS step of ``optim.max_iter`` iterations per
+    epoch, started afresh from the current weights (no optimiser state between epochs), with its
+    weight decay in the loss (``l2_penalty``)."""
     from tqdm.auto import tqdm
 
     cfg, tr, w = run.cfg, run.cfg["train"], D.world()
@@ -889,7 +890,7 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     )
     collated = iterate_batches(run.train_ds, [idx for _, idx, _ in batches], int(cfg["data"].get("workers") or 0))
     pairs = zip(batches, collated)
-    steps = [list(pairs)] if whole else ([pair] for pair in pairs)
+    steps = [pairs] if whole else ([pair] for pair in pairs)
     bar = tqdm(
         steps,
         total=1 if whole else len(batches),
@@ -900,8 +901,17 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     )
     clip = float(cfg["optim"]["grad_clip"] or 0)
     total, n, t0 = 0.0, 0, time.time()
+    frozen = getattr(run.model, "frozen_inputs", None) if whole else None
+
+    def prepared(batch: dict) -> dict:
+        batch = to_device(batch, run.device)
+        if frozen is None:
+            return batch
+        with torch.no_grad():  # the part of the forward pass without trained weights, once per epoch
+            return frozen(batch)
+
     for step in bar:
-        step = [(ids, to_device(batch, run.device)) for ids, batch in step]
+        step = [(ids, prepared(batch)) for ids, batch in step]
         items = np.concatenate([gidx for (gidx, _, _), _ in step])
         lr = run.schedule.lr(run.state["step"])
         for g in run.optimizer.param_groups:

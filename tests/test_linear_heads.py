@@ -131,6 +131,32 @@ def test_a_plain_store_gives_the_same_probe():
     assert sum(p.numel() for p in stacked.parameters()) == 2 * 5 * 4 + 4 + 3
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_probe_on_frame_moments_equals_the_probe_on_frames(layers):
+    """frozen_inputs (the frames' moments, computed once for full-batch L-BFGS) gives the outputs
+    and the gradients of the forward pass on the frames."""
+    torch.manual_seed(0)
+    model = build_model({"name": "probe", "input_dim": 4, "layers": layers, "n_classes": 3}).eval()
+    if layers > 1:
+        with torch.no_grad():
+            model.layer_weights["audio"].logits.copy_(torch.tensor([0.3, -1.0, 0.8]))
+    x, mask = torch.randn(5, 9, 4 * layers) * 2 + 1, torch.ones(5, 9, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2, 1:] = False  # one real frame: std 0
+    batch = {"audio": x, "audio_mask": mask, "target": torch.tensor([0, 1, 2, 0, 1])}
+    moments = model.frozen_inputs(batch)
+    assert "audio" not in moments and "audio_mask" not in moments and "target" in moments
+    outputs = []
+    for b in (batch, moments):
+        model.zero_grad()
+        out = model(b)
+        torch.nn.functional.cross_entropy(out, b["target"]).backward()
+        outputs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    for ga, gb in zip(outputs[0][1], outputs[1][1]):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
 def test_the_learned_weights_find_the_informative_layer(stacked_feats, tmp_path):
     exp = tmp_path / "exp"
     run_train(

@@ -29,6 +29,8 @@ __all__ = [
     "sinusoidal_positions",
     "masked_mean",
     "statistics_pooling",
+    "frame_moments",
+    "pooled_statistics",
     "last_real",
     "zero_padding",
 ]
@@ -67,6 +69,31 @@ def statistics_pooling(
     denom = (n - 1).clamp_min(1.0) if unbiased else n
     std = torch.sqrt(sq / denom + eps)
     return torch.cat([mean, std], dim=-1)
+
+
+def frame_moments(x: torch.Tensor, mask: Optional[torch.Tensor], layers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-utterance moments of ``layers`` stacked layers over real frames, in float64: the mean
+    ``[B, L, D]`` and the second moments of every pair of layers ``[B, L, L, D]``.  From them
+    :func:`pooled_statistics` gives, for any layer weights, the statistics pooling of the weighted
+    frames without reading the frames again."""
+    B, T = x.shape[:2]
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+    m = mask[..., None, None].double()
+    frames = x.double().reshape(B, T, layers, -1) * m
+    n = m.sum(1).clamp_min(1.0)  # [B, 1, 1]
+    return frames.sum(1) / n, torch.einsum("btld,btmd->blmd", frames, frames) / n[..., None]
+
+
+def pooled_statistics(
+    mean: torch.Tensor, second: torch.Tensor, weights: Optional[torch.Tensor] = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """``statistics_pooling`` of the frames ``sum_l weights_l x_l`` from their :func:`frame_moments`
+    (one layer: ``weights`` None): ``[B, 2D]`` float32, mean and population std (+ eps under the root)."""
+    w = torch.ones(mean.shape[1], dtype=mean.dtype, device=mean.device) if weights is None else weights.double()
+    mu = torch.einsum("bld,l->bd", mean, w)
+    var = (torch.einsum("blmd,l,m->bd", second, w, w) - mu**2).clamp_min(0.0)
+    return torch.cat([mu, torch.sqrt(var + eps)], dim=-1).float()
 
 
 def last_real(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .blocks import stacked_layer_weights, statistics_pooling
+from .blocks import frame_moments, pooled_statistics, stacked_layer_weights, statistics_pooling
 from .registry import MODALITIES, SERModel, register
 
 
@@ -43,8 +43,23 @@ class Probe(SERModel):
         )
         self.linear = nn.Linear(int(hidden) or 2 * input_dim, out_dim)
 
+    def frozen_inputs(self, batch: dict) -> dict:
+        """The batch with its frames replaced by their moments (blocks.frame_moments): the part of
+        the forward pass without trained weights, computed once for a batch used many times
+        (full-batch L-BFGS); the forward pass then gives the same outputs without the frames."""
+        m = self.modalities[0]
+        layers = len(self.layer_weights[m].logits) if m in self.layer_weights else 1
+        moments = frame_moments(batch[m], batch.get(f"{m}_mask"), layers)
+        return {k: v for k, v in batch.items() if not k.startswith(m)} | {f"{m}_moments": moments}
+
     def forward(self, batch: dict, return_attention: bool = False):
-        x, mask = self._inputs(batch, self.modalities[0])
-        pooled = self.dropout(statistics_pooling(x, mask))
+        m = self.modalities[0]
+        if f"{m}_moments" in batch:
+            weights = self.layer_weights[m].weights() if m in self.layer_weights else None
+            pooled = pooled_statistics(*batch[f"{m}_moments"], weights)
+        else:
+            x, mask = self._inputs(batch, m)
+            pooled = statistics_pooling(x, mask)
+        pooled = self.dropout(pooled)
         out = self.linear(pooled if self.hidden is None else self.hidden(pooled))
         return (out, {}) if return_attention else out
