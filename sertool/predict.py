@@ -72,6 +72,15 @@ class PredictError(ValueError):
     """An experiment or input that cannot be used for prediction (raised before any file is done)."""
 
 
+class ASRUnavailable(PredictError):
+    """--asr names a model that cannot be loaded: one error for the run, not one per file."""
+
+
+# Shorter clips get an error row, not a label: a 0.05 s or one-sample clip holds no emotion to hear,
+# yet a model still gives it a confident class (its features are a few frames of onset).
+MIN_CLIP_S = 0.25
+
+
 # ----------------------------------------------------------------------------------- predictor
 @dataclass
 class Predictor:
@@ -687,6 +696,8 @@ def run_predict(
                 feats = _features(f, predictor, window)
                 items.extend((f, k, x) for k, x in enumerate(feats))
                 f.outputs = [None] * len(feats)
+            except ASRUnavailable:
+                raise
             except Exception as e:  # noqa: BLE001 - one bad file never stops the run
                 f.error = _reason(e)
             pending.append(f)
@@ -732,7 +743,10 @@ def _attach_text(
             from sertool.features.asr import load_asr
 
             log(f"loading ASR model {asr} (beam {asr_beam})")
-            recogniser = load_asr(asr, device, beam_size=asr_beam, word_timestamps=False)[0]
+            try:
+                recogniser = load_asr(asr, device, beam_size=asr_beam, word_timestamps=False)[0]
+            except Exception as e:  # noqa: BLE001 - the same for every file: stop once
+                raise ASRUnavailable(f"--asr {asr}: {_reason(e)}") from None
             if report is not None:
                 report.asr = {
                     "model": asr,
@@ -760,6 +774,10 @@ def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, n
     if waves:
         sr, wave = next(iter(waves.items()))
         f.duration = round(len(wave) / (sr or info.sample_rate), 4)
+    if f.duration < MIN_CLIP_S:
+        raise PredictError(
+            f"{f.path}: too short ({f.duration:g} s of audio; sertool predicts clips of at least {MIN_CLIP_S:g} s)"
+        )
     f.segments = segment_bounds(f.duration, window)
     out: list[dict[str, np.ndarray]] = [{} for _ in f.segments]
     uid = Path(f.name).with_suffix("").as_posix().replace("/", "__")

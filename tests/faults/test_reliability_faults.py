@@ -297,3 +297,32 @@ def test_store_info_on_an_unfinished_run(tmp_path):
         f"{feats / 'mfcc.h5'}: unfinished run (2 part file(s), 4 utterance(s) so far; no complete store yet): run "
         f"the same `sertool extract ... -o {feats}` command again to finish it (it resumes from the parts)"
     ], r.output
+
+
+def test_predict_flags_clips_too_short_to_label(tmp_path):
+    import csv
+
+    d = tmp_path / "clips"
+    d.mkdir()
+    sf.write(d / "a_ok.wav", tone(220, 0.5), 16000)
+    sf.write(d / "b_50ms.wav", tone(220, 0.05), 16000)
+    sf.write(d / "c_one_sample.wav", tone(220, 1 / 16000), 16000)
+    out = tmp_path / "p.csv"
+    r = run("predict", d, "-o", out, "-q")
+    assert r.exit_code == 3 and "2 file(s) failed" in r.output, r.output
+    rows = {r["file"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(out, encoding="utf-8"))}
+    assert rows["a_ok.wav"]["label"] and not rows["a_ok.wav"]["error"]
+    for name, seconds in (("b_50ms.wav", "0.05"), ("c_one_sample.wav", "0.0001")):
+        assert rows[name]["label"] == "" and rows[name]["error"] == (
+            f"{d / name}: too short ({seconds} s of audio; sertool predicts clips of at least 0.25 s)"
+        )
+
+
+def test_predict_with_an_unknown_asr_model_fails_once(tmp_path):
+    d = tmp_path / "clips"
+    d.mkdir()
+    for k in range(3):
+        sf.write(d / f"{k}.wav", tone(220, 0.5), 16000)
+    r = run("predict", d, "-o", tmp_path / "p.csv", "--asr", "no-such-asr-model", "-q")  # the default model
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: --asr no-such-asr-model: "), r.output
