@@ -307,11 +307,15 @@ def _build_extractor(config: dict, device: str):
 
 
 # ----------------------------------------------------------------------------------- inputs
-def find_inputs(path: str | os.PathLike) -> list[Path]:
-    """Audio files under a folder (recursive, sorted), or the one file given."""
+def find_inputs(path: str | os.PathLike, problems: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Audio files under a folder (recursive, sorted; symlinked folders followed as by the folder
+    corpus reader), or the one file given. Unreadable folders and dangling or looping links are
+    appended to ``problems``."""
+    from sertool.corpora.folder import find_audio
+
     p = Path(path)
     if p.is_dir():
-        return sorted(q for q in p.rglob("*") if q.suffix.lower() in AUDIO_EXTENSIONS and q.is_file())
+        return find_audio(p, problems)
     if p.exists():
         return [p]
     raise PredictError(f"{p}: no such file or folder")
@@ -620,7 +624,12 @@ def run_predict(
     if int(asr_beam) < 1:
         raise PredictError(f"--asr-beam must be >= 1, got {asr_beam}")
     root = Path(wav_dir)
-    files = find_inputs(root)  # before loading anything: a wrong path fails at once
+    skipped: list[tuple[str, str]] = []
+    files = find_inputs(root, skipped)  # before loading anything: a wrong path fails at once
+    if skipped:
+        from sertool.corpora import summarize
+
+        log(f"warning: {len(skipped)} item(s) under {root} skipped: {summarize(skipped)}")
     exp_dir, spec = read_predictor_spec(exp)
     table = Transcripts(transcripts, root) if transcripts else None
     # the model's text needs, checked before any model is loaded

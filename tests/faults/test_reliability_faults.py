@@ -99,7 +99,7 @@ def _corpus(root, names, labels=None):
     root.mkdir(parents=True, exist_ok=True)
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        sf.write(root / name, tone(200, 0.2), 16000)
+        sf.write(root / name, tone(200, 0.3), 16000)
     if labels:
         (root / "metadata.csv").write_text("file,label\n" + "".join(f"{f},{lab}\n" for f, lab in labels))
     return root
@@ -326,3 +326,23 @@ def test_predict_with_an_unknown_asr_model_fails_once(tmp_path):
     r = run("predict", d, "-o", tmp_path / "p.csv", "--asr", "no-such-asr-model", "-q")  # the default model
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: --asr no-such-asr-model: "), r.output
+
+
+def test_predict_follows_symlinked_folders_and_reports_broken_links(tmp_path):
+    import csv
+
+    outside = _corpus(tmp_path / "elsewhere", ["x.wav"])
+    d = _corpus(tmp_path / "clips", ["a.wav"])
+    (d / "more").symlink_to(outside)
+    (d / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    out = tmp_path / "p.csv"
+    r = run("predict", d, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert [row["file"] for row in csv.DictReader(open(out, encoding="utf-8"))] == [
+        str(d / "a.wav"),
+        str(d / "more" / "x.wav"),
+    ]
+    assert (
+        f"warning: 1 item(s) under {d} skipped: 1 × link to … is dangling (the target does not exist); skipped "
+        f"(e.g. {d / 'gone.wav'})"
+    ) in r.output.splitlines()
