@@ -256,3 +256,23 @@ def test_predict_resume_with_another_model_is_refused(tmp_path):
     assert json.loads(model_record_of(out).read_text())["experiment"] == str(b.resolve())
     probabilities = [float(r["p_" + r["label"]]) for r in iter_rows(out)]
     assert all(np.isfinite(probabilities))
+
+
+def test_changed_transcripts_are_found_too(tmp_path):
+    """Text features record the transcript's checksum; a re-run finds the edited ones."""
+    from sertool.corpora.base import Utterance
+    from sertool.extract import changed_sources, text_checksum
+    from sertool.store import StoreWriter
+
+    class TextExtractor:
+        needs_audio, needs_text = False, True
+
+    utts = [Utterance(id=f"u{i}", audio="", text=f"words {i}") for i in range(4)]
+    attrs = {"feature": "t", "kind": "text", "dim": 2, "unit": "token", "extractor": {"name": "t"}}
+    w = StoreWriter(tmp_path / "t.h5", attrs)
+    for u in utts[:3]:
+        w.add(u.id, np.zeros((2, 2), np.float32), {"text_checksum": text_checksum(u.text)})
+    w.finalize()
+    utts[1].text = "other words"
+    w = StoreWriter(tmp_path / "t.h5", attrs)
+    assert changed_sources(utts, w, TextExtractor(), {}) == ["u1"]  # u3 is new, not changed
