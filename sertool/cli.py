@@ -682,7 +682,7 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
         log=log,
     )
     click.echo(
-        f"{exp}: student from epoch {m['best_epoch'] + 1}, val loss {m['best_val_loss']:.4f} "
+        f"{exp}: student from epoch {m['best_epoch']}, val loss {m['best_val_loss']:.4f} "
         f"(parameters {m['parameters']['student']})"
     )
 

@@ -303,16 +303,16 @@ def plot_curves(path: Path, exp: Path) -> bool:
     for r in rows:
         runs.setdefault((r["fold"], r["seed"]), []).append(r)
     for (fold, seed), rs in runs.items():
-        ep = [r["epoch"] + 1 for r in rs]
+        ep = [r["epoch"] for r in rs]  # numbered from 0, as in log.jsonl and metrics.json
         (line,) = axes[0, 0].plot(ep, [r["train_loss"] for r in rs], lw=0.8)
         axes[0, 0].plot(ep, [r["dev_loss"] for r in rs], lw=0.8, ls="--", color=line.get_color())
         if metric:
             axes[0, 1].plot(ep, [r[metric] for r in rs], lw=0.8, color=line.get_color())
     axes[0, 0].set_title("loss (solid train, dashed dev)", fontsize=9)
-    axes[0, 0].set_xlabel("epoch")
+    axes[0, 0].set_xlabel("epoch (from 0)")
     if metric:
         axes[0, 1].set_title(metric.replace("_", " "), fontsize=9)
-        axes[0, 1].set_xlabel("epoch")
+        axes[0, 1].set_xlabel("epoch (from 0)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

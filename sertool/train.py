@@ -850,7 +850,7 @@ def setup_run(
         if run.log_path.exists():
             rows = [json.loads(line) for line in run.log_path.read_text().splitlines() if line.strip()]
             run.history = [h for h in rows if h["epoch"] < run.state["epoch"]]
-        log(f"[{fold.name} seed {seed}] resuming after epoch {run.state['epoch']}")
+        log(f"[{fold.name} seed {seed}] resuming at epoch {run.state['epoch']}")
     else:
         if hasattr(model, "load_pretrained"):  # e.g. a distilled student or a pretrained encoder
             model.load_pretrained()
@@ -1001,7 +1001,7 @@ def select_and_checkpoint(
     if progress:
         shown = " ".join(f"{k[4:]} {record[k]:.4f}" for k in ("dev_UA", "dev_WA", "dev_MAE") if k in record)
         log(
-            f"[{run.fold.name} seed {run.seed}] epoch {epoch + 1}: train loss {train_loss:.4f}"
+            f"[{run.fold.name} seed {run.seed}] epoch {epoch}: train loss {train_loss:.4f}"
             + ("" if run.final else f", dev loss {dev_m['loss']:.4f} {shown}{' *' if improved else ''}")
         )
 
@@ -1257,7 +1257,8 @@ def _run_train(
             )
             results.append(res)
             shown = " ".join(f"{k} {res.test[k]:.4f}" for k in ("WA", "UA", "macro_f1", "MAE", "corr") if k in res.test)
-            log(f"[{fold.name} seed {seed}] best epoch {res.best_epoch + 1}, test {shown}")
+            # epochs are numbered from 0 everywhere (console, log.jsonl, metrics.json), like seeds
+            log(f"[{fold.name} seed {seed}] best epoch {res.best_epoch}, test {shown}")
     final_info = None
     if final_mode(cfg) == "all":
         if wanted is not None and wanted != {f.name for f in inputs.folds}:

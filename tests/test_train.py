@@ -528,7 +528,7 @@ def test_final_all_trains_the_deployment_model_on_every_utterance(feats, tmp_pat
     out2 = run_train(
         "probe", feats, exp2, overrides=[*FINAL_ARGS, "run.final=all"], resume=True, progress=False, log=lines.append
     )
-    assert sum("already done" in l for l in lines) == 4 and any("resuming after epoch 1" in l for l in lines)
+    assert sum("already done" in l for l in lines) == 4 and any("resuming at epoch 1" in l for l in lines)
     assert counter[0] == final_spe * (expected - 1)  # only the final model's remaining epochs were trained
     assert out2["final"]["epochs"] == expected
     c = load_file(str(exp2 / "model.safetensors"))

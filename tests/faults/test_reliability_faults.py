@@ -202,7 +202,7 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, one_torch_thre
     args = ["-m", "probe", "--audio", "fa", "--threads", "1", "--epochs", "2", "--protocol", "speaker-kfold:2"]
     res = run("train", f, "-o", tmp_path / "e", *args)
     assert res.exit_code == 0, res.output
-    assert "epoch 2: train loss" in res.output and "\r" not in res.output and "it/s" not in res.output
+    assert "epoch 1: train loss" in res.output and "\r" not in res.output and "it/s" not in res.output
     res = run("extract", folder_corpus, "-o", tmp_path / "g", "-f", "toy")
     assert res.exit_code == 0 and "\r" not in res.output and "utt/s" not in res.output, res.output
 
@@ -346,3 +346,22 @@ def test_predict_follows_symlinked_folders_and_reports_broken_links(tmp_path):
         f"warning: 1 item(s) under {d} skipped: 1 × link to … is dangling (the target does not exist); skipped "
         f"(e.g. {d / 'gone.wav'})"
     ) in r.output.splitlines()
+
+
+def test_console_and_files_number_epochs_alike(tmp_path, one_torch_thread):
+    """One convention: epochs are numbered from 0 on the console, in log.jsonl and metrics.json."""
+    import json
+    import re
+
+    from fault_helpers import make_train_feats
+
+    f = make_train_feats(tmp_path / "f")
+    args = ["-m", "probe", "--audio", "fa", "--threads", "1", "--epochs", "3", "--protocol", "speaker-kfold:2"]
+    res = run("train", f, "-o", tmp_path / "e", *args)
+    assert res.exit_code == 0, res.output
+    runs = json.loads((tmp_path / "e" / "metrics.json").read_text())["runs"]
+    shown = [int(m) for m in re.findall(r"\] best epoch (\d+), test", res.output)]
+    assert shown == [r["best_epoch"] for r in runs]
+    log = [json.loads(line) for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()]
+    lines = re.findall(r"\[(\w+) seed 0\] epoch (\d+): train loss", res.output)
+    assert [(fold, int(e)) for fold, e in lines] == [(r["fold"], r["epoch"]) for r in log]
