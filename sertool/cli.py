@@ -724,6 +724,11 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Segments per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--threads",
+    type=click.IntRange(1),
+    help="CPU threads for the model, its extractors and --asr (torch, CTranslate2); default: torch's own, 4 for ASR.",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="Output format (default: from the file name)."
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip the files already in the output.")
@@ -731,7 +736,7 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def predict(
-    paths, out, transcripts, asr, asr_beam, segments, window, batch_size, device, fmt, resume, overwrite, quiet
+    paths, out, transcripts, asr, asr_beam, segments, window, batch_size, device, threads, fmt, resume, overwrite, quiet
 ):
     """Predict the emotion of every recording in WAV_DIR (recursive; or one audio file) with the
     model of EXP, or with the packaged default model when EXP is left out.
@@ -765,6 +770,7 @@ def predict(
             window=window,
             batch_size=batch_size,
             device=device,
+            threads=threads,
             fmt=fmt,
             resume=resume,
             overwrite=overwrite,

@@ -615,8 +615,13 @@ def run_predict(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    threads: int | None = None,
 ) -> PredictReport:
     t0 = time.perf_counter()
+    if threads:  # the model and its extractors run in torch's thread pool; ASR gets it too
+        import torch
+
+        torch.set_num_threads(int(threads))
     if window <= 0:
         raise PredictError(f"--window must be > 0 seconds, got {window}")
     if batch_size < 1:
@@ -699,7 +704,9 @@ def run_predict(
         for f in todo:
             try:
                 if needs_text or asr or table is not None:
-                    recogniser = _attach_text(f, table, asr, recogniser, device, log, asr_beam, window, report)
+                    recogniser = _attach_text(
+                        f, table, asr, recogniser, device, log, asr_beam, window, report, threads=threads
+                    )
                     if needs_text and not f.text.strip():
                         raise PredictError("no text for this file: " + "; ".join(TEXT_OPTIONS))
                 feats = _features(f, predictor, window)
@@ -735,6 +742,7 @@ def _attach_text(
     asr_beam: int = 1,
     window: float = DEFAULT_WINDOW_S,
     report: PredictReport | None = None,
+    threads: int | None = None,
 ):
     """Text from --transcripts, else the sidecar .txt, else ASR; returns the (lazily loaded) recogniser.
     ASR: beam ``asr_beam``; word timestamps only for a file longer than ``window`` (its segments'
@@ -753,7 +761,8 @@ def _attach_text(
 
             log(f"loading ASR model {asr} (beam {asr_beam})")
             try:
-                recogniser = load_asr(asr, device, beam_size=asr_beam, word_timestamps=False)[0]
+                extra = {"threads": threads} if threads else {}
+                recogniser = load_asr(asr, device, beam_size=asr_beam, word_timestamps=False, **extra)[0]
             except Exception as e:  # noqa: BLE001 - the same for every file: stop once
                 raise ASRUnavailable(f"--asr {asr}: {_reason(e)}") from None
             if report is not None:

