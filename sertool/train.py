@@ -523,9 +523,30 @@ def l2_penalty(cfg: dict, model: torch.nn.Module, epoch: int) -> torch.Tensor | 
     return 0.5 * wd * sum((p.float() ** 2).sum() for p in model.parameters() if p.requires_grad and p.ndim >= 2)
 
 
+def param_groups(cfg: dict, model: torch.nn.Module) -> list[dict]:
+    """The optimiser's parameter groups: the model's trainable parameters, or the groups its
+    ``param_groups()`` hook names (``{name: parameters}``, e.g. a fine-tuned model's ``encoder`` and
+    ``head``), each with ``lr_scale`` = ``optim.<name>_lr_scale`` where the config has that key (else
+    1): the group's learning rate is the schedule's times its scale."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    hook = getattr(model, "param_groups", None)
+    if hook is None:
+        return [{"params": trainable, "lr_scale": 1.0}]
+    o, groups = cfg["optim"], []
+    for name, params in hook().items():
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"params": params, "name": name, "lr_scale": float(o.get(f"{name}_lr_scale", 1.0))})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    if len(grouped) != sum(len(g["params"]) for g in groups) or grouped != {id(p) for p in trainable}:
+        raise TrainError(f"model {cfg['model']['name']!r}: param_groups() must name every trainable parameter once")
+    return groups
+
+
 def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg["optim"]
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{**g, "lr": o["lr"] * g["lr_scale"]} for g in param_groups(cfg, model)]
     name = o["name"].lower()
     path = o.get("weight_decay_path") or []
     if path and name != "lbfgs":
@@ -540,14 +561,14 @@ def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
         )
     if name == "adam":
         return torch.optim.Adam(
-            params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
+            groups, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
         )
     if name == "adamw":
         return torch.optim.AdamW(
-            params, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
+            groups, lr=o["lr"], weight_decay=o["weight_decay"], betas=tuple(o.get("betas", (0.9, 0.999)))
         )
     if name == "sgd":
-        return torch.optim.SGD(params, lr=o["lr"], weight_decay=o["weight_decay"], momentum=o.get("momentum", 0.0))
+        return torch.optim.SGD(groups, lr=o["lr"], weight_decay=o["weight_decay"], momentum=o.get("momentum", 0.0))
     raise TrainError(f"optim.name {o['name']!r}: expected adam, adamw, sgd or lbfgs")
 
 
@@ -885,6 +906,9 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     cfg, tr, w = run.cfg, run.cfg["train"], D.world()
     epoch, whole = run.state["epoch"], full_batch(run.cfg)
     run.model.train()
+    set_encoder_trainable = getattr(run.model, "set_encoder_trainable", None)
+    if set_encoder_trainable is not None:  # a model that owns an encoder: frozen for the first epochs
+        set_encoder_trainable(epoch >= int(tr["freeze_encoder_epochs"] or 0))
     batches = distributed_batch_indices(
         run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, run.seed, epoch, w.rank, w.size
     )
@@ -915,7 +939,7 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
         items = np.concatenate([gidx for (gidx, _, _), _ in step])
         lr = run.schedule.lr(run.state["step"])
         for g in run.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
         def closure() -> torch.Tensor:
             """The step's mean loss (its gradient in .grad): a sum over its batches, each weighted by

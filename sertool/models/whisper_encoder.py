@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .ct2_file import CT2FormatError, read_ct2
 
@@ -63,6 +64,9 @@ class WhisperAudioEncoder(nn.Module):
         self.n_mels = int(config.num_mel_bins)
         self.max_mel_frames = int(config.max_source_positions) * 2
         self._filters: torch.Tensor | None = None
+        # True: each layer's activations are recomputed in the backward pass (less memory, ~1/3 more
+        # compute) when the encoder is trained
+        self.gradient_checkpointing = False
 
     def front_end(self) -> nn.ModuleDict:
         """The two convolutions (``conv1``: Mel -> D, ``conv2``: stride 2), shared, not copied."""
@@ -148,8 +152,12 @@ class WhisperAudioEncoder(nn.Module):
             x = nn.functional.gelu(enc.conv2(nn.functional.gelu(enc.conv1(mel))))
         x = x.permute(0, 2, 1) + enc.embed_positions.weight[: x.shape[-1]]
         states = [x]
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in enc.layers:
-            x = layer(x, key_mask)
+            if recompute and any(p.requires_grad for p in layer.parameters()):
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
             x = x[0] if isinstance(x, tuple) else x
             states.append(x)
         states[-1] = enc.layer_norm(x)
@@ -214,17 +222,11 @@ _LINEARS = {"self_attn.out_proj": "self_attention/linear_1", "fc1": "ffn/linear_
 _NORMS = {"self_attn_layer_norm": "self_attention/layer_norm", "final_layer_norm": "ffn/layer_norm"}
 
 
-def _build_from_ct2(ct2, config_cls, encoder_cls) -> nn.Module:
-    conv1 = ct2.dequantized("encoder/conv1/weight")
-    dim, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
-    n_layers = len({int(m.group(1)) for n in ct2.names() if (m := re.match(r"encoder/layer_(\d+)/", n))})
-    config = config_cls(
-        d_model=dim,
-        encoder_layers=n_layers,
-        encoder_attention_heads=int(ct2.get("encoder/num_heads")),
-        encoder_ffn_dim=int(ct2.get("encoder/layer_0/ffn/linear_0/weight").shape[0]),
-        num_mel_bins=n_mels,
-        max_source_positions=int(ct2.get("encoder/position_encodings/encodings").shape[0]),
+def encoder_only_config(config_cls, **sizes):
+    """A ``WhisperConfig`` of these encoder sizes (``d_model``, ``encoder_layers``, ...) with a
+    placeholder decoder (only the encoder is built)."""
+    return config_cls(
+        **sizes,
         decoder_layers=1,
         decoder_attention_heads=1,
         decoder_ffn_dim=4,
@@ -235,6 +237,21 @@ def _build_from_ct2(ct2, config_cls, encoder_cls) -> nn.Module:
         eos_token_id=2,
         decoder_start_token_id=3,
         activation_function="gelu",
+    )
+
+
+def _build_from_ct2(ct2, config_cls, encoder_cls) -> nn.Module:
+    conv1 = ct2.dequantized("encoder/conv1/weight")
+    dim, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
+    n_layers = len({int(m.group(1)) for n in ct2.names() if (m := re.match(r"encoder/layer_(\d+)/", n))})
+    config = encoder_only_config(
+        config_cls,
+        d_model=dim,
+        encoder_layers=n_layers,
+        encoder_attention_heads=int(ct2.get("encoder/num_heads")),
+        encoder_ffn_dim=int(ct2.get("encoder/layer_0/ffn/linear_0/weight").shape[0]),
+        num_mel_bins=n_mels,
+        max_source_positions=int(ct2.get("encoder/position_encodings/encodings").shape[0]),
     )
     encoder = encoder_cls(config)
     state = {

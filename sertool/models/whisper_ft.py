@@ -1,0 +1,190 @@
+"""Whisper fine-tuning: the model owns a trainable Whisper encoder and reads the waveform.
+
+    sertool train FEATS -m whisper_ft                          # the packaged tiny.en, every layer trained
+    sertool train FEATS -m whisper_ft --set model.train_layers=1   # only the top layer (the cheap CPU option)
+
+``data.audio: wave`` (set by the model's YAML): the batch holds each utterance's 16 kHz samples
+(z-normalised per utterance by the data pipeline; scaled here to ``WAVE_RMS``, a usual speech level,
+since Whisper's log-Mel is not scale invariant).  Each clip becomes its own Whisper log-Mel frames
+(no 30 s padding: :meth:`WhisperAudioEncoder.log_mel`), the encoder returns every layer (the front
+end and each transformer layer), a learned softmax weighting of the layers (SUPERB;
+:class:`blocks.LayerWeights`, weights start equal) gives one sequence, statistics pooling (mean +
+std over the clip's real states) and a linear classifier give the logits.  A clip's output does not
+depend on its batch (the encoder masks what lies past each clip).
+
+``model.encoder``: ``tiny.en`` (packaged), a faster-whisper or transformers folder, or a hub id
+(:func:`sertool.features.whisper.resolve_whisper`).  :meth:`prepare_config` records the encoder's
+sizes in ``model.encoder_config``, so the architecture is rebuilt from the experiment's config
+(``sertool evaluate``, ``predict``) and the fine-tuned weights, the whole encoder included, come
+from the run's model.safetensors; :meth:`load_pretrained` (the train stage, new runs only) loads
+the checkpoint's weights.
+
+The fine-tuning recipe lives in the one training loop (sertool/train.py), through two hooks:
+:meth:`param_groups` names the encoder's parameters (``optim.encoder_lr_scale`` x the schedule's
+learning rate) and :meth:`set_encoder_trainable` is called at the start of each epoch (frozen for
+the first ``train.freeze_encoder_epochs``).  ``model.train_layers: N`` > 0 trains only the top N
+encoder layers (and the final layer norm); the front end and the lower layers stay as loaded and
+run without a backward pass.  ``model.gradient_checkpointing`` recomputes each trained layer's
+activations in the backward pass (less memory for long clips).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .blocks import LayerWeights, statistics_pooling
+from .registry import SERModel, register
+from .whisper_encoder import WhisperAudioEncoder, encoder_only_config, load_whisper_encoder
+
+WAVE_RMS = 0.05  # the level (-26 dBFS) the z-normalised waveform is scaled to before the log-Mel
+SIZE_KEYS = (
+    "d_model",
+    "encoder_layers",
+    "encoder_attention_heads",
+    "encoder_ffn_dim",
+    "num_mel_bins",
+    "max_source_positions",
+)
+_LOADED: dict[str, WhisperAudioEncoder] = {}  # resolved checkpoint path -> encoder, read once per process
+
+
+def resolve_encoder(name: str) -> str:
+    """The checkpoint path of ``model.encoder`` (packaged name, folder or hub id); ValueError if none."""
+    from sertool.features.base import ExtractorError
+    from sertool.features.whisper import resolve_whisper
+
+    if not name:
+        raise ValueError("model.encoder: give a Whisper model (tiny.en, a folder or a hub id)")
+    try:
+        return str(resolve_whisper(str(name), option="model.encoder").path)
+    except ExtractorError as e:
+        raise ValueError(str(e)) from None
+
+
+def pretrained_encoder(name: str) -> WhisperAudioEncoder:
+    """The encoder of checkpoint ``name``, loaded on the CPU once per process (do not train it: copy it)."""
+    from .whisper_encoder import WhisperWeightsError
+
+    path = resolve_encoder(name)
+    if path not in _LOADED:
+        try:
+            with torch.device("cpu"):
+                _LOADED[path] = load_whisper_encoder(path)
+        except WhisperWeightsError as e:
+            raise ValueError(f"model.encoder {name!r}: {e}") from None
+    return _LOADED[path]
+
+
+def encoder_sizes(encoder: WhisperAudioEncoder) -> dict:
+    config = encoder.encoder.config
+    return {k: int(getattr(config, k)) for k in SIZE_KEYS}
+
+
+def empty_encoder(sizes: dict) -> WhisperAudioEncoder:
+    """A Whisper encoder of these sizes with untrained weights (the checkpoint's are loaded after)."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = encoder_only_config(WhisperConfig, **{k: int(sizes[k]) for k in SIZE_KEYS})
+    return WhisperAudioEncoder(WhisperEncoder(config))
+
+
+@register("whisper_ft")
+class WhisperFT(SERModel):
+    """A trainable Whisper encoder + layer weights + statistics pooling + linear classifier."""
+
+    def __init__(
+        self,
+        *,
+        modality,
+        encoder,
+        encoder_config,
+        n_classes,
+        task,
+        dropout,
+        train_layers,
+        gradient_checkpointing,
+    ):
+        super().__init__()
+        if modality != "audio":
+            raise ValueError(f"model whisper_ft reads audio (model.modality: audio), got {modality!r}")
+        if task not in ("classification", "regression"):
+            raise ValueError(f"model.task must be regression|classification, got {task!r}")
+        self.modalities = ("audio",)
+        self.encoder_name = encoder
+        sizes = encoder_config or encoder_sizes(pretrained_encoder(encoder))
+        self.encoder = empty_encoder(sizes)
+        self.encoder.gradient_checkpointing = bool(gradient_checkpointing)
+        n_layers = self.encoder.n_layers
+        if not 0 <= int(train_layers) <= n_layers:
+            raise ValueError(
+                f"model.train_layers {train_layers!r}: 0 (every layer) to {n_layers} (the encoder's layers)"
+            )
+        lower = self.encoder.front_end() if int(train_layers) else None
+        if lower is not None:  # the front end and the lower layers stay as loaded
+            lower.requires_grad_(False)
+            for layer in self.encoder.encoder.layers[: n_layers - int(train_layers)]:
+                layer.requires_grad_(False)
+        # the encoder parameters fine-tuning trains (positions are fixed in Whisper)
+        self._trained = [n for n, p in self.encoder.named_parameters() if p.requires_grad]
+        self.layer_weights = nn.ModuleDict({"audio": LayerWeights(n_layers + 1)})
+        self.dropout = nn.Dropout(float(dropout))
+        self.classifier = nn.Linear(2 * self.encoder.dim, 1 if task == "regression" else int(n_classes))
+
+    # ------------------------------------------------------------------ train-stage hooks
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        named = dict(self.encoder.named_parameters())
+        return [named[n] for n in self._trained]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Optimiser groups: ``encoder`` (lr x optim.encoder_lr_scale) and ``head``."""
+        head = [*self.layer_weights.parameters(), *self.classifier.parameters()]
+        return {"encoder": self.encoder_parameters(), "head": head}
+
+    def set_encoder_trainable(self, trainable: bool) -> None:
+        """Freeze (no gradient: the optimiser leaves the weights as they are) or unfreeze the encoder's
+        trained parameters; the loop calls it at the start of every epoch."""
+        for p in self.encoder_parameters():
+            p.requires_grad_(bool(trainable))
+
+    def load_pretrained(self) -> None:
+        """The checkpoint's encoder weights (the train stage calls this for a new run)."""
+        src = pretrained_encoder(self.encoder_name)
+        if encoder_sizes(src) != encoder_sizes(self.encoder):
+            raise ValueError(
+                f"model.encoder {self.encoder_name!r}: its sizes {encoder_sizes(src)} are not this "
+                f"experiment's {encoder_sizes(self.encoder)}; train again"
+            )
+        self.encoder.encoder.load_state_dict(src.encoder.state_dict())
+
+    @classmethod
+    def prepare_config(cls, cfg: dict) -> None:
+        """Read the encoder's sizes into ``model.encoder_config``; the input is the waveform."""
+        m, data = cfg["model"], cfg["data"]
+        if data.get("audio") != "wave":
+            raise ValueError(
+                f"model whisper_ft reads the waveform (data.audio: wave), got data.audio {data.get('audio')!r}"
+            )
+        src = pretrained_encoder(m["encoder"])
+        if m.get("encoder_config") in (None, {}):
+            m["encoder_config"] = encoder_sizes(src)
+        window = src.max_mel_frames * 160  # samples in the encoder's window (30 s)
+        if not (data.get("max_steps") or {}).get("audio"):
+            data.setdefault("max_steps", {})["audio"] = window
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict, return_attention: bool = False):
+        wave = batch["audio"]
+        mask = batch.get("audio_mask")
+        n = mask.sum(1).tolist() if mask is not None else [wave.shape[1]] * wave.shape[0]
+        host = wave.detach().float().cpu().numpy()
+        waves = [np.asarray(host[i, : int(k)]) * WAVE_RMS for i, k in enumerate(n)]
+        mel, frames = self.encoder.log_mel(waves)
+        states = self.encoder(mel.to(wave.device), frames.to(wave.device))
+        weights = self.layer_weights["audio"].weights()
+        x = torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
+        state_ok = torch.arange(x.shape[1], device=x.device)[None, :] < ((frames.to(x.device) + 1) // 2)[:, None]
+        out = self.classifier(self.dropout(statistics_pooling(x, state_ok)))
+        return (out, {}) if return_attention else out
