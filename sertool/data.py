@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 import torch
 
+from sertool.batching import budget_batches
 from sertool.store import FeatureStore, StoreError, decode_attrs, open_store
 from sertool.utils import save_tensors
 from sertool.weights import load_tensors
@@ -627,35 +628,17 @@ class SERDataset:
     def batch_indices(
         self, batch_size: int, max_frames: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0
     ) -> list[np.ndarray]:
-        """Index batches; with ``max_frames``, utterances of similar length are grouped so that
-        (longest item x items) stays under ``max_frames`` (dynamic batching by frames)."""
+        """Index batches of ``batch_size`` utterances; with ``max_frames``, dynamic batching by frames
+        (:func:`sertool.batching.budget_batches`: utterances of similar length grouped so that the
+        longest item x items stays under ``max_frames``, at most ``batch_size`` items, random
+        chunks and batch order per epoch), the batcher CMD's paper batches with."""
         n = len(self.ids)
-        rng = np.random.default_rng([seed, epoch]) if shuffle else None
-        order = rng.permutation(n) if shuffle else np.arange(n)
-        if not max_frames:
-            return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-        # sort by length inside chunks of ~100 batches (keeps randomness between epochs)
-        lengths = self.max_length
-        chunk = max(batch_size * 100, 1)
-        batches = []
-        for c in range(0, n, chunk):
-            part = order[c : c + chunk]
-            part = part[np.argsort(lengths[part], kind="stable")]
-            cur: list[int] = []
-            longest = 0
-            for i in part:
-                L = int(lengths[i])
-                if cur and (max(longest, L) * (len(cur) + 1) > max_frames or len(cur) >= batch_size):
-                    batches.append(np.array(cur))
-                    cur, longest = [], 0
-                cur.append(int(i))
-                longest = max(longest, L)
-            if cur:
-                batches.append(np.array(cur))
-        if shuffle:
-            perm = rng.permutation(len(batches))
-            batches = [batches[i] for i in perm]
-        return batches
+        if max_frames:
+            return budget_batches(
+                self.max_length, int(max_frames), shuffle=shuffle, seed=seed, epoch=epoch, max_items=batch_size
+            )
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
     def batches(
         self, batch_size: int, max_frames: int | None = None, shuffle: bool = False, seed: int = 0, epoch: int = 0
