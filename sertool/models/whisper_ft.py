@@ -168,8 +168,7 @@ class WhisperFT(SERModel):
                 f"model whisper_ft reads the waveform (data.audio: wave), got data.audio {data.get('audio')!r}"
             )
         src = pretrained_encoder(m["encoder"])
-        if m.get("encoder_config") in (None, {}):
-            m["encoder_config"] = encoder_sizes(src)
+        m["encoder_config"] = encoder_sizes(src)  # derived from model.encoder, never a setting of its own
         window = src.max_mel_frames * 160  # samples in the encoder's window (30 s)
         if not (data.get("max_steps") or {}).get("audio"):
             data.setdefault("max_steps", {})["audio"] = window
