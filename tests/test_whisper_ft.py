@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -176,3 +177,27 @@ def test_packaged_tiny_en_gradients_and_padding_invariance():
         both = model({"audio": wave, "audio_mask": mask})
         alone = model({"audio": wave[:1, :12000], "audio_mask": mask[:1, :12000]})
     torch.testing.assert_close(both[0], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_whisper):
+    cfg = resolve_config("whisper_ft", overrides=[f"model.encoder={tiny_whisper}", "model.dropout=0.0"])
+    cfg["model"]["n_classes"] = 3
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = WhisperFT(
+            **{**{k: v for k, v in cfg["model"].items() if k != "name"}, "gradient_checkpointing": checkpointing}
+        )
+        model.load_pretrained()
+        model.train()
+        wave = torch.from_numpy(np.stack([speechlike(8000, seed=1), speechlike(8000, seed=2)]))
+        mask = torch.ones(2, 8000, dtype=torch.bool)
+        mask[0, 5000:] = False
+        real = torch.utils.checkpoint.checkpoint
+        with mock.patch.object(torch.utils.checkpoint, "checkpoint", wraps=real) as spy:
+            model({"audio": wave, "audio_mask": mask}).logsumexp(-1).sum().backward()
+        assert spy.call_count == (2 if checkpointing else 0)  # once per layer
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("layers.0.fc1" in n for n in grads[0])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
