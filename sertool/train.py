@@ -884,10 +884,12 @@ def setup_run(
     if w.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # an encoder frozen for the first epochs (set_encoder_trainable) leaves parameters without gradients
+        freezes = hasattr(model, "set_encoder_trainable") and int(tr["freeze_encoder_epochs"] or 0) > 0
         run.net = DDP(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1",
+            find_unused_parameters=os.environ.get("SERTOOL_DDP_FIND_UNUSED", "0") == "1" or freezes,
         )
     return run
 

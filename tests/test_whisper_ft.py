@@ -201,3 +201,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_whisper):
     assert grads[0].keys() == grads[1].keys() and any("layers.0.fc1" in n for n in grads[0])
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_torchrun_with_a_frozen_first_epoch(tmp_path, tiny_whisper, feats):
+    """Under DDP the frozen epoch's parameters have no gradient: the loop asks DDP to find them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={port}", "-m", "sertool", "train", str(feats)]
+    cmd += ["-m", "whisper_ft", "-o", str(exp), "-q", *sum((["--set", s] for s in settings(tiny_whisper, 2)), [])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(x) for x in (exp / "folds" / "fold1" / "seed0" / "log.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in rows] == [2, 2]
