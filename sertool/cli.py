@@ -689,7 +689,15 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 
 # ----------------------------------------------------------------------------------- predict
 @cli.command(context_settings=CONTEXT)
-@click.argument("paths", nargs=-1, required=True, metavar="[EXP] WAV_DIR")
+@click.argument("paths", nargs=-1, metavar="[EXP] WAV_DIR")
+@click.option(
+    "--model",
+    metavar="NAME|EXP",
+    help="A packaged model (see --list-models) or an experiment folder; default: the packaged default.",
+)
+@click.option(
+    "--list-models", is_flag=True, help="List the packaged models with their measured UA and speed, and exit."
+)
 @click.option(
     "-o",
     "--out",
@@ -731,15 +739,40 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 @click.option(
     "--format", "fmt", type=click.Choice(["csv", "jsonl"]), help="Output format (default: from the file name)."
 )
+@click.option(
+    "--uncertain-below",
+    default=0.4,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    metavar="P",
+    help="uncertain=true on rows whose top probability is below P (docs/predict.md says why 0.4).",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run: skip the files already in the output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @_fail_cleanly
 def predict(
-    paths, out, transcripts, asr, asr_beam, segments, window, batch_size, device, threads, fmt, resume, overwrite, quiet
+    paths,
+    model,
+    list_models,
+    out,
+    transcripts,
+    asr,
+    asr_beam,
+    segments,
+    window,
+    batch_size,
+    device,
+    threads,
+    fmt,
+    uncertain_below,
+    resume,
+    overwrite,
+    quiet,
 ):
     """Predict the emotion of every recording in WAV_DIR (recursive; or one audio file) with the
-    model of EXP, or with the packaged default model when EXP is left out.
+    model of EXP (an experiment folder, or --model NAME: a packaged model), or with the packaged
+    default model when both are left out (--list-models shows them).
 
     The features the model was trained on are recomputed with the same extractors and
     normalisation. Rows are written as files finish; --resume continues an interrupted run. A
@@ -748,11 +781,20 @@ def predict(
     error). Example:
     sertool predict exp/rav-probe recordings/ -o predictions.csv
     """
-    from sertool.predict import run_predict
+    from sertool.predict import format_model_cards, model_cards, run_predict
 
+    if list_models:
+        click.echo(format_model_cards(model_cards()))
+        return
+    if not paths:
+        raise click.UsageError("missing WAV_DIR: sertool predict [EXP] WAV_DIR (or --list-models)")
     if len(paths) > 2:
         raise click.UsageError(f"expected [EXP] WAV_DIR, got {len(paths)} arguments")
     exp, wav_dir = (None, paths[0]) if len(paths) == 1 else paths
+    if model is not None:
+        if exp is not None:
+            raise click.UsageError(f"give the model once: EXP ({exp}) or --model ({model}), not both")
+        exp = model
     if exp is None and (Path(wav_dir) / "predictor.json").exists():
         raise click.UsageError(
             f"{wav_dir} is an experiment folder; give the recordings too: sertool predict EXP WAV_DIR"
@@ -771,6 +813,7 @@ def predict(
             batch_size=batch_size,
             device=device,
             threads=threads,
+            uncertain_below=uncertain_below,
             fmt=fmt,
             resume=resume,
             overwrite=overwrite,

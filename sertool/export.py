@@ -10,9 +10,10 @@ of ``info["input_names"]``:
     <modality>_mask  bool    [batch, frames]        True for real frames
 
 and its output is ``probabilities`` float32 [batch, classes] (``score`` [batch] for regression
-models).  Batch size and frame count are dynamic.  Features are not part of the graph: compute
-them with the extractors recorded in ``OUT.json`` (``features``), e.g. ``sertool.predict
-.build_extractors``.
+models): softmax(logits / T) with the calibration temperature T of ``predictor.json``
+(``temperature``, 1 when absent), as ``sertool predict`` computes them.  Batch size and frame
+count are dynamic.  Features are not part of the graph: compute them with the extractors
+recorded in ``OUT.json`` (``features``), e.g. ``sertool.predict.build_extractors``.
 
 ``OUT.json`` beside the model records the inputs, classes, feature provenance and the check.
 The check (default on) runs the exported model on random inputs of two batch sizes and frame
@@ -50,6 +51,7 @@ class DeployModel(nn.Module):
         self.crop = {m: int(v) for m, v in (spec.get("max_steps") or {}).items() if v}
         self.regression = spec.get("task") == "regression"
         self.log_probs = spec.get("loss") == "nll"
+        self.temperature = float(spec.get("temperature", 1.0))  # calibration: softmax(logits / T)
         self.normalised = []
         for m in self.modalities:
             if m in stats:
@@ -71,6 +73,8 @@ class DeployModel(nn.Module):
         out = self.model(batch).float()
         if self.regression:
             return out.reshape(-1)
+        if self.temperature != 1.0:
+            return (out / self.temperature).softmax(-1)
         return out.exp() if self.log_probs else out.softmax(-1)
 
 
@@ -151,6 +155,7 @@ def _describe(spec: dict, path: Path, names: list[str], output_name: str) -> dic
         "features": spec.get("features"),
         "model_config": spec.get("model_config"),
         "normalisation": "built in (training-split mean/std; padding set to zero)",
+        "temperature": float(spec.get("temperature", 1.0)),
     }
 
 

@@ -58,7 +58,9 @@ from sertool.locks import locking
 from sertool.utils import pick_device, show_bar, write_json
 from sertool.weights import load_tensors
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "ravdess-default"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# pretrained/DEFAULT names the folder `sertool predict WAV_DIR` uses; the MFCC model when it is missing
+FALLBACK_DEFAULT_MODEL = "ravdess-mfcc"
 DEFAULT_WINDOW_S = 30.0
 EXIT_SOME_FAILED = 3  # as sertool extract: some files failed (1 = fatal error, 2 = usage error)
 TEXT_OPTIONS = (
@@ -66,6 +68,90 @@ TEXT_OPTIONS = (
     "a sidecar .txt file next to each audio file",
     "--asr tiny.en (the packaged faster-whisper model, offline)",
 )
+
+
+# ----------------------------------------------------------------------------------- packaged models
+def default_model_name() -> str:
+    """The packaged model ``sertool predict WAV_DIR`` uses: the folder named in pretrained/DEFAULT."""
+    try:
+        name = (PRETRAINED_DIR / "DEFAULT").read_text(encoding="utf-8").strip()
+    except OSError:
+        return FALLBACK_DEFAULT_MODEL
+    return name or FALLBACK_DEFAULT_MODEL
+
+
+def packaged_models() -> list[str]:
+    """Names of the model folders shipped in sertool/pretrained (those with a predictor.json)."""
+    if not PRETRAINED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_DIR.iterdir() if (p / "predictor.json").is_file())
+
+
+def resolve_model(model: str | os.PathLike | None) -> tuple[Path, bool]:
+    """(folder, packaged?) of ``--model``/EXP: None = the default packaged model; an existing
+    folder is an experiment (it wins over a packaged model of the same name); else a packaged name."""
+    if model is None:
+        return PRETRAINED_DIR / default_model_name(), True
+    path = Path(model)
+    if path.exists():
+        return path, False
+    name = str(model)
+    if "/" not in name and os.sep not in name and (PRETRAINED_DIR / name / "predictor.json").is_file():
+        return PRETRAINED_DIR / name, True
+    return path, False
+
+
+DEFAULT_MODEL_DIR = resolve_model(None)[0]
+
+CARD_KEYS = ("summary", "features", "ua_cv", "ua_cv_8khz", "ua_cv_snr10", "ece_before", "ece_after", "x_real_time")
+
+
+def model_cards() -> list[dict]:
+    """One dict per packaged model: ``name``, ``default`` and the keys of its optional card.json
+    (missing keys are None)."""
+    default = default_model_name()
+    cards = []
+    for name in packaged_models():
+        card: dict = {}
+        card_file = PRETRAINED_DIR / name / "card.json"
+        if card_file.is_file():
+            try:
+                loaded = json.loads(card_file.read_text(encoding="utf-8"))
+                card = loaded if isinstance(loaded, dict) else {}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                card = {}
+        cards.append({"name": name, "default": name == default, **{k: card.get(k) for k in (*CARD_KEYS, "command")}})
+    return cards
+
+
+def format_model_cards(cards: list[dict]) -> str:
+    """The ``--list-models`` table: one row per packaged model, then how each was measured."""
+
+    def num(v, digits=3):
+        return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "\u2014"
+
+    def txt(v):
+        return str(v) if v not in (None, "") else "\u2014"
+
+    head = ["model", "features", "UA (6-fold CV)", "UA 8 kHz", "UA 10 dB SNR", "ECE before/after", "x real time"]
+    rows = []
+    for c in cards:
+        rows.append(
+            [
+                c["name"] + (" (default)" if c["default"] else ""),
+                txt(c["features"]),
+                num(c["ua_cv"]),
+                num(c["ua_cv_8khz"]),
+                num(c["ua_cv_snr10"]),
+                f"{num(c['ece_before'])} / {num(c['ece_after'])}",
+                num(c["x_real_time"], 0),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    for c in cards:
+        lines.append(f"{c['name']}: {txt(c['summary'])}; measured by: {txt(c['command'])}")
+    return "\n".join(lines)
 
 
 class PredictError(ValueError):
@@ -77,8 +163,14 @@ class ASRUnavailable(PredictError):
 
 
 # Shorter clips get an error row, not a label: a 0.05 s or one-sample clip holds no emotion to hear,
-# yet a model still gives it a confident class (its features are a few frames of onset).
+# yet a model still gives it a confident class (its features are a few frames of onset).  A model
+# may ask for more (predictor.json ``min_clip_s``), never less.
 MIN_CLIP_S = 0.25
+# Rows whose top probability is below this get uncertain=true.  With calibrated probabilities
+# (predictor.json ``temperature``) a top probability p is right about a fraction p of the time, so
+# below 0.4 such a label is wrong more often than not by a wide margin (3 times out of 5); for the 8
+# RAVDESS classes (chance 0.125) 0.4 is still 3x chance, so confident rows are not flagged.
+DEFAULT_UNCERTAIN_BELOW = 0.4
 
 
 # ----------------------------------------------------------------------------------- predictor
@@ -110,11 +202,20 @@ class Predictor:
         return [m for m, ex in self.extractors.items() if ex.needs_text]
 
     @property
+    def temperature(self) -> float:
+        """Calibration temperature: probabilities are softmax(logits / T) (1.0 = none fitted)."""
+        return float(self.spec.get("temperature", 1.0))
+
+    @property
+    def min_clip_s(self) -> float:
+        return max(MIN_CLIP_S, float(self.spec.get("min_clip_s") or 0.0))
+
+    @property
     def crop(self) -> dict[str, int]:
         return {m: int(v) for m, v in (self.spec.get("max_steps") or {}).items() if v}
 
     def output_columns(self) -> list[str]:
-        return ["score"] if self.regression else ["label", *[f"p_{c}" for c in self.classes]]
+        return ["score"] if self.regression else ["label", *[f"p_{c}" for c in self.classes], "uncertain"]
 
     def predict_features(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
         """Raw features (one dict modality -> [T, D] per item) -> probabilities [N, C] or scores [N]."""
@@ -128,11 +229,16 @@ class Predictor:
 
 
 def outputs_to_probabilities(out, spec: dict) -> np.ndarray:
-    """Model outputs -> class probabilities [N, C] (or scores [N] for regression)."""
+    """Model outputs -> class probabilities [N, C] (or scores [N] for regression): softmax of the
+    logits divided by the calibration temperature (an nll model's log-probabilities are logits too)."""
     out = out.float()
     if spec.get("task") == "regression":
         return out.reshape(-1).cpu().numpy()
-    probs = out.exp() if spec.get("loss") == "nll" else out.softmax(-1)
+    temperature = float(spec.get("temperature", 1.0))
+    if temperature != 1.0:
+        probs = (out / temperature).softmax(-1)
+    else:
+        probs = out.exp() if spec.get("loss") == "nll" else out.softmax(-1)
     return probs.cpu().numpy()
 
 
@@ -167,14 +273,20 @@ def collate(
 
 
 def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
-    """(directory, predictor.json content) of EXP, or of the packaged default model."""
-    path = Path(exp) if exp is not None else DEFAULT_MODEL_DIR
+    """(directory, predictor.json content) of EXP (an experiment folder or a packaged model's
+    name), or of the packaged default model."""
+    path, packaged = resolve_model(exp)
     spec_file = path / "predictor.json"
     if not path.is_dir():
         if exp is None:
             raise PredictError(
-                f"the default model is missing from this installation ({DEFAULT_MODEL_DIR}); "
+                f"the default model is missing from this installation ({path}); "
                 "reinstall sertool or give an experiment folder: sertool predict EXP WAV_DIR"
+            )
+        if "/" not in str(exp) and not packaged:
+            raise PredictError(
+                f"{exp}: neither an experiment folder nor a packaged model "
+                f"({', '.join(packaged_models()) or 'none installed'}; see sertool predict --list-models)"
             )
         raise PredictError(f"{path}: not an experiment folder (give the -o folder of `sertool train`)")
     if not spec_file.exists():
@@ -197,6 +309,12 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     classes = spec.get("classes", [])
     if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes):
         raise PredictError(f"{spec_file}: 'classes' must be a list of class names, got {classes!r}")
+    temperature = spec.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise PredictError(f"{spec_file}: 'temperature' must be a number > 0, got {temperature!r}")
+    min_clip = spec.get("min_clip_s", 0.0)
+    if isinstance(min_clip, bool) or not isinstance(min_clip, (int, float)) or not 0 <= min_clip < math.inf:
+        raise PredictError(f"{spec_file}: 'min_clip_s' must be a number of seconds >= 0, got {min_clip!r}")
     speaker_norm = [m for m, mode in (spec.get("normalize") or {}).items() if mode == "speaker"]
     if speaker_norm:
         raise PredictError(
@@ -396,6 +514,14 @@ def _short(checksum) -> str:
     return f"{algorithm}:{digest[:12]}" if digest else str(checksum)
 
 
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):  # as JSON writes them
+        return "true" if value else "false"
+    return value
+
+
 class Output:
     """Rows to CSV or JSON Lines (a file or stdout), written and flushed one file at a time."""
 
@@ -484,8 +610,9 @@ class Output:
                     if fields != self.columns:
                         raise PredictError(
                             f"--resume: {path} has the columns {fields}, this run writes "
-                            f"{self.columns} (another model or --segments setting); use another "
-                            "output file or --overwrite"
+                            f"{self.columns} (another model or --segments / --speaker-from setting, or "
+                            "an output of an older sertool, before the uncertain and normalization "
+                            "columns); use another output file or --overwrite"
                         )
                     header_ok, keep = True, end
                     continue
@@ -513,7 +640,7 @@ class Output:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         for row in rows:
-            w.writerow(["" if row.get(c) is None else row.get(c) for c in self.columns])
+            w.writerow([_csv_value(row.get(c)) for c in self.columns])
         self.f.write(buf.getvalue())
 
     def write(self, rows: list[dict]) -> None:
@@ -616,6 +743,7 @@ def run_predict(
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     threads: int | None = None,
+    uncertain_below: float = DEFAULT_UNCERTAIN_BELOW,
 ) -> PredictReport:
     t0 = time.perf_counter()
     if threads:  # the model and its extractors run in torch's thread pool; ASR gets it too
@@ -626,6 +754,8 @@ def run_predict(
         raise PredictError(f"--window must be > 0 seconds, got {window}")
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= uncertain_below <= 1:
+        raise PredictError(f"--uncertain-below must be a probability in [0, 1], got {uncertain_below}")
     if int(asr_beam) < 1:
         raise PredictError(f"--asr-beam must be >= 1, got {asr_beam}")
     root = Path(wav_dir)
@@ -682,7 +812,7 @@ def run_predict(
     def finish(done: list[_File]) -> None:
         rows = []
         for f in done:
-            rows.extend(_rows(f, predictor, segments))
+            rows.extend(_rows(f, predictor, segments, uncertain_below))
             report.n_done += 1
             if f.error:
                 report.n_failed += 1
@@ -792,9 +922,10 @@ def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, n
     if waves:
         sr, wave = next(iter(waves.items()))
         f.duration = round(len(wave) / (sr or info.sample_rate), 4)
-    if f.duration < MIN_CLIP_S:
+    if f.duration < predictor.min_clip_s:
         raise PredictError(
-            f"{f.path}: too short ({f.duration:g} s of audio; sertool predicts clips of at least {MIN_CLIP_S:g} s)"
+            f"{f.path}: too short ({f.duration:g} s of audio; this model predicts clips of at least "
+            f"{predictor.min_clip_s:g} s)"
         )
     f.segments = segment_bounds(f.duration, window)
     out: list[dict[str, np.ndarray]] = [{} for _ in f.segments]
@@ -861,16 +992,19 @@ def _predict_items(predictor: Predictor, items: list[tuple[_File, int, dict]], b
                 f.outputs[k] = r
 
 
-def _prediction_fields(pred, predictor: Predictor) -> dict:
+def _prediction_fields(pred, predictor: Predictor, uncertain_below: float = DEFAULT_UNCERTAIN_BELOW) -> dict:
     if predictor.regression:
         return {"score": round(float(pred), 6)}
     return {
         "label": predictor.classes[int(np.argmax(pred))],
         **{f"p_{c}": round(float(p), 6) for c, p in zip(predictor.classes, pred)},
+        "uncertain": bool(np.max(pred) < uncertain_below),
     }
 
 
-def _rows(f: _File, predictor: Predictor, segments: bool) -> list[dict]:
+def _rows(
+    f: _File, predictor: Predictor, segments: bool, uncertain_below: float = DEFAULT_UNCERTAIN_BELOW
+) -> list[dict]:
     base = {"file": f.name, "text": f.text, "text_source": f.text_source}
     if f.error or not f.outputs or any(o is None for o in f.outputs):
         return [
@@ -887,7 +1021,7 @@ def _rows(f: _File, predictor: Predictor, segments: bool) -> list[dict]:
                     "start": a,
                     "end": b,
                     "duration": round(b - a, 4),
-                    **_prediction_fields(pred, predictor),
+                    **_prediction_fields(pred, predictor, uncertain_below),
                     "n_segments": 1,
                     "text": _segment_text(f, a, b),
                     "text_source": f.text_source,
@@ -900,7 +1034,7 @@ def _rows(f: _File, predictor: Predictor, segments: bool) -> list[dict]:
             **base,
             "duration": f.duration,
             **({"start": 0.0, "end": f.duration} if segments else {}),
-            **_prediction_fields(mean[0] if predictor.regression else mean, predictor),
+            **_prediction_fields(mean[0] if predictor.regression else mean, predictor, uncertain_below),
             "n_segments": len(f.segments),
             "error": "",
         }

@@ -118,3 +118,26 @@ def test_collate_matches_training_dataset():
     got = collate([{"audio": feats["u1"]}, {"audio": feats["u2"]}], norm.stats, {"audio": 7})
     for k in ("audio", "audio_mask"):
         assert torch.equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_calibration_temperature_in_export_and_predict(exps, tmp_path, suffix):
+    """predictor.json ``temperature``: predict and the exported graph both give softmax(logits / T)."""
+    import shutil
+
+    exp = tmp_path / "calibrated"
+    shutil.copytree(exps["probe"], exp)
+    spec = json.loads((exp / "predictor.json").read_text())
+    (exp / "predictor.json").write_text(json.dumps({**spec, "temperature": 2.5}))
+    inputs = example_inputs(spec, batch=3, frames=9, seed=4)
+    calibrated, plain = _reference(exp, inputs), _reference(exps["probe"], inputs)
+    np.testing.assert_allclose(calibrated.sum(1), 1.0, atol=1e-5)
+    # the same order of classes, flatter: log-probabilities scale by 1/T around their mean
+    logits = np.log(plain)
+    expected = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum(1, keepdims=True)
+    np.testing.assert_allclose(calibrated, expected, atol=1e-5)
+    out = tmp_path / f"m{suffix}"
+    res = CliRunner().invoke(cli, ["export", str(exp), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.with_name(out.name + ".json").read_text())["temperature"] == 2.5
+    np.testing.assert_allclose(run_exported(out, inputs), calibrated, atol=1e-5)

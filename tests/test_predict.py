@@ -445,3 +445,48 @@ def test_asr_beam_reaches_faster_whisper(monkeypatch):
     assert seen[-1]["word_timestamps"] is True and words2 and text2
     (u,) = transcribe_utterances([Utterance("x", audio=str(clip))], progress=False, beam_size=2)
     assert u.text and u.extra["asr_beam_size"] == 2 and u.extra["asr_word_timestamps"] is True and u.words
+
+
+# ----------------------------------------------------------------------------------- calibration
+def test_temperature_and_uncertain_flag(trained, tmp_path):
+    """A temperature flattens the probabilities (same labels, sums 1); uncertain = top p below the threshold."""
+    import shutil
+
+    exp = tmp_path / "exp"
+    shutil.copytree(trained["exp"], exp)
+    spec = json.loads((exp / "predictor.json").read_text())
+    clips = trained["corpus"] / "spk0"
+    plain = {r["file"]: r for r in _predict_rows(exp, clips, tmp_path / "plain.csv")}
+    (exp / "predictor.json").write_text(json.dumps({**spec, "temperature": 4.0}))
+    hot = {r["file"]: r for r in _predict_rows(exp, clips, tmp_path / "hot.csv", "--uncertain-below", "0.9")}
+    assert plain.keys() == hot.keys() and len(hot) == 6
+    for name, r in hot.items():
+        p, q = [float(plain[name][f"p_{c}"]) for c in spec["classes"]], [float(r[f"p_{c}"]) for c in spec["classes"]]
+        assert sum(q) == pytest.approx(1.0, abs=1e-5) and r["label"] == plain[name]["label"]
+        assert max(q) < max(p)  # T > 1 flattens
+        if min(p) > 1e-3:  # the CSV rounds to 6 decimals: exact only away from 0
+            expected = np.exp(np.log(p) / 4.0) / np.exp(np.log(p) / 4.0).sum()
+            np.testing.assert_allclose(q, expected, atol=1e-4)
+        assert r["uncertain"] == ("true" if max(q) < 0.9 else "false")
+        assert plain[name]["uncertain"] == ("true" if max(p) < 0.4 else "false")
+    assert any(r["uncertain"] == "true" for r in hot.values())
+    for bad in (0, -1.0, "warm"):
+        (exp / "predictor.json").write_text(json.dumps({**spec, "temperature": bad}))
+        res = run([exp, clips, "-o", tmp_path / "bad.csv", "-q", "--overwrite"])
+        assert res.exit_code == 1 and "'temperature' must be a number > 0" in res.output
+
+
+def _predict_rows(exp, wav_dir, out, *extra):
+    res = run([exp, wav_dir, "-o", out, "-q", "--overwrite", *extra])
+    assert res.exit_code == 0, res.output
+    return list(iter_rows(out))
+
+
+def test_resume_of_an_older_output_is_refused_clearly(trained, tmp_path):
+    """An output written before the uncertain column: --resume names the columns, nothing is overwritten."""
+    out = tmp_path / "old.csv"
+    old = "file,duration,label,p_high,p_low,n_segments,text,text_source,error\nx.wav,0.5,low,0.1,0.9,1,,,\n"
+    out.write_text(old)
+    res = run([trained["exp"], trained["corpus"] / "spk0", "-o", out, "-q", "--resume"])
+    assert res.exit_code == 1 and "older sertool" in res.output and "uncertain" in res.output
+    assert out.read_text() == old

@@ -17,7 +17,7 @@ from sertool.predict import iter_rows
 from conftest import tone
 from fault_helpers import read_only
 
-DEFAULT_MODEL = Path(sertool.__file__).parent / "pretrained" / "ravdess-default"
+DEFAULT_MODEL = Path(sertool.__file__).parent / "pretrained" / "ravdess-mfcc"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

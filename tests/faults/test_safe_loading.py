@@ -14,7 +14,7 @@ from sertool.cli import cli
 
 from conftest import tone
 
-DEFAULT_MODEL = Path(sertool.__file__).parent / "pretrained" / "ravdess-default"
+DEFAULT_MODEL = Path(sertool.__file__).parent / "pretrained" / "ravdess-mfcc"
 
 
 class Planted:

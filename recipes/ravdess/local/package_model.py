@@ -56,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("exp", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--name", default="ravdess-default")
+    ap.add_argument("--name", default="ravdess-mfcc")
     ap.add_argument("--command", default="recipes/ravdess/local/train_default_model.sh")
     args = ap.parse_args()
     exp, out = args.exp, args.out

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Train and package the default model of `sertool predict` (sertool/pretrained/ravdess-default).
+# Train and package the default model of `sertool predict` (sertool/pretrained/ravdess-mfcc).
 #   bash recipes/ravdess/local/train_default_model.sh [--ravdess DIR] [--stage N] [--stop_stage M]
 # Stages: 0 extract MFCC features of the full RAVDESS speech copy (1,440 files, 24 actors)
 #         1 train the probe, 6-fold cross-validation by actors (speaker-independent scores), then
 #           (run.final=all) the deployment model on all 1,440 recordings for the median of the
 #           folds' selected epoch counts, normalised with statistics of all recordings
-#         2 package that final model into sertool/pretrained/ravdess-default (README with the CV scores)
+#         2 package that final model into sertool/pretrained/ravdess-mfcc (README with the CV scores)
 # Offline and CPU only: the features need no model download. About 10 minutes on 2 cores.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +18,7 @@ stop_stage=100
 ravdess=${repo}/../shared/data/ravdess
 feats=${recipe}/feats/full
 exp=${recipe}/exp/default-probe-mfcc
-out=${repo}/sertool/pretrained/ravdess-default
+out=${repo}/sertool/pretrained/ravdess-mfcc
 nj=2
 threads=1
 RECIPE_OPTIONS="stage stop_stage ravdess feats exp out nj threads"
