@@ -127,6 +127,12 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     help="Utterances per checkpoint part: a crash loses at most this many.",
 )
 @click.option("--import-csd", is_flag=True, help="CMU-MOSEI/MOSI: copy the pre-extracted .csd sequences into stores.")
+@click.option(
+    "--degrade",
+    metavar="SPEC",
+    help="Degrade every clip before extraction, e.g. telephone, noise:10, telephone+pink:20, "
+    "random:reverb:0.4|gain:-20 (sertool/augment.py): training copies or degraded test sets.",
+)
 @click.option("--list", "list_features", is_flag=True, help="List the available feature sets and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
@@ -150,6 +156,7 @@ def extract(
     float16,
     flush_every,
     import_csd,
+    degrade,
     list_features,
     quiet,
 ):
@@ -206,6 +213,7 @@ def extract(
         dtype="float16" if float16 else "float32",
         flush_every=flush_every,
         import_csd=import_csd,
+        degradation=degrade,
         progress=not quiet,
         log=click.echo,
     )

@@ -376,6 +376,60 @@ class SpeakerNormalizedSource(Source):
         return (self.src.get(uid) - mean) / std
 
 
+AUGMENT_SEP = "@aug"
+
+
+def source_id(uid: str) -> str:
+    """The utterance an id names: ``augmented_id(u, k)`` -> ``u``; any other id -> itself."""
+    base, sep, k = uid.rpartition(AUGMENT_SEP)
+    return base if sep and k.isdigit() else uid
+
+
+def augmented_id(uid: str, copy: int) -> str:
+    """The id of copy ``copy`` (0-based, the order of ``data.augment``) of utterance ``uid``."""
+    return f"{uid}{AUGMENT_SEP}{copy + 1}"
+
+
+class AugmentedSource(Source):
+    """``data.augment``: the source's utterances plus their degraded copies (``sertool extract
+    --degrade``), each copy read from its own store of the same name in another FEATS folder and
+    addressed as ``augmented_id(uid, k)``. Only the training split asks for the copies."""
+
+    def __init__(self, src: Source, copies: list[Source]):
+        for k, c in enumerate(copies):
+            if c.dim != src.dim:
+                raise DataError(f"data.augment[{k}] {c.path}: {c.dim}-d features, but {src.path} has {src.dim}-d")
+            same = ("feature", "extractor", "frame_rate_hz", "layers")
+            differs = [key for key in same if c.attrs.get(key) != src.attrs.get(key)]
+            if differs:
+                raise DataError(
+                    f"data.augment[{k}] {c.path}: made with another extractor than {src.path} (differs in "
+                    f"{', '.join(differs)}); extract the copies with the same -f spec and --degrade"
+                )
+        self.src, self.copies = src, copies
+        self.name, self.dim, self.attrs, self.path = src.name, src.dim, src.attrs, src.path
+        self.preloaded = getattr(src, "preloaded", False)
+        self._index = set(src.ids) | {augmented_id(u, k) for k, c in enumerate(copies) for u in c.ids}
+
+    @property
+    def ids(self) -> list[str]:
+        return self.src.ids + [augmented_id(u, k) for k, c in enumerate(self.copies) for u in c.ids]
+
+    def _where(self, uid: str) -> tuple[Source, str]:
+        base, sep, k = uid.rpartition(AUGMENT_SEP)
+        if sep and k.isdigit() and 1 <= int(k) <= len(self.copies):
+            return self.copies[int(k) - 1], base
+        return self.src, uid
+
+    def length(self, uid: str) -> int:
+        src, uid = self._where(uid)
+        return src.length(uid)
+
+    def get(self, uid: str) -> np.ndarray:
+        src, uid = self._where(uid)
+        return src.get(uid)
+
+
 def frame_moments(src: Source, ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std (float32) over all frames of utterances ``ids`` of ``src``;
     constant dimensions get std 1 (left unscaled)."""

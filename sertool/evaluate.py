@@ -109,6 +109,7 @@ def evaluate_experiment(
     rows: list[dict] = []
     dominance: list[dict] = []
     layer_weights: list[dict] = []
+    calibration: list[dict] = []
     for fold, seed, rd in _runs(exp, folds, seeds):
         missing = [u for u in fold.test if u not in target]
         if missing:
@@ -124,6 +125,8 @@ def evaluate_experiment(
             dominance.append(modality_dominance(settings, model, ds, dev))
         if hasattr(model, "learned_layer_weights"):
             layer_weights.append(model.learned_layer_weights())
+        if not regression:
+            calibration.append(run_calibration(rd, preds, ds.targets))
         for i, uid in enumerate(fold.test):
             if regression:
                 rows.append(
@@ -145,12 +148,30 @@ def evaluate_experiment(
     metrics["selected_on"] = cfg.get("experiment", {}).get("selected_on")
     if dominance:
         metrics["dominance"] = {m: M.summarize([d[m] for d in dominance]) for m in dominance[0]}
+    if calibration and all(calibration):
+        metrics["calibration"] = {k: M.summarize([c[k] for c in calibration]) for k in calibration[0]}
     if layer_weights and layer_weights[0]:
         metrics["layer_weights"] = summarize_layer_weights(layer_weights, cfg.get("features") or {})
     for src in inputs.sources.values():
         if getattr(src, "store", None) is not None:
             src.store.close()
     return metrics, rows
+
+
+def run_calibration(run_dir: Path, preds, targets) -> dict:
+    """ECE of a run's test predictions before and after the temperature its training fitted on dev
+    (``metrics.json`` ``calibration``); {} for a run trained before calibration was recorded."""
+    from sertool import calibration as C
+
+    path = run_dir / "metrics.json"
+    t = (json.loads(path.read_text()).get("calibration") or {}).get("temperature") if path.exists() else None
+    if not t:
+        return {}
+    return {
+        "temperature": float(t),
+        "ece_before": C.expected_calibration_error(preds, targets),
+        "ece_after": C.expected_calibration_error(C.scaled(preds, t), targets),
+    }
 
 
 def summarize_layer_weights(per_run: list[dict[str, list[float]]], features: dict) -> dict:
@@ -389,6 +410,16 @@ def write_report(path: Path, exp: Path, cfg: dict, metrics: dict, comparison: di
             "|---|---|",
         ]
         lines += [f"| {i} | {mu:.3f} ± {sd:.3f} |" for i, mu, sd in zip(lw["layers"], lw["mean"], lw["std"])]
+    if metrics.get("calibration"):
+        c = metrics["calibration"]
+        lines += [
+            "",
+            "## Calibration (temperature scaling fitted on each run's dev split; mean ± std over runs)",
+            "",
+            "| temperature | test ECE before | test ECE after |",
+            "|---|---|---|",
+            f"| {_fmt(c['temperature'])} | {_fmt(c['ece_before'])} | {_fmt(c['ece_after'])} |",
+        ]
     if has_curves:
         lines += ["", "![curves](curves.png)"]
     if comparison:

@@ -129,22 +129,36 @@ def probe_audio(utts: list[Utterance], problems: list[tuple[str, str]]) -> None:
 
 # ------------------------------------------------------------------------------ workers
 _WORKER_EXTRACTORS: dict[str, Extractor] = {}
+_WORKER_DEGRADATION: str | None = None
 
 
-def _init_worker(configs: dict[str, dict]) -> None:
-    global _WORKER_EXTRACTORS
+def _init_worker(configs: dict[str, dict], degradation: str | None = None) -> None:
+    global _WORKER_EXTRACTORS, _WORKER_DEGRADATION
     import torch
 
     torch.set_num_threads(1)  # one process per core: no oversubscription
     _WORKER_EXTRACTORS = {store: build_extractor(cfg) for store, cfg in configs.items()}
+    _WORKER_DEGRADATION = degradation
 
 
 def _extract_one(job: tuple[dict, list[str]]) -> tuple[str, list[tuple[str, Any]]]:
     record, stores = job
-    return record["id"], _compute(Utterance(**record), stores, _WORKER_EXTRACTORS)
+    return record["id"], _compute(Utterance(**record), stores, _WORKER_EXTRACTORS, _WORKER_DEGRADATION)
 
 
-def _compute(utt: Utterance, stores: list[str], extractors: dict[str, Extractor]) -> list[tuple[str, Any]]:
+def load_wave(utt: Utterance, sample_rate: int | None, degradation: str | None = None) -> np.ndarray:
+    """The utterance's audio at ``sample_rate``, through ``--degrade`` (sertool.augment) when given."""
+    wave, sr = load_audio(utt.audio, sample_rate, start=utt.start, end=utt.end)
+    if degradation:
+        from sertool.augment import degrade
+
+        wave = degrade(wave, sr, degradation, utt.id)
+    return wave
+
+
+def _compute(
+    utt: Utterance, stores: list[str], extractors: dict[str, Extractor], degradation: str | None = None
+) -> list[tuple[str, Any]]:
     """Run the per-utterance extractors on one utterance; exceptions become error strings."""
     out: list[tuple[str, Any]] = []
     waves: dict[int | None, np.ndarray] = {}
@@ -155,7 +169,7 @@ def _compute(utt: Utterance, stores: list[str], extractors: dict[str, Extractor]
             wave = None
             if ex.needs_audio:
                 if ex.sample_rate not in waves:
-                    waves[ex.sample_rate], _ = load_audio(utt.audio, ex.sample_rate, start=utt.start, end=utt.end)
+                    waves[ex.sample_rate] = load_wave(utt, ex.sample_rate, degradation)
                 wave = waves[ex.sample_rate]
                 checksum = checksum or file_checksum(utt.audio)
             result = ex.extract(utt, wave)
@@ -247,6 +261,7 @@ def run_extract(
     dtype: str = "float32",
     flush_every: int = 64,
     import_csd: bool = False,
+    degradation: str | None = None,
     progress: bool = True,
     log=print,
 ) -> ExtractReport:
@@ -257,6 +272,10 @@ def run_extract(
     out_dir.mkdir(parents=True, exist_ok=True)
     cli_options = dict(cli_options or {})
     specs = [f if isinstance(f, FeatureSpec) else parse_feature_spec(f, overrides) for f in features]
+    if degradation:
+        from sertool.augment import parse_degradation
+
+        degradation = "+".join(str(s) for s in parse_degradation(degradation))  # a bad spec fails before any work
     if len({s.store for s in specs}) != len(specs):
         raise ValueError("the same feature store name is given twice; name one `NAME=feature:...`")
     # Build the extractors first: a bad feature name or parameter fails before any work.
@@ -320,6 +339,7 @@ def run_extract(
                 **ex.file_attrs(),
                 "extractor": ex.config(),
                 "corpus": corpus_name,
+                **({"degradation": degradation} if degradation else {}),
             }
             writers[spec.store] = w = StoreWriter(
                 path, attrs, dtype=dtype, overwrite=overwrite, flush_every=flush_every
@@ -349,7 +369,7 @@ def run_extract(
         jobs = [(u, stores) for u, stores in jobs if stores]
         if jobs:
             by_id = {u.id: u for u in mine}
-            results = _run_jobs(jobs, {s: extractors[s].config() for s in simple}, extractors, nj)
+            results = _run_jobs(jobs, {s: extractors[s].config() for s in simple}, extractors, nj, degradation)
             for uid, outputs in tqdm(
                 results, total=len(jobs), desc="extract", unit="utt", disable=not show_bar(progress)
             ):
@@ -373,9 +393,7 @@ def run_extract(
                 items, loaded = [], []
                 for u in batch:
                     try:
-                        wave = (
-                            load_audio(u.audio, ex.sample_rate, start=u.start, end=u.end)[0] if ex.needs_audio else None
-                        )
+                        wave = load_wave(u, ex.sample_rate, degradation) if ex.needs_audio else None
                         items.append((u, wave))
                         loaded.append(u)
                     except AudioError as e:
@@ -437,16 +455,16 @@ def _import_csd_sequences(root: Path, utts: list[Utterance], out_dir: Path, log)
     return stores
 
 
-def _run_jobs(jobs, configs, extractors, nj):
+def _run_jobs(jobs, configs, extractors, nj, degradation=None):
     if nj <= 1 or len(jobs) < 2:
         for u, stores in jobs:
-            yield u.id, _compute(u, stores, extractors)
+            yield u.id, _compute(u, stores, extractors, degradation)
         return
     import dataclasses
 
     # spawn, not fork: the parent may hold torch/OpenMP threads, which a forked child inherits broken
     ctx = mp.get_context("spawn")
-    with ctx.Pool(nj, initializer=_init_worker, initargs=(configs,)) as pool:
+    with ctx.Pool(nj, initializer=_init_worker, initargs=(configs, degradation)) as pool:
         records = [(dataclasses.asdict(u), stores) for u, stores in jobs]
         yield from pool.imap(_extract_one, records, chunksize=4)
 

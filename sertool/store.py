@@ -43,7 +43,7 @@ _JSON_KEYS_ATTR = "__json__"
 _SHARD_RE = re.compile(r"^(?P<name>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.h5$")
 # Attributes that describe the extractor; stores (and shards, parts) can be joined only when
 # these agree. Creation time and library versions may differ between shards.
-IDENTITY_KEYS = ("feature", "kind", "dim", "extractor", "frame_rate_hz", "unit", "dtype")
+IDENTITY_KEYS = ("feature", "kind", "dim", "extractor", "frame_rate_hz", "unit", "dtype", "degradation")
 
 
 class StoreError(RuntimeError):

@@ -57,15 +57,18 @@ from sertool.config import apply_overrides, load_config_file, merge_file
 from sertool.corpora.base import read_manifest
 from sertool.data import (
     MODALITIES,
+    AugmentedSource,
     DataError,
     Normalizer,
     SERDataset,
     Source,
     SpeakerNormalizedSource,
+    augmented_id,
     check_ids,
     distributed_batch_indices,
     iterate_batches,
     open_sources,
+    source_id,
     speaker_statistics,
     to_device,
 )
@@ -214,6 +217,17 @@ class Inputs:
     sources: dict[str, Source]
     folds: list[Fold] = field(default_factory=list)
     dropped_missing: list[str] = field(default_factory=list)
+    augment_copies: int = 0  # data.augment: degraded copies per training utterance (AugmentedSource)
+
+    def training_ids(self, ids: list[str]) -> list[str]:
+        """``ids`` followed by their degraded copies (data.augment) that every source holds."""
+        copies = [
+            augmented_id(u, k)
+            for k in range(self.augment_copies)
+            for u in ids
+            if all(augmented_id(u, k) in s for s in self.sources.values())
+        ]
+        return list(ids) + copies
 
     @property
     def target_of(self) -> dict:
@@ -221,9 +235,16 @@ class Inputs:
 
 
 def load_inputs(
-    cfg: dict, feats: str | os.PathLike | None = None, *, make_protocol: bool = True, only: set[str] | None = None
+    cfg: dict,
+    feats: str | os.PathLike | None = None,
+    *,
+    make_protocol: bool = True,
+    only: set[str] | None = None,
+    augment: bool | None = None,
 ) -> Inputs:
-    """Manifest, labels, stores and folds for ``cfg``; every input error is raised here."""
+    """Manifest, labels, stores and folds for ``cfg``; every input error is raised here. The
+    degraded training copies of ``data.augment`` are opened for training (``augment``, by default
+    when the folds are made), not for evaluation."""
     data = cfg["data"]
     feats = Path(feats or data.get("feats") or "")
     if not str(feats) or not feats.is_dir():
@@ -276,9 +297,15 @@ def load_inputs(
             raise TrainError(f"data.missing must be error or drop, got {data['missing']!r}")
         check_ids(sources, [u.id for u in utts])
         sources = speaker_normalize(sources, feats, spec, data, all_utts)
+        copies = data.get("augment") or []
+        copies = [copies] if isinstance(copies, str) else list(copies)
+        if copies and (make_protocol if augment is None else augment):
+            sources = augment_sources(sources, copies, spec, data, all_utts)
+        else:
+            copies = []
     except DataError as e:
         raise TrainError(str(e)) from None
-    inputs = Inputs(utts, targets, labels, sources, dropped_missing=dropped)
+    inputs = Inputs(utts, targets, labels, sources, dropped_missing=dropped, augment_copies=len(copies))
     if make_protocol:
         p = cfg["protocol"]
         inputs.folds = make_folds(
@@ -311,6 +338,25 @@ def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data:
         )
         out[m] = SpeakerNormalizedSource(sources[m], speaker_of, speaker_statistics(full, speaker_of))
     return out
+
+
+def augment_sources(sources: dict[str, Source], dirs: list, spec: dict, data: dict, utts: list) -> dict[str, Source]:
+    """``data.augment``: the audio store of the same name from each FEATS folder in ``dirs`` (made by
+    ``sertool extract --degrade``), normalised as the clean one (per speaker too); the other
+    modalities' copies are the clean features (a degraded channel leaves the transcript alone)."""
+    if "audio" not in sources or not isinstance(spec.get("audio"), str) or spec["audio"] == "wave":
+        raise DataError("data.augment holds degraded copies of an audio feature store; this model reads none")
+    copies = []
+    for k, d in enumerate(dirs):
+        if not Path(d).is_dir():
+            raise DataError(f"data.augment[{k}]: {d} is not a folder (the output of `sertool extract --degrade`)")
+        ids = {u.id for u in utts}
+        opened = open_sources(Path(d), {"audio": spec["audio"]}, preload=data["preload"], only=ids, utts=utts)
+        opened = speaker_normalize(
+            opened, Path(d), {"audio": spec["audio"]}, data, [u for u in utts if u.id in opened["audio"]]
+        )
+        copies.append(opened["audio"])
+    return {m: AugmentedSource(src, copies if m == "audio" else [src] * len(copies)) for m, src in sources.items()}
 
 
 def left_out(inputs: Inputs) -> list[str]:
@@ -744,6 +790,7 @@ class RunResult:
     dev: dict
     test: dict
     seconds: float
+    calibration: dict = field(default_factory=dict)  # temperature fitted on dev; test ECE before/after
 
 
 @dataclass
@@ -819,9 +866,9 @@ def setup_run(
     final = fixed_epochs is not None
 
     def dataset(ids):
-        return SERDataset(inputs.sources, ids, [target[u] for u in ids], norm, crop, regression)
+        return SERDataset(inputs.sources, ids, [target[source_id(u)] for u in ids], norm, crop, regression)
 
-    train_ds = dataset(fold.train)
+    train_ds = dataset(inputs.training_ids(fold.train))
     dev_ds, test_ds = (None, None) if final else (dataset(fold.dev), dataset(fold.test))
     tr = cfg["train"]
     weight = None
@@ -1053,9 +1100,10 @@ def finish_run(run: Run) -> RunResult:
         }
     else:
         meta = load_weights(run.model, run.best_path)
-        scores = {}
+        scores, outputs = {}, {}
         for part, ds in (("test", run.test_ds), ("dev", run.dev_ds)):
             preds, loss = predict(run.cfg, run.model, ds, run.device, weight=run.weight)
+            outputs[part] = preds
             scores[part] = _compact(
                 {**score_predictions(run.cfg, preds, ds.targets, run.inputs.labels.classes), "loss": loss}
             )
@@ -1066,6 +1114,7 @@ def finish_run(run: Run) -> RunResult:
             scores["dev"],
             scores["test"],
             seconds(),
+            {} if run.inputs.labels.regression else calibrate(outputs, run.dev_ds.targets, run.test_ds.targets),
         )
         metrics = {
             "fold": run.fold.name,
@@ -1074,6 +1123,7 @@ def finish_run(run: Run) -> RunResult:
             "selected_on": f"dev {run.select}",
             "dev": result.dev,
             "test": result.test,
+            **({"calibration": result.calibration} if result.calibration else {}),
             "epochs_run": run.state["epoch"],
             "seconds": result.seconds,
         }
@@ -1084,6 +1134,23 @@ def finish_run(run: Run) -> RunResult:
         run.checkpoint.unlink(missing_ok=True)
     D.barrier()  # the run's files are complete before any rank looks at the next run
     return result
+
+
+def calibrate(outputs: dict[str, np.ndarray], dev_targets, test_targets) -> dict:
+    """Temperature scaling fitted on the dev split's probabilities (sertool.calibration); the test
+    split's expected calibration error before and after (the scores do not change)."""
+    from sertool import calibration as C
+
+    t = C.fit_temperature(outputs["dev"], dev_targets)
+    test = outputs["test"]
+    return {
+        "temperature": t,
+        "fitted_on": "dev",
+        "test_ece_before": C.expected_calibration_error(test, test_targets),
+        "test_ece_after": C.expected_calibration_error(C.scaled(test, t), test_targets),
+        "test_nll_before": C.nll(test, test_targets),
+        "test_nll_after": C.nll(C.scaled(test, t), test_targets),
+    }
 
 
 def train_run(
@@ -1166,6 +1233,12 @@ def run_train(
     if int(os.environ.get("RANK", "0") or 0) == 0:  # once under torchrun
         for line in left_out(inputs):
             (warn or log)(line)
+        if inputs.augment_copies:
+            n = len(inputs.training_ids([u.id for u in inputs.utts])) - len(inputs.utts)
+            log(
+                f"data.augment: {n} degraded copies of {len(inputs.utts)} utterances in {inputs.augment_copies} "
+                "store(s); each training split gets its utterances' copies, dev and test stay clean"
+            )
     finalize_model_config(cfg, inputs)
     build(cfg)  # a model that cannot be built fails before any training
     final_mode(cfg)
@@ -1275,7 +1348,17 @@ def _run_train(
             done = rd / "metrics.json"
             if resume and done.exists() and (rd / "model.safetensors").exists():
                 m = json.loads(done.read_text())
-                results.append(RunResult(m["fold"], m["seed"], m["best_epoch"], m["dev"], m["test"], m["seconds"]))
+                results.append(
+                    RunResult(
+                        m["fold"],
+                        m["seed"],
+                        m["best_epoch"],
+                        m["dev"],
+                        m["test"],
+                        m["seconds"],
+                        m.get("calibration", {}),
+                    )
+                )
                 log(f"[{fold.name} seed {seed}] already done")
                 continue
             res = train_run(
@@ -1308,6 +1391,8 @@ def _run_train(
         "summary": summary,
         "runs": [r.__dict__ for r in results],
     }
+    if (calibration := summarize_calibration(results)) is not None:
+        out["calibration"] = calibration
     if final_info is not None:
         out["final"] = final_info
     if main:
@@ -1389,6 +1474,24 @@ def _summarize(results: list[RunResult]) -> dict:
         if results and k in results[0].test
     ]
     return {k: M.summarize([r.test[k] for r in results]) for k in keys}
+
+
+def summarize_calibration(results: list[RunResult]) -> dict | None:
+    """Mean ± std over the runs of the dev-fitted temperature and the test ECE/NLL before and after."""
+    calibrated = [r.calibration for r in results if r.calibration]
+    if not calibrated or len(calibrated) != len(results):
+        return None
+    keys = ("temperature", "test_ece_before", "test_ece_after", "test_nll_before", "test_nll_after")
+    return {k: M.summarize([c[k] for c in calibrated]) for k in keys}
+
+
+def deployed_temperature(results: list[RunResult], best: RunResult, mode: str) -> float | None:
+    """The temperature predict applies: the selected run's (best-dev), or the median of the runs'
+    (run.final all: the final model has no held-out data to fit one on)."""
+    if mode == "best-dev":
+        return best.calibration.get("temperature")
+    ts = [r.calibration["temperature"] for r in results if r.calibration.get("temperature")]
+    return float(np.median(ts)) if ts and len(ts) == len(results) else None
 
 
 FINAL_MODES = ("best-dev", "all")
@@ -1512,6 +1615,11 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
         "inputs": {m: cfg["data"][m] for m in model_modalities(cfg)},
         "normalize": {m: (cfg["data"].get("normalize") or {}).get(m, "none") for m in model_modalities(cfg)},
         "max_steps": crop_lengths(cfg),
+        **(
+            {"temperature": t, "temperature_rule": "fitted on dev (sertool.calibration); run.final all: median of runs"}
+            if (t := deployed_temperature(results, best, mode)) is not None
+            else {}
+        ),
         "selection": (
             {
                 "rule": f"the fold x seed run with the best dev {select} (test scores not used)",

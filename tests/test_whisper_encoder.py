@@ -179,6 +179,25 @@ def test_batches_of_different_lengths_equal_clips_one_at_a_time(encoder):
                 np.testing.assert_allclose(batch[layer][i, :t].numpy(), alone[layer][0].numpy(), atol=2e-4)
 
 
+def test_up_to_runs_only_the_blocks_asked_for(encoder):
+    mel, lengths = encoder.log_mel([speech(SR, seed=5), speech(2 * SR, seed=6)])
+    calls = []
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.append(i)) for i, layer in enumerate(encoder.encoder.layers)
+    ]
+    try:
+        with torch.no_grad():
+            full = encoder(mel, lengths)
+            calls.clear()
+            part = encoder(mel, lengths, up_to=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == [0, 1] and len(part) == 3
+    for k in range(3):  # the states below the cut are those of the full pass (no final layer norm on them)
+        torch.testing.assert_close(part[k], full[k])
+
+
 def test_front_end_weights_are_exposed_for_reuse(packaged, encoder):
     stem = encoder.front_end()
     assert set(stem) == {"conv1", "conv2"} and stem["conv1"] is encoder.encoder.conv1  # shared, not copied

@@ -179,7 +179,8 @@ class WhisperFeatures(Extractor):
         frames = None if utterance else self.encoder.max_mel_frames
         mel, lengths = self.encoder.log_mel(windows, frames=frames, pad=self.pad)
         with torch.inference_mode():
-            states = self.encoder(mel.to(self.device), lengths if utterance else None)
+            # the blocks above the deepest layer asked for are not run
+            states = self.encoder(mel.to(self.device), lengths if utterance else None, up_to=max(self.layer_ids))
             out = combine_states(states, self.layer_ids, self.combine).float().cpu().numpy()
         return [o[: n_frames(len(w))] for o, w in zip(out, windows)]
 

@@ -118,8 +118,11 @@ class WhisperAudioEncoder(nn.Module):
         return out, torch.tensor(own if frames is None else [frames] * len(waves))
 
     # ------------------------------------------------------------------ encoding
-    def forward(self, mel: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Mel [B, n_mels, M] (+ real frames per clip) -> n_layers + 1 hidden states [B, ceil(M/2), D]."""
+    def forward(
+        self, mel: torch.Tensor, lengths: torch.Tensor | None = None, up_to: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Mel [B, n_mels, M] (+ real frames per clip) -> n_layers + 1 hidden states [B, ceil(M/2), D];
+        with ``up_to`` = k < n_layers only states 0..k (the blocks above k are not run)."""
         if mel.dim() != 3 or mel.shape[1] != self.n_mels:
             raise WhisperWeightsError(
                 f"Whisper encoder input of shape {tuple(mel.shape)}: expected [batch, {self.n_mels} Mel bins, frames]"
@@ -153,14 +156,16 @@ class WhisperAudioEncoder(nn.Module):
         x = x.permute(0, 2, 1) + enc.embed_positions.weight[: x.shape[-1]]
         states = [x]
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in enc.layers:
+        last = self.n_layers if up_to is None else min(int(up_to), self.n_layers)
+        for layer in enc.layers[:last]:
             if recompute and any(p.requires_grad for p in layer.parameters()):
                 x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
             else:
                 x = layer(x, key_mask)
             x = x[0] if isinstance(x, tuple) else x
             states.append(x)
-        states[-1] = enc.layer_norm(x)
+        if last == self.n_layers:
+            states[-1] = enc.layer_norm(x)
         return tuple(states)
 
 
