@@ -731,6 +731,13 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
 )
 @click.option("--segments", is_flag=True, help="Also write one row per segment of files longer than --window.")
 @click.option(
+    "--speaker-from",
+    metavar="parent|csv:FILE|regex:PATTERN",
+    help="Who speaks in each file (folder name; table path,speaker; regex group on the relative path): "
+    "each speaker's features normalised with the speaker's own statistics (models trained with "
+    "data.normalize.audio=speaker).",
+)
+@click.option(
     "--window",
     default=30.0,
     show_default=True,
@@ -768,6 +775,7 @@ def predict(
     asr,
     asr_beam,
     segments,
+    speaker_from,
     window,
     batch_size,
     device,
@@ -817,6 +825,7 @@ def predict(
             asr=asr,
             asr_beam=asr_beam,
             segments=segments,
+            speaker_from=speaker_from,
             window=window,
             batch_size=batch_size,
             device=device,

@@ -15,6 +15,12 @@ models): softmax(logits / T) with the calibration temperature T of ``predictor.j
 count are dynamic.  Features are not part of the graph: compute them with the extractors
 recorded in ``OUT.json`` (``features``), e.g. ``sertool.predict.build_extractors``.
 
+A model trained with per-speaker normalisation (``data.normalize.<m>=speaker``) has no global
+statistics for that input: its graph takes the speaker-normalised features, ``(x - mean) / std``
+with the per-dimension mean and std over all frames of the speaker's recordings (as
+``sertool.predict.speaker_moments`` / ``sertool.data.frame_moments`` compute them), and
+``OUT.json`` ``normalisation`` says so per input.
+
 ``OUT.json`` beside the model records the inputs, classes, feature provenance and the check.
 The check (default on) runs the exported model on random inputs of two batch sizes and frame
 counts and compares its outputs with the PyTorch model's; a difference above ``atol`` fails.
@@ -100,7 +106,7 @@ def _dim_of(spec: dict, m: str) -> int:
 
 
 def load_deploy_model(exp: str | os.PathLike | None) -> tuple[DeployModel, dict, Path]:
-    path, spec = read_predictor_spec(exp)
+    path, spec = read_predictor_spec(exp, speaker_adaptive=True)
     model, stats = load_model(path, spec, "cpu")
     return DeployModel(model, spec, stats).eval(), spec, path
 
@@ -154,7 +160,14 @@ def _describe(spec: dict, path: Path, names: list[str], output_name: str) -> dic
         "max_steps": spec.get("max_steps"),
         "features": spec.get("features"),
         "model_config": spec.get("model_config"),
-        "normalisation": "built in (training-split mean/std; padding set to zero)",
+        "normalisation": {
+            m: (
+                "per speaker, outside the graph: feed (x - speaker mean) / speaker std"
+                if (spec.get("normalize") or {}).get(m) == "speaker"
+                else "built in (training-split mean/std; padding set to zero)"
+            )
+            for m in (spec.get("inputs") or spec.get("features") or {})
+        },
         "temperature": float(spec.get("temperature", 1.0)),
     }
 

@@ -211,6 +211,13 @@ class Predictor:
         return max(MIN_CLIP_S, float(self.spec.get("min_clip_s") or 0.0))
 
     @property
+    def speaker_modalities(self) -> list[str]:
+        """Inputs trained with per-speaker normalisation (data.normalize.<m>=speaker)."""
+        return [
+            m for m, mode in (self.spec.get("normalize") or {}).items() if mode == "speaker" and m in self.extractors
+        ]
+
+    @property
     def crop(self) -> dict[str, int]:
         return {m: int(v) for m, v in (self.spec.get("max_steps") or {}).items() if v}
 
@@ -272,9 +279,10 @@ def collate(
     return batch
 
 
-def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
+def read_predictor_spec(exp: str | os.PathLike | None, speaker_adaptive: bool = False) -> tuple[Path, dict]:
     """(directory, predictor.json content) of EXP (an experiment folder or a packaged model's
-    name), or of the packaged default model."""
+    name), or of the packaged default model.  A model trained with per-speaker normalisation is
+    refused unless ``speaker_adaptive`` (predict --speaker-from, export)."""
     path, packaged = resolve_model(exp)
     spec_file = path / "predictor.json"
     if not path.is_dir():
@@ -316,11 +324,11 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     if isinstance(min_clip, bool) or not isinstance(min_clip, (int, float)) or not 0 <= min_clip < math.inf:
         raise PredictError(f"{spec_file}: 'min_clip_s' must be a number of seconds >= 0, got {min_clip!r}")
     speaker_norm = [m for m, mode in (spec.get("normalize") or {}).items() if mode == "speaker"]
-    if speaker_norm:
+    if speaker_norm and not speaker_adaptive:
         raise PredictError(
             f"{path} was trained with speaker-level normalisation (data.normalize.{speaker_norm[0]}="
-            "speaker): its inputs need the statistics of every speaker's recordings, which predict and "
-            "export do not compute; for deployment train with data.normalize."
+            "speaker): its inputs need the statistics of each speaker's recordings; say who speaks in "
+            "each file with --speaker-from parent|csv:FILE|regex:PATTERN, or train with data.normalize."
             f"{speaker_norm[0]}=global"
         )
     for key in ("model", "normalizer"):  # files from others never point outside their folder
@@ -334,9 +342,11 @@ def read_predictor_spec(exp: str | os.PathLike | None) -> tuple[Path, dict]:
     return path, spec
 
 
-def load_predictor(exp: str | os.PathLike | None = None, device: str = "auto") -> Predictor:
+def load_predictor(
+    exp: str | os.PathLike | None = None, device: str = "auto", speaker_adaptive: bool = False
+) -> Predictor:
     """Model, normalisation statistics and the rebuilt feature extractors of EXP (None = default)."""
-    path, spec = read_predictor_spec(exp)
+    path, spec = read_predictor_spec(exp, speaker_adaptive)
     model, stats = load_model(path, spec, device)
     dev = pick_device(device)
     extractors = build_extractors(spec, device=str(dev), where=path)
@@ -495,7 +505,7 @@ def model_record_of(output: str | os.PathLike) -> Path:
     return Path(f"{output}.model.json")
 
 
-def model_identity(predictor: Predictor) -> dict:
+def model_identity(predictor: Predictor, speaker_from: str | None = None) -> dict:
     """The model that writes an output: its experiment folder and the checksums of its weights and
     normalisation statistics (the folder alone would not tell a retrained model from the old one)."""
     from sertool.audio import file_checksum
@@ -506,6 +516,7 @@ def model_identity(predictor: Predictor) -> dict:
         "weights": file_checksum(predictor.path / spec.get("model", "model.safetensors")),
         "normalizer": file_checksum(predictor.path / spec.get("normalizer", "norm.safetensors")),
         "classes": predictor.classes,
+        "speaker_from": speaker_from,  # the speaker groups decide the statistics of speaker-normalised inputs
     }
 
 
@@ -582,6 +593,12 @@ class Output:
             ) from None
         if not isinstance(old, dict):
             old = {}
+        if "speaker_from" in old and old["speaker_from"] != model.get("speaker_from"):
+            raise PredictError(
+                f"--resume: {path} was written with --speaker-from {old['speaker_from']}, this run uses "
+                f"{model.get('speaker_from')} (other speaker groups, other statistics); use the same option, "
+                "another output file or --overwrite"
+            )
         if (old.get("weights"), old.get("normalizer")) != (model["weights"], model["normalizer"]):
             raise PredictError(
                 f"--resume: {path} was written by the model in {old.get('experiment')} (weights "
@@ -695,6 +712,10 @@ class _File:
     segments: list[tuple[float, float]] = field(default_factory=list)
     outputs: list = field(default_factory=list)  # per segment: probabilities / score
     error: str = ""
+    done: bool = False  # already in the output (--resume): features only for its speaker's statistics
+    features: list | None = None  # per segment {modality: [T, D]}, kept until its speaker group is predicted
+    speaker: str = ""
+    normalization: str = ""  # --speaker-from: speaker | global-fallback
 
 
 def segment_bounds(duration: float, window: float) -> list[tuple[float, float]]:
@@ -744,6 +765,7 @@ def run_predict(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     threads: int | None = None,
     uncertain_below: float = DEFAULT_UNCERTAIN_BELOW,
+    speaker_from: str | None = None,
 ) -> PredictReport:
     t0 = time.perf_counter()
     if threads:  # the model and its extractors run in torch's thread pool; ASR gets it too
@@ -765,7 +787,8 @@ def run_predict(
         from sertool.corpora import summarize
 
         log(f"warning: {len(skipped)} item(s) under {root} skipped: {summarize(skipped)}")
-    exp_dir, spec = read_predictor_spec(exp)
+    speaker_map = SpeakerMap(speaker_from, root) if speaker_from else None
+    exp_dir, spec = read_predictor_spec(exp, speaker_adaptive=speaker_map is not None)
     table = Transcripts(transcripts, root) if transcripts else None
     # the model's text needs, checked before any model is loaded
     inputs = spec.get("inputs") or spec.get("features") or {}
@@ -776,8 +799,14 @@ def run_predict(
             f"the model in {exp_dir} needs the text of each recording (its {text_inputs[0]} input is "
             f"{feature!r} features of the transcript) and no text was given; use one of: " + "; ".join(TEXT_OPTIONS)
         )
-    predictor = load_predictor(exp_dir, device)
+    predictor = load_predictor(exp_dir, device, speaker_adaptive=speaker_map is not None)
     needs_text = bool(predictor.text_modalities)
+    if speaker_map is not None and not predictor.speaker_modalities:
+        log(
+            f"warning: --speaker-from {speaker_from} ignored: the model in {exp_dir} was trained with "
+            "global normalisation (its training statistics are used for every speaker)"
+        )
+        speaker_map = None
     columns = [
         "file",
         *(["segment", "start", "end"] if segments else []),
@@ -786,20 +815,23 @@ def run_predict(
         "n_segments",
         "text",
         "text_source",
+        *(["speaker", "normalization"] if speaker_map is not None else []),
         "error",
     ]
-    output = Output(out, columns, fmt, resume=resume, overwrite=overwrite, model=model_identity(predictor))
+    identity = model_identity(predictor, speaker_from if speaker_map is not None else None)
+    output = Output(out, columns, fmt, resume=resume, overwrite=overwrite, model=identity)
     report = PredictReport(output=output.target, n_files=len(files))
     kill_after = int(os.environ.get("SERTOOL_TEST_KILL_AFTER_FILES", "0") or 0)  # test hook
     recogniser = None
 
+    inputs_all = [_File(p, _display(p, root)) for p in files]
     todo = []
-    for p in files:
-        name = _display(p, root)
-        if os.path.abspath(name) in output.done:
+    for f in inputs_all:
+        f.done = os.path.abspath(f.name) in output.done
+        if f.done:
             report.n_skipped += 1
         else:
-            todo.append(_File(p, name))
+            todo.append(f)
     if not files:
         log(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {root}")
     if report.n_skipped:
@@ -826,26 +858,35 @@ def run_predict(
         if kill_after and report.n_done >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def prepare(f: _File) -> list[dict[str, np.ndarray]]:
+        """Text and features of every segment of one file ([] and f.error when it fails)."""
+        nonlocal recogniser
+        try:
+            if needs_text or asr or table is not None:
+                recogniser = _attach_text(
+                    f, table, asr, recogniser, device, log, asr_beam, window, report, threads=threads
+                )
+                if needs_text and not f.text.strip():
+                    raise PredictError("no text for this file: " + "; ".join(TEXT_OPTIONS))
+            feats = _features(f, predictor, window)
+            f.outputs = [None] * len(feats)
+            return feats
+        except ASRUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad file never stops the run
+            f.error = _reason(e)
+            return []
+
     try:
+        if speaker_map is not None:
+            _predict_by_speaker(predictor, inputs_all, speaker_map, prepare, finish, batch_size, log)
+            return report
         # batches grow 1, 2, 4 ... batch_size: the first prediction comes out at once
         pending: list[_File] = []
         items: list[tuple[_File, int, dict]] = []  # (file, segment index, features)
         limit = 1
         for f in todo:
-            try:
-                if needs_text or asr or table is not None:
-                    recogniser = _attach_text(
-                        f, table, asr, recogniser, device, log, asr_beam, window, report, threads=threads
-                    )
-                    if needs_text and not f.text.strip():
-                        raise PredictError("no text for this file: " + "; ".join(TEXT_OPTIONS))
-                feats = _features(f, predictor, window)
-                items.extend((f, k, x) for k, x in enumerate(feats))
-                f.outputs = [None] * len(feats)
-            except ASRUnavailable:
-                raise
-            except Exception as e:  # noqa: BLE001 - one bad file never stops the run
-                f.error = _reason(e)
+            items.extend((f, k, x) for k, x in enumerate(prepare(f)))
             pending.append(f)
             if len(items) >= limit or (not items and pending):
                 _predict_items(predictor, items, batch_size)
@@ -858,8 +899,237 @@ def run_predict(
     finally:
         bar.close()
         output.close()
-    report.seconds = time.perf_counter() - t0
+        report.seconds = time.perf_counter() - t0
     return report
+
+
+# ----------------------------------------------------------------------------------- speakers
+# A speaker's own statistics replace the global ones only when they rest on enough speech: at
+# least 5 recordings and 15 s of audio (a mean over one or two clips is mostly that clip's
+# emotion, which the normalisation would then remove), or one long recording of >= 60 s.
+# Smaller groups, and files of no known speaker, fall back to global statistics.
+MIN_SPEAKER_RECORDINGS = 5
+MIN_SPEAKER_SECONDS = 15.0
+ENOUGH_SPEAKER_SECONDS = 60.0
+SPEAKER_FROM_FORMS = "parent, csv:FILE (columns path, speaker) or regex:PATTERN"
+
+
+def speaker_group_is_enough(n_recordings: int, seconds: float) -> bool:
+    """Whether a speaker group's own statistics are used (else the global fallback)."""
+    return seconds >= ENOUGH_SPEAKER_SECONDS or (
+        n_recordings >= MIN_SPEAKER_RECORDINGS and seconds >= MIN_SPEAKER_SECONDS
+    )
+
+
+class SpeakerMap:
+    """``--speaker-from``: who speaks in each input file (None = unknown).
+
+    * ``parent``: the name of the file's folder (``Actor_01/x.wav`` -> ``Actor_01``);
+    * ``csv:FILE``: a csv/tsv table with columns ``path`` (or ``file``: relative to WAV_DIR,
+      with or without the extension, absolute, or a bare file name when unique) and ``speaker``;
+    * ``regex:PATTERN``: searched in the path relative to WAV_DIR (``/`` separators); the
+      named group ``speaker``, else the first group, else the whole match is the speaker.
+    """
+
+    def __init__(self, spec: str, root: Path):
+        self.spec, self.root = str(spec), Path(root)
+        self.base = self.root if self.root.is_dir() else self.root.parent
+        kind, _, arg = self.spec.partition(":")
+        self.kind = kind.strip().lower()
+        if self.kind == "parent" and not arg:
+            return
+        if self.kind == "regex" and arg:
+            import re
+
+            try:
+                self.pattern = re.compile(arg)
+            except re.error as e:
+                raise PredictError(f"--speaker-from {self.spec}: not a regular expression ({e})") from None
+            return
+        if self.kind == "csv" and arg:
+            self._read_table(Path(arg))
+            return
+        raise PredictError(f"--speaker-from {self.spec!r}: use {SPEAKER_FROM_FORMS}")
+
+    def _read_table(self, path: Path) -> None:
+        from sertool.corpora.folder import read_table
+
+        if not path.is_file():
+            raise PredictError(f"--speaker-from csv:{path}: no such file")
+        rows = read_table(path)
+        if not rows or "speaker" not in rows[0] or not ({"path", "file"} & set(rows[0])):
+            found = ", ".join(rows[0]) if rows else "no rows"
+            raise PredictError(f"--speaker-from csv:{path}: needs columns path and speaker (found {found})")
+        self.by_key: dict[str, str] = {}
+        names: dict[str, list[str]] = {}
+        for row in rows:
+            key = (row.get("path") or row.get("file") or "").replace("\\", "/").strip()
+            speaker = str(row.get("speaker") or "").strip()
+            if not key or not speaker:
+                continue
+            full = Path(key) if os.path.isabs(key) else self.base / key
+            self.by_key[str(full.resolve())] = speaker
+            self.by_key[str(full.resolve().with_suffix(""))] = speaker
+            names.setdefault(Path(key).name, []).append(speaker)
+        self.by_name = {k: v[0] for k, v in names.items() if len(set(v)) == 1}
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.base).as_posix()
+        except ValueError:
+            return path.name
+
+    def __call__(self, path: Path) -> str | None:
+        if self.kind == "parent":
+            return path.parent.name or None
+        if self.kind == "regex":
+            m = self.pattern.search(self.relative(path))
+            if m is None:
+                return None
+            if "speaker" in self.pattern.groupindex:
+                value = m.group("speaker")
+            else:
+                value = m.group(1) if self.pattern.groups else m.group(0)
+            return value or None
+        full = path.resolve()
+        for key in (str(full), str(full.with_suffix(""))):
+            if key in self.by_key:
+                return self.by_key[key]
+        return self.by_name.get(path.name)
+
+
+class _InMemoryFeatures:
+    """Features held in memory, read as a ``sertool.data`` source (``frame_moments`` needs ``dim``, ``get``)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.dim = int(next(iter(arrays.values())).shape[1])
+
+    def get(self, uid: str) -> np.ndarray:
+        return self.arrays[uid]
+
+
+def speaker_moments(files: list[_File], modality: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over all frames of the files' segments, exactly as the train stage computes a
+    speaker's statistics (sertool.data.frame_moments: frames pooled, float64 sums, std 1 where constant)."""
+    from sertool.data import frame_moments
+
+    arrays = {f"{i}:{k}": x[modality] for i, f in enumerate(files) for k, x in enumerate(f.features or [])}
+    src = _InMemoryFeatures(arrays)
+    return frame_moments(src, list(arrays))
+
+
+class _PooledMoments:
+    """frame_moments accumulated file by file (the global fallback over every recording of a run)."""
+
+    def __init__(self):
+        self.s = self.ss = None
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        x = x.astype(np.float64)
+        if self.s is None:
+            self.s, self.ss = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        self.s += x.sum(0)
+        self.ss += (x * x).sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.s / max(self.n, 1)
+        std = np.sqrt(np.maximum(self.ss / max(self.n, 1) - mean * mean, 0.0))
+        std[std < 1e-8] = 1.0
+        return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _predict_by_speaker(
+    predictor: Predictor,
+    files: list[_File],
+    speaker_of: SpeakerMap,
+    prepare: Callable[[_File], list],
+    finish: Callable[[list[_File]], None],
+    batch_size: int,
+    log: Callable[[str], None],
+) -> None:
+    """Two passes per speaker group: the features of all of its files (those already in a resumed
+    output too, so the statistics do not change), then its files normalised with the group's
+    statistics and predicted.  Groups too small for their own statistics, and files of unknown
+    speakers, wait until the end and get the global fallback: the experiment's ``<m>.fallback``
+    statistics (norm.safetensors) when it has them, else the statistics of every recording of the run."""
+    modalities = predictor.speaker_modalities
+    # the speaker-normalised inputs come to the model normalised already: collate must not touch them
+    model_view = Predictor(
+        predictor.path,
+        predictor.spec,
+        predictor.model,
+        {m: v for m, v in predictor.stats.items() if m not in modalities},
+        predictor.extractors,
+        predictor.device,
+    )
+    groups: dict[str | None, list[_File]] = {}
+    for f in files:
+        f.speaker = speaker_of(f.path) or ""
+        groups.setdefault(f.speaker or None, []).append(f)
+    fallback = {m: predictor.stats[f"{m}.fallback"] for m in modalities if f"{m}.fallback" in predictor.stats}
+    pooled = {m: _PooledMoments() for m in modalities}
+    deferred: list[list[_File]] = []
+    untouched: list[list[_File]] = []
+
+    def pool(members: list[_File]) -> None:
+        for f in members:
+            for x in f.features or []:
+                for m in modalities:
+                    pooled[m].add(x[m])
+
+    def predict_group(members: list[_File], stats: dict, how: str) -> None:
+        items = []
+        for f in members:
+            f.normalization = how
+            if f.done:
+                continue
+            for k, x in enumerate(f.features or []):
+                x = dict(x)
+                for m in modalities:
+                    mean, std = stats[m]
+                    x[m] = (x[m] - mean) / std
+                items.append((f, k, x))
+        for s in range(0, len(items), batch_size):
+            _predict_items(model_view, items[s : s + batch_size], batch_size)
+        finish([f for f in members if not f.done])
+        for f in members:
+            f.features = None
+
+    for speaker, members in groups.items():
+        if all(f.done for f in members):
+            untouched.append(members)
+            continue
+        for f in members:
+            f.features = prepare(f)
+        ok = [f for f in members if not f.error]
+        pool(ok)
+        seconds = sum(f.duration or 0.0 for f in ok)
+        if speaker is not None and ok and speaker_group_is_enough(len(ok), seconds):
+            predict_group(members, {m: speaker_moments(ok, m) for m in modalities}, "speaker")
+        else:
+            deferred.append(members)
+    if not deferred:
+        return
+    missing = [m for m in modalities if m not in fallback]
+    if missing and untouched:  # a resumed run: the fallback pools every recording, finished ones too
+        for members in untouched:
+            for f in members:
+                f.features = prepare(f)
+            pool([f for f in members if not f.error])
+            for f in members:
+                f.features = None
+    stats = {m: fallback[m] if m in fallback else pooled[m].result() for m in modalities}
+    small = [g[0].speaker or "(unknown)" for g in deferred]
+    log(
+        f"--speaker-from: {len(deferred)} speaker group(s) below {MIN_SPEAKER_RECORDINGS} recordings and "
+        f"{MIN_SPEAKER_SECONDS:g} s ({', '.join(small[:5])}{' ...' if len(small) > 5 else ''}) use global "
+        + ("statistics of the experiment" if not missing else "statistics of all recordings of this run")
+    )
+    for members in deferred:
+        predict_group(members, stats, "global-fallback")
 
 
 def _attach_text(
@@ -1005,7 +1275,13 @@ def _prediction_fields(pred, predictor: Predictor, uncertain_below: float = DEFA
 def _rows(
     f: _File, predictor: Predictor, segments: bool, uncertain_below: float = DEFAULT_UNCERTAIN_BELOW
 ) -> list[dict]:
-    base = {"file": f.name, "text": f.text, "text_source": f.text_source}
+    base = {
+        "file": f.name,
+        "text": f.text,
+        "text_source": f.text_source,
+        "speaker": f.speaker,
+        "normalization": "" if f.error else f.normalization,
+    }
     if f.error or not f.outputs or any(o is None for o in f.outputs):
         return [
             {**base, "duration": f.duration, "n_segments": len(f.segments) or None, "error": f.error or "no prediction"}
@@ -1025,6 +1301,8 @@ def _rows(
                     "n_segments": 1,
                     "text": _segment_text(f, a, b),
                     "text_source": f.text_source,
+                    "speaker": f.speaker,
+                    "normalization": f.normalization,
                     "error": "",
                 }
             )
