@@ -1,6 +1,8 @@
 """Speed of `sertool predict` end to end: files/s, real-time factor, start-up, peak memory.
 
-    python benchmarks/bench_predict.py                                  # default model, RAVDESS copy
+    python benchmarks/bench_predict.py                                  # every packaged model, 1,440 RAVDESS files
+    python benchmarks/bench_predict.py --model ravdess-mfcc --limit 200   # one packaged model, 200 files
+    python benchmarks/bench_predict.py --model ravdess-mfcc --long-file   # + one 10-minute recording (VAD)
     python benchmarks/bench_predict.py --exp EXP --asr tiny.en --limit 200   # a text model with ASR
     python benchmarks/bench_predict.py --data DIR --threads 1 --json out.json
 
@@ -18,6 +20,10 @@ feature extraction, normalisation, the model and writing the CSV:
   average before and after.
 
 ``--limit N`` predicts the first N files only (copied as symbolic links to a temporary folder).
+``--model NAME`` (repeatable) picks packaged models; without it and without ``--exp`` every
+packaged model is measured.  ``--long-file`` adds, per model, one 10-minute recording: RAVDESS
+clips of the data folder joined by 1-4 s pauses with faint noise (speech-like synthetic bursts
+when there is no data), predicted with the default voice activity segmentation and ``--segments``.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ def audio_seconds(files: list[Path]) -> float:
     return sum(sf.info(str(f)).duration for f in files)
 
 
-def run_case(name: str, exp: str | None, data: Path, extra: list[str], threads: int | None) -> dict:
+def run_case(name: str, model_args: list[str], data: Path, extra: list[str], threads: int | None) -> dict:
+    """One `sertool predict` process; ``model_args``: [EXP], ["--model", NAME] or [] (the default)."""
     from sertool.predict import find_inputs
 
     files = find_inputs(data)
@@ -56,7 +63,7 @@ def run_case(name: str, exp: str | None, data: Path, extra: list[str], threads: 
             "-m",
             "sertool",
             "predict",
-            *([exp] if exp else []),
+            *model_args,
             str(data),
             "-o",
             str(out),
@@ -86,7 +93,7 @@ def run_case(name: str, exp: str | None, data: Path, extra: list[str], threads: 
     n_err = sum(1 for r in rows if not r.endswith(","))  # the error column is last
     return {
         "case": name,
-        "exp": exp or "(packaged default)",
+        "exp": " ".join(model_args) or "(packaged default)",
         "files": len(files),
         "rows": len(rows),
         "errors": n_err,
@@ -116,9 +123,42 @@ def limited(data: Path, n: int, tmp: Path) -> Path:
     return tmp
 
 
+def long_recording(data: Path, out: Path, seconds: float = 600.0, seed: int = 0) -> Path:
+    """A 10-minute mono 16 kHz recording: RAVDESS clips joined by 1-4 s pauses, faint noise."""
+    import numpy as np
+    import soundfile as sf
+
+    from sertool.audio import load_audio
+    from sertool.predict import find_inputs
+
+    rng = np.random.default_rng(seed)
+    sr, parts, total = 16000, [], 0
+    clips = find_inputs(data) if data.exists() else []
+    k = 0
+    while total < seconds * sr:
+        pause = np.zeros(int(rng.uniform(1.0, 4.0) * sr), np.float32)
+        if clips:
+            clip = load_audio(clips[k % len(clips)], sr)[0]
+        else:  # an amplitude-modulated 180 Hz tone: speech-like enough for the energy VAD
+            t = np.arange(int(rng.uniform(2.0, 5.0) * sr)) / sr
+            clip = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+        parts += [pause, clip]
+        total += len(pause) + len(clip)
+        k += 1
+    x = np.concatenate(parts)[: int(seconds * sr)]
+    x = x + 0.002 * rng.standard_normal(len(x)).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    sf.write(out / "ten_minutes.wav", x, sr)
+    return out
+
+
 def main() -> None:
+    from sertool.predict import packaged_models
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--exp", help="experiment folder (default: the packaged default model)")
+    ap.add_argument("--exp", help="experiment folder")
+    ap.add_argument("--model", action="append", help="a packaged model (repeatable; default: all of them)")
+    ap.add_argument("--long-file", action="store_true", help="also a 10-minute recording per model")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"audio folder (default {DEFAULT_DATA})")
     ap.add_argument("--limit", type=int, help="only the first N files")
     ap.add_argument("--asr", help="--asr MODEL for a text model (e.g. tiny.en)")
@@ -129,20 +169,30 @@ def main() -> None:
     if not args.data.exists():
         sys.exit(f"{args.data} does not exist (give --data DIR)")
     extra = [*(["--asr", args.asr] if args.asr else []), *args.extra]
+    prefix = "asr+" if args.asr else ""
+    models = [(prefix + Path(args.exp).name, [args.exp])] if args.exp else []
+    models += [(prefix + m, ["--model", m]) for m in (args.model or ([] if args.exp else packaged_models()))]
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = limited(args.data, args.limit, Path(tmp)) if args.limit else args.data
-        name = ("asr+" if args.asr else "") + (Path(args.exp).name if args.exp else "default")
-        result = run_case(name, args.exp, data, extra, args.threads)
-    print(json.dumps(result, indent=2))
+        data = limited(args.data, args.limit, Path(tmp) / "data") if args.limit else args.data
+        long_dir = long_recording(args.data, Path(tmp) / "long") if args.long_file else None
+        for name, exp in models:
+            results.append(run_case(name, exp, data, extra, args.threads))
+            if long_dir is not None:
+                results.append(run_case(name + " 10-min file", exp, long_dir, [*extra, "--segments"], args.threads))
+    print(json.dumps(results, indent=2))
     print(
-        f"\n| case | files | audio | wall | first prediction | files/s | x real time | CPU s | peak RSS |\n"
-        f"|---|---|---|---|---|---|---|---|---|\n"
-        f"| {result['case']} | {result['files']} | {result['audio_s']:.0f} s | {result['wall_s']:.1f} s | "
-        f"{result['first_prediction_s']} s | {result['files_per_s']} | {result['real_time_factor']} | "
-        f"{result['cpu_s']} | {result['peak_rss_mb']:.0f} MB |"
+        "\n| case | files | audio | wall | first prediction | files/s | x real time | CPU s | peak RSS |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
+    for r in results:
+        print(
+            f"| {r['case']} | {r['files']} | {r['audio_s']:.0f} s | {r['wall_s']:.1f} s | "
+            f"{r['first_prediction_s']} s | {r['files_per_s']} | {r['real_time_factor']} | "
+            f"{r['cpu_s']} | {r['peak_rss_mb']:.0f} MB |"
+        )
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -742,7 +742,21 @@ def distill(feats, exp, teacher_audio, teacher_text, config_file, sets, finetune
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=1.0),
-    help="Seconds: longer files are cut into equal segments no longer than this.",
+    help="Seconds: longer files are cut at their speech (--vad) into segments no longer than this.",
+)
+@click.option(
+    "--vad",
+    default="energy",
+    show_default=True,
+    type=click.Choice(["energy", "silero", "auto", "off"]),
+    help="How files longer than --window are cut: voice activity by frame energy, by Silero VAD "
+    "(pip install silero-vad; auto = silero when installed), or off = equal windows.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="One PNG per file longer than --window: emotion probabilities over time above the waveform.",
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Segments per model call.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -777,6 +791,8 @@ def predict(
     segments,
     speaker_from,
     window,
+    vad,
+    plot,
     batch_size,
     device,
     threads,
@@ -826,6 +842,8 @@ def predict(
             asr_beam=asr_beam,
             segments=segments,
             speaker_from=speaker_from,
+            vad=vad,
+            plot=plot,
             window=window,
             batch_size=batch_size,
             device=device,

@@ -2,10 +2,12 @@
 
     report = run_predict("exp/rav-probe", "recordings/", "predictions.csv")
     report = run_predict(None, "recordings/", "-")          # the packaged default model
+    report = run_predict("ravdess-mfcc", "recordings/", "p.csv", speaker_from="parent", plot="plots/")
 
 1. Load the predictor of EXP (``EXP/predictor.json`` + ``model.safetensors`` +
-   ``norm.safetensors``, written by ``sertool train``), or the default model shipped in the
-   package when EXP is None.  The features each input was trained on are rebuilt from the
+   ``norm.safetensors``, written by ``sertool train``), of a packaged model named by EXP
+   (``sertool/pretrained/NAME``), or of the default packaged model (``pretrained/DEFAULT``) when
+   EXP is None.  The features each input was trained on are rebuilt from the
    provenance recorded in the feature stores (``features.<modality>.extractor``: extractor name
    and every parameter, model checksums included), so the same extractors run here, and the
    training split's normalisation statistics are applied.
@@ -17,9 +19,13 @@
    stage keeps beam 5) and asks for word timestamps only for files longer than ``window``
    (their segments get the words that start in them); ``PredictReport.asr`` records the settings.
 4. Per file: load (mono, resampled to each extractor's rate), cut files longer than ``window``
-   seconds into equal segments no longer than the window, compute the features, normalise,
-   pad, predict in batches (CUDA when available), and average the segments' probabilities
-   (or scores), weighted by their duration, into the file's prediction.
+   seconds at their speech (``vad``, sertool.segment; ``"off"``: equal segments no longer than
+   the window), compute the features, normalise, pad, predict in batches (CUDA when
+   available), and average the segments' probabilities (or scores), weighted by their speech
+   time, into the file's prediction; its label is the class of the most speech time.
+   Probabilities are softmax(logits / T), T = predictor.json ``temperature`` (calibration).
+   With ``speaker_from`` (models trained with ``data.normalize.<m>=speaker``) files go by
+   speaker group, normalised with the group's own statistics (see ``_predict_by_speaker``).
 5. Rows are written and flushed as each file is finished, so an interrupted run keeps what it
    did; ``resume=True`` reads the output back, drops a half-written last line and skips the
    files it already holds (error rows included).  A file that cannot be processed gets a row
@@ -31,9 +37,10 @@
    refused, naming both.  One run at a time writes an output file: a second one is refused at
    once, naming the first (sertool.locks).
 
-Output columns: ``file, duration, label, p_<class>...`` (``score`` for regression models),
-``n_segments, text, text_source, error``; with ``segments=True`` also ``segment, start, end``,
-one row per segment before the file's row (whose ``segment`` is empty).
+Output columns: ``file, duration, label, p_<class>..., uncertain`` (``score`` for regression
+models), ``n_segments, text, text_source, error``; with ``segments=True`` also ``segment, start,
+end``, one row per segment before the file's row (whose ``segment`` is empty); with
+``speaker_from`` also ``speaker, normalization`` (before ``error``).
 """
 
 from __future__ import annotations
@@ -716,6 +723,8 @@ class _File:
     features: list | None = None  # per segment {modality: [T, D]}, kept until its speaker group is predicted
     speaker: str = ""
     normalization: str = ""  # --speaker-from: speaker | global-fallback
+    wave: np.ndarray | None = None  # --plot: the waveform of a long file, until its picture is drawn
+    wave_rate: int = 16000
 
 
 def segment_bounds(duration: float, window: float) -> list[tuple[float, float]]:
@@ -766,6 +775,8 @@ def run_predict(
     threads: int | None = None,
     uncertain_below: float = DEFAULT_UNCERTAIN_BELOW,
     speaker_from: str | None = None,
+    vad: str = "energy",
+    plot: str | os.PathLike | None = None,
 ) -> PredictReport:
     t0 = time.perf_counter()
     if threads:  # the model and its extractors run in torch's thread pool; ASR gets it too
@@ -776,6 +787,15 @@ def run_predict(
         raise PredictError(f"--window must be > 0 seconds, got {window}")
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    from sertool.segment import VADError, resolve_method
+
+    try:
+        vad = resolve_method(vad)
+    except VADError as e:
+        raise PredictError(str(e)) from None
+    plot_dir = Path(plot) if plot is not None else None
+    if plot_dir is not None:
+        plot_dir.mkdir(parents=True, exist_ok=True)
     if not 0 <= uncertain_below <= 1:
         raise PredictError(f"--uncertain-below must be a probability in [0, 1], got {uncertain_below}")
     if int(asr_beam) < 1:
@@ -845,6 +865,10 @@ def run_predict(
         rows = []
         for f in done:
             rows.extend(_rows(f, predictor, segments, uncertain_below))
+            if plot_dir is not None and f.wave is not None:
+                if not f.error and not predictor.regression:
+                    _plot_file(f, predictor, plot_dir, root, log)
+                f.wave = None
             report.n_done += 1
             if f.error:
                 report.n_failed += 1
@@ -868,7 +892,7 @@ def run_predict(
                 )
                 if needs_text and not f.text.strip():
                     raise PredictError("no text for this file: " + "; ".join(TEXT_OPTIONS))
-            feats = _features(f, predictor, window)
+            feats = _features(f, predictor, window, vad, keep_wave=plot_dir is not None)
             f.outputs = [None] * len(feats)
             return feats
         except ASRUnavailable:
@@ -1096,7 +1120,7 @@ def _predict_by_speaker(
             _predict_items(model_view, items[s : s + batch_size], batch_size)
         finish([f for f in members if not f.done])
         for f in members:
-            f.features = None
+            f.features = f.wave = None
 
     for speaker, members in groups.items():
         if all(f.done for f in members):
@@ -1179,8 +1203,12 @@ def _attach_text(
     return recogniser
 
 
-def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, np.ndarray]]:
-    """Features of every segment of one file: [{modality: [T, D]}, ...]."""
+def _features(
+    f: _File, predictor: Predictor, window: float, vad: str = "off", keep_wave: bool = False
+) -> list[dict[str, np.ndarray]]:
+    """Features of every segment of one file: [{modality: [T, D]}, ...].  A file longer than
+    ``window`` is cut at its speech (``vad``: sertool.segment) or, with ``vad="off"``, into equal
+    windows; ``keep_wave`` keeps its 16 kHz waveform on ``f`` (for --plot)."""
     info = audio_info(f.path)
     if info.frames <= 0:
         raise AudioError(f"{f.path}: zero-length audio (0 samples)")
@@ -1197,7 +1225,24 @@ def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, n
             f"{f.path}: too short ({f.duration:g} s of audio; this model predicts clips of at least "
             f"{predictor.min_clip_s:g} s)"
         )
-    f.segments = segment_bounds(f.duration, window)
+    if f.duration > window and vad != "off":
+        from sertool.segment import SAMPLE_RATE as VAD_RATE
+        from sertool.segment import prediction_segments, speech_spans
+
+        wave16 = waves[VAD_RATE] if VAD_RATE in waves else load_audio(f.path, VAD_RATE)[0]
+        f.segments = prediction_segments(speech_spans(wave16, VAD_RATE, vad), window, predictor.min_clip_s)
+        if not f.segments:
+            raise PredictError(
+                f"{f.path}: no speech found in {f.duration:g} s by the voice activity detector (--vad {vad}); "
+                "--vad off cuts it into equal windows instead"
+            )
+        if keep_wave:
+            f.wave, f.wave_rate = wave16, VAD_RATE
+    else:
+        f.segments = segment_bounds(f.duration, window)
+        if keep_wave and f.duration > window:
+            f.wave, f.wave_rate = (waves[16000] if 16000 in waves else load_audio(f.path, 16000)[0]), 16000
+    whole = f.duration <= window
     out: list[dict[str, np.ndarray]] = [{} for _ in f.segments]
     uid = Path(f.name).with_suffix("").as_posix().replace("/", "__")
     for modality, ex in predictor.extractors.items():
@@ -1207,9 +1252,9 @@ def _features(f: _File, predictor: Predictor, window: float) -> list[dict[str, n
             if ex.needs_audio:
                 full = waves[ex.sample_rate]
                 rate = ex.sample_rate or info.sample_rate
-                a, b = int(round(start * rate)), int(round(end * rate)) if k < len(f.segments) - 1 else len(full)
+                a = int(round(start * rate))
+                b = len(full) if end >= f.duration - 1e-6 else int(round(end * rate))
                 wave = full[a:b]
-            whole = len(f.segments) == 1
             utt = Utterance(
                 id=uid if whole else f"{uid}__seg{k}",
                 audio=str(f.path),
@@ -1307,17 +1352,46 @@ def _rows(
                 }
             )
     mean = np.average(np.stack([np.atleast_1d(o) for o in f.outputs]), axis=0, weights=weights)
+    fields = _prediction_fields(mean[0] if predictor.regression else mean, predictor, uncertain_below)
+    if not predictor.regression and len(f.outputs) > 1:
+        # the file's label: the class predicted for the most speech time (ties: the larger mean probability)
+        time_per_class = np.zeros(len(predictor.classes))
+        for w, o in zip(weights, f.outputs):
+            time_per_class[int(np.argmax(o))] += w
+        best = max(range(len(mean)), key=lambda j: (round(float(time_per_class[j]), 6), float(mean[j])))
+        fields["label"] = predictor.classes[best]
     rows.append(
         {
             **base,
             "duration": f.duration,
             **({"start": 0.0, "end": f.duration} if segments else {}),
-            **_prediction_fields(mean[0] if predictor.regression else mean, predictor, uncertain_below),
+            **fields,
             "n_segments": len(f.segments),
             "error": "",
         }
     )
     return rows
+
+
+def plot_path(plot_dir: Path, name: str, root: Path) -> Path:
+    """``--plot DIR``: DIR/<path under WAV_DIR with / as __>.png (unique per input file)."""
+    try:
+        rel = Path(name).relative_to(root).as_posix() if root.is_dir() else Path(name).name
+    except ValueError:
+        rel = Path(name).name
+    return plot_dir / (rel.replace("/", "__") + ".png")
+
+
+def _plot_file(f: _File, predictor: Predictor, plot_dir: Path, root: Path, log: Callable[[str], None]) -> None:
+    from sertool.segment import plot_timeline
+
+    target = plot_path(plot_dir, f.name, root)
+    try:
+        speech = sum(b - a for a, b in f.segments)
+        title = f"{f.name}: {speech:.0f} s of speech in {f.duration:.0f} s, {len(f.segments)} segment(s)"
+        plot_timeline(target, f.wave, f.wave_rate, f.segments, f.outputs, predictor.classes, title)
+    except Exception as e:  # noqa: BLE001 - a picture that fails never costs the predictions
+        log(f"warning: --plot {target}: {_reason(e)}")
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[dict]:
