@@ -980,7 +980,12 @@ class SpeakerMap:
 
         if not path.is_file():
             raise PredictError(f"--speaker-from csv:{path}: no such file")
-        rows = read_table(path)
+        from sertool.corpora.base import CorpusError
+
+        try:
+            rows = read_table(path)
+        except (CorpusError, OSError, UnicodeDecodeError) as e:
+            raise PredictError(f"--speaker-from csv:{path}: needs columns path and speaker ({e})") from None
         if not rows or "speaker" not in rows[0] or not ({"path", "file"} & set(rows[0])):
             found = ", ".join(rows[0]) if rows else "no rows"
             raise PredictError(f"--speaker-from csv:{path}: needs columns path and speaker (found {found})")

@@ -181,3 +181,55 @@ def test_unknown_device_is_one_line(clips, tmp_path, device, message):
     line = refused(predict(clips / "a_good.wav", "-o", tmp_path / "p.csv", "--device", device, "-q"))
     assert line == message
     assert not (tmp_path / "p.csv").exists()
+
+
+# ----------------------------------------------------------------------------------- issue 21 options
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--speaker-from", "folder"], "--speaker-from 'folder': use parent, csv:FILE"),
+        (["--speaker-from", "regex:(unclosed"], "not a regular expression"),
+        (["--speaker-from", "csv:/nonexistent/speakers.csv"], "no such file"),
+        (["--model", "no-such-model"], "neither an experiment folder nor a packaged model"),
+    ],
+)
+def test_bad_issue21_options_are_one_line(clips, tmp_path, args, message):
+    res = predict(clips, "-o", tmp_path / "p.csv", *args)
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert not (tmp_path / "p.csv").exists()  # refused before any row
+
+
+def test_speaker_table_without_the_columns(clips, tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("name,who\na_good.wav,x\n")
+    res = predict(clips, "-o", tmp_path / "p.csv", "--speaker-from", f"csv:{table}")
+    assert res.exit_code == 1 and "needs columns path and speaker" in res.output
+
+
+def test_silero_without_the_package_is_one_line(clips, tmp_path, monkeypatch):
+    import sertool.segment as segment
+
+    monkeypatch.setattr(segment, "silero_available", lambda: False)
+    res = predict(clips, "-o", tmp_path / "p.csv", "--vad", "silero")
+    assert res.exit_code == 1 and "pip install silero-vad" in res.output
+
+
+def test_a_failing_plot_keeps_the_predictions(tmp_path, monkeypatch):
+    import sertool.segment as segment
+
+    d = tmp_path / "long"
+    d.mkdir()
+    t = np.arange(40 * 16000) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 0.2 * t) > 0)).astype(np.float32)  # 2.5 s on/off
+    sf.write(d / "x.wav", x + 0.001 * np.random.default_rng(0).standard_normal(x.size).astype(np.float32), 16000)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(segment, "plot_timeline", broken)
+    out = tmp_path / "p.csv"
+    res = predict(d, "-o", out, "--plot", tmp_path / "plots")
+    assert res.exit_code == 0, res.output
+    assert "warning: --plot" in res.output and "disk full" in res.output
+    (row,) = iter_rows(out)
+    assert row["label"] and int(row["n_segments"]) >= 7
