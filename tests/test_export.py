@@ -141,3 +141,11 @@ def test_calibration_temperature_in_export_and_predict(exps, tmp_path, suffix):
     assert res.exit_code == 0, res.output
     assert json.loads(out.with_name(out.name + ".json").read_text())["temperature"] == 2.5
     np.testing.assert_allclose(run_exported(out, inputs), calibrated, atol=1e-5)
+
+
+def test_export_a_packaged_model_by_name(tmp_path):
+    out = tmp_path / "mfcc.pt"
+    res = CliRunner().invoke(cli, ["export", "ravdess-mfcc", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    info = json.loads(out.with_name("mfcc.pt.json").read_text())
+    assert info["source"].endswith("ravdess-mfcc") and len(info["classes"]) == 8

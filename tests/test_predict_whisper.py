@@ -60,3 +60,21 @@ def test_a_model_can_ask_for_longer_clips(whisper_exp, tmp_path):
     assert run([exp, d, "-o", out, "-q", "--device", "cpu"]).exit_code == 3
     (row,) = iter_rows(out)
     assert "too short" in row["error"] and "at least 2 s" in row["error"]
+
+
+def test_whisper_model_on_a_long_recording_predicts_its_speech(whisper_exp, tmp_path):
+    """window=utterance on VAD segments: each speech segment is encoded on its own."""
+    d = tmp_path / "clips"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    x = 0.002 * rng.standard_normal(40 * SR).astype(np.float32)
+    for a, b in ((3, 8), (20, 24)):
+        x[a * SR : b * SR] += speechlike((b - a) * SR, seed=a)
+    sf.write(d / "long.wav", x, SR)
+    out = tmp_path / "p.csv"
+    res = run([whisper_exp, d, "-o", out, "-q", "--device", "cpu", "--segments"])
+    assert res.exit_code == 0, res.output
+    rows = list(iter_rows(out))
+    spans = [(float(r["start"]), float(r["end"])) for r in rows if r["segment"]]
+    assert len(spans) == 2 and abs(spans[0][0] - 3) < 0.2 and abs(spans[1][1] - 24) < 0.2, spans
+    assert rows[-1]["n_segments"] == "2" and rows[-1]["label"] in ("a", "b", "c")
