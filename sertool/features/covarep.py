@@ -100,6 +100,7 @@ class Covarep(Extractor):
         self._fwcep_pdd = phase.warped_cepstrum_matrix(self._nfft_env // 2 + 1, N_PDD - 1, self.alpha)
         self._pdm_pos = phase.loglin_harmonic_positions(N_PDM, 8.0, self.sample_rate / 2 / self.f0min)
         self._mcep_maps: dict[float, np.ndarray] = {}  # F0 -> [K, N_MCEP] (see _mcep)
+        self._lifter_maps: dict[int, np.ndarray] = {}  # smoothing order -> [bins, N_MCEP]
         self._cep_basis = None
 
     def params(self) -> dict[str, Any]:
@@ -183,11 +184,18 @@ class Covarep(Extractor):
 
         # harmonic analysis (unvoiced frames analysed at 100 Hz, as COVAREP)
         f0_h = np.where(voiced, f0, 100.0)
-        amp, ph, nharm = phase.harmonic_analysis(x, fs, centres, f0_h, nfft=self._nfft_harm)
+        amp, ph, nharm = phase.harmonic_analysis(x, fs, centres, f0_h, nfft=self._nfft_harm, phase_rows=voiced)
         # H1-H2 of the glottal flow derivative over 3 periods (COVAREP get_vq_params), per frame
         if voiced.any():
+            n_voiced = int(voiced.sum())
             gamp, _, _ = phase.harmonic_analysis(
-                dgf, fs, centres[voiced], f0_h[voiced], nfft=self._nfft_harm, max_harm=2
+                dgf,
+                fs,
+                centres[voiced],
+                f0_h[voiced],
+                nfft=self._nfft_harm,
+                max_harm=2,
+                phase_rows=np.zeros(n_voiced, bool),  # amplitudes only
             )
             out[voiced, 4] = 20 * np.log10((gamp[:, 0] + 1e-9) / (gamp[:, 1] + 1e-9))
         rd, conf = phase.rd_msp(amp, ph, nharm, voiced)
@@ -293,10 +301,12 @@ class Covarep(Extractor):
                 R = scipy.fft.irfft(np.eye(n // 2 + 1), n=n, axis=1)  # [bins, n]: log spectrum -> cepstrum
                 G = scipy.fft.rfft(np.eye(n), axis=1).real @ self._fwcep  # [n, N_MCEP]
                 self._cep_basis = (R, G)
-            R, G = self._cep_basis
-            q = np.minimum(np.arange(n), n - np.arange(n))
-            keep = q <= order
-            S = R[:, keep] @ G[keep]  # liftering + warped cepstrum [bins, N_MCEP]
+            S = self._lifter_maps.get(order)  # shared by the F0s with the same order
+            if S is None:
+                R, G = self._cep_basis
+                q = np.minimum(np.arange(n), n - np.arange(n))
+                keep = q <= order
+                S = self._lifter_maps[order] = R[:, keep] @ G[keep]  # liftering + warped cepstrum [bins, N_MCEP]
             P = self._mcep_maps[f0] = W @ S
         return P
 

@@ -129,7 +129,7 @@ def lpc_residuals(
     p = max(orders)
     nfft = scipy.fft.next_fast_len(length + p + 1, real=True)
     S = scipy.fft.rfft(seg, n=nfft, axis=1)
-    energy = (seg.astype(np.float64) ** 2).sum(1)
+    energy = np.square(seg, dtype=np.float64).sum(1)  # no float64 copy first
 
     def autocorr(spec):
         return scipy.fft.irfft(spec.real**2 + spec.imag**2, n=nfft, axis=1)[:, : p + 1].astype(np.float64)
@@ -146,7 +146,7 @@ def lpc_residuals(
     outs = []
     for a in polys:
         res = scipy.fft.irfft(S * scipy.fft.rfft(a.astype(np.float32), n=nfft, axis=1), n=nfft, axis=1)[:, :length]
-        res *= np.sqrt(energy / ((res.astype(np.float64) ** 2).sum(1) + TINY)).astype(np.float32)[:, None]
+        res *= np.sqrt(energy / (np.square(res, dtype=np.float64).sum(1) + TINY)).astype(np.float32)[:, None]
         out = overlap_add(res, hop, n).astype(np.float64)
         outs.append(out / (np.max(np.abs(out)) + TINY))
     return outs
@@ -245,7 +245,7 @@ class SRH:
         frames -= frames.mean(1, keepdims=True)
         spec = np.abs(scipy.fft.rfft(frames, n=self.nfft, axis=1)[:, : self.n_bins])
         # sum over 0..fs/2 of |X|^2 at 1 Hz resolution = (fs/2) * sum(x^2) (Parseval, half)
-        denom = np.sqrt(self.fs / 2 * (frames.astype(np.float64) ** 2).sum(1)) + TINY
+        denom = np.sqrt(self.fs / 2 * np.square(frames, dtype=np.float64).sum(1)) + TINY
         spec /= denom[:, None]
         srh = np.asarray(spec @ self._weights)  # [T, F]
         lo, hi = self.f0min, self.f0max
@@ -484,9 +484,6 @@ def _psp_a_bins(X: np.ndarray, ne_min: float) -> tuple[np.ndarray, np.ndarray]:
     return a[np.arange(M), stop], never
 
 
-_PSP_AMAX: dict[tuple[int, int], float] = {}
-
-
 def vq_params(gf: np.ndarray, dgf: np.ndarray, fs: int, gcis: np.ndarray):
     """NAQ, QOQ, H1-H2 (unused: NaN) and PSP per glottal cycle (COVAREP get_vq_params), all
     cycles at once: returns times (s) and a [M, 4] array; cycles with F0 outside 20-500 Hz
@@ -565,19 +562,26 @@ def _vq_cycles(gf, dgf, fs, shift, rows, start, stop, T0, out) -> None:
     spec = scipy.fft.rfft(p[:, :nfft].astype(np.float32), n=nfft, axis=1)[:, :_PSP_BINS]
     X = 20 * np.log10(np.abs(spec).astype(np.float64) + TINY)
     a = _psp_a(X)
-    ut0, inv = np.unique(T0, return_inverse=True)
-    amax = np.array([_psp_amax(int(t0), nfft) for t0 in ut0])[inv]
-    out[rows + 1, 3] = a / amax
+    out[rows + 1, 3] = a / _psp_amax_table(int(T0.max()), nfft)[T0]
 
 
-def _psp_amax(T0: int, nfft: int) -> float:
-    key = (T0, nfft)
-    if key not in _PSP_AMAX:
-        sig = np.zeros(nfft)
-        sig[: min(T0, nfft)] = 1.0 / T0
-        X = 20 * np.log10(np.abs(np.fft.rfft(sig)) + TINY)
-        _PSP_AMAX[key] = float(_psp_a(X[None])[0]) or -TINY
-    return _PSP_AMAX[key]
+_PSP_AMAX_TABLES: dict[int, np.ndarray] = {}
+
+
+def _psp_amax_table(longest: int, nfft: int) -> np.ndarray:
+    """PSP's a_max (the 'a' of a flat pulse of T0 samples) for T0 = 0..longest (0 unused) as an
+    array indexed by T0, grown on demand: one gather per file, and the pulses of all new T0s
+    analysed in one batch (row by row the same FFT and fit as one at a time)."""
+    table = _PSP_AMAX_TABLES.get(nfft)
+    if table is None or table.size <= longest:
+        have = 1 if table is None else table.size
+        t0 = np.arange(have, max(longest + 1, 2 * have))
+        sig = np.where(np.arange(nfft)[None, :] < np.minimum(t0, nfft)[:, None], 1.0 / t0[:, None], 0.0)
+        a = _psp_a(20 * np.log10(np.abs(np.fft.rfft(sig, axis=1)) + TINY))
+        a[a == 0] = -TINY  # a flat fit: keep the sign of a / a_max
+        table = np.concatenate([np.ones(1) if table is None else table, a])
+        _PSP_AMAX_TABLES[nfft] = table
+    return table
 
 
 def wavelet_bank(fs: int, n_scales: int = 6) -> list[np.ndarray]:
@@ -602,10 +606,27 @@ def wavelet_decompose(x: np.ndarray, bank: list[np.ndarray]) -> np.ndarray:
     longest = max(len(h) for h in bank)
     n = scipy.fft.next_fast_len(N + longest, real=True)
     X = scipy.fft.rfft(x2, n=n, axis=1)
-    H = scipy.fft.rfft(_bank_matrix(tuple(len(h) for h in bank), bank, longest), n=n, axis=1)
-    y = scipy.fft.irfft(X[:, None, :] * H[None], n=n, axis=2)
+    y = scipy.fft.irfft(X[:, None, :] * _bank_spectra(bank, longest, n)[None], n=n, axis=2)
     out = y[:, :, longest // 2 : longest // 2 + N]
     return out[0] if single else out
+
+
+_BANK_SPECTRA: dict[tuple, np.ndarray] = {}
+_BANK_SPECTRA_KEPT = 16  # ~2 MB each at RAVDESS lengths; next_fast_len maps most files to few sizes
+
+
+def _bank_spectra(bank: list[np.ndarray], longest: int, n: int) -> np.ndarray:
+    """rfft of the bank matrix at size n, kept for the last few sizes (utterances of similar
+    length share a 5-smooth FFT size, so most files reuse one)."""
+    key = (n, tuple(h.tobytes() for h in bank))
+    H = _BANK_SPECTRA.pop(key, None)
+    if H is None:
+        H = scipy.fft.rfft(_bank_matrix(tuple(len(h) for h in bank), bank, longest), n=n, axis=1)
+        H.setflags(write=False)
+        while len(_BANK_SPECTRA) >= _BANK_SPECTRA_KEPT:
+            del _BANK_SPECTRA[next(iter(_BANK_SPECTRA))]  # least recently used first
+    _BANK_SPECTRA[key] = H
+    return H
 
 
 def _bank_matrix(lengths, bank, longest) -> np.ndarray:
@@ -799,7 +820,7 @@ def ishi_cues(x: np.ndarray, fs: int, centres: np.ndarray) -> tuple[np.ndarray, 
     35 ms of each frame centre (0 when none). Returns (PwP, IFP, IPS) per frame."""
     T = centres.size
     sos = _ishi_band(fs)
-    xf = scipy.signal.sosfiltfilt(sos, x) if x.size > 60 else x
+    xf = _sosfiltfilt(sos, _ishi_zi(fs), x) if x.size > 60 else x
     L4, h2 = int(round(0.004 * fs)), int(round(0.002 * fs))
     n_pow = max(1, (xf.size - L4) // h2 + 1)
     csum = np.concatenate([[0.0], np.cumsum(xf**2)])
@@ -849,12 +870,12 @@ def ishi_cues(x: np.ndarray, fs: int, centres: np.ndarray) -> tuple[np.ndarray, 
     acf[:, :tol] = 0.0
     best = acf.argmax(1)
     ifp = acf.max(1)
-    for m in range(2, max_lag // tol + 1):
-        c = best * m
-        valid = c < max_lag
-        win = np.clip(c[:, None] + np.arange(-tol, tol + 1)[None, :], 0, max_lag)
-        vals = np.take_along_axis(acf, win, 1).max(1)
-        ifp = np.where(valid, np.minimum(ifp, vals), ifp)
+    # the smallest peak (+-tol) at the multiples 2..max_lag/tol of the best lag below max_lag,
+    # all multiples in one gather (a minimum: the order does not matter)
+    c = best[:, None] * np.arange(2, max_lag // tol + 1)[None, :]  # [T, M]
+    win = np.clip(c[:, :, None] + np.arange(-tol, tol + 1), 0, max_lag)  # [T, M, 2 tol + 1]
+    vals = acf[np.arange(acf.shape[0])[:, None, None], win].max(2)
+    ifp = np.minimum(ifp, np.where(c < max_lag, vals, np.inf).min(1, initial=np.inf))
     ifp = np.clip(np.where(best > 0, ifp, 0.0), 0, 1)
     low = ifp < 0.5
     nxt1 = np.r_[low[1:], False]
@@ -863,7 +884,25 @@ def ishi_cues(x: np.ndarray, fs: int, centres: np.ndarray) -> tuple[np.ndarray, 
     return pwp, ifp, ips_f
 
 
+def _sosfiltfilt(sos: np.ndarray, zi: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """scipy.signal.sosfiltfilt(sos, x) for a 1-d x (odd padding of the default length) with
+    its sosfilt_zi(sos) given: the same steps and values, without solving for zi every call."""
+    ntaps = 2 * sos.shape[0] + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+    edge = 3 * ntaps
+    ext = np.concatenate((2 * x[:1] - x[edge:0:-1], x, 2 * x[-1:] - x[-2 : -(edge + 2) : -1]))  # odd_ext
+    y, _ = scipy.signal.sosfilt(sos, ext, zi=zi * ext[:1])
+    y, _ = scipy.signal.sosfilt(sos, y[::-1], zi=zi * y[-1:])
+    return y[::-1][edge:-edge]
+
+
 _ISHI_SOS: dict[int, np.ndarray] = {}
+_ISHI_ZI: dict[int, np.ndarray] = {}
+
+
+def _ishi_zi(fs: int) -> np.ndarray:
+    if fs not in _ISHI_ZI:
+        _ISHI_ZI[fs] = scipy.signal.sosfilt_zi(_ishi_band(fs))
+    return _ISHI_ZI[fs]
 
 
 def _ishi_band(fs: int) -> np.ndarray:

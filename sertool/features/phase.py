@@ -39,6 +39,7 @@ def harmonic_analysis(
     n_periods: float = 3.0,
     nfft: int = 2048,
     max_harm: int | None = None,
+    phase_rows: np.ndarray | None = None,
 ):
     """Amplitudes and phases of harmonics k*f0 (k = 1..K) at each frame centre.
 
@@ -46,7 +47,8 @@ def harmonic_analysis(
     peak picking within +-f0/4 of each harmonic, quadratic interpolation of the log
     magnitude; phases are read at the peak bin (exact inside the main lobe of a zero-phase
     window). Returns (amp [T, Kmax], phase [T, Kmax], nharm [T]); harmonics above Nyquist
-    minus f0/2 are masked by nharm.
+    minus f0/2 are masked by nharm. `phase_rows` (a boolean per frame): phases only for those
+    frames, 0 elsewhere (the angle and wrap are a fifth of the work; unvoiced frames' are unused).
     """
     T = centres.size
     half = nfft // 2
@@ -93,8 +95,14 @@ def harmonic_analysis(
     delta = np.where(np.abs(den) > TINY, 0.5 * (lm - lp) / np.where(den == 0, 1, den), 0.0)
     delta = np.clip(delta, -0.5, 0.5)
     amp = np.exp(l0 - 0.25 * (lm - lp) * delta)
-    phase = wrap(np.angle(spec[r2, best]).astype(np.float64) + np.pi * best)
     valid = k[None, :] <= nharm[:, None]
+    if phase_rows is None:
+        phase = wrap(np.angle(spec[r2, best]).astype(np.float64) + np.pi * best)
+    else:
+        phase = np.zeros(best.shape)
+        rows = np.nonzero(phase_rows)[0]
+        sel = best[rows]
+        phase[rows] = wrap(np.angle(spec[rows[:, None], sel]).astype(np.float64) + np.pi * sel)
     return np.where(valid, amp, 0.0), np.where(valid, phase, 0.0), nharm
 
 
