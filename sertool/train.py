@@ -820,6 +820,7 @@ class Run:
     state: dict  # epoch, step, best, best_epoch, bad, stopped (+ schedule)
     history: list[dict]
     t0: float
+    frozen_batch: dict | bool | None = None  # full-batch L-BFGS: the training split's frozen inputs, once
 
     @property
     def checkpoint(self) -> Path:
@@ -941,6 +942,43 @@ def setup_run(
     return run
 
 
+def merge_batches(parts: list[dict]) -> dict | None:
+    """One batch from ``parts`` (tensors joined along the batch axis, lists chained); None when a
+    tensor's other axes differ between parts (e.g. frames of another length)."""
+    merged: dict = {}
+    for key, first in parts[0].items():
+        values = [p[key] for p in parts]
+        if torch.is_tensor(first):
+            if any(v.shape[1:] != first.shape[1:] for v in values):
+                return None
+            merged[key] = torch.cat(values)
+        elif isinstance(first, tuple):  # e.g. the moments (mean, second)
+            joined = [merge_batches([{"x": v[i]} for v in values]) for i in range(len(first))]
+            if any(j is None for j in joined):
+                return None
+            merged[key] = tuple(j["x"] for j in joined)
+        elif isinstance(first, list):
+            merged[key] = [x for v in values for x in v]
+        else:
+            return None
+    return merged
+
+
+def frozen_training_batch(run: Run, frozen: Callable[[dict], dict]) -> dict | None:
+    """Full-batch training of a model with ``frozen_inputs``: the whole training split as one batch
+    of its frozen inputs (e.g. the probe's frame moments), computed once per run, in index order so
+    that a resumed run gets the same tensors. None when they cannot be one batch (then every epoch
+    collates and steps batch by batch)."""
+    if run.frozen_batch is None:
+        bs = int(run.cfg["train"]["batch_size"])
+        n = len(run.train_ds)
+        order = [np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+        with torch.no_grad():
+            parts = [frozen(to_device(b, run.device)) for b in iterate_batches(run.train_ds, order, 0)]
+        run.frozen_batch = merge_batches(parts) or False
+    return run.frozen_batch or None
+
+
 def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | None) -> tuple[float, float]:
     """One pass over the training split; returns (mean training loss before each step, seconds).
 
@@ -952,16 +990,23 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     weight decay in the loss (``l2_penalty``)."""
     from tqdm.auto import tqdm
 
+    t0 = time.time()
     cfg, tr, w = run.cfg, run.cfg["train"], D.world()
     epoch, whole = run.state["epoch"], full_batch(run.cfg)
     run.model.train()
     set_encoder_trainable = getattr(run.model, "set_encoder_trainable", None)
     if set_encoder_trainable is not None:  # a model that owns an encoder: frozen for the first epochs
         set_encoder_trainable(epoch >= int(tr["freeze_encoder_epochs"] or 0))
-    batches = distributed_batch_indices(
-        run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, run.seed, epoch, w.rank, w.size
-    )
-    collated = iterate_batches(run.train_ds, [idx for _, idx, _ in batches], int(cfg["data"].get("workers") or 0))
+    frozen = getattr(run.model, "frozen_inputs", None) if whole else None
+    cached = frozen_training_batch(run, frozen) if frozen is not None and not w.distributed else None
+    if cached is not None:  # one step on the cached frozen inputs of the whole split
+        everything = np.arange(len(run.train_ds))
+        batches, collated, frozen = [(everything, everything, True)], [cached], None
+    else:
+        batches = distributed_batch_indices(
+            run.train_ds, tr["batch_size"], tr["max_batch_frames"] or None, True, run.seed, epoch, w.rank, w.size
+        )
+        collated = iterate_batches(run.train_ds, [idx for _, idx, _ in batches], int(cfg["data"].get("workers") or 0))
     pairs = zip(batches, collated)
     steps = [pairs] if whole else ([pair] for pair in pairs)
     bar = tqdm(
@@ -973,8 +1018,7 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
         dynamic_ncols=True,
     )
     clip = float(cfg["optim"]["grad_clip"] or 0)
-    total, n, t0 = 0.0, 0, time.time()
-    frozen = getattr(run.model, "frozen_inputs", None) if whole else None
+    total, n = 0.0, 0
 
     def prepared(batch: dict) -> dict:
         batch = to_device(batch, run.device)

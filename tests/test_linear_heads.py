@@ -270,3 +270,36 @@ def test_weight_decay_path_needs_lbfgs(stacked_feats, tmp_path):
             progress=False,
             log=quiet,
         )
+
+
+@pytest.mark.parametrize("store", ["plain", "st"])
+def test_full_batch_on_cached_frozen_inputs_equals_batch_by_batch(stacked_feats, tmp_path, monkeypatch, store):
+    """L-BFGS on the whole training split's frozen inputs, computed once per run as one batch, gives
+    the weights of the closure that sums over the epoch's batches (the path before the cache)."""
+    import sertool.train as T
+    from sertool.train import merge_batches
+
+    overrides = [f"data.audio={store}", "optim.name=lbfgs", "optim.lr=1.0", "optim.weight_decay=0.01"]
+    overrides += ["optim.max_iter=50", "train.epochs=2", "train.batch_size=7", "run.threads=1"]
+    run_train("probe", stacked_feats, tmp_path / "cached", overrides=overrides, progress=False, log=quiet)
+    monkeypatch.setattr(T, "frozen_training_batch", lambda run, frozen: None)
+    run_train("probe", stacked_feats, tmp_path / "batches", overrides=overrides, progress=False, log=quiet)
+    a = load_file(str(next((tmp_path / "cached").glob("folds/*/seed0/model.safetensors"))))
+    b = load_file(str(next((tmp_path / "batches").glob("folds/*/seed0/model.safetensors"))))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("logits"):  # layer-weight logits: the softmax ignores a shift, compare the weights
+            a[k], b[k] = a[k].softmax(-1), b[k].softmax(-1)
+        # one layer: a convex problem, the same optimum; layer weights: not convex, L-BFGS paths part slightly
+        torch.testing.assert_close(a[k], b[k], atol=2e-4 if store == "plain" else 5e-3, rtol=1e-3)
+    losses = [
+        [json.loads(line)["train_loss"] for line in next((tmp_path / d).glob("folds/*/seed0/log.jsonl")).open()]
+        for d in ("cached", "batches")
+    ]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    # batches whose frames differ in length cannot be one batch
+    x = {"ids": ["a"], "audio": torch.zeros(1, 3, 2), "target": torch.zeros(1)}
+    y = {"ids": ["b"], "audio": torch.zeros(1, 4, 2), "target": torch.ones(1)}
+    assert merge_batches([x, y]) is None
+    m = merge_batches([x, {**y, "audio": torch.ones(1, 3, 2)}])
+    assert m["ids"] == ["a", "b"] and m["audio"].shape == (2, 3, 2) and m["target"].tolist() == [0.0, 1.0]

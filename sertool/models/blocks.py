@@ -90,9 +90,16 @@ def pooled_statistics(
 ) -> torch.Tensor:
     """``statistics_pooling`` of the frames ``sum_l weights_l x_l`` from their :func:`frame_moments`
     (one layer: ``weights`` None): ``[B, 2D]`` float32, mean and population std (+ eps under the root)."""
-    w = torch.ones(mean.shape[1], dtype=mean.dtype, device=mean.device) if weights is None else weights.double()
-    mu = torch.einsum("bld,l->bd", mean, w)
-    var = (torch.einsum("blmd,l,m->bd", second, w, w) - mu**2).clamp_min(0.0)
+    B, L, D = mean.shape
+    if weights is None and L == 1:
+        mu, sq = mean[:, 0], second[:, 0, 0]
+    else:
+        w = torch.ones(L, dtype=mean.dtype, device=mean.device) if weights is None else weights.double()
+        mu = (w[None, :, None] * mean).sum(1)
+        # one [1, L*L] x [L*L, B*D] product: einsum's "blmd,l,m->bd" path is ~5x slower on CPU
+        flat = second.reshape(B, L * L, D).transpose(0, 1).reshape(L * L, B * D)
+        sq = (torch.outer(w, w).reshape(1, L * L) @ flat).reshape(B, D)
+    var = (sq - mu**2).clamp_min(0.0)
     return torch.cat([mu, torch.sqrt(var + eps)], dim=-1).float()
 
 

