@@ -1227,7 +1227,7 @@ def _features(
         f.duration = round(len(wave) / (sr or info.sample_rate), 4)
     if f.duration < predictor.min_clip_s:
         raise PredictError(
-            f"{f.path}: too short ({f.duration:g} s of audio; this model predicts clips of at least "
+            f"{f.path}: too short ({f.duration:g} s of audio; sertool predicts clips of at least "
             f"{predictor.min_clip_s:g} s)"
         )
     if f.duration > window and vad != "off":
