@@ -11,6 +11,8 @@ from sertool.models.blocks import (
     GatedFusion,
     MultiHeadAttention,
     TransformerStack,
+    rnn_encode,
+    rnn_over_real_frames,
     statistics_pooling,
 )
 from sertool.models.encoders import ConvRNNEncoder, ConvStack, RNNEncoder
@@ -235,3 +237,62 @@ def test_encoders_padding_invariance():
             assert int(om.sum()) == n
             torch.testing.assert_close(out[:, :n], ref[:, :n], rtol=1e-4, atol=1e-5)
             assert torch.all(out[:, n:] == 0)
+
+
+def _packed_rnn(rnn, x, mask):
+    """The packed-sequence reference that ``rnn_over_real_frames`` replaces."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    packed = pack_padded_sequence(x, mask.sum(1), batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(rnn(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_rnn_over_real_frames_equals_packed(cell, layers):
+    torch.manual_seed(0)
+    rnn = cell(6, 5, num_layers=layers, bidirectional=True, batch_first=True)
+    for lengths in ([9, 4, 1, 7], [9, 9, 9, 9]):
+        mask = _lengths_mask(lengths, 9)
+        x = (torch.randn(4, 9, 6) * mask[..., None]).requires_grad_(True)
+        ref = _packed_rnn(rnn, x, mask)
+        ref_grads = torch.autograd.grad((ref * mask[..., None]).square().sum(), [x, *rnn.parameters()])
+        out = rnn_over_real_frames(rnn, x, mask)
+        grads = torch.autograd.grad((out * mask[..., None]).square().sum(), [x, *rnn.parameters()])
+        torch.testing.assert_close(out * mask[..., None], ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert out.is_contiguous()  # the packed layout: dropout after it draws the same masks
+
+
+def test_rnn_encode_same_dropout_masks_as_the_encoder():
+    torch.manual_seed(0)
+    enc = RNNEncoder(6, 5, "lstm", dropout=0.5).train()
+    x, mask = torch.randn(3, 8, 6), _lengths_mask([8, 5, 2], 8)
+    torch.manual_seed(1)
+    ref, _ = enc(x, mask)
+    torch.manual_seed(1)
+    out, om = rnn_encode(enc, x, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(om, mask)
+
+
+@pytest.mark.parametrize("rate", [None, 0.5])
+def test_attention_dropout_path_draws_the_same_masks_as_sdpa(rate):
+    """Training with attention dropout runs the explicit path (one logits tensor for key selection
+    and softmax); it must equal SDPA with the same seed and the kept keys as its mask."""
+    import torch.nn.functional as F
+
+    from sertool.models.attention import topk_keep
+
+    q, k, v = _qkv()
+    km = _lengths_mask([9, 5, 1], 9)
+    mask = km[:, None, None, :]
+    if rate is not None:
+        logits = (q @ k.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf"))
+        mask = topk_keep(logits.softmax(-1), rate, km)[:, :, None, :]
+    torch.manual_seed(3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.3)
+    torch.manual_seed(3)
+    out = attention(q, k, v, key_mask=km, topk_rate=rate, dropout_p=0.3, training=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

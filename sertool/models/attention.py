@@ -24,6 +24,10 @@ When the weights are not requested the function calls
 length factor is folded into the queries).  Renormalised key-sparse attention is softmax over
 the kept keys, so it also runs through SDPA, with the kept keys (selected without autograd) as
 the mask; only non-renormalised key-sparse attention and requested weights use the explicit path.
+In training with attention dropout SDPA has no fused CPU kernel (it falls back to its math path,
+which materialises the weights), so the function computes that path itself with the same
+arithmetic and dropout masks, computing the logits once for both key selection and softmax.
+Masks whose frames are all real are dropped (they change nothing and cost full-size passes).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def topk_keep(
         raise ValueError(f"key-sparse rate must be in (0, 1], got {rate}")
     B, H, Tq, Tk = weights.shape
     w = weights.detach()
-    if query_mask is not None:
+    if query_mask is not None and not bool(query_mask.all()):  # an all-real mask multiplies by 1
         w = w * query_mask[:, None, :, None].to(w.dtype)
     colsum = w.sum(-2)  # [B, H, Tk]
     n_keys = _count(key_mask, B, Tk, weights.device)
@@ -132,6 +136,10 @@ def attention(
         # meaningless but finite, and the models never use it).
         km = km | ~km.any(-1, keepdim=True)
     qm = query_mask.to(torch.bool) if query_mask is not None else None
+    # all-real masks change nothing (adding 0 to logits, multiplying by 1): drop them, which saves
+    # full-size [B, H, Tq, Tk] passes and keeps SDPA on its fastest path.
+    km = None if km is None or bool(km.all()) else km
+    qm = None if qm is None or bool(qm.all()) else qm
 
     if length_scale == "keys":
         lam = length_factor(_count(km, B, Tk, q.device))
@@ -143,7 +151,21 @@ def attention(
         q = q * lam.to(q.dtype).view(B, 1, 1, 1)
 
     p = dropout_p if training else 0.0
-    if not return_weights and (topk_rate is None or renormalize):
+    if not return_weights and (topk_rate is None or renormalize) and p > 0.0:
+        # attention dropout: SDPA would fall back to its unfused math path on CPU (weights
+        # materialised anyway), so compute the logits once here and use them both for the key
+        # selection and the softmax (SDPA's math-path arithmetic and dropout masks: same results)
+        root = base**0.5
+        logits = torch.matmul(q * root, k.transpose(-1, -2) * root)
+        if km is not None:
+            logits = logits.masked_fill_(~km[:, None, None, :], float("-inf"))
+        if topk_rate is not None:
+            with torch.no_grad():
+                keep = topk_keep(torch.softmax(logits, dim=-1), topk_rate, km, qm)
+            logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))  # softmax over the kept keys
+        out = torch.matmul(F.dropout(torch.softmax(logits, dim=-1), p, training=True), v)
+        weights = None
+    elif not return_weights and (topk_rate is None or renormalize):
         attn_mask = km[:, None, None, :] if km is not None else None
         if topk_rate is not None:
             # renormalised key-sparse attention == softmax over the kept keys: select the keys

@@ -33,6 +33,8 @@ __all__ = [
     "pooled_statistics",
     "last_real",
     "zero_padding",
+    "rnn_over_real_frames",
+    "rnn_encode",
 ]
 
 
@@ -109,6 +111,63 @@ def last_real(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         return x[:, -1]
     idx = (mask.long().sum(1) - 1).clamp_min(0)
     return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+def _reverse_real_frames(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each item's real prefix ``x[b, :L_b]`` in reverse time order, padding left in place (the
+    permutation is its own inverse)."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return x.gather(1, index[..., None].expand_as(x))
+
+
+def rnn_over_real_frames(rnn: nn.RNNBase, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Outputs ``[B, T, dirs * H]`` of a batch-first ``nn.GRU`` / ``nn.LSTM`` over each item's real
+    frames (a prefix of ``mask``), equal at real frames to running it on a packed sequence.
+
+    Why not ``pack_padded_sequence``: on CPU the backward of a packed RNN slices the batch at every
+    step (autograd ``SliceBackward``: a zero fill and an add of the whole input per step), 88 % of a
+    Rajan training step.  Here the forward direction runs unpacked (padding after an item's real
+    frames never reaches them), and the backward direction runs unpacked on each item's real frames
+    reversed in place, so that for it too the padding comes after the real frames.
+    """
+    if mask is None or not rnn.bidirectional or bool(mask.all()):
+        return _packed_layout(rnn(x)[0])
+    if rnn.proj_size or not rnn.batch_first:
+        raise ValueError("rnn_over_real_frames needs a batch-first RNN without projections")
+    lstm = isinstance(rnn, nn.LSTM)
+    step = torch.lstm if lstm else torch.gru
+    lengths = mask.long().sum(1)
+    weights = rnn._flat_weights
+    per_direction = len(weights) // (2 * rnn.num_layers)
+    h0 = x.new_zeros(1, x.shape[0], rnn.hidden_size)
+    hx = (h0, h0) if lstm else h0
+    out = x
+    for layer in range(rnn.num_layers):
+        if layer:
+            out = F.dropout(out, rnn.dropout, rnn.training)
+        first = 2 * layer * per_direction
+        forward = weights[first : first + per_direction]
+        backward = weights[first + per_direction : first + 2 * per_direction]
+        fwd = step(out, hx, forward, rnn.bias, 1, 0.0, rnn.training, False, True)[0]
+        bwd = step(_reverse_real_frames(out, lengths), hx, backward, rnn.bias, 1, 0.0, rnn.training, False, True)[0]
+        out = torch.cat([fwd, _reverse_real_frames(bwd, lengths)], dim=-1)
+    return _packed_layout(out)
+
+
+def _packed_layout(out: torch.Tensor) -> torch.Tensor:
+    """``out`` in the batch-major memory layout that ``pad_packed_sequence(batch_first=True)``
+    returns (a batch-first RNN returns a time-major one): dropout draws its mask in memory order,
+    so the same seed keeps giving the same masks (and trained models) as when the encoders packed
+    their input."""
+    return out.contiguous()
+
+
+def rnn_encode(encoder: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    """``encoders.RNNEncoder.forward`` (same module, same outputs) through :func:`rnn_over_real_frames`:
+    ``(outputs zero at padded frames, mask)``."""
+    out = rnn_over_real_frames(encoder.rnn, x, mask)
+    return zero_padding(encoder.dropout(out), mask), mask
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -197,6 +256,25 @@ class MultiHeadAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
+    def _project(self, query, key, value):
+        """q, k, v projections; where two or three of them read the same tensor they run as one
+        GEMM on the concatenated weights (what a fused ``in_proj`` does, with the parameters and
+        state_dict keys kept separate): fewer, larger matrix products forward and backward."""
+        lins = (self.q_proj, self.k_proj, self.v_proj)
+        if key is query and value is query and len({lin.in_features for lin in lins}) == 1:
+            return self._fused(query, lins)
+        if key is query and self.q_proj.in_features == self.k_proj.in_features:
+            return (*self._fused(query, lins[:2]), self.v_proj(value))
+        if value is key and self.k_proj.in_features == self.v_proj.in_features:
+            return (self.q_proj(query), *self._fused(key, lins[1:]))
+        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+
+    @staticmethod
+    def _fused(x: torch.Tensor, lins) -> tuple:
+        weight = torch.cat([lin.weight for lin in lins])
+        bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
+        return F.linear(x, weight, bias).chunk(len(lins), dim=-1)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -214,7 +292,7 @@ class MultiHeadAttention(nn.Module):
             key, key_mask = query, query_mask if key_mask is None else key_mask
         if value is None:
             value = key
-        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        q, k, v = (self._heads(t) for t in self._project(query, key, value))
         res = attention(
             q,
             k,

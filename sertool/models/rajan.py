@@ -39,7 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import MultiHeadAttention, masked_mean, stacked_layer_weights, statistics_pooling, zero_padding
+from .blocks import (
+    MultiHeadAttention,
+    masked_mean,
+    rnn_encode,
+    stacked_layer_weights,
+    statistics_pooling,
+    zero_padding,
+)
 from .encoders import ConvStack, RNNEncoder
 from .registry import SERModel, _check_modalities, register
 
@@ -139,7 +146,7 @@ class _RajanBase(SERModel):
                 x, mask = x[:, : self.fixed_len[m]], mask[:, : self.fixed_len[m]]
             if m in self.convs:
                 x, mask = self.convs[m](x, mask)
-            hs[m], ms[m] = self.grus[m](x, mask)
+            hs[m], ms[m] = rnn_encode(self.grus[m], x, mask)  # the RNNEncoder, without packing
         return hs, ms
 
     def forward(self, batch: dict, return_attention: bool = False):
