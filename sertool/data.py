@@ -581,6 +581,15 @@ def check_ids(sources: dict[str, Source], ids: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------- normalisation
+def speaker_unnormalized(src: Source) -> Source | None:
+    """The features under a SpeakerNormalizedSource (through AugmentedSource wrappers); None if none."""
+    while src is not None:
+        if isinstance(src, SpeakerNormalizedSource):
+            return src.src
+        src = getattr(src, "src", None)
+    return None
+
+
 class Normalizer:
     """Per-dimension mean / std per modality, fitted on training utterances only."""
 
@@ -592,6 +601,10 @@ class Normalizer:
         stats = {}
         for m, src in sources.items():
             mode = modes.get(m, "none")
+            if mode == "speaker" and src.dim:  # the global fallback for speakers with too little audio (predict)
+                raw = speaker_unnormalized(src)
+                if raw is not None:
+                    stats[f"{m}.fallback"] = frame_moments(raw, ids)
             if mode in ("none", "speaker") or src.dim == 0:  # speaker: SpeakerNormalizedSource; raw inputs: as they are
                 continue
             if mode != "global":

@@ -150,7 +150,20 @@ def test_small_group_falls_back_to_the_statistics_of_the_run(speaker_exp, mixed_
     assert_matches_evaluate([r for r in rows if r["speaker"] == TEST_SPEAKER], speaker_exp)
     guests = [r for r in rows if r["speaker"] == "guest"]
     assert len(guests) == 3 and {r["normalization"] for r in guests} == {"global-fallback"}
-    # the fallback: frames of every recording of the run pooled
+    # the fallback: the training split's global statistics, which the train stage stores beside the
+    # per-speaker ones (norm.safetensors audio.fallback.*): frames of the raw training features pooled
+    from safetensors.numpy import load_file
+
+    from sertool.store import open_store
+
+    exp = speaker_exp["exp"]
+    norm = load_file(str(exp / "norm.safetensors"))
+    fold = next(f for f in json.loads((exp / "folds.json").read_text())["folds"] if f["name"] == f"spk-{TEST_SPEAKER}")
+    store = open_store(speaker_exp["feats"], "mfcc")
+    raw = _InMemoryFeatures({u: store[u] for u in fold["train"]})
+    mean, std = frame_moments(raw, fold["train"])
+    np.testing.assert_allclose(norm["audio.fallback.mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm["audio.fallback.std"], std, rtol=1e-5, atol=1e-6)
     pred = load_predictor(speaker_exp["exp"], "cpu", speaker_adaptive=True)
     ex = pred.extractors["audio"]
     from sertool.audio import load_audio
@@ -160,7 +173,6 @@ def test_small_group_falls_back_to_the_statistics_of_the_run(speaker_exp, mixed_
     for f in sorted(mixed_dir.rglob("*.flac")):
         wave, _ = load_audio(f, ex.sample_rate)
         feats[str(f)] = np.asarray(ex.extract(Utterance(id=f.stem, audio=str(f)), wave).data, np.float32)
-    mean, std = frame_moments(_InMemoryFeatures(feats), list(feats))
     view = Predictor(pred.path, pred.spec, pred.model, {}, pred.extractors, pred.device)
     for r in guests:
         (p,) = view.predict_features([{"audio": (feats[r["file"]] - mean) / std}])
