@@ -110,8 +110,12 @@ def _link_corpus(files: list[Path], data: Path, folder: Path) -> Path:
 
 
 def cli_ratio(data: Path, n: int, rounds: int) -> None:
-    import opensmile
     import soundfile as sf
+
+    try:
+        import opensmile
+    except ImportError:
+        raise SystemExit("CLI mode compares against openSMILE: pip install 'sertool[opensmile]'") from None
 
     files = sorted(data.rglob("*.flac"))[:n]
     if len(files) < 2:
