@@ -47,6 +47,11 @@ def length_factor(n: torch.Tensor) -> torch.Tensor:
     return torch.log(n.to(torch.float32).clamp(min=1.0))
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as the additive logit term 0 / -inf."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def _count(mask: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
     if mask is None:
         return torch.full((batch,), float(length), device=device)
@@ -157,12 +162,14 @@ def attention(
         # selection and the softmax (SDPA's math-path arithmetic and dropout masks: same results)
         root = base**0.5
         logits = torch.matmul(q * root, k.transpose(-1, -2) * root)
+        # masks as additive 0 / -inf terms added in place, as SDPA does (a broadcast masked_fill
+        # of the full logits is several times slower on CPU, and out of place it copies them)
         if km is not None:
-            logits = logits.masked_fill_(~km[:, None, None, :], float("-inf"))
+            logits.add_(_additive(km[:, None, None, :], logits.dtype))
         if topk_rate is not None:
             with torch.no_grad():
                 keep = topk_keep(torch.softmax(logits, dim=-1), topk_rate, km, qm)
-            logits = logits.masked_fill(~keep[:, :, None, :], float("-inf"))  # softmax over the kept keys
+            logits.add_(_additive(keep[:, :, None, :], logits.dtype))  # softmax over the kept keys
         out = torch.matmul(F.dropout(torch.softmax(logits, dim=-1), p, training=True), v)
         weights = None
     elif not return_weights and (topk_rate is None or renormalize):

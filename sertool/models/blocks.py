@@ -256,25 +256,6 @@ class MultiHeadAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def _project(self, query, key, value):
-        """q, k, v projections; where two or three of them read the same tensor they run as one
-        GEMM on the concatenated weights (what a fused ``in_proj`` does, with the parameters and
-        state_dict keys kept separate): fewer, larger matrix products forward and backward."""
-        lins = (self.q_proj, self.k_proj, self.v_proj)
-        if key is query and value is query and len({lin.in_features for lin in lins}) == 1:
-            return self._fused(query, lins)
-        if key is query and self.q_proj.in_features == self.k_proj.in_features:
-            return (*self._fused(query, lins[:2]), self.v_proj(value))
-        if value is key and self.k_proj.in_features == self.v_proj.in_features:
-            return (self.q_proj(query), *self._fused(key, lins[1:]))
-        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
-
-    @staticmethod
-    def _fused(x: torch.Tensor, lins) -> tuple:
-        weight = torch.cat([lin.weight for lin in lins])
-        bias = None if lins[0].bias is None else torch.cat([lin.bias for lin in lins])
-        return F.linear(x, weight, bias).chunk(len(lins), dim=-1)
-
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -292,7 +273,7 @@ class MultiHeadAttention(nn.Module):
             key, key_mask = query, query_mask if key_mask is None else key_mask
         if value is None:
             value = key
-        q, k, v = (self._heads(t) for t in self._project(query, key, value))
+        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         res = attention(
             q,
             k,
