@@ -6,7 +6,8 @@
 #       config's), device, threads, folds (empty = all; else fold names, e.g. "ses-Session1").
 #   extract_feats CORPUS "FEATURE..." [extra sertool extract args...]
 #       `sertool extract ${corpus_dir} --corpus CORPUS -o ${feats}` with one -f per distinct FEATURE
-#       (none: the manifest only), --text-model ${text_model} when the recipe sets it, --nj, --device.
+#       (none: the manifest only), --text-model ${text_model} when the recipe sets it, --nj, --device
+#       (not for the manifest alone: naming a device makes extract import torch, ~2 s of CPU).
 #   distill_exp [sertool distill teacher args...]
 #       the CMD distillation into ${exp_root}/cmd-distill with conf/cmd-distill.yaml (+ ${distill_opts});
 #       fine-tune it with `train_exp cmd cmd --init "${exp_root}/cmd-distill" --labels ... --protocol ...`.
@@ -51,7 +52,8 @@ extract_feats() {
   done
   shift
   [ -n "${text_model:-}" ] && [ ${#args[@]} -gt 0 ] && args+=(--text-model "${text_model}")
-  sertool extract "${corpus_dir}" --corpus "${corpus}" -o "${feats}" "${args[@]}" "$@" --nj "${nj}" --device "${device}" -q
+  [ ${#args[@]} -gt 0 ] || [ $# -gt 0 ] && args+=("$@" --nj "${nj}" --device "${device}")
+  sertool extract "${corpus_dir}" --corpus "${corpus}" -o "${feats}" "${args[@]}" -q
 }
 
 distill_exp() {
