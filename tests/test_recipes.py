@@ -26,6 +26,9 @@ RECIPES = ROOT / "recipes"
 def run_recipe(name: str, *args: str, timeout: int = 300) -> str:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # one torch/OpenMP thread in every command the recipe runs (as conftest's one_torch_thread in this
+    # process): on a shared machine, idle threads spinning for a core cost more CPU and time than they save
+    env.setdefault("OMP_NUM_THREADS", "1")
     r = subprocess.run(
         ["bash", str(RECIPES / name / "run.sh"), *args],
         capture_output=True,
