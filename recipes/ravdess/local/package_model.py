@@ -100,13 +100,15 @@ def main() -> None:
             f"download), window={p.get('window', 'utterance')} (the clip's own length)"
         )
         summary = f"Whisper {p.get('model', 'tiny.en')} encoder state {p.get('layer')} + probe"
+        short = f"whisper {p.get('model', 'tiny.en')} layer {p.get('layer')}, window {p.get('window', 'utterance')}"
     else:
         feature_text = (
             f"`{extractor['name']}` with the parameters in predictor.json (no model download:\n"
             "  computed by sertool itself from the waveform, 16 kHz mono)"
         )
         summary = f"{extractor['name']} + probe"
-    cfg_data = cfg.get("data") or {}
+        short = f"{extractor['name']} ({feature['dim']}-d)"
+    cfg_data = yaml.safe_load((exp / "config.yaml").read_text()).get("data") or {}  # the training machine's paths
     augment = cfg_data.get("augment") or []
     augment_text = ""
     if augment:
@@ -190,7 +192,7 @@ def main() -> None:
         )
     card = {
         "summary": f"{summary}; 8 RAVDESS emotions",
-        "features": feature_text.split(",")[0].replace("`", ""),
+        "features": short,
         "ua_cv": round(s["UA"]["mean"], 4),
         **{card_key(label): round(m["UA"]["mean"], 4) for label, m in degraded if card_key(label)},
         **(
