@@ -218,6 +218,31 @@ class WaveSource(Source):
         return self._lengths[uid]
 
 
+class DegradedWaveSource(WaveSource):
+    """``data.augment: [degrade:SPEC]`` on ``data.audio: wave``: the recordings through
+    :func:`sertool.augment.degrade` (before the per-utterance z-score), copy ``copy`` seeded by
+    ``augmented_id(uid, copy)``, so every epoch and a resumed run read the same copy."""
+
+    def __init__(self, utts: list, spec: str, copy: int, only=None, sample_rate: int = 16000, preload="auto"):
+        from sertool.augment import parse_degradation
+
+        super().__init__(utts, only, sample_rate, preload)
+        self.spec, self.copy = "+".join(str(s) for s in parse_degradation(spec)), int(copy)
+        self.attrs = {**self.attrs, "degradation": self.spec}
+
+    def _read(self, uid: str) -> np.ndarray:
+        from sertool.audio import AudioError, load_audio
+        from sertool.augment import degrade
+
+        u = self.utts[uid]
+        try:
+            x, sr = load_audio(u.audio, self.sample_rate, start=u.start, end=u.end)
+        except AudioError as e:
+            raise DataError(f"utterance {uid!r}: {e}") from None
+        x = degrade(x, sr, self.spec, augmented_id(uid, self.copy)) if len(x) else np.asarray(x, np.float32)
+        return (x - x.mean()) / (x.std() + 1e-7) if len(x) else x
+
+
 class TokenSource(Source):
     """``data.text: tokens:STORE`` (the token strings a text store records per utterance, as ids
     over ``data.vocab``: index = id, 0 padding, 1 unknown) or ``tokenizer:MODEL`` (a transformers
@@ -399,7 +424,7 @@ class AugmentedSource(Source):
         for k, c in enumerate(copies):
             if c.dim != src.dim:
                 raise DataError(f"data.augment[{k}] {c.path}: {c.dim}-d features, but {src.path} has {src.dim}-d")
-            same = ("feature", "extractor", "frame_rate_hz", "layers")
+            same = ("feature", "extractor", "frame_rate_hz", "layers", "unit")
             differs = [key for key in same if c.attrs.get(key) != src.attrs.get(key)]
             if differs:
                 raise DataError(

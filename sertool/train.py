@@ -59,6 +59,7 @@ from sertool.data import (
     MODALITIES,
     AugmentedSource,
     DataError,
+    DegradedWaveSource,
     Normalizer,
     SERDataset,
     Source,
@@ -342,12 +343,37 @@ def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data:
 
 def augment_sources(sources: dict[str, Source], dirs: list, spec: dict, data: dict, utts: list) -> dict[str, Source]:
     """``data.augment``: the audio store of the same name from each FEATS folder in ``dirs`` (made by
-    ``sertool extract --degrade``), normalised as the clean one (per speaker too); the other
-    modalities' copies are the clean features (a degraded channel leaves the transcript alone)."""
-    if "audio" not in sources or not isinstance(spec.get("audio"), str) or spec["audio"] == "wave":
-        raise DataError("data.augment holds degraded copies of an audio feature store; this model reads none")
+    ``sertool extract --degrade``), normalised as the clean one (per speaker too); for a model that
+    reads the waveform (``data.audio: wave``) entries ``degrade:SPEC``, the recordings degraded as
+    they are read (DegradedWaveSource). The other modalities' copies are the clean features (a
+    degraded channel leaves the transcript alone)."""
+    if "audio" not in sources or not isinstance(spec.get("audio"), str):
+        raise DataError("data.augment holds degraded copies of the audio input; this model reads no audio")
+    wave = spec["audio"] == "wave"
     copies = []
     for k, d in enumerate(dirs):
+        if str(d).startswith("degrade:") != wave:
+            raise DataError(
+                f"data.augment[{k}] = {d!r}: "
+                + (
+                    "a model reading the waveform (data.audio=wave) degrades it on the fly: give degrade:SPEC "
+                    "(sertool/augment.py), e.g. degrade:telephone"
+                    if wave
+                    else "degrade:SPEC copies need data.audio=wave; for a feature store extract the copies with "
+                    "`sertool extract --degrade SPEC` and give their folder"
+                )
+            )
+        if wave:
+            from sertool.augment import DegradeError
+
+            base = sources["audio"]
+            try:
+                copies.append(
+                    DegradedWaveSource(list(base.utts.values()), str(d)[len("degrade:") :], k, None, base.sample_rate)
+                )
+            except DegradeError as e:
+                raise DataError(f"data.augment[{k}]: {e}") from None
+            continue
         if not Path(d).is_dir():
             raise DataError(f"data.augment[{k}]: {d} is not a folder (the output of `sertool extract --degrade`)")
         ids = {u.id for u in utts}

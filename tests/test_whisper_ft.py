@@ -219,3 +219,37 @@ def test_torchrun_with_a_frozen_first_epoch(tmp_path, tiny_whisper, feats):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(x) for x in (exp / "folds" / "fold1" / "seed0" / "log.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in rows] == [2, 2]
+
+
+def test_waveform_copies_degraded_on_the_fly(tmp_path, tiny_whisper, feats):
+    """data.augment: [degrade:SPEC] gives a waveform model's training split a degraded copy of every
+    recording (degraded before the per-utterance z-score, the same copy in every epoch); dev and
+    test stay clean; a folder entry is refused for a waveform model and vice versa."""
+    from sertool.audio import load_audio
+    from sertool.augment import degrade
+    from sertool.corpora.base import read_manifest
+    from sertool.train import TrainError, load_inputs, resolve_config
+
+    cfg = resolve_config("whisper_ft", None, settings(tiny_whisper, 1, "data.augment=[degrade:noise:5]"))
+    inputs = load_inputs(cfg, feats)
+    fold = inputs.folds[0]
+    ids = inputs.training_ids(fold.train)
+    assert len(ids) == 2 * len(fold.train) and not any("@aug" in u for u in fold.dev + fold.test)
+    src, uid = inputs.sources["audio"], fold.train[0]
+    audio = {u.id: u for u in read_manifest(feats / "manifest.jsonl")}[uid].audio
+    x, sr = load_audio(audio, 16000)
+    y = degrade(x, sr, "noise:5", f"{uid}@aug1")
+    np.testing.assert_allclose(src.get(f"{uid}@aug1"), (y - y.mean()) / (y.std() + 1e-7), atol=1e-5)
+    assert np.abs(src.get(f"{uid}@aug1") - src.get(uid)).mean() > 0.1
+    out = run_train(
+        "whisper_ft",
+        feats,
+        tmp_path / "exp",
+        overrides=settings(tiny_whisper, 1, "data.augment=[degrade:noise:5]"),
+        progress=False,
+        log=quiet,
+    )
+    assert len(out["runs"]) == 2
+    for bad in ("data.augment=[/nowhere]", "data.augment=[degrade:hiss]"):
+        with pytest.raises(TrainError, match=r"data.augment\[0\]"):
+            load_inputs(resolve_config("whisper_ft", None, settings(tiny_whisper, 1, bad)), feats)
