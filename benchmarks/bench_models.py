@@ -4,6 +4,14 @@ by plain ``torch.nn.MultiheadAttention``.
 
     python benchmarks/bench_models.py                 # all models, markdown table on stdout
     python benchmarks/bench_models.py --models lgcct cma --repeats 5 --threads 2
+    python benchmarks/bench_models.py --versus-reference --rounds 5 --threads 1   # vs reference code
+    PYTHONPATH=OLD_TREE python benchmarks/bench_models.py --outputs save old.pt    # then, in this tree:
+    python benchmarks/bench_models.py --outputs compare old.pt                      # same outputs?
+
+``--versus-reference`` trains self_attn, cross_attn, lgcct and ks_transformer side by side with
+plain PyTorch renderings of their reference code (see ``_reference_models``): forward + backward
++ Adam step on the same batch, interleaved, medians; it prints wall and CPU ratios sertool /
+reference (docs/models.md).
 
 Each (model, attention) row runs in a fresh subprocess so that the peak resident set size
 (``resource.getrusage(...).ru_maxrss``) belongs to that row alone; "peak MB" is the process peak
@@ -464,6 +472,75 @@ def versus_reference(key: str, rounds: int, threads: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------- same outputs as before
+# `--outputs save FILE` under one revision (PYTHONPATH=OLD_TREE), then `--outputs compare FILE` under
+# another: the same weights, inputs and seed for each model (eval and training mode, an unpadded and
+# a padded batch), max abs differences of the outputs and gradients.
+OUTPUT_CHECKS = {
+    "self_attn": ([], 4, VERSUS["self_attn"][2]),
+    "cross_attn": ([], 4, VERSUS["cross_attn"][2]),
+    "lgcct": ([], 4, VERSUS["lgcct"][2]),
+    "lgcct (released code)": (VERSUS["lgcct"][0], 4, VERSUS["lgcct"][2]),
+    "ks_transformer": ([], 2, {"audio": (120, 512), "text": (20, 1024)}),
+}
+
+
+def _outputs(name: str, state=None) -> dict:
+    import torch
+
+    from sertool.models import build_model
+
+    overrides, B, sizes = OUTPUT_CHECKS[name]
+    key = name.split()[0]
+    gen = torch.Generator().manual_seed(0)
+    full, padded = {}, {}
+    for m, (T, D) in sizes.items():
+        full[m] = torch.randn(B, T, D, generator=gen)
+        if key == "lgcct" and m == "text":
+            mask = padded["audio_mask"]
+        else:
+            lengths = torch.randint(int(0.6 * T), T + 1, (B,), generator=gen)
+            lengths[0] = T
+            mask = torch.arange(T)[None] < lengths[:, None]
+        padded[m], padded[f"{m}_mask"] = full[m] * mask[..., None], mask
+    torch.manual_seed(0)
+    model = build_model(key, overrides)
+    if state is not None:
+        model.load_state_dict(state)
+    res = {"state": {k: v.clone() for k, v in model.state_dict().items()}}
+    for batch_name, batch in (("unpadded", full), ("padded", padded)):
+        for mode in ("eval", "train"):
+            model.train(mode == "train")
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            out = model(batch)
+            out.float().square().mean().backward()
+            res[f"{batch_name} {mode}"] = (
+                out.detach(),
+                {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None},
+            )
+    return res
+
+
+def check_outputs(action: str, path: str, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    if action == "save":
+        torch.save({name: _outputs(name) for name in OUTPUT_CHECKS}, path)
+        return
+    print("| model | batch, mode | outputs: max abs diff | gradients: max abs diff |\n|---|---|---:|---:|")
+    for name, old in torch.load(path).items():
+        new = _outputs(name, old["state"])
+        if list(new["state"]) != list(old["state"]):
+            raise SystemExit(f"{name}: state_dict keys differ")
+        for case in (c for c in old if c != "state"):
+            out, grads = old[case]
+            d_out = float((new[case][0] - out).abs().max())
+            d_grad = max(float((new[case][1][k] - g).abs().max()) for k, g in grads.items())
+            print(f"| {name} | {case} | {d_out:.1e} | {d_grad:.1e} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=list(SIZES))
@@ -477,7 +554,16 @@ def main(argv=None):
         "rendering of its reference code (forward + backward + Adam step, interleaved); print the ratios",
     )
     ap.add_argument("--rounds", type=int, default=5, help="--versus-reference: timed steps per model")
+    ap.add_argument(
+        "--outputs",
+        nargs=2,
+        metavar=("save|compare", "FILE"),
+        help="save the four models' outputs and gradients (same weights, inputs, seed) or compare with a saved file",
+    )
     args = ap.parse_args(argv)
+    if args.outputs:
+        check_outputs(args.outputs[0], args.outputs[1], args.threads)
+        return
     if args.versus_reference:
         _print_versus([k for k in args.models if k in VERSUS] if args.models != list(SIZES) else list(VERSUS), args)
         return
