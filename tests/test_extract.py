@@ -169,3 +169,18 @@ def test_three_shards_merge_to_the_unsharded_store(folder_corpus, tmp_path, plug
 def test_bad_shard_option(folder_corpus, tmp_path):
     r = CliRunner().invoke(cli, ["extract", str(folder_corpus), "-o", str(tmp_path / "f"), "--shard", "3/3"])
     assert r.exit_code == 2 and "need 0 <= i < N" in r.output
+
+
+def test_each_builtin_extractor_is_found_in_its_own_module_first():
+    """features.base._HOME names the module that registers each built-in extractor (building one
+    imports that module first); a wrong entry would import the others before finding it."""
+    from sertool.features import base
+
+    base._load_modules()
+    for name, module in base._HOME.items():
+        if module in base._IMPORT_ERRORS:  # an optional dependency (e.g. opensmile) is not installed
+            continue
+        assert name in base._REGISTRY, name
+        assert base._REGISTRY[name].__module__ == module, name
+    builtin = {n for n, cls in base._REGISTRY.items() if cls.__module__.startswith("sertool.features.")}
+    assert builtin <= set(base._HOME), builtin - set(base._HOME)

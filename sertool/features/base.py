@@ -140,11 +140,27 @@ def _load_modules() -> None:
         _load_module(module)
 
 
+# where the built-in extractors live: building one imports its module first (building `whisper`
+# need not import librosa through `acoustic`, 1.7 s of predict's start-up)
+_HOME = {
+    "mfcc": "sertool.features.acoustic",
+    "covarep": "sertool.features.covarep",
+    "egemaps": "sertool.features.opensmile_sets",
+    "compare": "sertool.features.opensmile_sets",
+    "glove": "sertool.features.words",
+    "word2vec": "sertool.features.words",
+    "bert": "sertool.features.lm",
+    "wav2vec2": "sertool.features.ssl",
+    "whisper": "sertool.features.whisper",
+    "concat": "sertool.features.fusion",
+}
+
+
 def _find(name: str) -> bool:
-    """Import extractor modules in order until `name` is registered: start-up stays fast
-    (building `mfcc` need not import transformers or openSMILE)."""
+    """Import extractor modules until `name` is registered, its own module first, then the others
+    in order: start-up stays fast (building `mfcc` need not import transformers or openSMILE)."""
     _load_plugins()
-    for module in (None, *_MODULES):
+    for module in (None, _HOME.get(name), *_MODULES):
         if module is not None:
             _load_module(module)
         if name in _REGISTRY or name in _PRESETS:
