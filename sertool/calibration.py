@@ -35,20 +35,27 @@ def fit_temperature(
     probabilities: np.ndarray, targets: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)
 ) -> float:
     """The ``T`` in ``bounds`` minimising the NLL of ``softmax(log p / T)`` on (probabilities, targets):
-    a one-dimensional convex problem in ``log T``, solved by bounded Brent search (scipy)."""
-    from scipy.optimize import minimize_scalar
-
+    a one-dimensional problem in ``log T`` with one minimum, solved by golden-section search to
+    1e-6 in ``log T`` (by hand: importing scipy.optimize alone costs every training run 0.4 s)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     targets = np.asarray(targets, dtype=int)
     if len(targets) == 0:
         return 1.0
-    res = minimize_scalar(
-        lambda log_t: nll(scaled(probabilities, np.exp(log_t)), targets),
-        bounds=(np.log(bounds[0]), np.log(bounds[1])),
-        method="bounded",
-        options={"xatol": 1e-4},
-    )
-    return float(np.exp(res.x))
+    loss = lambda log_t: nll(scaled(probabilities, np.exp(log_t)), targets)  # noqa: E731
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    while hi - lo > 1e-6:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = loss(b)
+    return float(np.exp((lo + hi) / 2.0))
 
 
 def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:

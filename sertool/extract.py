@@ -266,7 +266,7 @@ def run_extract(
     log=print,
 ) -> ExtractReport:
     t0 = time.perf_counter()
-    if (cli_options or {}).get("device") not in (None, "auto"):
+    if (cli_options or {}).get("device") not in (None, "auto", "cpu"):  # cpu always exists: no torch import
         pick_device(cli_options["device"])  # a device that does not exist here fails before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
