@@ -258,3 +258,30 @@ def test_faster_whisper_conversions_and_transformers_folders_load_the_same(tiny_
         else:
             assert cosines(g.numpy(), w.numpy()).min() >= (0.999 if quantization == "float16" else 0.98)
     assert short[-1].shape == (2, 39, 32)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_mel_filters_are_transformers_slaney_bank(n_mels):
+    from transformers.audio_utils import mel_filter_bank
+
+    from sertool.models.whisper_encoder import slaney_mel_filters
+
+    ours = slaney_mel_filters(201, n_mels, 0.0, 8000.0, 16000)
+    theirs = mel_filter_bank(201, n_mels, 0.0, 8000.0, 16000, "slaney", "slaney")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_the_packaged_encoder_loads_without_transformers_whisper_module(packaged):
+    """The CTranslate2 path builds sertool's own module (transformers' names, Whisper's maths), so a
+    process that only encodes audio does not import transformers' Whisper modelling (3 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from sertool.models.whisper_encoder import load_whisper_encoder; "
+        f"e = load_whisper_encoder({str(packaged)!r}); e.log_mel([__import__('numpy').zeros(1600, 'float32')]); "
+        "print(any(m.startswith('transformers.models.whisper') or m == 'transformers.audio_utils' "
+        "for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

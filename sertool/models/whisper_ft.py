@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .blocks import LayerWeights, statistics_pooling
 from .registry import SERModel, register
-from .whisper_encoder import WhisperAudioEncoder, encoder_only_config, load_whisper_encoder
+from .whisper_encoder import WhisperAudioEncoder, load_whisper_encoder
 
 WAVE_RMS = 0.05  # the level (-26 dBFS) the z-normalised waveform is scaled to before the log-Mel
 SIZE_KEYS = (
@@ -84,11 +84,9 @@ def encoder_sizes(encoder: WhisperAudioEncoder) -> dict:
 
 def empty_encoder(sizes: dict) -> WhisperAudioEncoder:
     """A Whisper encoder of these sizes with untrained weights (the checkpoint's are loaded after)."""
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from .whisper_encoder import EncoderSizes, WhisperEncoderModule
 
-    config = encoder_only_config(WhisperConfig, **{k: int(sizes[k]) for k in SIZE_KEYS})
-    return WhisperAudioEncoder(WhisperEncoder(config))
+    return WhisperAudioEncoder(WhisperEncoderModule(EncoderSizes(**{k: int(sizes[k]) for k in SIZE_KEYS})))
 
 
 @register("whisper_ft")
