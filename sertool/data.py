@@ -197,11 +197,15 @@ class WaveSource(Source):
 
         u = self.utts[uid]
         try:
-            x, _ = load_audio(u.audio, self.sample_rate, start=u.start, end=u.end)
+            x, sr = load_audio(u.audio, self.sample_rate, start=u.start, end=u.end)
         except AudioError as e:
             raise DataError(f"utterance {uid!r}: {e}") from None
-        x = np.asarray(x, np.float32)
+        x = np.asarray(self._channel(x, sr, uid) if len(x) else x, np.float32)
         return (x - x.mean()) / (x.std() + 1e-7) if len(x) else x
+
+    def _channel(self, x: np.ndarray, sample_rate: int, uid: str) -> np.ndarray:
+        """What the recording goes through before the z-score (DegradedWaveSource: a degradation)."""
+        return x
 
     def get(self, uid: str) -> np.ndarray:
         x = self._cache.get(uid)
@@ -230,17 +234,10 @@ class DegradedWaveSource(WaveSource):
         self.spec, self.copy = "+".join(str(s) for s in parse_degradation(spec)), int(copy)
         self.attrs = {**self.attrs, "degradation": self.spec}
 
-    def _read(self, uid: str) -> np.ndarray:
-        from sertool.audio import AudioError, load_audio
+    def _channel(self, x: np.ndarray, sample_rate: int, uid: str) -> np.ndarray:
         from sertool.augment import degrade
 
-        u = self.utts[uid]
-        try:
-            x, sr = load_audio(u.audio, self.sample_rate, start=u.start, end=u.end)
-        except AudioError as e:
-            raise DataError(f"utterance {uid!r}: {e}") from None
-        x = degrade(x, sr, self.spec, augmented_id(uid, self.copy)) if len(x) else np.asarray(x, np.float32)
-        return (x - x.mean()) / (x.std() + 1e-7) if len(x) else x
+        return degrade(x, sample_rate, self.spec, augmented_id(uid, self.copy))
 
 
 class TokenSource(Source):
