@@ -1009,9 +1009,10 @@ def train_epoch(run: Run, *, progress: bool, kill_step: Callable[[], None] | Non
     """One pass over the training split; returns (mean training loss before each step, seconds).
 
     Every optimiser step evaluates a closure: the loss and gradient of one batch, or, with
-    ``optim.name: lbfgs`` (full batch), of the whole training split, accumulated over its batches
-    (collated once per epoch; a model's ``frozen_inputs(batch)``, the part of its forward pass
-    without trained weights, applied once): one L-BFGS step of ``optim.max_iter`` iterations per
+    ``optim.name: lbfgs`` (full batch), of the whole training split: one batch of the model's
+    ``frozen_inputs`` (the part of its forward pass without trained weights) computed once per run
+    (frozen_training_batch), else accumulated over its batches, collated once per epoch; one
+    L-BFGS step of ``optim.max_iter`` iterations per
     epoch, started afresh from the current weights (no optimiser state between epochs), with its
     weight decay in the loss (``l2_penalty``)."""
     from tqdm.auto import tqdm
