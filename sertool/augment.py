@@ -30,12 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STEPS = ("telephone", "noise", "pink", "gain", "reverb", "random")
 _STEP = re.compile(r"^(telephone|noise|pink|gain|reverb)(?::(-?[0-9.]+))?$")
 
 
 class DegradeError(ValueError):
-    pass
+    """A degradation spec that cannot be parsed, or audio a step cannot take (e.g. below 8 kHz)."""
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,7 @@ def augment_sources(sources: dict[str, Source], dirs: list, spec: dict, data: di
     if "audio" not in sources or not isinstance(spec.get("audio"), str):
         raise DataError("data.augment holds degraded copies of the audio input; this model reads no audio")
     wave = spec["audio"] == "wave"
-    copies = []
+    copies, ids = [], {u.id for u in utts}
     for k, d in enumerate(dirs):
         if str(d).startswith("degrade:") != wave:
             raise DataError(
@@ -376,7 +376,6 @@ def augment_sources(sources: dict[str, Source], dirs: list, spec: dict, data: di
             continue
         if not Path(d).is_dir():
             raise DataError(f"data.augment[{k}]: {d} is not a folder (the output of `sertool extract --degrade`)")
-        ids = {u.id for u in utts}
         opened = open_sources(Path(d), {"audio": spec["audio"]}, preload=data["preload"], only=ids, utts=utts)
         opened = speaker_normalize(
             opened, Path(d), {"audio": spec["audio"]}, data, [u for u in utts if u.id in opened["audio"]]

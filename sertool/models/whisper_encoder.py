@@ -212,7 +212,7 @@ def _from_ct2(file: Path) -> nn.Module:
     if ct2.spec != "WhisperSpec":
         raise WhisperWeightsError(f"{file}: a CTranslate2 {ct2.spec!r} model, not a Whisper one (WhisperSpec)")
     try:
-        return _build_from_ct2(ct2, EncoderSizes, WhisperEncoderModule)
+        return _build_from_ct2(ct2)
     except (CT2FormatError, KeyError, ValueError, RuntimeError) as e:
         raise WhisperWeightsError(
             f"{file}: the Whisper encoder variables do not fit together ({type(e).__name__}: {_one_line(e)})"
@@ -240,7 +240,6 @@ class EncoderSizes:
         encoder_ffn_dim: int,
         num_mel_bins: int,
         max_source_positions: int,
-        **_ignored,
     ):
         self.d_model, self.encoder_layers = int(d_model), int(encoder_layers)
         self.encoder_attention_heads, self.encoder_ffn_dim = int(encoder_attention_heads), int(encoder_ffn_dim)
@@ -328,30 +327,11 @@ def slaney_mel_filters(n_freqs: int, n_mels: int, f_min: float, f_max: float, sa
     return filters * (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[None, :]
 
 
-def encoder_only_config(config_cls, **sizes):
-    """A ``WhisperConfig`` of these encoder sizes (``d_model``, ``encoder_layers``, ...) with a
-    placeholder decoder (only the encoder is built)."""
-    return config_cls(
-        **sizes,
-        decoder_layers=1,
-        decoder_attention_heads=1,
-        decoder_ffn_dim=4,
-        vocab_size=4,
-        max_target_positions=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
-        activation_function="gelu",
-    )
-
-
-def _build_from_ct2(ct2, config_cls, encoder_cls) -> nn.Module:
+def _build_from_ct2(ct2) -> nn.Module:
     conv1 = ct2.dequantized("encoder/conv1/weight")
     dim, n_mels = int(conv1.shape[0]), int(conv1.shape[1])
     n_layers = len({int(m.group(1)) for n in ct2.names() if (m := re.match(r"encoder/layer_(\d+)/", n))})
-    config = encoder_only_config(
-        config_cls,
+    config = EncoderSizes(
         d_model=dim,
         encoder_layers=n_layers,
         encoder_attention_heads=int(ct2.get("encoder/num_heads")),
@@ -359,7 +339,7 @@ def _build_from_ct2(ct2, config_cls, encoder_cls) -> nn.Module:
         num_mel_bins=n_mels,
         max_source_positions=int(ct2.get("encoder/position_encodings/encodings").shape[0]),
     )
-    encoder = encoder_cls(config)
+    encoder = WhisperEncoderModule(config)
     state = {
         "conv1.weight": conv1,
         "conv1.bias": ct2.dequantized("encoder/conv1/bias"),
