@@ -482,6 +482,7 @@ OUTPUT_CHECKS = {
     "lgcct": ([], 4, VERSUS["lgcct"][2]),
     "lgcct (released code)": (VERSUS["lgcct"][0], 4, VERSUS["lgcct"][2]),
     "ks_transformer": ([], 2, {"audio": (120, 512), "text": (20, 1024)}),
+    "cma": ([], 4, {"audio": (250, 768), "text": (50, 768)}),
 }
 
 

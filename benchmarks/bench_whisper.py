@@ -40,7 +40,7 @@ PLAN = [
     ("30s ctranslate2", None),
     ("30s torch", {"window": "30s"}),
     ("utterance torch", {"window": "utterance"}),
-    ("utterance torch, all layers", {"window": "utterance", "layer": "all"}),
+    ("utterance torch all layers", {"window": "utterance", "layer": "all"}),
 ]
 
 

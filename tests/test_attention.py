@@ -11,7 +11,6 @@ from sertool.models.blocks import (
     GatedFusion,
     MultiHeadAttention,
     TransformerStack,
-    rnn_encode,
     rnn_over_real_frames,
     statistics_pooling,
 )
@@ -265,14 +264,15 @@ def test_rnn_over_real_frames_equals_packed(cell, layers):
         assert out.is_contiguous()  # the packed layout: dropout after it draws the same masks
 
 
-def test_rnn_encode_same_dropout_masks_as_the_encoder():
+def test_rnn_encoder_same_outputs_and_dropout_masks_as_packing():
+    """RNNEncoder runs unpacked; with the same seed it gives what the packed encoder gave."""
     torch.manual_seed(0)
     enc = RNNEncoder(6, 5, "lstm", dropout=0.5).train()
     x, mask = torch.randn(3, 8, 6), _lengths_mask([8, 5, 2], 8)
     torch.manual_seed(1)
-    ref, _ = enc(x, mask)
+    ref = enc.dropout(_packed_rnn(enc.rnn, x, mask)) * mask[..., None]
     torch.manual_seed(1)
-    out, om = rnn_encode(enc, x, mask)
+    out, om = enc(x, mask)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(om, mask)
 

@@ -34,7 +34,6 @@ __all__ = [
     "last_real",
     "zero_padding",
     "rnn_over_real_frames",
-    "rnn_encode",
 ]
 
 
@@ -161,13 +160,6 @@ def _packed_layout(out: torch.Tensor) -> torch.Tensor:
     so the same seed keeps giving the same masks (and trained models) as when the encoders packed
     their input."""
     return out.contiguous()
-
-
-def rnn_encode(encoder: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
-    """``encoders.RNNEncoder.forward`` (same module, same outputs) through :func:`rnn_over_real_frames`:
-    ``(outputs zero at padded frames, mask)``."""
-    out = rnn_over_real_frames(encoder.rnn, x, mask)
-    return zero_padding(encoder.dropout(out), mask), mask
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:

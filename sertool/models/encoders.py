@@ -3,8 +3,9 @@
 
 Padding never leaks into real frames: inputs are zeroed at padded frames before every
 convolution (so a real frame next to the end sees the same zeros as the convolution's own
-padding), the output mask follows the convolution arithmetic, and recurrent layers run on packed
-sequences.  BatchNorm (CMA encoder) uses batch statistics in training mode, where padded frames
+padding), the output mask follows the convolution arithmetic, and recurrent layers see each
+item's real frames only (``blocks.rnn_over_real_frames``: the outputs of a packed sequence, without
+packing's slow backward on CPU).  BatchNorm (CMA encoder) uses batch statistics in training mode, where padded frames
 are included in the statistics; in eval mode it is exact.
 """
 
@@ -14,9 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .blocks import zero_padding
+from .blocks import rnn_over_real_frames, zero_padding
 
 __all__ = ["ConvStack", "RNNEncoder", "ConvRNNEncoder", "conv_output_mask"]
 
@@ -77,7 +77,8 @@ class ConvStack(nn.Module):
 
 
 class RNNEncoder(nn.Module):
-    """(Bi)LSTM / (Bi)GRU over real frames only (packed); outputs zeros at padded frames."""
+    """(Bi)LSTM / (Bi)GRU over real frames only (the outputs of a packed sequence); outputs zeros
+    at padded frames."""
 
     def __init__(
         self,
@@ -103,15 +104,7 @@ class RNNEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        B, T, _ = x.shape
-        if mask is None:
-            out, _ = self.rnn(x)
-        else:
-            lengths = mask.long().sum(1).clamp_min(1).cpu()
-            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            out, _ = self.rnn(packed)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
-        return zero_padding(self.dropout(out), mask), mask
+        return zero_padding(self.dropout(rnn_over_real_frames(self.rnn, x, mask)), mask), mask
 
 
 class ConvRNNEncoder(nn.Module):

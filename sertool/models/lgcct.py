@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import GatedFusion, TransformerStack, last_real, masked_mean, rnn_encode, stacked_layer_weights
+from .blocks import GatedFusion, TransformerStack, last_real, masked_mean, stacked_layer_weights
 from .encoders import ConvRNNEncoder, RNNEncoder
 from .registry import SERModel, _check_modalities, register
 
@@ -146,9 +146,8 @@ class LGCCT(SERModel):
                 f"sequences of equal length (got audio {xa.shape[1]}, text {xt.shape[1]} frames)"
             )
         if self.use_encoders:
-            # the encoders' own modules, with the recurrent layers run without packing (blocks.rnn_encode)
-            xa, ma = rnn_encode(self.audio_encoder.rnn, *self.audio_encoder.conv(xa, ma))
-            xt, mt = rnn_encode(self.text_encoder, xt, mt)
+            xa, ma = self.audio_encoder(xa, ma)
+            xt, mt = self.text_encoder(xt, mt)
             xt = F.dropout(xt, self.embed_dropout, self.training)
         pa, pt = self.proj_audio(xa), self.proj_text(xt)
         attn = {}

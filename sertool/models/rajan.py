@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from .blocks import (
     MultiHeadAttention,
     masked_mean,
-    rnn_encode,
     stacked_layer_weights,
     statistics_pooling,
     zero_padding,
@@ -146,7 +145,7 @@ class _RajanBase(SERModel):
                 x, mask = x[:, : self.fixed_len[m]], mask[:, : self.fixed_len[m]]
             if m in self.convs:
                 x, mask = self.convs[m](x, mask)
-            hs[m], ms[m] = rnn_encode(self.grus[m], x, mask)  # the RNNEncoder, without packing
+            hs[m], ms[m] = self.grus[m](x, mask)
         return hs, ms
 
     def forward(self, batch: dict, return_attention: bool = False):
