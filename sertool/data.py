@@ -243,7 +243,9 @@ class DegradedWaveSource(WaveSource):
 class TokenSource(Source):
     """``data.text: tokens:STORE`` (the token strings a text store records per utterance, as ids
     over ``data.vocab``: index = id, 0 padding, 1 unknown) or ``tokenizer:MODEL`` (a transformers
-    tokenizer on the manifest's text): ``get`` returns ``[L]`` int64 token ids (``dim`` 0)."""
+    tokenizer on the manifest's text): ``get`` returns ``[L]`` int64 token ids (``dim`` 0).
+    A text longer than the tokenizer's limit (at most 512 tokens) is cut to its first tokens, special
+    tokens kept; ``truncated`` lists those utterances and ``warnings`` says how many."""
 
     dtype = np.int64
     raw = True
@@ -260,6 +262,8 @@ class TokenSource(Source):
         self.name, self.dim, self.preloaded = spec, 0, True
         self.utts = {u.id: u for u in utts if only is None or u.id in only}
         self._ids: dict[str, np.ndarray] = {}
+        self.truncated: list[str] = []  # tokenizer: utterances longer than the limit, cut to their first tokens
+        self.limit: int | None = None
         if kind == "tokens":
             if not vocab:
                 raise DataError(f"data.text = {spec}: token ids need a vocabulary (data.vocab)")
@@ -303,9 +307,12 @@ class TokenSource(Source):
             tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
             limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
             for uid, u in self.utts.items():
-                self._ids[uid] = np.asarray(
-                    tokenizer(u.text or "", truncation=True, max_length=limit)["input_ids"], np.int64
-                )
+                ids = tokenizer(u.text or "", verbose=False)["input_ids"]
+                if len(ids) > limit:  # the tokenizer's own truncation keeps the special tokens
+                    self.truncated.append(uid)
+                    ids = tokenizer(u.text or "", truncation=True, max_length=limit)["input_ids"]
+                self._ids[uid] = np.asarray(ids, np.int64)
+            self.limit = limit
             self.path = Path(str(resolved.path))
             self.attrs = {
                 "feature": spec,
@@ -322,6 +329,16 @@ class TokenSource(Source):
     @property
     def ids(self) -> list[str]:
         return list(self._index)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Lines the train stage prints once: how many texts the tokenizer's limit truncated."""
+        if not self.truncated:
+            return []
+        return [
+            f"warning: {len(self.truncated)} text(s) longer than {self.limit} tokens truncated to their first "
+            f"{self.limit} (e.g. {self.truncated[0]})"
+        ]
 
     def get(self, uid: str) -> np.ndarray:
         return self._ids[uid]

@@ -407,6 +407,16 @@ def left_out(inputs: Inputs) -> list[str]:
     return lines
 
 
+def input_warnings(inputs: Inputs) -> list[str]:
+    """Warning lines the inputs give (``Source.warnings``, e.g. TokenSource's truncated texts)."""
+    lines = []
+    for src in inputs.sources.values():
+        while src is not None and not hasattr(src, "warnings"):
+            src = getattr(src, "src", None)  # through AugmentedSource-style wrappers
+        lines += list(getattr(src, "warnings", None) or [])
+    return lines
+
+
 def check_label_coverage(inputs: Inputs) -> None:
     """Every class must have training examples in every fold, and every training split at least two
     classes (one class trains a constant and scores WA = UA = F1 = 1.000 on a one-class test)."""
@@ -1301,7 +1311,7 @@ def run_train(
     cfg = resolve_config(model, config_file, [*overrides, f"data.feats={Path(feats).resolve()}"])
     inputs = load_inputs(cfg, feats)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # once under torchrun
-        for line in left_out(inputs):
+        for line in left_out(inputs) + input_warnings(inputs):
             (warn or log)(line)
         if inputs.augment_copies:
             n = len(inputs.training_ids([u.id for u in inputs.utts])) - len(inputs.utts)

@@ -6,7 +6,18 @@ import yaml
 
 from sertool.models import build_model, count_parameters, describe_models, list_models, load_config
 
-KEYS = ["lgcct", "ks_transformer", "self_attn", "cross_attn", "cma", "cmd_student", "cmd", "probe", "whisper_ft"]
+KEYS = [
+    "lgcct",
+    "ks_transformer",
+    "self_attn",
+    "cross_attn",
+    "cma",
+    "cmd_student",
+    "cmd",
+    "probe",
+    "whisper_ft",
+    "text_ft",
+]
 
 
 def params(key, overrides=()):
@@ -199,8 +210,9 @@ def item(batch, b, dims):
     return out
 
 
-# cmd wraps a distilled student (test_distill.py); whisper_ft reads waveforms (test_whisper_ft.py)
-@pytest.mark.parametrize("key", [k for k in KEYS if k not in ("cmd", "whisper_ft")])
+# cmd wraps a distilled student (test_distill.py); whisper_ft reads waveforms (test_whisper_ft.py),
+# text_ft token ids (test_text_ft.py)
+@pytest.mark.parametrize("key", [k for k in KEYS if k not in ("cmd", "whisper_ft", "text_ft")])
 def test_forward_backward_and_padding_invariance(key):
     torch.manual_seed(0)
     model = build_model(key, SMALL[key]).eval()

@@ -48,7 +48,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODALITIES = ("audio", "text", "visual")
 
 _REGISTRY: dict[str, type] = {}
-_MODULES = ("lgcct", "ks_transformer", "rajan", "cma", "cmd_student", "cmd", "probe", "whisper_ft")
+_MODULES = ("lgcct", "ks_transformer", "rajan", "cma", "cmd_student", "cmd", "probe", "whisper_ft", "text_ft")
 
 
 def register(key: str):
