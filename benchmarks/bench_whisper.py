@@ -139,12 +139,17 @@ def main() -> None:
         figures["runs"][name] = run
         outputs = ex.extract_batch([(u, w) for u, w in zip(utts, waves)][:20])  # the states compared below
         states[name] = [o.data[:, -ex.layer_dim :] for o in outputs]
-        print(f"{name:30s} {run['utt_per_s']:7.2f} clips/s  ({run['seconds']} s, load {run['load_s']} s)", flush=True)
+        print(
+            f"{name:30s} {run['utt_per_s']:7.2f} clips/s  ({run['seconds']} s, {run['cpu_seconds']} CPU s, "
+            f"load {run['load_s']} s, load average {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
         del ex
     runs = figures["runs"]
     for ref_name, key in (("30s ctranslate2", "speedup_vs_ct2_30s"), ("30s torch", "speedup_vs_torch_30s")):
         for run in runs.values() if ref_name in runs else ():
             run[key] = round(run["utt_per_s"] / runs[ref_name]["utt_per_s"], 1)
+            run[f"{key}_cpu"] = round(run["utt_per_cpu_s"] / runs[ref_name]["utt_per_cpu_s"], 1)
     if "30s ctranslate2" in states and "30s torch" in states:
         frame_cos = np.concatenate([cosines(a, b) for a, b in zip(states["30s torch"], states["30s ctranslate2"])])
         figures["cos_frame_torch_vs_ct2_30s"] = {"min": round(float(frame_cos.min()), 6)}
@@ -156,11 +161,18 @@ def main() -> None:
             "mean": round(float(np.mean(pooled)), 3),
         }
     print()
-    print("| configuration | back end | clips/s | speed-up vs 30 s CTranslate2 | vs 30 s torch | load (s) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| configuration | back end | clips/s (wall) | clips per CPU s | speed-up vs 30 s CTranslate2, wall / CPU | "
+        "vs 30 s torch, wall / CPU | load (s) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, run in runs.items():
-        ct2, torch30 = run.get("speedup_vs_ct2_30s", "-"), run.get("speedup_vs_torch_30s", "-")
-        print(f"| {name} | {run['backend']} | {run['utt_per_s']} | {ct2}x | {torch30}x | {run['load_s']} |")
+        ct2 = f"{run.get('speedup_vs_ct2_30s', '-')}x / {run.get('speedup_vs_ct2_30s_cpu', '-')}x"
+        torch30 = f"{run.get('speedup_vs_torch_30s', '-')}x / {run.get('speedup_vs_torch_30s_cpu', '-')}x"
+        print(
+            f"| {name} | {run['backend']} | {run['utt_per_s']} | {run['utt_per_cpu_s']} | {ct2} | {torch30} | "
+            f"{run['load_s']} |"
+        )
     for key in ("cos_frame_torch_vs_ct2_30s", "cos_pooled_utterance_vs_30s"):
         if key in figures:
             print(f"{key}: {figures[key]}")
