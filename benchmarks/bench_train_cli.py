@@ -41,10 +41,10 @@ def timed(self, idx):
     items[0] += len(idx)
     return out
 data.SERDataset.collate = timed
-from sertool.cli import main
+from sertool.cli import cli
 start = time.perf_counter()
 try:
-    main(sys.argv[2:], standalone_mode=False)
+    cli(sys.argv[2:], prog_name="sertool", standalone_mode=False)
 finally:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     json.dump({"wall_s": time.perf_counter() - start, "cpu_s": ru.ru_utime + ru.ru_stime,
