@@ -25,7 +25,7 @@ word_feat=glove              # packaged GloVe 6B-50d
 lm_feat=bert                 # packaged MiniLM token states
 text_model=minilm
 acoustic_feat=mfcc           # audio models, when the audio is present
-models="probe probe-bert self_attn self_attn-bert cmd self_attn-av lgcct"
+models="probe probe-bert self_attn self_attn-bert text_ft cmd self_attn-av lgcct"   # text_ft: MiniLM fine-tuned, ~35 min per seed on one core
 seeds=1
 epochs=
 folds=
@@ -68,6 +68,7 @@ if stage_on 3; then
   train_exp probe-bert probe --text "${lm_feat}" "${p[@]}"
   train_exp self_attn self_attn --text "${word_feat}" "${p[@]}"
   train_exp self_attn-bert self_attn --text "${lm_feat}" "${p[@]}"
+  train_exp text_ft text_ft --set model.encoder="${text_model}" "${p[@]}"   # its own tokenizer on the manifest text
   if has_audio; then
     log "stage 3: audio + text models (the MELD audio is present)"
     train_exp self_attn-av self_attn --audio "${acoustic_feat}" --text "${word_feat}" --set 'model.modalities=[audio,text]' "${p[@]}"
