@@ -10,6 +10,9 @@ the longest. Configurations (the model's defaults otherwise):
 * ``all layers + checkpointing``: the same with ``model.gradient_checkpointing=true``;
 * ``top layer``: ``model.train_layers=1`` (the front end and the lower layers run without a
   backward pass);
+* ``top layer, frozen states cached``: the same with ``model.cache_frozen`` reading the front end's
+  and the lower layers' states from its cache (filled by the warm-up steps), i.e. every epoch
+  after the first;
 * ``frozen encoder``: the first epoch(s) of the recipe (``set_encoder_trainable(False)``).
 
 Two warm-up steps, then the median of ``--steps`` steps; prints wall seconds per step, CPU seconds
@@ -38,7 +41,8 @@ WARMUP = 2  # untimed steps first (the first configuration's first steps ran 2-3
 PLAN = [
     ("all layers", ["model.train_layers=0"], True),
     ("all layers + checkpointing", ["model.train_layers=0", "model.gradient_checkpointing=true"], True),
-    ("top layer", ["model.train_layers=1"], True),
+    ("top layer", ["model.train_layers=1", "model.cache_frozen=false"], True),
+    ("top layer, frozen states cached", ["model.train_layers=1", "model.cache_frozen=true"], True),
     ("frozen encoder", ["model.train_layers=0"], False),
 ]
 
@@ -58,7 +62,8 @@ def batch_of(paths: list[Path]) -> dict:
     for i, w in enumerate(waves):
         audio[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
     mask = torch.arange(n)[None, :] < torch.tensor([len(w) for w in waves])[:, None]
-    return {"audio": audio, "audio_mask": mask, "target": torch.arange(len(waves)) % 8}
+    ids = [p.stem for p in paths]  # model.cache_frozen keys its cache by utterance id
+    return {"audio": audio, "audio_mask": mask, "target": torch.arange(len(waves)) % 8, "ids": ids}
 
 
 def time_steps(overrides: list[str], trainable: bool, batch: dict, steps: int) -> dict:

@@ -253,3 +253,50 @@ def test_waveform_copies_degraded_on_the_fly(tmp_path, tiny_whisper, feats):
     for bad in ("data.augment=[/nowhere]", "data.augment=[degrade:hiss]"):
         with pytest.raises(TrainError, match=r"data.augment\[0\]"):
             load_inputs(resolve_config("whisper_ft", None, settings(tiny_whisper, 1, bad)), feats)
+
+
+def test_frozen_cache_gives_the_same_outputs_and_gradients_and_skips_the_lower_layers(tiny_whisper):
+    """train_layers=1 with model.cache_frozen: the second pass over the same clips reads the frozen
+    states from the cache (the lower layer is not run) and gives what the uncached model gives;
+    a reused id with other samples is computed afresh."""
+    cfg = resolve_config("whisper_ft", overrides=[f"model.encoder={tiny_whisper}", "model.train_layers=1"])
+    cfg["model"].update(n_classes=3, dropout=0.0)
+    models = {}
+    for cached in (False, True):
+        torch.manual_seed(0)
+        models[cached] = WhisperFT(**{**{k: v for k, v in cfg["model"].items() if k != "name"}, "cache_frozen": cached})
+        models[cached].load_pretrained()
+        models[cached].train()
+    assert models[True].n_frozen == 1 and models[False].frozen_cache is None
+    lengths = [8000, 5000, 6400]
+    wave = torch.zeros(3, 8000)
+    for i, n in enumerate(lengths):
+        wave[i, :n] = torch.from_numpy(speechlike(n, seed=i + 1))
+    batch = {"audio": wave, "audio_mask": torch.arange(8000)[None, :] < torch.tensor(lengths)[:, None]}
+    batch["ids"] = ["a", "b", "c"]
+
+    def step(model, b):
+        model.zero_grad(set_to_none=True)
+        out = model(b)
+        out.logsumexp(-1).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_out, ref_grads = step(models[False], batch)
+    lower = models[True].encoder.encoder.layers[0]
+    with mock.patch.object(lower, "forward", wraps=lower.forward) as spy:
+        first = step(models[True], batch)
+        assert spy.call_count == 1 and len(models[True].frozen_cache) == 3
+        second = step(models[True], batch)  # all from the cache
+        assert spy.call_count == 1
+    for out, grads in (first, second):
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == ref_grads.keys() and any(k.startswith("encoder.encoder.layers.1.") for k in grads)
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4)
+    # a batch with other items and an id reused for other samples
+    other = {k: v[[2, 0]] if torch.is_tensor(v) else v for k, v in batch.items()}
+    other["ids"] = ["c", "b"]  # "b" now names the samples of "a"
+    with torch.no_grad():
+        got, want = models[True](other), models[False](other)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(models[True].frozen_cache) == 4

@@ -139,34 +139,50 @@ class WhisperAudioEncoder(nn.Module):
                 f"{m} Mel frames are more than the Whisper encoder's window "
                 f"({self.max_mel_frames} frames = {self.max_mel_frames // 100} s); cut the audio into windows"
             )
+        x, key_mask = self.front(mel, lengths)
+        last = self.n_layers if up_to is None else min(int(up_to), self.n_layers)
+        return (x, *self.blocks(x, key_mask, 0, last))
+
+    def front(self, mel: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden state 0 (the convolutions + positions, [B, T, D]) and the additive key mask of the
+        blocks (None when every clip fills the batch)."""
         enc = self.encoder
         mel = mel.to(enc.conv1.weight.dtype)
+        m = int(mel.shape[-1])
         key_mask = None
         if lengths is not None and int(lengths.min()) < m:  # mixed lengths: mask what lies past each clip
             lengths = lengths.to(mel.device)
             frame_ok = (torch.arange(m, device=mel.device)[None, :] < lengths[:, None]).unsqueeze(1)
             x = nn.functional.gelu(enc.conv1(mel * frame_ok)) * frame_ok
             x = nn.functional.gelu(enc.conv2(x))
-            t = x.shape[-1]
-            state_ok = torch.arange(t, device=mel.device)[None, :] < ((lengths + 1) // 2)[:, None]
-            key_mask = torch.zeros(state_ok.shape, dtype=x.dtype, device=x.device)
-            key_mask = key_mask.masked_fill(~state_ok, torch.finfo(x.dtype).min)[:, None, None, :]
+            key_mask = self.key_mask((lengths + 1) // 2, x.shape[-1], x.dtype)
         else:
             x = nn.functional.gelu(enc.conv2(nn.functional.gelu(enc.conv1(mel))))
-        x = x.permute(0, 2, 1) + enc.embed_positions.weight[: x.shape[-1]]
-        states = [x]
+        return x.permute(0, 2, 1) + enc.embed_positions.weight[: x.shape[-1]], key_mask
+
+    @staticmethod
+    def key_mask(n_states: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks' additive attention mask [B, 1, 1, t] for clips of ``n_states`` real states."""
+        state_ok = torch.arange(t, device=n_states.device)[None, :] < n_states[:, None]
+        mask = torch.zeros(state_ok.shape, dtype=dtype, device=n_states.device)
+        return mask.masked_fill(~state_ok, torch.finfo(dtype).min)[:, None, None, :]
+
+    def blocks(self, x: torch.Tensor, key_mask: torch.Tensor | None, first: int, last: int) -> list[torch.Tensor]:
+        """Hidden states first+1..last from hidden state ``first`` (``x``); the final layer norm is
+        applied to state n_layers."""
+        enc = self.encoder
+        states = []
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        last = self.n_layers if up_to is None else min(int(up_to), self.n_layers)
-        for layer in enc.layers[:last]:
+        for layer in enc.layers[first:last]:
             if recompute and any(p.requires_grad for p in layer.parameters()):
                 x = torch.utils.checkpoint.checkpoint(layer, x, key_mask, use_reentrant=False)
             else:
                 x = layer(x, key_mask)
             x = x[0] if isinstance(x, tuple) else x
             states.append(x)
-        if last == self.n_layers:
+        if last == self.n_layers and states:
             states[-1] = enc.layer_norm(x)
-        return tuple(states)
+        return states
 
 
 # ---------------------------------------------------------------------------- loading
