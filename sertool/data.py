@@ -153,6 +153,36 @@ class StoreSource(Source):
         return state
 
 
+def standardize_wave(x: np.ndarray) -> np.ndarray:
+    """``data.audio: wave``'s per-utterance z-score (zero mean, unit variance) as float32; the
+    train stage (:class:`WaveSource`) and ``sertool predict`` (each segment) both use it."""
+    x = np.asarray(x, np.float32)
+    return (x - x.mean()) / (x.std() + 1e-7) if len(x) else x
+
+
+def load_tokenizer(target: str):
+    """``data.text: tokenizer:TARGET``: (transformers tokenizer, its limit in tokens (at most 512),
+    the resolved model folder), for :class:`TokenSource` and ``sertool predict``."""
+    from transformers import AutoTokenizer
+
+    from sertool.features.hub import resolve_model
+
+    resolved = resolve_model(target, option="data.text tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
+    limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    return tokenizer, limit, resolved
+
+
+def token_ids(tokenizer, text: str | None, limit: int) -> tuple[np.ndarray, bool]:
+    """(int64 token ids of ``text``, special tokens included; truncated?): a text longer than
+    ``limit`` tokens is cut to its first ones by the tokenizer's own truncation ([SEP] kept)."""
+    ids = tokenizer(text or "", verbose=False)["input_ids"]
+    cut = len(ids) > limit
+    if cut:
+        ids = tokenizer(text or "", truncation=True, max_length=limit)["input_ids"]
+    return np.asarray(ids, np.int64), cut
+
+
 class WaveSource(Source):
     """``data.audio: wave``: the manifest's recordings as 16 kHz mono samples, each utterance
     z-normalised (zero mean, unit variance, as wav2vec 2.0's feature extractor does), for models
@@ -200,8 +230,7 @@ class WaveSource(Source):
             x, sr = load_audio(u.audio, self.sample_rate, start=u.start, end=u.end)
         except AudioError as e:
             raise DataError(f"utterance {uid!r}: {e}") from None
-        x = np.asarray(self._channel(x, sr, uid) if len(x) else x, np.float32)
-        return (x - x.mean()) / (x.std() + 1e-7) if len(x) else x
+        return standardize_wave(self._channel(x, sr, uid) if len(x) else x)
 
     def _channel(self, x: np.ndarray, sample_rate: int, uid: str) -> np.ndarray:
         """What the recording goes through before the z-score (DegradedWaveSource: a degradation)."""
@@ -299,19 +328,11 @@ class TokenSource(Source):
                 "vocab_size": len(vocab),
             }
         elif kind == "tokenizer":
-            from transformers import AutoTokenizer
-
-            from sertool.features.hub import resolve_model
-
-            resolved = resolve_model(target, option="data.text tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), local_files_only=True)
-            limit = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+            tokenizer, limit, resolved = load_tokenizer(target)
             for uid, u in self.utts.items():
-                ids = tokenizer(u.text or "", verbose=False)["input_ids"]
-                if len(ids) > limit:  # the tokenizer's own truncation keeps the special tokens
+                self._ids[uid], cut = token_ids(tokenizer, u.text, limit)
+                if cut:
                     self.truncated.append(uid)
-                    ids = tokenizer(u.text or "", truncation=True, max_length=limit)["input_ids"]
-                self._ids[uid] = np.asarray(ids, np.int64)
             self.limit = limit
             self.path = Path(str(resolved.path))
             self.attrs = {

@@ -15,6 +15,12 @@ models): softmax(logits / T) with the calibration temperature T of ``predictor.j
 count are dynamic.  Features are not part of the graph: compute them with the extractors
 recorded in ``OUT.json`` (``features``), e.g. ``sertool.predict.build_extractors``.
 
+A model that owns its encoder takes its raw input: ``whisper_ft`` the 16 kHz waveform
+(``audio`` float32 [batch, samples] + ``audio_mask``; the per-clip z-score, Whisper's log-Mel and
+the encoder are in the graph: :class:`WhisperFTGraph`), ``text_ft`` its tokenizer's ids (``text``
+int64 [batch, tokens] + ``text_mask``).  For these the check compares with the model's own forward
+on the batch ``sertool predict`` builds.
+
 A model trained with per-speaker normalisation (``data.normalize.<m>=speaker``) has no global
 statistics for that input: its graph takes the speaker-normalised features, ``(x - mean) / std``
 with the per-dimension mean and std over all frames of the speaker's recordings (as
@@ -47,8 +53,98 @@ class ExportError(ValueError):
     """The experiment cannot be exported, or the exported model does not match."""
 
 
+def raw_inputs(spec: dict) -> dict[str, str]:
+    """The model inputs read raw, by kind: ``wave`` (``data.audio: wave``, 16 kHz samples) or ``ids``
+    (``data.text: tokenizer:MODEL`` / ``tokens:STORE``, int64 token ids)."""
+    out = {}
+    for m, name in (spec.get("inputs") or {}).items():
+        name = str(name)
+        if name == "wave":
+            out[m] = "wave"
+        elif name.startswith(("tokenizer:", "tokens:")):
+            out[m] = "ids"
+    return out
+
+
+class WaveformLogMel(nn.Module):
+    """:meth:`WhisperAudioEncoder.log_mel` (Whisper's log-Mel of each clip's own frames) as graph
+    operations: a batch of zero-padded clips ``[B, N]`` (N at most ``n_frames`` x 160) + samples per
+    clip -> ``[B, n_mels, n_frames]`` (zeros past each clip's frames) and the frames each clip fills
+    (2 x ceil(samples / 320)).  The STFT is a strided convolution with the
+    Hann-windowed DFT basis (exportable at any ONNX opset; torch.stft exports only with its deprecated
+    ``return_complex=False``); the centre padding reflects the first samples as torch.stft does, and
+    every frame a clip fills sees only its own samples and zeros, as the per-clip STFT does."""
+
+    def __init__(self, n_mels: int, n_frames: int):
+        super().__init__()
+        from sertool.models.whisper_encoder import HOP, N_FFT, SAMPLE_RATE, slaney_mel_filters
+
+        self.n_fft, self.hop, self.n_frames = N_FFT, HOP, int(n_frames)
+        n = torch.arange(N_FFT, dtype=torch.float64)
+        k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)
+        angle = 2 * np.pi * k[:, None] * n[None, :] / N_FFT
+        window = torch.hann_window(N_FFT, dtype=torch.float64)
+        basis = torch.cat([torch.cos(angle) * window, -torch.sin(angle) * window])  # [2K, N_FFT]
+        self.register_buffer("basis", basis.float()[:, None, :])
+        fb = slaney_mel_filters(1 + N_FFT // 2, n_mels, 0.0, 8000.0, SAMPLE_RATE)
+        self.register_buffer("filters", torch.from_numpy(np.ascontiguousarray(fb.T, dtype=np.float32)))
+
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = 2 * torch.div(lengths + 2 * self.hop - 1, 2 * self.hop, rounding_mode="floor")
+        half, size = self.n_fft // 2, self.n_frames * self.hop + self.n_fft // 2
+        # zeros past each clip up to the full window (every clip gets n_frames frames: the encoder's
+        # masked path then sees one fixed length, the only one its traced graph can take)
+        zeros = torch.zeros_like(wave[:, :1]).expand(-1, size)
+        x = torch.cat([wave, zeros], 1)[:, :size]
+        x = torch.cat([x[:, 1 : half + 1].flip(1), x], 1)  # torch.stft's centre: reflect the start
+        spec = nn.functional.conv1d(x[:, None, :], self.basis, stride=self.hop)[:, :, : self.n_frames]
+        k = spec.shape[1] // 2
+        power = spec[:, :k] ** 2 + spec[:, k:] ** 2
+        logmel = torch.clamp(torch.matmul(self.filters, power), min=1e-10).log10()
+        steps = torch.arange(self.n_frames, device=wave.device)
+        frame_ok = (steps[None, :] < frames[:, None])[:, None, :]
+        top = logmel.masked_fill(~frame_ok, -1e30).amax(dim=(1, 2), keepdim=True)
+        logmel = torch.maximum(logmel, top - 8.0)
+        return (logmel + 4.0) / 4.0 * frame_ok.to(logmel.dtype), frames
+
+
+class WhisperFTGraph(nn.Module):
+    """:meth:`WhisperFT.forward` from the waveform, in graph operations (the model's own forward reads
+    the clips on the host in numpy): the z-scored samples scaled to ``WAVE_RMS``, :class:`WaveformLogMel`,
+    the encoder, the learned layer weights, statistics pooling over real states, the classifier.
+    ``run_export`` checks it against the model's own forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.log_mel = WaveformLogMel(model.encoder.n_mels, model.encoder.max_mel_frames)
+
+    def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        from sertool.models.blocks import statistics_pooling
+        from sertool.models.whisper_ft import WAVE_RMS
+
+        model = self.model
+        mel, frames = self.log_mel(wave * WAVE_RMS, mask.sum(1))
+        states = model.encoder(mel, frames)
+        weights = model.layer_weights["audio"].weights()
+        x = torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
+        state_ok = torch.arange(x.shape[1], device=x.device)[None, :] < ((frames + 1) // 2)[:, None]
+        return model.classifier(model.dropout(statistics_pooling(x, state_ok)))
+
+
+def standardize_waves(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each clip's z-score over its real samples (:func:`sertool.data.standardize_wave`), zeros past it."""
+    m = mask.to(x.dtype)
+    n = m.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (x * m).sum(1, keepdim=True) / n
+    std = ((((x - mean) * m) ** 2).sum(1, keepdim=True) / n).sqrt()
+    return (x - mean) / (std + 1e-7) * m
+
+
 class DeployModel(nn.Module):
-    """Normalisation + crop + model + softmax, taking (features, mask) per modality positionally."""
+    """Normalisation + crop + model + softmax, taking (features, mask) per modality positionally.
+    A raw waveform input (whisper_ft) is z-scored per clip in the graph and goes through
+    :class:`WhisperFTGraph`; token ids go to the model as they are."""
 
     def __init__(self, model: nn.Module, spec: dict, stats: dict[str, tuple[np.ndarray, np.ndarray]]):
         super().__init__()
@@ -58,9 +154,13 @@ class DeployModel(nn.Module):
         self.regression = spec.get("task") == "regression"
         self.log_probs = spec.get("loss") == "nll"
         self.temperature = float(spec.get("temperature", 1.0))  # calibration: softmax(logits / T)
+        self.raw = raw_inputs(spec)
+        self.waveform_graph = None
+        if (spec.get("model_config") or {}).get("name") == "whisper_ft":  # its forward reads the clips in numpy
+            self.waveform_graph = WhisperFTGraph(model)
         self.normalised = []
         for m in self.modalities:
-            if m in stats:
+            if m in stats and m not in self.raw:
                 self.register_buffer(f"{m}_mean", torch.as_tensor(np.asarray(stats[m][0], np.float32)))
                 self.register_buffer(f"{m}_std", torch.as_tensor(np.asarray(stats[m][1], np.float32)))
                 self.normalised.append(m)
@@ -69,6 +169,8 @@ class DeployModel(nn.Module):
         batch = {}
         for i, m in enumerate(self.modalities):
             x, mask = inputs[2 * i], inputs[2 * i + 1]
+            if self.raw.get(m) == "wave":  # per clip, before the crop (as predict and the train stage do)
+                x = standardize_waves(x, mask)
             if m in self.crop:
                 x, mask = x[:, : self.crop[m]], mask[:, : self.crop[m]]
             if m in self.normalised:
@@ -76,7 +178,11 @@ class DeployModel(nn.Module):
                 x = x * mask.unsqueeze(-1).to(x.dtype)
             batch[m] = x
             batch[f"{m}_mask"] = mask
-        out = self.model(batch).float()
+        if self.waveform_graph is not None:
+            m = self.modalities[0]
+            out = self.waveform_graph(batch[m], batch[f"{m}_mask"]).float()
+        else:
+            out = self.model(batch).float()
         if self.regression:
             return out.reshape(-1)
         if self.temperature != 1.0:
@@ -85,19 +191,37 @@ class DeployModel(nn.Module):
 
 
 def example_inputs(spec: dict, batch: int = 2, frames: tuple[int, ...] | int = 12, seed: int = 0) -> tuple:
-    """Random features + masks (item b has frames - b real frames, at least 1) for each input."""
+    """Random features + masks (item b has frames - b real frames, at least 1) for each input; a
+    waveform input gets 160 samples (10 ms) per frame, item b a quarter of them fewer per b (clips of
+    different Mel lengths), token ids are random ids of the encoder's vocabulary."""
     g = torch.Generator().manual_seed(seed)
     features = spec.get("features") or {}
+    raw = raw_inputs(spec)
     out = []
     mods = list((spec.get("inputs") or features).keys())
     for i, m in enumerate(mods):
         T = frames[i] if isinstance(frames, tuple) else frames
+        if m in raw:
+            out += _raw_example(spec, raw[m], batch, T, g)
+            continue
         dim = int(features[m]["dim"]) if "dim" in features.get(m, {}) else _dim_of(spec, m)
         x = torch.randn(batch, T, dim, generator=g)
         lens = torch.tensor([max(1, T - b) for b in range(batch)])
         mask = torch.arange(T)[None, :] < lens[:, None]
         out += [x * mask.unsqueeze(-1), mask]
     return tuple(out)
+
+
+def _raw_example(spec: dict, kind: str, batch: int, T: int, g: torch.Generator) -> list[torch.Tensor]:
+    if kind == "wave":
+        T *= 160
+        lens = torch.tensor([max(1, T - b * T // 4) for b in range(batch)])
+        mask = torch.arange(T)[None, :] < lens[:, None]
+        return [torch.randn(batch, T, generator=g) * mask, mask]
+    vocab = int(((spec.get("model_config") or {}).get("encoder_config") or {}).get("vocab_size") or 100)
+    lens = torch.tensor([max(1, T - b) for b in range(batch)])
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    return [torch.randint(0, vocab, (batch, T), generator=g) * mask, mask]
 
 
 def _dim_of(spec: dict, m: str) -> int:
@@ -138,7 +262,12 @@ def run_export(
                 _export_onnx(deploy, ex, tmp, names, output_name, opset)
                 fmt = f"ONNX (opset {opset})"
             else:
-                traced = torch.jit.trace(deploy, ex, check_trace=False)
+                try:
+                    traced = torch.jit.trace(deploy, ex, check_trace=False)
+                except Exception as e:  # noqa: BLE001 - one line, never a traceback
+                    raise ExportError(
+                        f"TorchScript export failed ({type(e).__name__}: {' '.join(str(e).split())[:400]})"
+                    ) from None
                 extra = {"sertool.json": json.dumps(_describe(spec, path, names, output_name))}
                 torch.jit.save(traced, str(tmp), _extra_files=extra)
                 fmt = "TorchScript"
@@ -160,16 +289,25 @@ def _describe(spec: dict, path: Path, names: list[str], output_name: str) -> dic
         "max_steps": spec.get("max_steps"),
         "features": spec.get("features"),
         "model_config": spec.get("model_config"),
-        "normalisation": {
-            m: (
-                "per speaker, outside the graph: feed (x - speaker mean) / speaker std"
-                if (spec.get("normalize") or {}).get(m) == "speaker"
-                else "built in (training-split mean/std; padding set to zero)"
-            )
-            for m in (spec.get("inputs") or spec.get("features") or {})
-        },
+        "normalisation": {m: _normalisation_note(spec, m) for m in (spec.get("inputs") or spec.get("features") or {})},
         "temperature": float(spec.get("temperature", 1.0)),
     }
+
+
+def _normalisation_note(spec: dict, m: str) -> str:
+    kind = raw_inputs(spec).get(m)
+    if kind == "wave":
+        return (
+            "built in: feed 16 kHz mono samples [batch, samples] (any level; zeros past each clip); "
+            "each clip is z-scored over its real samples, then Whisper's log-Mel and encoder run in the graph"
+        )
+    if kind == "ids":
+        return (
+            f"none: feed int64 token ids [batch, tokens] of {spec['inputs'][m]} (special tokens included, 0 past them)"
+        )
+    if (spec.get("normalize") or {}).get(m) == "speaker":
+        return "per speaker, outside the graph: feed (x - speaker mean) / speaker std"
+    return "built in (training-split mean/std; padding set to zero)"
 
 
 def _export_onnx(deploy: DeployModel, ex: tuple, tmp: Path, names: list[str], output_name: str, opset: int) -> None:
@@ -212,8 +350,7 @@ def check_export(path: Path, deploy: DeployModel, spec: dict, suffix: str, atol:
     cases = [(1, 7), (3, 31)]
     for batch, frames in cases:
         inputs = example_inputs(spec, batch=batch, frames=tuple([frames] * n_mods), seed=batch)
-        with torch.no_grad():
-            ref = deploy(*inputs).numpy()
+        ref = reference_outputs(deploy, spec, inputs)
         got = _run(path, suffix, inputs, _input_names(spec))
         if got.shape != ref.shape:
             raise ExportError(
@@ -227,6 +364,29 @@ def check_export(path: Path, deploy: DeployModel, spec: dict, suffix: str, atol:
             "the model has shape-dependent code the exporter cannot follow; try the other format"
         )
     return {"cases": [{"batch": b, "frames": f} for b, f in cases], "max_abs_diff": worst, "atol": atol}
+
+
+def reference_outputs(deploy: DeployModel, spec: dict, inputs: tuple) -> np.ndarray:
+    """What the PyTorch model gives for exported-graph inputs: the deploy module itself for feature
+    models; for raw inputs the model's own forward on the batch ``sertool predict`` builds (each
+    item's real steps, a waveform z-scored on its own: sertool.data.standardize_wave)."""
+    if not deploy.raw:
+        with torch.no_grad():
+            return deploy(*inputs).numpy()
+    from sertool.data import standardize_wave
+    from sertool.predict import collate, outputs_to_probabilities
+
+    items = []
+    for b in range(inputs[0].shape[0]):
+        item = {}
+        for i, m in enumerate(deploy.modalities):
+            x = inputs[2 * i][b][inputs[2 * i + 1][b]].numpy()
+            item[m] = standardize_wave(x) if deploy.raw.get(m) == "wave" else x
+        items.append(item)
+    stats = {m: (getattr(deploy, f"{m}_mean").numpy(), getattr(deploy, f"{m}_std").numpy()) for m in deploy.normalised}
+    with torch.inference_mode():
+        out = deploy.model(collate(items, stats, deploy.crop))
+    return outputs_to_probabilities(out, spec)
 
 
 def _run(path: Path, suffix: str, inputs: tuple, names: list[str] | None = None) -> np.ndarray:

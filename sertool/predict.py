@@ -10,7 +10,9 @@
    EXP is None.  The features each input was trained on are rebuilt from the
    provenance recorded in the feature stores (``features.<modality>.extractor``: extractor name
    and every parameter, model checksums included), so the same extractors run here, and the
-   training split's normalisation statistics are applied.
+   training split's normalisation statistics are applied.  A model that reads its input raw
+   (``data.audio: wave``, ``data.text: tokenizer:MODEL``: whisper_ft, text_ft) gets a reader
+   instead (:class:`WaveReader`, :class:`TokenReader`) that reads it as the train stage does.
 2. Scan the input: a folder (recursively: wav, flac, mp3, ogg, opus, aiff) or one file.
 3. Text, for models with a text input, per file, in this order: ``--transcripts FILE`` (csv/tsv,
    columns ``file`` and ``text``), a sidecar ``.txt`` next to the audio, ``--asr MODEL``.  A text
@@ -221,18 +223,32 @@ class Predictor:
     def speaker_modalities(self) -> list[str]:
         """Inputs trained with per-speaker normalisation (data.normalize.<m>=speaker)."""
         return [
-            m for m, mode in (self.spec.get("normalize") or {}).items() if mode == "speaker" and m in self.extractors
+            m
+            for m, mode in (self.spec.get("normalize") or {}).items()
+            if mode == "speaker" and m in self.extractors and not getattr(self.extractors[m], "raw", False)
         ]
 
     @property
     def crop(self) -> dict[str, int]:
         return {m: int(v) for m, v in (self.spec.get("max_steps") or {}).items() if v}
 
+    @property
+    def longest_wave_s(self) -> float | None:
+        """A raw waveform input's longest segment in seconds (its ``max_steps``: the Whisper
+        encoder's 30 s window for whisper_ft); None when the model has none."""
+        spans = [
+            self.crop[m] / ex.sample_rate
+            for m, ex in self.extractors.items()
+            if isinstance(ex, WaveReader) and self.crop.get(m)
+        ]
+        return min(spans) if spans else None
+
     def output_columns(self) -> list[str]:
         return ["score"] if self.regression else ["label", *[f"p_{c}" for c in self.classes], "uncertain"]
 
     def predict_features(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Raw features (one dict modality -> [T, D] per item) -> probabilities [N, C] or scores [N]."""
+        """Raw features (one dict modality -> [T, D] per item; [T] waveform samples or token ids for
+        a model's raw input) -> probabilities [N, C] or scores [N]."""
         import torch
 
         batch = collate(items, self.stats, self.crop)
@@ -263,7 +279,8 @@ def collate(
 ) -> dict:
     """The batch the models take, exactly as training built it (sertool.data.SERDataset.collate):
     the first ``crop[m]`` steps, zero padding, ``<m>_mask`` (True = real frame), then
-    ``(x - mean) / std`` from the training split and padding set back to zero."""
+    ``(x - mean) / std`` from the training split and padding set back to zero.  A raw input
+    (1-d items: waveform samples, token ids) gives ``[B, T]`` of its own dtype, not normalised."""
     import torch
 
     crop = crop or {}
@@ -271,13 +288,14 @@ def collate(
     for m in items[0]:
         xs = [x[: crop[m]] if crop.get(m) else x for x in (it[m] for it in items)]
         lens = np.array([len(x) for x in xs], dtype=np.int64)
-        T, D = int(lens.max()), int(xs[0].shape[1])
-        arr = np.zeros((len(xs), T, D), dtype=np.float32)
+        T = int(lens.max())
+        shape = (len(xs), T) if xs[0].ndim == 1 else (len(xs), T, int(xs[0].shape[1]))
+        arr = np.zeros(shape, dtype=np.float32 if xs[0].ndim == 2 else xs[0].dtype)
         for b, x in enumerate(xs):
             arr[b, : lens[b]] = x
         xt = torch.from_numpy(arr)
         mask = torch.from_numpy(np.arange(T)[None, :] < lens[:, None])
-        if m in stats:
+        if m in stats and arr.ndim == 3:
             mu, sd = stats[m]
             xt = (xt - torch.from_numpy(np.asarray(mu, np.float32))) / torch.from_numpy(np.asarray(sd, np.float32))
             xt = xt * mask[..., None]
@@ -399,12 +417,8 @@ def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP")
         prov = features.get(modality) or {}
         config = prov.get("extractor")
         if prov.get("source") is not None:  # a raw input read from the manifest (waveform, token ids)
-            raise PredictError(
-                f"{where}: the model reads its {modality} input raw ({prov.get('feature')!r}, from "
-                f"{prov['source']}) through its own input encoder; `sertool predict` rebuilds feature extractors "
-                f"only, so evaluate this experiment with `sertool evaluate`, or predict with a model trained on "
-                f"feature stores"
-            )
+            extractors[modality] = raw_reader(modality, str(inputs.get(modality) or prov.get("feature")), prov, where)
+            continue
         if not isinstance(config, dict) or "name" not in config:
             raise PredictError(
                 f"{where}: the {modality} features ({prov.get('feature') or inputs.get(modality)!r}) were not made by "
@@ -428,6 +442,73 @@ def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP")
     if not extractors:
         raise PredictError(f"{where}: predictor.json names no model inputs")
     return extractors
+
+
+class WaveReader:
+    """``data.audio: wave`` at predict time: each segment's samples at the training rate (16 kHz),
+    z-normalised on their own as :class:`sertool.data.WaveSource` reads an utterance
+    (:func:`sertool.data.standardize_wave`).  Quacks like an extractor for ``_features``."""
+
+    kind, needs_audio, needs_text, batched, raw, dtype = "audio", True, False, False, True, np.float32
+
+    def __init__(self, sample_rate: int = 16000):
+        self.sample_rate = int(sample_rate)
+
+    def params(self) -> dict:
+        return {"sample_rate": self.sample_rate, "normalize": "per-utterance z-score"}
+
+    def file_attrs(self) -> dict:
+        return {"dim": 0}
+
+    def extract(self, utt: Utterance, wave: np.ndarray):
+        from sertool.data import standardize_wave
+        from sertool.features.base import FeatureResult
+
+        return FeatureResult(standardize_wave(wave), {})
+
+
+class TokenReader:
+    """``data.text: tokenizer:MODEL`` at predict time: the token ids of each segment's transcript
+    from the same tokenizer and limit as :class:`sertool.data.TokenSource` (:func:`sertool.data.token_ids`)."""
+
+    kind, needs_audio, needs_text, batched, raw, dtype = "text", False, True, False, True, np.int64
+    sample_rate = None
+
+    def __init__(self, target: str):
+        from sertool.data import load_tokenizer
+
+        self.target = target
+        self.tokenizer, self.limit, self.resolved = load_tokenizer(target)
+
+    def params(self) -> dict:
+        return {"tokenizer": self.target, "path": str(self.resolved.path), "limit": self.limit}
+
+    def file_attrs(self) -> dict:
+        return {"dim": 0}
+
+    def extract(self, utt: Utterance, wave=None):
+        from sertool.data import token_ids
+        from sertool.features.base import FeatureResult
+
+        return FeatureResult(token_ids(self.tokenizer, utt.text, self.limit)[0], {})
+
+
+def raw_reader(modality: str, name: str, prov: dict, where: Path | str = "EXP"):
+    """The reader of a raw model input (``data.<m>: wave`` or ``tokenizer:MODEL``), rebuilt from
+    its recorded name; PredictError for one predict cannot rebuild (``tokens:STORE``)."""
+    if name == "wave" and modality == "audio":
+        return WaveReader(int(float(prov.get("frame_rate_hz") or 16000)))
+    if name.startswith("tokenizer:") and modality == "text":
+        try:
+            return TokenReader(name.partition(":")[2])
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable tokenizer folder
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise PredictError(f"{where}: cannot load the {modality} tokenizer of {name!r}: {first}") from None
+    raise PredictError(
+        f"{where}: the model reads its {modality} input raw ({name!r}, from {prov.get('source')}); "
+        "`sertool predict` rebuilds waveforms (data.audio: wave) and tokenizer ids (data.text: tokenizer:MODEL) "
+        "only, so evaluate this experiment with `sertool evaluate`"
+    )
 
 
 def _build_extractor(config: dict, device: str):
@@ -1213,7 +1294,9 @@ def _features(
 ) -> list[dict[str, np.ndarray]]:
     """Features of every segment of one file: [{modality: [T, D]}, ...].  A file longer than
     ``window`` is cut at its speech (``vad``: sertool.segment) or, with ``vad="off"``, into equal
-    windows; ``keep_wave`` keeps its 16 kHz waveform on ``f`` (for --plot)."""
+    windows; ``keep_wave`` keeps its 16 kHz waveform on ``f`` (for --plot).  A model reading the
+    waveform itself gets segments no longer than its input's window (``Predictor.longest_wave_s``)."""
+    window = min(window, predictor.longest_wave_s or window)
     info = audio_info(f.path)
     if info.frames <= 0:
         raise AudioError(f"{f.path}: zero-length audio (0 samples)")
@@ -1272,11 +1355,12 @@ def _features(
                 utt.text = _segment_text(f, start, end)
             seg_items.append((utt, wave))
         results = ex.extract_batch(seg_items) if ex.batched else [_safe_extract(ex, u, w) for u, w in seg_items]
+        raw = getattr(ex, "raw", False)
         for k, res in enumerate(results):
             if isinstance(res, Exception):
                 raise res
-            data = np.asarray(res.data, dtype=np.float32)
-            if data.ndim != 2 or data.shape[0] == 0:
+            data = np.asarray(res.data, dtype=ex.dtype if raw else np.float32)
+            if data.ndim != (1 if raw else 2) or data.shape[0] == 0:
                 raise PredictError(f"{modality} features of segment {k} have shape {data.shape}")
             if not np.isfinite(data).all():
                 raise PredictError(f"{modality} features of segment {k} hold NaN/inf values")

@@ -544,7 +544,8 @@ def test_predict_refuses_a_cmd_experiment_with_the_reason(feats, tmp_path):
             str(tmp_path / "t.csv"),
         ],
     )
-    assert res.exit_code == 1 and "reads its audio input raw ('wave'" in res.output, res.output
+    # the waveform is read as in training (tests/test_predict_finetuned.py); ids over a store's tokens are not
+    assert res.exit_code == 1 and "reads its text input raw ('tokens:" in res.output, res.output
     assert "Traceback" not in res.output
 
 
