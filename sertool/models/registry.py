@@ -142,6 +142,27 @@ class SERModel(nn.Module):
         return {m: [float(v) for v in lw.weights().detach().cpu()] for m, lw in layer_weights.items()}
 
 
+class OwnEncoderModel(SERModel):
+    """A model that owns a pretrained encoder it fine-tunes (``whisper_ft``, ``text_ft``): the train
+    stage's two encoder hooks over ``self.encoder``'s parameters named in ``self._trained``, with
+    ``self.layer_weights`` and ``self.classifier`` as the head."""
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        named = dict(self.encoder.named_parameters())
+        return [named[n] for n in self._trained]
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Optimiser groups: ``encoder`` (lr x optim.encoder_lr_scale) and ``head``."""
+        head = [*self.layer_weights.parameters(), *self.classifier.parameters()]
+        return {"encoder": self.encoder_parameters(), "head": head}
+
+    def set_encoder_trainable(self, trainable: bool) -> None:
+        """Freeze (no gradient: the optimiser leaves the weights as they are) or unfreeze the encoder's
+        trained parameters; the loop calls it at the start of every epoch."""
+        for p in self.encoder_parameters():
+            p.requires_grad_(bool(trainable))
+
+
 def _check_modalities(mods, allowed=MODALITIES):
     mods = tuple(mods)
     bad = [m for m in mods if m not in allowed]

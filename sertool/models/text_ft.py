@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import LayerWeights, masked_mean
-from .registry import SERModel, register
+from .registry import OwnEncoderModel, register
 
 POOLINGS = ("mean", "cls")
 # keys of a transformers config that do not describe the architecture (not recorded)
@@ -121,7 +121,7 @@ def transformer_layers(encoder: nn.Module, n_layers: int) -> nn.ModuleList:
 
 
 @register("text_ft")
-class TextFT(SERModel):
+class TextFT(OwnEncoderModel):
     """A trainable BERT-family encoder + layer weights + pooling over real tokens + linear classifier."""
 
     def __init__(
@@ -165,21 +165,6 @@ class TextFT(SERModel):
         self.classifier = nn.Linear(int(config.hidden_size), 1 if task == "regression" else int(n_classes))
 
     # ------------------------------------------------------------------ train-stage hooks
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        named = dict(self.encoder.named_parameters())
-        return [named[n] for n in self._trained]
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Optimiser groups: ``encoder`` (lr x optim.encoder_lr_scale) and ``head``."""
-        head = [*self.layer_weights.parameters(), *self.classifier.parameters()]
-        return {"encoder": self.encoder_parameters(), "head": head}
-
-    def set_encoder_trainable(self, trainable: bool) -> None:
-        """Freeze (no gradient: the optimiser leaves the weights as they are) or unfreeze the encoder's
-        trained parameters; the loop calls it at the start of every epoch."""
-        for p in self.encoder_parameters():
-            p.requires_grad_(bool(trainable))
-
     def load_pretrained(self) -> None:
         """The checkpoint's encoder weights (the train stage calls this for a new run)."""
         from transformers import AutoModel

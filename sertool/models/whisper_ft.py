@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import LayerWeights, statistics_pooling
-from .registry import SERModel, register
+from .registry import OwnEncoderModel, register
 from .whisper_encoder import WhisperAudioEncoder, load_whisper_encoder
 
 WAVE_RMS = 0.05  # the level (-26 dBFS) the z-normalised waveform is scaled to before the log-Mel
@@ -101,7 +101,7 @@ def empty_encoder(sizes: dict) -> WhisperAudioEncoder:
 
 
 @register("whisper_ft")
-class WhisperFT(SERModel):
+class WhisperFT(OwnEncoderModel):
     """A trainable Whisper encoder + layer weights + statistics pooling + linear classifier."""
 
     def __init__(
@@ -151,21 +151,6 @@ class WhisperFT(SERModel):
         self.classifier = nn.Linear(2 * self.encoder.dim, 1 if task == "regression" else int(n_classes))
 
     # ------------------------------------------------------------------ train-stage hooks
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        named = dict(self.encoder.named_parameters())
-        return [named[n] for n in self._trained]
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Optimiser groups: ``encoder`` (lr x optim.encoder_lr_scale) and ``head``."""
-        head = [*self.layer_weights.parameters(), *self.classifier.parameters()]
-        return {"encoder": self.encoder_parameters(), "head": head}
-
-    def set_encoder_trainable(self, trainable: bool) -> None:
-        """Freeze (no gradient: the optimiser leaves the weights as they are) or unfreeze the encoder's
-        trained parameters; the loop calls it at the start of every epoch."""
-        for p in self.encoder_parameters():
-            p.requires_grad_(bool(trainable))
-
     def load_pretrained(self) -> None:
         """The checkpoint's encoder weights (the train stage calls this for a new run)."""
         src = pretrained_encoder(self.encoder_name)
