@@ -111,7 +111,7 @@ class WaveformLogMel(nn.Module):
 class WhisperFTGraph(nn.Module):
     """:meth:`WhisperFT.forward` from the waveform, in graph operations (the model's own forward reads
     the clips on the host in numpy): the z-scored samples scaled to ``WAVE_RMS``, :class:`WaveformLogMel`,
-    the encoder, the learned layer weights, statistics pooling over real states, the classifier.
+    the encoder, then the model's own head (:meth:`WhisperFT.head`).
     ``run_export`` checks it against the model's own forward."""
 
     def __init__(self, model: nn.Module):
@@ -120,16 +120,10 @@ class WhisperFTGraph(nn.Module):
         self.log_mel = WaveformLogMel(model.encoder.n_mels, model.encoder.max_mel_frames)
 
     def forward(self, wave: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        from sertool.models.blocks import statistics_pooling
         from sertool.models.whisper_ft import WAVE_RMS
 
-        model = self.model
         mel, frames = self.log_mel(wave * WAVE_RMS, mask.sum(1))
-        states = model.encoder(mel, frames)
-        weights = model.layer_weights["audio"].weights()
-        x = torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
-        state_ok = torch.arange(x.shape[1], device=x.device)[None, :] < ((frames + 1) // 2)[:, None]
-        return model.classifier(model.dropout(statistics_pooling(x, state_ok)))
+        return self.model.head(self.model.encoder(mel, frames), (frames + 1) // 2)
 
 
 def standardize_waves(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -190,11 +190,16 @@ class WhisperFT(OwnEncoderModel):
             mel, frames = self.encoder.log_mel(self._waves(batch))
             states = self.encoder(mel.to(device), frames.to(device))
             n_states = (frames.to(device) + 1) // 2
+        out = self.head(states, n_states)
+        return (out, {}) if return_attention else out
+
+    def head(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...], n_states: torch.Tensor) -> torch.Tensor:
+        """Every hidden state [B, T, D] and each clip's real states -> logits: the learned layer
+        weighting, statistics pooling over real states, dropout, the classifier."""
         weights = self.layer_weights["audio"].weights()
         x = torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
         state_ok = torch.arange(x.shape[1], device=x.device)[None, :] < n_states[:, None]
-        out = self.classifier(self.dropout(statistics_pooling(x, state_ok)))
-        return (out, {}) if return_attention else out
+        return self.classifier(self.dropout(statistics_pooling(x, state_ok)))
 
     def _from_cache(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every hidden state of the batch, the frozen ones from ``frozen_cache`` (computed for the
