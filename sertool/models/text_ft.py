@@ -209,7 +209,9 @@ class TextFT(OwnEncoderModel):
         m["encoder_config"] = encoder_config_of(m["encoder"])
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict, return_attention: bool = False):
+    def frames(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned weighting of every hidden state, [B, L, D], and the token mask: what the head
+        pools (and what a sequence head reads: ``model.encoders``, sertool/models/owned.py)."""
         ids = batch["text"].long()
         mask = batch.get("text_mask")
         if mask is None:
@@ -218,7 +220,10 @@ class TextFT(OwnEncoderModel):
         out = self.encoder(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
         states = out.hidden_states
         weights = self.layer_weights["text"].weights()
-        x = torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
+        return torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype)), mask
+
+    def forward(self, batch: dict, return_attention: bool = False):
+        x, mask = self.frames(batch)
         pooled = x[:, 0] if self.pooling == "cls" else masked_mean(x, mask)
         logits = self.classifier(self.dropout(pooled))
         return (logits, {}) if return_attention else logits

@@ -183,23 +183,35 @@ class WhisperFT(OwnEncoderModel):
         return [np.asarray(host[i, : int(k)]) * WAVE_RMS for i, k in enumerate(n)]
 
     def forward(self, batch: dict, return_attention: bool = False):
-        device = batch["audio"].device
-        if self.frozen_cache is not None and batch.get("ids") is not None:
-            states, n_states = self._from_cache(batch)
-        else:
-            mel, frames = self.encoder.log_mel(self._waves(batch))
-            states = self.encoder(mel.to(device), frames.to(device))
-            n_states = (frames.to(device) + 1) // 2
-        out = self.head(states, n_states)
+        out = self.head(*self._states(batch))
         return (out, {}) if return_attention else out
+
+    def frames(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned weighting of every hidden state, [B, T, D] at 50 Hz, and the real-state mask:
+        what the head pools (and what a sequence head reads: ``model.encoders``, sertool/models/owned.py)."""
+        states, n_states = self._states(batch)
+        return self.weighted(states), self.state_mask(n_states, states[0].shape[1])
+
+    def _states(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if self.frozen_cache is not None and batch.get("ids") is not None:
+            return self._from_cache(batch)
+        device = batch["audio"].device
+        mel, frames = self.encoder.log_mel(self._waves(batch))
+        return list(self.encoder(mel.to(device), frames.to(device))), (frames.to(device) + 1) // 2
+
+    def weighted(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        weights = self.layer_weights["audio"].weights()
+        return torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
+
+    @staticmethod
+    def state_mask(n_states: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.arange(t, device=n_states.device)[None, :] < n_states[:, None]
 
     def head(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...], n_states: torch.Tensor) -> torch.Tensor:
         """Every hidden state [B, T, D] and each clip's real states -> logits: the learned layer
         weighting, statistics pooling over real states, dropout, the classifier."""
-        weights = self.layer_weights["audio"].weights()
-        x = torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
-        state_ok = torch.arange(x.shape[1], device=x.device)[None, :] < n_states[:, None]
-        return self.classifier(self.dropout(statistics_pooling(x, state_ok)))
+        x = self.weighted(states)
+        return self.classifier(self.dropout(statistics_pooling(x, self.state_mask(n_states, x.shape[1]))))
 
     def _from_cache(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every hidden state of the batch, the frozen ones from ``frozen_cache`` (computed for the
