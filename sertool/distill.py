@@ -7,10 +7,17 @@
    * a feature store written by ``sertool extract`` (a store name in FEATS or a ``.h5`` path): the
      cached teacher states (the common case, much faster);
    * a ``transformers`` model (local folder, packaged alias or hub id): a wav2vec2-family audio
-     encoder or a BERT-family text encoder, run live on every batch (last hidden state).
+     encoder or a BERT-family text encoder, run live on every batch (last hidden state);
+   * a teacher fine-tuned on the task, as the paper's are: a ``sertool train`` experiment of
+     ``whisper_ft`` (audio) or ``text_ft`` (text), EXP (its deployed model.safetensors) or one of its
+     runs, EXP/folds/FOLD/seedS (fold-honest: a run that never saw FOLD's test utterances), run live
+     (:class:`WhisperFTTeacher`, :class:`TextFTTeacher`): the layer-weighted states its head pools;
+     the experiment (path, weights checksum, model) is recorded in EXP/distill.yaml and in the
+     student's input spec.
 2. Student (paper Sections 3.1, 4.2; :class:`DistillStudent`): per modality an input encoder:
    the live teacher's own input encoder with its weights (wav2vec2's convolutional feature
-   encoder on the waveform; BERT's embedding layer on the token ids), otherwise, for a cached
+   encoder on the waveform; BERT's embedding layer on the token ids; a fine-tuned Whisper's log-Mel
+   front end and two convolutions, a fine-tuned BERT's embedding layer), otherwise, for a cached
    teacher, the architecture of its input encoder: Whisper's log-Mel front end and two
    convolutions for a Whisper store (``student.audio_stem=logmel``, the ``auto`` choice), with the
    checkpoint's own convolution weights when the store names a Whisper checkpoint that is here
@@ -286,6 +293,173 @@ class LiveTextTeacher:
         return out.float(), mask
 
 
+# ----------------------------------------------------------------------------- fine-tuned teachers
+TEACHING_MODELS = {"audio": "whisper_ft", "text": "text_ft"}  # train-stage models that can teach, per modality
+
+
+def experiment_of(spec) -> tuple[Path, Path] | None:
+    """(experiment folder, weights file) when SPEC names a ``sertool train`` experiment: EXP (its
+    deployed ``model.safetensors``) or one of its runs, ``EXP/folds/FOLD/seedS`` (the fold-honest
+    choice) or ``EXP/final``; None for anything else.  A ``sertool distill`` folder is refused."""
+    if spec is None or isinstance(spec, nn.Module):
+        return None
+    p = Path(str(spec))
+    if not p.is_dir():
+        return None
+    if (p / "config.yaml").exists():
+        return p, p / "model.safetensors"
+    if len(p.resolve().parents) > 2 and p.resolve().parents[1].name == "folds":
+        exp = p.resolve().parents[2]
+        if (exp / "config.yaml").exists():
+            return exp, p / "model.safetensors"
+    if p.resolve().name == "final" and (p.resolve().parent / "config.yaml").exists():
+        return p.resolve().parent, p / "model.safetensors"
+    if (p / "distill.yaml").exists():
+        raise DistillError(
+            f"{p} is a `sertool distill` experiment: its student cannot teach; give a fine-tuned "
+            f"{' or '.join(TEACHING_MODELS.values())} experiment (sertool train -m ...)"
+        )
+    return None
+
+
+class ExperimentTeacher:
+    """A teacher fine-tuned on the task by the train stage (the paper fine-tunes its teachers before
+    distilling): a ``whisper_ft`` (audio) or ``text_ft`` (text) experiment, rebuilt from its
+    config.yaml and weights as ``sertool evaluate`` rebuilds a run, frozen, run live on every batch.
+    Its states are the layer-weighted states the experiment's head pools (its own learned layer
+    weights), with their mask; its input encoder (for the student) carries the fine-tuned weights."""
+
+    live = True
+    max_samples = 0  # > 0: the longest clip (samples) the teacher reads
+
+    def __init__(self, exp: Path, weights: Path, modality: str, device="cpu"):
+        from sertool.audio import file_checksum
+        from sertool.config import load_config_file
+        from sertool.train import build, load_weights
+
+        want = TEACHING_MODELS[modality]
+        try:
+            cfg = load_config_file(exp / "config.yaml")
+            name = (cfg.get("model") or {}).get("name")
+        except (ValueError, AttributeError) as e:
+            raise DistillError(f"teacher {modality}: {exp}/config.yaml is unreadable ({e})") from None
+        if name != want:
+            raise DistillError(
+                f"teacher {modality}: {exp} is a {name!r} experiment; only fine-tuned encoders can teach: "
+                + ", ".join(f"{m} {n} (--teacher-{m})" for m, n in TEACHING_MODELS.items())
+            )
+        if not weights.exists():
+            raise DistillError(
+                f"teacher {modality}: {weights} is missing (an unfinished training? give EXP or a run "
+                "EXP/folds/FOLD/seedS that holds model.safetensors)"
+            )
+        try:
+            model = build(cfg)
+            load_weights(model, weights)
+        except Exception as e:  # noqa: BLE001 - a missing checkpoint/tokenizer, weights of another model
+            first = " ".join(str(e).split())[:200] or type(e).__name__
+            raise DistillError(f"teacher {modality}: cannot rebuild {exp}'s {name} model ({first})") from None
+        self.model = model.eval() if device is None else model.eval().to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.modality, self.cfg, self.exp, self.weights = modality, cfg, exp, weights
+        self.n_parameters = sum(p.numel() for p in self.model.encoder.parameters())
+        try:
+            run = str(Path(weights).resolve().relative_to(Path(exp).resolve()))
+        except ValueError:
+            run = str(Path(weights).resolve())
+        self.record = {
+            "experiment": str(Path(exp).resolve()),
+            "weights": run,
+            "checksum": file_checksum(weights),
+            "model_name": name,
+        }
+        self.spec = {"type": "experiment", **self.record}
+
+    def layer_weights(self) -> torch.Tensor:
+        return self.model.layer_weights[self.modality].weights()
+
+
+class WhisperFTTeacher(ExperimentTeacher):
+    """A ``whisper_ft`` experiment: the fine-tuned encoder's layer-weighted states (50 Hz) of each clip
+    (scaled and turned into its own log-Mel frames as the model does), real states masked; the
+    student's log-Mel stem starts from the fine-tuned ``conv1``/``conv2``."""
+
+    def __init__(self, exp: Path, weights: Path, device="cpu"):
+        super().__init__(exp, weights, "audio", device)
+        enc = self.model.encoder
+        self.dim = int(enc.dim)
+        self.frame_rate_hz = 50.0  # Whisper's 10 ms Mel frames, halved by conv2
+        self.max_samples = int(enc.max_mel_frames) * 160  # the encoder's 30 s window
+        self.spec.update(model=str(self.cfg["model"].get("encoder")), dim=self.dim, frame_rate_hz=self.frame_rate_hz)
+
+    def input_encoder(self) -> nn.Module:
+        from sertool.models.cmd_inputs import LogMelStem
+        from sertool.models.whisper_ft import WAVE_RMS
+
+        stem = LogMelStem.from_whisper(self.model.encoder, scale=WAVE_RMS)
+        stem.spec["init"] = dict(self.record)
+        return stem
+
+    @torch.no_grad()
+    def __call__(self, wave: torch.Tensor, mask: torch.Tensor):
+        from sertool.models.whisper_ft import WAVE_RMS
+
+        enc = self.model.encoder
+        host, n = wave.detach().float().cpu().numpy(), mask.long().sum(1).tolist()
+        mel, frames = enc.log_mel([host[i, : int(k)] * WAVE_RMS for i, k in enumerate(n)])
+        device = next(self.model.parameters()).device
+        states = enc(mel.to(device), frames.to(device))
+        x = torch.einsum("lbtd,l->btd", torch.stack(states), self.layer_weights().to(states[0].dtype))
+        n_states = (frames.to(device) + 1) // 2
+        tmask = torch.arange(x.shape[1], device=device)[None, :] < n_states[:, None]
+        return x.float(), tmask
+
+
+class TextFTTeacher(ExperimentTeacher):
+    """A ``text_ft`` experiment: the fine-tuned encoder's layer-weighted token states (the experiment's
+    tokenizer, special tokens included) with the token mask; the student's input encoder is the
+    fine-tuned embedding layer and reads the same tokenizer's ids."""
+
+    def __init__(self, exp: Path, weights: Path, device="cpu"):
+        from sertool.data import load_tokenizer
+
+        super().__init__(exp, weights, "text", device)
+        target = str((self.cfg.get("data") or {}).get("text") or f"tokenizer:{self.cfg['model']['encoder']}")
+        target = target.partition(":")[2] if target.startswith("tokenizer:") else str(self.cfg["model"]["encoder"])
+        try:
+            self.tokenizer, self.limit, _ = load_tokenizer(target)
+        except Exception as e:  # noqa: BLE001 - a tokenizer folder that is gone
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DistillError(f"teacher text: cannot load {exp}'s tokenizer {target!r}: {first}") from None
+        self.dim = int(self.model.encoder.config.hidden_size)
+        self.frame_rate_hz = None
+        # "model": the tokenizer the student reads (sertool train -m cmd: data.text tokenizer:MODEL)
+        self.spec.update(model=target, dim=self.dim)
+
+    def input_encoder(self) -> nn.Module:
+        emb = self.model.encoder.embeddings
+        enc = TeacherTokenEncoder(copy.deepcopy(emb), spec=_module_spec(emb, self.model.encoder.config))
+        enc.spec["init"] = dict(self.record)
+        return enc
+
+    def ids(self, text: str) -> list[int]:
+        from sertool.data import token_ids
+
+        return token_ids(self.tokenizer, text, self.limit)[0].tolist()
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor):
+        out = self.model.encoder(input_ids=ids.long(), attention_mask=mask.long(), output_hidden_states=True)
+        states = out.hidden_states
+        x = torch.einsum("lbtd,l->btd", torch.stack(states), self.layer_weights().to(states[0].dtype))
+        return x.float(), mask.bool()
+
+
+def open_experiment_teacher(exp: Path, weights: Path, modality: str, device="cpu") -> ExperimentTeacher:
+    return (WhisperFTTeacher if modality == "audio" else TextFTTeacher)(exp, weights, device)
+
+
 def _is_store(spec, feats: Path | None) -> Path | None:
     if isinstance(spec, nn.Module) or spec is None:
         return None
@@ -299,12 +473,16 @@ def _is_store(spec, feats: Path | None) -> Path | None:
 
 
 def open_teacher(spec, modality: str, feats: Path | None, device="cpu", only=None):
-    """A teacher SPEC: a store in FEATS / a .h5 path (cached states) or a transformers model."""
+    """A teacher SPEC: a store in FEATS / a .h5 path (cached states), a fine-tuned ``whisper_ft`` /
+    ``text_ft`` experiment (or one of its runs), or a transformers model."""
     if spec is None:
         raise DistillError(f"no teacher given for the {modality} student (--teacher-{modality} SPEC)")
     store = _is_store(spec, feats)
     if store is not None:
         return CachedTeacher(store, modality, only)
+    found = experiment_of(spec)
+    if found is not None:
+        return open_experiment_teacher(*found, modality, device)
     return LiveAudioTeacher(spec, device) if modality == "audio" else LiveTextTeacher(spec, device)
 
 
@@ -575,6 +753,9 @@ def run_distill(
         student, {m: teachers[m].dim for m in mods}, d["d_z"], d["kappa"], d["similarity"], d["symmetric"]
     ).to(device)
     max_samples = int(round(float(d["max_audio_s"] or 0) * SAMPLE_RATE))
+    for t in teachers.values():  # a teacher with a window (whisper_ft's 30 s): clips cut to it
+        if getattr(t, "max_samples", 0) and (not max_samples or max_samples > t.max_samples):
+            max_samples = int(t.max_samples)
     train = DistillData(train_utts, mods, teachers, vocab, max_samples)
     dev = DistillData(dev_utts, mods, teachers, vocab, max_samples)
     budget = int(d["budget"] if "audio" in mods else d["text_budget"])

@@ -88,12 +88,16 @@ class LogMelStem(nn.Module):
     GELU per halving of the 100 Hz frame rate down to the teacher's (50 Hz: Whisper's two
     convolutions).  :meth:`from_whisper` takes the weights of a Whisper encoder's two
     convolutions (:func:`sertool.models.whisper_encoder.load_whisper_encoder`, which reads the
-    packaged CTranslate2 checkpoint); otherwise the stem is randomly initialised.  Far cheaper on
-    CPU than a stem on the raw waveform."""
+    packaged CTranslate2 checkpoint, or a fine-tuned ``whisper_ft`` experiment's encoder);
+    otherwise the stem is randomly initialised.  Far cheaper on CPU than a stem on the raw waveform.
+
+    ``scale``: the (z-normalised) waveform is multiplied by it before the log-Mel, as ``whisper_ft``
+    scales its input to a speech level (log-Mel is not scale invariant: the convolutions of a
+    fine-tuned encoder see the levels they were trained on); 1 (the default) leaves it as it is."""
 
     N_FFT, HOP, N_MELS = 400, 160, 80
 
-    def __init__(self, channels: int, halvings: int = 1, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, channels: int, halvings: int = 1, sample_rate: int = SAMPLE_RATE, scale: float = 1.0):
         super().__init__()
         import librosa
 
@@ -105,9 +109,12 @@ class LogMelStem(nn.Module):
         self.convs = nn.ModuleList(layers)
         self.out_dim = channels
         self.spec = {"type": "logmel", "channels": channels, "halvings": int(halvings), "sample_rate": sample_rate}
+        self.scale = float(scale)
+        if self.scale != 1.0:  # recorded only when used: the spec of an older student is unchanged
+            self.spec["scale"] = self.scale
 
     @classmethod
-    def from_whisper(cls, encoder) -> LogMelStem:
+    def from_whisper(cls, encoder, scale: float = 1.0) -> LogMelStem:
         """The stem with the weights of ``encoder``'s front end (``conv1``, ``conv2``: Whisper's own
         input encoder at 50 Hz, the width of the encoder), copied."""
         front = encoder.front_end()
@@ -117,7 +124,7 @@ class LogMelStem(nn.Module):
                 f"the Whisper encoder's front end ({conv1.in_channels} Mel bands, stride "
                 f"{conv2.stride[0]}) is not the {cls.N_MELS}-band, stride-2 front end of this stem"
             )
-        stem = cls(int(conv1.out_channels), halvings=1)
+        stem = cls(int(conv1.out_channels), halvings=1, scale=scale)
         with torch.no_grad():
             for mine, theirs in zip(stem.convs, (conv1, conv2)):
                 mine.weight.copy_(theirs.weight.float())
@@ -129,7 +136,7 @@ class LogMelStem(nn.Module):
         # zero padding at the edges (not reflection): what Whisper sees after its 30 s zero padding,
         # and it makes a padded batch give the same frames as each utterance alone
         spec = torch.stft(
-            wave.float(),
+            wave.float() * self.scale if self.scale != 1.0 else wave.float(),
             self.N_FFT,
             self.HOP,
             window=self.window,
@@ -241,7 +248,9 @@ def build_input_encoder(spec: dict) -> nn.Module:
     if t == "stem":
         return WaveStem(spec["channels"], spec["layers"])
     if t == "logmel":
-        return LogMelStem(spec["channels"], spec["halvings"], spec.get("sample_rate", SAMPLE_RATE))
+        return LogMelStem(
+            spec["channels"], spec["halvings"], spec.get("sample_rate", SAMPLE_RATE), spec.get("scale", 1.0)
+        )
     if t == "embedding":
         return TokenEmbedding(spec["vocab_size"], spec["dim"], spec.get("positions", True))
     if t == "teacher_cnn":
