@@ -146,12 +146,16 @@ def prepare_model_config(cfg: dict) -> None:
     """A model whose inputs or architecture come from elsewhere fills its config here, before any
     input is read (``prepare_config(cfg)`` classmethod; e.g. ``cmd`` reads its distilled student
     from ``model.init``).  Its errors are TrainErrors."""
+    from sertool.models.owned import prepare_encoders, requested
+
     hook = getattr(_model_class(cfg), "prepare_config", None)
-    if hook is not None:
-        try:
+    try:
+        if requested(cfg["model"]):  # model.input_encoders: the model on encoders it owns
+            prepare_encoders(cfg)
+        if hook is not None:
             hook(cfg)
-        except (ValueError, OSError) as e:
-            raise TrainError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise TrainError(str(e)) from None
 
 
 def follow_inputs(cfg: dict) -> None:

@@ -41,7 +41,7 @@ def constructor_params(key: str) -> dict[str, inspect.Parameter]:
 def signature_problems(key: str, model_section: dict) -> list[str]:
     """How a ``model:`` section and the constructor of ``key`` disagree (empty: they agree)."""
     params = constructor_params(key)
-    keys = set(model_section) - {"name"}
+    keys = set(model_section) - set(registry.BUILD_KEYS)
     problems = [f"model.{k} is not a parameter of {model_class(key).__name__}" for k in sorted(keys - set(params))]
     problems += [f"parameter {p!r} has no value in the model section" for p in params if p not in keys]
     problems += [f"parameter {p!r} is not keyword-only" for p, v in params.items() if v.kind is not v.KEYWORD_ONLY]
@@ -126,7 +126,7 @@ def test_every_shipped_config_resolves_and_builds(model, path, overrides):
         doc = config.load_config_file(path)
         assert not DISTILL_SECTIONS & set(doc), f"{path}: a distill config used for `sertool train -m {model}`"
     cfg = resolve(model, path, overrides)
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    kwargs = {k: v for k, v in cfg["model"].items() if k not in registry.BUILD_KEYS}
     try:
         inspect.signature(model_class(model)).bind(**kwargs)
     except TypeError as e:

@@ -171,6 +171,10 @@ def _check_modalities(mods, allowed=MODALITIES):
     return mods
 
 
+# model keys build_model reads itself, not the model class: its name and the encoders it owns
+BUILD_KEYS = ("name", "input_encoders")
+
+
 def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), **dims) -> nn.Module:
     """Build a model from a registry key or a (full or ``model``-section) config dict.
 
@@ -196,8 +200,13 @@ def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), 
             raise ValueError(f"unknown config key 'model.{k2}'")
         cfg["model"][k2] = coerce(cfg["model"][k2], v, f"model.{k2}")
     cls = _REGISTRY[key]
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    kwargs = {k: v for k, v in cfg["model"].items() if k not in BUILD_KEYS}
     model = cls(**kwargs)
+    from .owned import WithEncoders, requested
+
+    encoders = requested(cfg["model"])
+    if encoders:  # the model on encoders it owns (sertool/models/owned.py)
+        model = WithEncoders(model, encoders)
     model.config = cfg
     return model
 

@@ -115,8 +115,8 @@ class WhisperFT(OwnEncoderModel):
         dropout,
         train_layers,
         gradient_checkpointing,
-        cache_frozen=True,
-        cache_dtype="float32",
+        cache_frozen,
+        cache_dtype,
     ):
         super().__init__()
         if modality != "audio":
