@@ -349,6 +349,18 @@ def models(sets):
 @click.option("--text", metavar="STORE", help="Text input (= data.text).")
 @click.option("--visual", metavar="STORE", help="Visual input (= data.visual).")
 @click.option(
+    "--audio-encoder",
+    metavar="NAME",
+    help="cma / self_attn / cross_attn: a Whisper encoder fine-tuned with the model on the waveform, "
+    "e.g. tiny.en (= model.input_encoders.audio).",
+)
+@click.option(
+    "--text-encoder",
+    metavar="NAME",
+    help="cma / self_attn / cross_attn: a BERT-family encoder fine-tuned with the model on the transcript, "
+    "e.g. minilm (= model.input_encoders.text).",
+)
+@click.option(
     "--labels", metavar="PRESET", help="Label set: auto, iemocap4, iemocap7, meld7, ravdess8/7/4, mosei, or a,b,c."
 )
 @click.option(
@@ -385,6 +397,8 @@ def train(
     audio,
     text,
     visual,
+    audio_encoder,
+    text_encoder,
     labels,
     protocol,
     seeds,
@@ -406,6 +420,9 @@ def train(
     CMD (cross-modal distillation): sertool distill FEATS -o DEXP ..., then
     sertool train FEATS -m cmd --init DEXP --protocol speaker-kfold:6 --labels ravdess8 -o EXP
     fine-tunes the distilled student like any other model (its inputs come from DEXP).
+
+    Fine-tuned encoders: sertool train FEATS -m cma --audio-encoder tiny.en --text-encoder minilm
+    (the model reads the waveform and the transcript; no stores needed).
     """
     from sertool.train import run_train
 
@@ -413,6 +430,8 @@ def train(
         "data.audio": audio,
         "data.text": text,
         "data.visual": visual,
+        "model.input_encoders.audio": audio_encoder,
+        "model.input_encoders.text": text_encoder,
         "data.labels": labels,
         "protocol.name": protocol,
         "run.seeds": seeds,
@@ -639,11 +658,15 @@ def align(
 @click.option(
     "--teacher-audio",
     metavar="SPEC",
-    help="Audio teacher: a store in FEATS / .h5 path (cached states) or a "
-    "wav2vec2-family transformers model (folder or hub id, run live).",
+    help="Audio teacher: a store in FEATS / .h5 path (cached states), a "
+    "wav2vec2-family transformers model (folder or hub id, run live) or a fine-tuned whisper_ft "
+    "experiment EXP (or EXP/folds/FOLD/seedS).",
 )
 @click.option(
-    "--teacher-text", metavar="SPEC", help="Text teacher: a store in FEATS / .h5 path or a BERT-family model."
+    "--teacher-text",
+    metavar="SPEC",
+    help="Text teacher: a store in FEATS / .h5 path, a BERT-family model or a fine-tuned text_ft "
+    "experiment EXP (or EXP/folds/FOLD/seedS).",
 )
 @click.option(
     "--config",

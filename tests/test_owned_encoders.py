@@ -151,10 +151,13 @@ def test_bad_settings_are_one_line(tmp_path, tiny_whisper):  # noqa: F811
     cases = [
         (["--audio", "ta", "--set", f"model.input_encoders.audio={tiny_whisper}"], "reads the waveform"),
         (["--set", "model.input_encoders.visual=x"], "model.input_encoders.visual"),
+        (["--audio-encoder", str(tmp_path / "nowhere")], "model.input_encoders.audio"),
+        (["-m", "lgcct", "--audio-encoder", "tiny.en"], "unknown config key 'model.input_encoders"),
         (["--set", f"model.input_encoders.audio={tmp_path / 'nowhere'}"], "model.input_encoders.audio"),
         (["--set", "model.input_encoders.audio={encoder: tiny.en, bogus: 1}"], "unknown key(s) bogus"),
     ]
     for args, message in cases:
-        res = CliRunner().invoke(cli, ["train", str(feats), "-m", "cma", "-o", str(tmp_path / "e"), *args, "-q"])
+        model = [] if "-m" in args else ["-m", "cma"]
+        res = CliRunner().invoke(cli, ["train", str(feats), *model, "-o", str(tmp_path / "e"), *args, "-q"])
         assert res.exit_code != 0 and message in res.output, (args, res.output)
         assert "Traceback" not in res.output
