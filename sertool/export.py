@@ -245,6 +245,12 @@ def run_export(
         deploy, spec, path = load_deploy_model(exp)
     except PredictError as e:
         raise ExportError(str(e)) from None
+    owned = [m for m, v in ((spec.get("model_config") or {}).get("input_encoders") or {}).items() if v]
+    if owned:  # their Whisper front end reads the clips in numpy: a trace would bake one example in
+        raise ExportError(
+            f"{path}: export of a model on fine-tuned input encoders (model.input_encoders: {', '.join(owned)}) "
+            "is not supported yet; `sertool predict` runs it (whisper_ft and text_ft alone export)"
+        )
     names = _input_names(spec)
     ex = example_inputs(spec, batch=2, frames=12)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -161,3 +161,9 @@ def test_bad_settings_are_one_line(tmp_path, tiny_whisper):  # noqa: F811
         res = CliRunner().invoke(cli, ["train", str(feats), *model, "-o", str(tmp_path / "e"), *args, "-q"])
         assert res.exit_code != 0 and message in res.output, (args, res.output)
         assert "Traceback" not in res.output
+
+
+def test_export_refuses_in_one_line(cma_exp, tmp_path):
+    res = CliRunner().invoke(cli, ["export", str(cma_exp["exp"]), "-o", str(tmp_path / "m.onnx")])
+    assert res.exit_code != 0 and "model.input_encoders: audio, text" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "m.onnx").exists()
