@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_lm import tiny_bert  # noqa: F401 - fixture
-from test_predict_finetuned import FOLD, assert_matches_evaluate, predict, text_corpus
+from test_predict_finetuned import FOLD, assert_matches_evaluate, predict, quiet, text_corpus
 from test_text_ft import encoder as tiny_bert_24  # noqa: F401 - fixture
 from test_whisper_ft import tiny_whisper  # noqa: F401 - fixture
 
@@ -28,12 +28,7 @@ from sertool.train import make_optimizer, resolve_config
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = {
     "cma": ["model.d=16", "model.num_heads=2", "model.ffn_dim=16", "model.lstm_hidden=8", "model.audio_conv=[[8,3,2]]"],
-    "self_attn": [],
 }
-
-
-def quiet(*a, **k):
-    pass
 
 
 def settings(model, whisper, bert, *extra) -> list[str]:
