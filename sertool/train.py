@@ -618,14 +618,33 @@ def param_groups(cfg: dict, model: torch.nn.Module) -> list[dict]:
     if hook is None:
         return [{"params": trainable, "lr_scale": 1.0}]
     o, groups = cfg["optim"], []
+    decay = float(o.get("layer_decay", 1.0))
+    if not 0 < decay <= 1:
+        raise TrainError(f"optim.layer_decay {o.get('layer_decay')!r}: expected a number in (0, 1] (1 = no decay)")
     for name, params in hook().items():
         params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"params": params, "name": name, "lr_scale": float(o.get(f"{name}_lr_scale", 1.0))})
+        scale = float(o.get(f"{name}_lr_scale", 1.0))
+        if name == "encoder" and decay != 1 and params and hasattr(model, "encoder_depths"):
+            groups += layer_decay_groups(params, model.encoder_depths(), scale, decay)
+        elif params:
+            groups.append({"params": params, "name": name, "lr_scale": scale})
     grouped = {id(p) for g in groups for p in g["params"]}
     if len(grouped) != sum(len(g["params"]) for g in groups) or grouped != {id(p) for p in trainable}:
         raise TrainError(f"model {cfg['model']['name']!r}: param_groups() must name every trainable parameter once")
     return groups
+
+
+def layer_decay_groups(params: list, depths: dict[int, tuple[int, int]], scale: float, decay: float) -> list[dict]:
+    """Layer-wise learning-rate decay (Clark et al., ELECTRA, 2020): the encoder's parameters at depth
+    d of L (0 = embeddings / front end, L = the top layer; ``encoder_depths()``) train at
+    ``scale x decay^(L - d)`` of the schedule's rate, one group per depth (``encoder.d/L``)."""
+    by_depth: dict[tuple[int, int], list] = {}
+    for p in params:
+        by_depth.setdefault(depths[id(p)], []).append(p)
+    return [
+        {"params": ps, "name": f"encoder.{d}/{n}", "lr_scale": scale * decay ** (n - d)}
+        for (d, n), ps in sorted(by_depth.items(), key=lambda kv: kv[0][0] - kv[0][1])
+    ]
 
 
 def make_optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -225,3 +225,26 @@ def test_truncated_texts_are_counted_and_said_once(tmp_path, encoder, feats):
     )
     assert res.exit_code == 0, res.output
     assert res.stderr.count("2 text(s) longer than 24 tokens truncated") == 1
+
+
+def test_layer_decay_orders_embeddings_layers_and_head(encoder):
+    """optim.layer_decay on a BERT-family encoder: the embeddings train slowest, each layer faster
+    than the one below it, the head at the full rate."""
+    from sertool.models.text_ft import TextFT
+    from sertool.train import make_optimizer
+
+    cfg = resolve_config("text_ft", overrides=[f"model.encoder={encoder}", "optim.layer_decay=0.8"])
+    cfg["model"]["n_classes"] = 3
+    model = TextFT(**{k: v for k, v in cfg["model"].items() if k != "name"})
+    opt = make_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    layers = model.encoder_layers()
+    n, base = len(layers), cfg["optim"]["lr"] * cfg["optim"]["encoder_lr_scale"]
+    assert n >= 2
+    emb = next(p for name, p in model.encoder.named_parameters() if name.startswith("embeddings."))
+    assert lr_of[id(emb)] == pytest.approx(base * 0.8**n)
+    for i, layer in enumerate(layers):
+        assert [lr_of[id(p)] for p in layer.parameters()] == pytest.approx(
+            [base * 0.8 ** (n - i - 1)] * len(list(layer.parameters()))
+        )
+    assert lr_of[id(model.classifier.weight)] == pytest.approx(cfg["optim"]["lr"])

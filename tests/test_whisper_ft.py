@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from whisper_synth import speechlike, tiny_whisper_config
 
 from sertool.evaluate import run_evaluate
+from sertool.models.blocks import statistics_pooling
 from sertool.models.whisper_ft import WhisperFT
 from sertool.train import make_optimizer, resolve_config, run_train
 
@@ -300,3 +301,74 @@ def test_frozen_cache_gives_the_same_outputs_and_gradients_and_skips_the_lower_l
         got, want = models[True](other), models[False](other)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(models[True].frozen_cache) == 4
+
+
+def test_pooled_norm_standardises_over_the_batch_and_evaluates_on_running_averages(tiny_whisper):
+    """model.pooled_norm=batch: in training the classifier sees the pooled statistics standardised
+    over the batch (mean 0, variance 1 per channel) and the running averages move; a training batch
+    of one clip, and evaluation, use the running averages, so an evaluated clip's logits do not
+    depend on its batch; the running averages are in the checkpoint; other values are refused."""
+    cfg = resolve_config("whisper_ft", overrides=[f"model.encoder={tiny_whisper}", "model.pooled_norm=batch"])
+    cfg["model"].update(n_classes=3, dropout=0.0)
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "name"}
+    torch.manual_seed(0)
+    model = WhisperFT(**kwargs)
+    model.load_pretrained()
+    lengths = [8000, 5000, 6400, 7200]
+    wave = torch.zeros(4, 8000)
+    for i, n in enumerate(lengths):
+        wave[i, :n] = torch.from_numpy(speechlike(n, seed=i + 1))
+    batch = {"audio": wave, "audio_mask": torch.arange(8000)[None, :] < torch.tensor(lengths)[:, None]}
+    seen = []
+    model.classifier.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    model.train()
+    model(batch)
+    x = seen[-1]
+    with torch.no_grad():
+        states, n_states = model._states(batch)
+        raw = statistics_pooling(model.weighted(states), model.state_mask(n_states, states[0].shape[1]))
+    raw_var = raw.var(0, unbiased=False)
+    torch.testing.assert_close(x.mean(0), torch.zeros(x.shape[1]), atol=1e-4, rtol=0)
+    # (BatchNorm's eps: the random tiny encoder's channels barely vary between clips)
+    torch.testing.assert_close(x.var(0, unbiased=False), raw_var / (raw_var + 1e-5), atol=1e-3, rtol=1e-3)
+    assert raw_var.max() > 1e-4 and x.var(0, unbiased=False).max() > 0.9
+    stats = model.state_dict()
+    assert stats["pooled_norm.running_mean"].abs().sum() > 0 and int(stats["pooled_norm.num_batches_tracked"]) == 1
+    one = {k: v[:1] for k, v in batch.items()}
+    before = model.pooled_norm.running_mean.clone()
+    model(one)  # a training batch of one clip: no error, running averages used and left alone
+    assert torch.equal(model.pooled_norm.running_mean, before)
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model({k: v[i : i + 1] for k, v in batch.items()}) for i in range(4)])
+        together = model(batch)
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="pooled_norm"):
+        WhisperFT(**{**kwargs, "pooled_norm": "layer"})
+
+
+def test_layer_decay_gives_each_depth_its_learning_rate(tiny_whisper):
+    """optim.layer_decay=0.5 on the 2-layer encoder: the front end at lr x scale x 0.25, layer 0 at
+    x 0.5, layer 1 and the final layer norm at x 1; the head keeps lr; every trained parameter in
+    exactly one group; a decay outside (0, 1] is refused naming the key."""
+    from sertool.train import TrainError
+
+    cfg = resolve_config("whisper_ft", overrides=[f"model.encoder={tiny_whisper}", "optim.layer_decay=0.5"])
+    cfg["model"]["n_classes"] = 3
+    model = WhisperFT(**{k: v for k, v in cfg["model"].items() if k != "name"})
+    opt = make_optimizer(cfg, model)
+    lr, scale = cfg["optim"]["lr"], cfg["optim"]["encoder_lr_scale"]
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    want = {"conv1.": 0.25, "conv2.": 0.25, "layers.0.": 0.5, "layers.1.": 1.0, "layer_norm.": 1.0}
+    checked = 0
+    for name, p in model.encoder.encoder.named_parameters():
+        if not p.requires_grad:
+            continue
+        factor = next(f for prefix, f in want.items() if name.startswith(prefix))
+        assert lr_of[id(p)] == pytest.approx(lr * scale * factor), name
+        checked += 1
+    assert checked == len(model.encoder_parameters()) and lr_of[id(model.classifier.weight)] == pytest.approx(lr)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+    cfg["optim"]["layer_decay"] = 1.5
+    with pytest.raises(TrainError, match="optim.layer_decay"):
+        make_optimizer(cfg, model)

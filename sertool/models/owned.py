@@ -99,6 +99,9 @@ class WithEncoders(SERModel):
     def encoder_parameters(self) -> list[nn.Parameter]:
         return [p for enc in self.encoders.values() for p in enc.encoder_parameters()]
 
+    def encoder_depths(self) -> dict[int, tuple[int, int]]:
+        return {k: v for enc in self.encoders.values() for k, v in enc.encoder_depths().items()}
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """``encoder``: the encoders' trained weights (lr x optim.encoder_lr_scale); ``head``: the model
         and the encoders' layer weights."""

@@ -151,6 +151,26 @@ class OwnEncoderModel(SERModel):
         named = dict(self.encoder.named_parameters())
         return [named[n] for n in self._trained]
 
+    def encoder_layers(self) -> nn.ModuleList:
+        """The encoder's stack of transformer layers (each model names its own)."""
+        raise NotImplementedError
+
+    def encoder_depths(self) -> dict[int, tuple[int, int]]:
+        """``{id(parameter): (depth, layers)}`` over the encoder's parameters, for layer-wise
+        learning-rate decay (``optim.layer_decay``): depth k for the k-th transformer layer (from 1),
+        0 for what comes before the stack (embeddings, the convolutional front end, positions) and
+        ``layers`` for what comes after it (a final layer norm)."""
+        layers = self.encoder_layers()
+        n = len(layers)
+        depths = {id(p): (i + 1, n) for i, layer in enumerate(layers) for p in layer.parameters()}
+        past_the_stack = False
+        for p in self.encoder.parameters():  # registration order: what precedes the stack, the stack, the rest
+            if id(p) in depths:
+                past_the_stack = True
+            else:
+                depths[id(p)] = (n if past_the_stack else 0, n)
+        return depths
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Optimiser groups: ``encoder`` (lr x optim.encoder_lr_scale) and ``head``."""
         head = [*self.layer_weights.parameters(), *self.classifier.parameters()]

@@ -190,6 +190,9 @@ class TextFT(OwnEncoderModel):
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
 
+    def encoder_layers(self) -> nn.ModuleList:
+        return transformer_layers(self.encoder, int(self.encoder.config.num_hidden_layers))
+
     @classmethod
     def prepare_config(cls, cfg: dict) -> None:
         """Record the encoder's architecture in ``model.encoder_config``; the input is its tokenizer's ids."""
