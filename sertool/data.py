@@ -326,6 +326,8 @@ class TokenSource(Source):
                 "unit": "token",
                 "source": str(path),
                 "vocab_size": len(vocab),
+                # what made the store's tokens: `sertool predict` rebuilds it on new transcripts
+                **({"extractor": store.attrs["extractor"]} if "extractor" in store.attrs else {}),
             }
         elif kind == "tokenizer":
             tokenizer, limit, resolved = load_tokenizer(target)

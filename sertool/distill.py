@@ -756,6 +756,8 @@ def run_distill(
     for t in teachers.values():  # a teacher with a window (whisper_ft's 30 s): clips cut to it
         if getattr(t, "max_samples", 0) and (not max_samples or max_samples > t.max_samples):
             max_samples = int(t.max_samples)
+    if max_samples:  # recorded as applied: the student's fine-tuning (train -m cmd --init) crops the same
+        d["max_audio_s"] = max_samples / SAMPLE_RATE
     train = DistillData(train_utts, mods, teachers, vocab, max_samples)
     dev = DistillData(dev_utts, mods, teachers, vocab, max_samples)
     budget = int(d["budget"] if "audio" in mods else d["text_budget"])

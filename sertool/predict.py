@@ -406,6 +406,19 @@ def load_model(path: Path, spec: dict, device: str = "auto"):
     return model, stats
 
 
+def _recorded_vocab(exp: Path | str) -> list[str] | None:
+    """``data.vocab`` of EXP/config.yaml: where experiments made before predictor.json held it keep it."""
+    import yaml
+
+    path = Path(exp) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return (yaml.safe_load(path.read_text()).get("data") or {}).get("vocab")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
 def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP") -> dict[str, Any]:
     """One extractor per model input, rebuilt from the recorded provenance, checked against its dim."""
     from sertool.features.base import ExtractorError
@@ -417,7 +430,9 @@ def build_extractors(spec: dict, device: str = "cpu", where: Path | str = "EXP")
         prov = features.get(modality) or {}
         config = prov.get("extractor")
         if prov.get("source") is not None:  # a raw input read from the manifest (waveform, token ids)
-            extractors[modality] = raw_reader(modality, str(inputs.get(modality) or prov.get("feature")), prov, where)
+            name = str(inputs.get(modality) or prov.get("feature"))
+            vocab = spec.get("vocab") or _recorded_vocab(where)
+            extractors[modality] = raw_reader(modality, name, prov, where, vocab=vocab, device=device)
             continue
         if not isinstance(config, dict) or "name" not in config:
             raise PredictError(
@@ -493,9 +508,53 @@ class TokenReader:
         return FeatureResult(token_ids(self.tokenizer, utt.text, self.limit)[0], {})
 
 
-def raw_reader(modality: str, name: str, prov: dict, where: Path | str = "EXP"):
-    """The reader of a raw model input (``data.<m>: wave`` or ``tokenizer:MODEL``), rebuilt from
-    its recorded name; PredictError for one predict cannot rebuild (``tokens:STORE``)."""
+class StoreTokenReader:
+    """``data.text: tokens:STORE`` at predict time (a CMD student distilled from a cached text
+    teacher): the store's extractor, rebuilt from its record, tokenises each segment's transcript
+    as it did the corpus's (the ``tokens`` it records), and each token becomes its id in the
+    training vocabulary (0 padding, 1 unknown), as :class:`sertool.data.TokenSource` reads them."""
+
+    kind, needs_audio, needs_text, batched, raw, dtype = "text", False, True, False, True, np.int64
+    sample_rate = None
+
+    def __init__(self, extractor, vocab: list[str]):
+        self.extractor = extractor
+        self.index = {tok: i for i, tok in enumerate(vocab)}
+
+    def params(self) -> dict:
+        return {"tokens_of": self.extractor.config(), "vocab_size": len(self.index)}
+
+    def file_attrs(self) -> dict:
+        return {"dim": 0}
+
+    def extract(self, utt: Utterance, wave=None):
+        from sertool.features.base import FeatureResult
+
+        tokens = self.extractor.extract(utt, None).attrs.get("tokens")
+        if tokens is None:
+            raise PredictError(f"the text extractor {self.extractor.name!r} records no tokens")
+        tokens = [t.decode() if isinstance(t, bytes) else str(t) for t in tokens]
+        return FeatureResult(np.asarray([self.index.get(t, 1) for t in tokens], np.int64), {})
+
+
+def raw_reader(
+    modality: str, name: str, prov: dict, where: Path | str = "EXP", vocab: list[str] | None = None, device="cpu"
+):
+    """The reader of a raw model input (``data.<m>: wave``, ``tokenizer:MODEL`` or ``tokens:STORE``),
+    rebuilt from its recorded name (and, for ``tokens:STORE``, the store's recorded extractor and the
+    training vocabulary); PredictError for one predict cannot rebuild."""
+    if name.startswith("tokens:") and modality == "text" and isinstance(prov.get("extractor"), dict):
+        if not vocab:
+            raise PredictError(
+                f"{where}: the model reads token ids of {name!r} over a training vocabulary that its "
+                "predictor.json does not hold (made before sertool recorded it); train it again to predict"
+            )
+        from sertool.features.base import ExtractorError
+
+        try:
+            return StoreTokenReader(_build_extractor(prov["extractor"], device), vocab)
+        except ExtractorError as e:
+            raise PredictError(f"{where}: cannot rebuild the tokens of {name!r}: {e}") from None
     if name == "wave" and modality == "audio":
         return WaveReader(int(float(prov.get("frame_rate_hz") or 16000)))
     if name.startswith("tokenizer:") and modality == "text":

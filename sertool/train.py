@@ -1716,6 +1716,8 @@ def write_predictor(exp: Path, cfg: dict, results: list[RunResult], select: str,
         "label_set": cfg_rec["label_set"]["preset"],
         "features": cfg_rec["features"],
         "inputs": {m: cfg["data"][m] for m in model_modalities(cfg)},
+        # token ids over a text store's tokens (data.text: tokens:STORE) need the training vocabulary
+        **({"vocab": list(cfg["data"]["vocab"])} if cfg["data"].get("vocab") else {}),
         "normalize": {m: (cfg["data"].get("normalize") or {}).get(m, "none") for m in model_modalities(cfg)},
         "max_steps": crop_lengths(cfg),
         **(

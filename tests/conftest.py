@@ -28,6 +28,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def quiet(*args, **kwargs) -> None:
+    """A ``log`` callback that prints nothing (library calls in tests)."""
+
+
 def tone(freq: float = 220.0, seconds: float = 1.0, sr: int = 16000, amp: float = 0.3, channels: int = 1) -> np.ndarray:
     t = np.arange(int(seconds * sr)) / sr
     x = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)

@@ -515,7 +515,7 @@ def test_logmel_stem_frames_padding_and_choice(feats, tmp_path):
     assert isinstance(load_student(exp / "student.safetensors").encoders["audio"], LogMelStem)
 
 
-def test_predict_refuses_a_cmd_experiment_with_the_reason(feats, tmp_path):
+def test_predict_names_what_it_cannot_rebuild_for_a_cmd_experiment(feats, tmp_path):
     dexp = tmp_path / "dexp"
     run_distill(
         feats, dexp, teacher_audio="ta", teacher_text="tt", overrides=TINY + ["distill.epochs=1"], progress=False
@@ -544,8 +544,10 @@ def test_predict_refuses_a_cmd_experiment_with_the_reason(feats, tmp_path):
             str(tmp_path / "t.csv"),
         ],
     )
-    # the waveform is read as in training (tests/test_predict_finetuned.py); ids over a store's tokens are not
-    assert res.exit_code == 1 and "reads its text input raw ('tokens:" in res.output, res.output
+    # the waveform is read as in training; ids over a store's tokens need the store's extractor rebuilt
+    # (tests/test_predict_finetuned.py), which this hand-made store ("tt") does not name
+    assert res.exit_code == 1 and "cannot rebuild the tokens of 'tokens:" in res.output, res.output
+    assert "unknown feature 'tt'" in res.output and len(res.output.strip().splitlines()) == 1
     assert "Traceback" not in res.output
 
 

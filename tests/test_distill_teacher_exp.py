@@ -19,6 +19,7 @@ from test_lm import tiny_bert  # noqa: F401 - fixture
 from test_predict_finetuned import text_corpus
 from test_text_ft import encoder as tiny_bert_24  # noqa: F401 - fixture
 from test_whisper_ft import tiny_whisper  # noqa: F401 - fixture
+from whisper_synth import tiny_whisper_config
 
 from sertool.audio import file_checksum
 from sertool.cli import cli
@@ -30,13 +31,11 @@ from sertool.predict import load_predictor
 from sertool.train import run_train
 from sertool.weights import load_tensors
 
+from conftest import quiet
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FOLD = "fold1"
 RUN = f"folds/{FOLD}/seed0"
-
-
-def quiet(*a, **k):
-    pass
 
 
 def fine_tune(model: str, feats, exp, encoder) -> None:
@@ -204,6 +203,9 @@ def test_distill_from_fine_tuned_teachers_then_fine_tune_the_student(corpus, tin
     assert (ta["type"], ta["model_name"], ta["weights"]) == ("experiment", "whisper_ft", f"{RUN}/model.safetensors")
     assert ta["checksum"] == file_checksum(corpus["wexp"] / RUN / "model.safetensors")
     assert (tt["model_name"], tt["checksum"]) == ("text_ft", file_checksum(corpus["texp"] / "model.safetensors"))
+    # the Whisper teacher's window cut the clips, and the record says so (the fine-tuning crops the same)
+    window_s = 2 * tiny_whisper_config().max_source_positions * 160 / 16000
+    assert rec["distill"]["max_audio_s"] == pytest.approx(window_s)
     # the saved student (input encoders frozen) holds the fine-tuned front end, and says where it came from
     student = load_student(dexp / "student.safetensors")
     assert student.spec["inputs"]["audio"]["init"]["checksum"] == ta["checksum"]

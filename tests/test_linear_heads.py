@@ -17,12 +17,10 @@ from sertool.models.blocks import LayerWeights, statistics_pooling
 from sertool.store import StoreWriter
 from sertool.train import TrainError, finalize_model_config, load_inputs, resolve_config, run_train
 
+from conftest import quiet
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLASSES = ("angry", "happy", "neutral", "sad")
-
-
-def quiet(*a, **k):
-    pass
 
 
 def make_stacked_feats(root, layers=4, layer_dim=3, useful=2, n_spk=4, per=24, seed=0):

@@ -17,13 +17,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from test_lm import tiny_bert  # noqa: F401 - fixture
-from test_predict_finetuned import FOLD, assert_matches_evaluate, predict, quiet, text_corpus
+from test_predict_finetuned import FOLD, assert_matches_evaluate, predict, text_corpus
 from test_text_ft import encoder as tiny_bert_24  # noqa: F401 - fixture
 from test_whisper_ft import tiny_whisper  # noqa: F401 - fixture
 
 from sertool.cli import cli
 from sertool.models import build_model
 from sertool.train import make_optimizer, resolve_config
+
+from conftest import quiet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = {

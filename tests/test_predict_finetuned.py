@@ -27,14 +27,10 @@ from whisper_synth import speechlike
 from sertool.cli import cli
 from sertool.predict import iter_rows, load_predictor
 
-from conftest import make_distill_feats
+from conftest import make_distill_feats, quiet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FOLD = "fold1"
-
-
-def quiet(*a, **k):
-    pass
 
 
 def text_corpus(root: Path) -> Path:
@@ -338,3 +334,60 @@ def test_unsupported_raw_inputs_fail_with_one_line(tmp_path):
     args = [exp, tmp_path / "wav", "-o", tmp_path / "p.csv", "--transcripts", tmp_path / "t.csv", "-q"]
     res = CliRunner().invoke(cli, ["predict", *map(str, args)])
     assert res.exit_code == 1 and "tokens:bert" in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.fixture(scope="module")
+def cmd_tokens_exp(tmp_path_factory, tiny_bert):  # noqa: F811
+    """A CMD student distilled from a cached text teacher made by the ``bert`` extractor (its tokens
+    recorded), fine-tuned on the waveform and ``data.text: tokens:bert`` (ids over its vocabulary)."""
+    from sertool.corpora.base import read_manifest
+    from sertool.distill import run_distill
+    from sertool.features.base import build_extractor
+    from sertool.store import StoreWriter
+
+    base = tmp_path_factory.mktemp("pft-ct")
+    feats = text_corpus(base / "f")
+    ex = build_extractor("bert", {"model": str(tiny_bert)})
+    store = StoreWriter(
+        feats / "bert.h5",
+        {"feature": "bert", "kind": "text", "dim": ex.dim, "unit": "token", "extractor": ex.config()},
+    )
+    for u in read_manifest(feats / "manifest.jsonl"):
+        res = ex.extract(u, None)
+        store.add(u.id, res.data, res.attrs)
+    store.finalize()
+    tiny = ["distill.epochs=1", "distill.budget=24000", "student.stem_channels=8", "student.ffn_dim=32"]
+    tiny += ["distill.dev_fraction=0.25"]
+    run_distill(feats, base / "d", teacher_audio="ta", teacher_text="bert", overrides=tiny, progress=False)
+    return train_and_evaluate("cmd", feats, base / "exp", f"model.init={base / 'd'}")
+
+
+def test_cmd_student_on_store_tokens_predicts_with_transcripts(cmd_tokens_exp, tmp_path):
+    """data.text: tokens:STORE: predict rebuilds the store's extractor, tokenises each transcript as
+    the store did and maps the tokens through the training vocabulary: evaluate's probabilities."""
+    from sertool.corpora.base import read_manifest
+
+    ctx = cmd_tokens_exp
+    spec = json.loads((ctx["exp"] / "predictor.json").read_text())
+    assert spec["inputs"]["text"].startswith("tokens:") and spec["vocab"][:2] == ["<pad>", "<unk>"]
+    assert spec["features"]["text"]["extractor"]["name"] == "bert"
+    table = tmp_path / "transcripts.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "text"])
+        for u in read_manifest(ctx["feats"] / "manifest.jsonl"):
+            w.writerow([Path(u.audio).name, u.text])
+    out = tmp_path / "p.csv"
+    wav = ctx["feats"] / "wav"
+    res = predict([ctx["exp"], wav, "-o", out, "-q", "--device", "cpu", "--transcripts", table])
+    assert res.exit_code == 0, res.output
+    assert_matches_evaluate(list(iter_rows(out)), ctx)
+    # an experiment from before predictor.json held the vocabulary reads it from config.yaml
+    old = dict(spec)
+    del old["vocab"]
+    (ctx["exp"] / "predictor.json").write_text(json.dumps(old))
+    out2 = tmp_path / "p2.csv"
+    res = predict([ctx["exp"], wav, "-o", out2, "-q", "--device", "cpu", "--transcripts", table])
+    (ctx["exp"] / "predictor.json").write_text(json.dumps(spec))
+    assert res.exit_code == 0, res.output
+    assert_matches_evaluate(list(iter_rows(out2)), ctx)

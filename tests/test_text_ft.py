@@ -24,13 +24,11 @@ from test_lm import SENTENCES, WORDS, tiny_bert, tiny_roberta  # noqa: F401 - fi
 from sertool.cli import cli
 from sertool.train import resolve_config, run_train
 
+from conftest import quiet
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MAX_TOKENS = 24  # the tokenizer's limit here (the tiny BERT has 64 positions)
 LONG = ("u03", "u10")  # transcripts of 30 words: truncated
-
-
-def quiet(*a, **k):
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,10 @@ from sertool.models.blocks import statistics_pooling
 from sertool.models.whisper_ft import WhisperFT
 from sertool.train import make_optimizer, resolve_config, run_train
 
-from conftest import make_distill_feats
+from conftest import make_distill_feats, quiet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def quiet(*a, **k):
-    pass
 
 
 @pytest.fixture(scope="module")
