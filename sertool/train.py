@@ -301,6 +301,7 @@ def load_inputs(
         elif data["missing"] != "error":
             raise TrainError(f"data.missing must be error or drop, got {data['missing']!r}")
         check_ids(sources, [u.id for u in utts])
+        check_wave_lengths(cfg, sources, utts)
         sources = speaker_normalize(sources, feats, spec, data, all_utts)
         copies = data.get("augment") or []
         copies = [copies] if isinstance(copies, str) else list(copies)
@@ -318,6 +319,33 @@ def load_inputs(
         )
         check_label_coverage(inputs)
     return inputs
+
+
+def check_wave_lengths(cfg: dict, sources: dict[str, Source], utts: list) -> None:
+    """A model that reads the waveform through an encoder's convolutional front end
+    (``min_wave_samples``: ``wav2vec2_ft``, also as an input encoder) needs clips of at least its
+    receptive field: one error naming the first shorter utterance, before any training."""
+    from sertool.models.registry import _REGISTRY
+
+    src = sources.get("audio")
+    if src is None or cfg["data"].get("audio") != "wave":
+        return
+    owners = [cfg["model"], *(s for s in (cfg["model"].get("input_encoders") or {}).values() if isinstance(s, dict))]
+    need, who = 0, ""
+    for m in owners:
+        rule = getattr(_REGISTRY.get(m.get("name")), "min_wave_samples", None)
+        if rule is not None and rule(m) > need:
+            need, who = rule(m), m["name"]
+    if not need:
+        return
+    short = [(u.id, src.length(u.id)) for u in utts if src.length(u.id) < need]
+    if short:
+        uid, n = short[0]
+        raise TrainError(
+            f"utterance {uid!r}: {n} samples ({1000 * n / 16000:.1f} ms) is shorter than the {who} encoder's "
+            f"front end accepts (at least {need} samples, {1000 * need / 16000:.0f} ms); {len(short)} such "
+            "utterance(s): leave them out of the manifest"
+        )
 
 
 def speaker_normalize(sources: dict[str, Source], feats: Path, spec: dict, data: dict, utts: list) -> dict[str, Source]:

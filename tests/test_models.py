@@ -17,6 +17,7 @@ KEYS = [
     "probe",
     "whisper_ft",
     "text_ft",
+    "wav2vec2_ft",
 ]
 
 
@@ -210,9 +211,9 @@ def item(batch, b, dims):
     return out
 
 
-# cmd wraps a distilled student (test_distill.py); whisper_ft reads waveforms (test_whisper_ft.py),
-# text_ft token ids (test_text_ft.py)
-@pytest.mark.parametrize("key", [k for k in KEYS if k not in ("cmd", "whisper_ft", "text_ft")])
+# cmd wraps a distilled student (test_distill.py); whisper_ft and wav2vec2_ft read waveforms
+# (test_whisper_ft.py, test_wav2vec2_ft.py), text_ft token ids (test_text_ft.py)
+@pytest.mark.parametrize("key", [k for k in KEYS if k not in ("cmd", "whisper_ft", "text_ft", "wav2vec2_ft")])
 def test_forward_backward_and_padding_invariance(key):
     torch.manual_seed(0)
     model = build_model(key, SMALL[key]).eval()

@@ -6,15 +6,17 @@ A model whose YAML has the ``input_encoders`` key (``cma``, ``self_attn``, ``cro
 modality named there, the layer-weighted hidden states of a pretrained encoder it trains with
 itself instead of a feature store: ``audio`` = a Whisper encoder on the waveform
 (:class:`~sertool.models.whisper_ft.WhisperFT`'s encoder, layer weights and frozen-state cache:
-``tiny.en``, a faster-whisper / transformers folder or a hub id), ``text`` = a BERT-family encoder
-on its tokenizer's ids (:class:`~sertool.models.text_ft.TextFT`'s: ``minilm``, a folder or a hub
-id).  The encoder's frames (``frames(batch)``: [B, T, D] and the real-frame mask) go to the model
+``tiny.en``, a faster-whisper / transformers folder or a hub id) or, for a wav2vec2-family
+checkpoint (wav2vec2, HuBERT, WavLM, data2vec-audio), that of
+:class:`~sertool.models.wav2vec2_ft.Wav2Vec2FT`; ``text`` = a BERT-family encoder on its
+tokenizer's ids (:class:`~sertool.models.text_ft.TextFT`'s: ``minilm``, a folder or a hub id).
+The encoder's frames (``frames(batch)``: [B, T, D] and the real-frame mask) go to the model
 exactly where a store's frames would, so the model itself is unchanged (its ``audio_dim`` /
 ``text_dim`` become the encoder's width).
 
-A spec is the encoder's name, or the mapping of ``whisper_ft`` / ``text_ft`` model keys (e.g.
-``{encoder: tiny.en, train_layers: 1}``); :func:`prepare_encoders` (the train stage, before any
-input is read) expands it into the full mapping, architecture included, so ``evaluate`` and
+A spec is the encoder's name, or the mapping of ``whisper_ft`` / ``wav2vec2_ft`` / ``text_ft``
+model keys (e.g. ``{encoder: tiny.en, train_layers: 1}``); :func:`prepare_encoders` (the train
+stage, before any input is read) expands it into the full mapping, architecture included, so ``evaluate`` and
 ``predict`` rebuild the encoders from the experiment's config, weights from its model.safetensors.
 The fine-tuning recipe is the train stage's (``optim.encoder_lr_scale``,
 ``train.freeze_encoder_epochs``); the layer weights train with the head.
@@ -30,6 +32,19 @@ from .registry import SERModel
 
 # the model that owns each modality's encoder, and the input it reads
 ENCODER_MODELS = {"audio": "whisper_ft", "text": "text_ft"}
+
+
+def audio_encoder_model(name) -> str:
+    """The model that owns an audio encoder of this name: ``wav2vec2_ft`` for a wav2vec2-family
+    transformers checkpoint (wav2vec2, HuBERT, WavLM, data2vec-audio), else ``whisper_ft``."""
+    from .text_ft import encoder_config_of
+    from .wav2vec2_ft import is_wav2vec2_family
+
+    try:
+        config = encoder_config_of(name)
+    except (ValueError, OSError):
+        return "whisper_ft"  # a Whisper name or folder (CTranslate2 ones have no transformers config)
+    return "wav2vec2_ft" if is_wav2vec2_family(config) else "whisper_ft"
 
 
 def requested(model_cfg: dict) -> dict:
@@ -50,9 +65,9 @@ def prepare_encoders(cfg: dict) -> None:
             raise ValueError(f"model.input_encoders.{m}: encoders exist for {' and '.join(ENCODER_MODELS)}")
         if m not in (model.get("modalities") or [m]):
             raise ValueError(f"model.input_encoders.{m}: model {model['name']} does not read {m} (model.modalities)")
-        key = ENCODER_MODELS[m]
-        sub = default_config(key)["model"]
         given = dict(spec) if isinstance(spec, dict) else {"encoder": str(spec)}
+        key = audio_encoder_model(given.get("encoder")) if m == "audio" else ENCODER_MODELS[m]
+        sub = default_config(key)["model"]
         unknown = sorted(set(given) - set(sub))
         if unknown:
             raise ValueError(f"model.input_encoders.{m}: unknown key(s) {', '.join(unknown)} (those of model {key})")
@@ -70,7 +85,7 @@ def prepare_encoders(cfg: dict) -> None:
             raise ValueError(f"model.input_encoders.{m}: {e}") from None
         model["input_encoders"][m] = sub
         data.setdefault("normalize", {})[m] = "none"
-        width = sub["encoder_config"]["d_model" if m == "audio" else "hidden_size"]
+        width = sub["encoder_config"]["d_model" if key == "whisper_ft" else "hidden_size"]
         model[f"{m}_dim"] = int(width)
 
 

@@ -48,7 +48,18 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODALITIES = ("audio", "text", "visual")
 
 _REGISTRY: dict[str, type] = {}
-_MODULES = ("lgcct", "ks_transformer", "rajan", "cma", "cmd_student", "cmd", "probe", "whisper_ft", "text_ft")
+_MODULES = (
+    "lgcct",
+    "ks_transformer",
+    "rajan",
+    "cma",
+    "cmd_student",
+    "cmd",
+    "probe",
+    "whisper_ft",
+    "text_ft",
+    "wav2vec2_ft",
+)
 
 
 def register(key: str):
@@ -181,6 +192,51 @@ class OwnEncoderModel(SERModel):
         trained parameters; the loop calls it at the start of every epoch."""
         for p in self.encoder_parameters():
             p.requires_grad_(bool(trainable))
+
+
+class PooledAudioModel(OwnEncoderModel):
+    """The head of the waveform fine-tuning models (``whisper_ft``, ``wav2vec2_ft``): a learned
+    softmax weighting of every hidden state (SUPERB), statistics pooling over each clip's real
+    states, optionally standardised (``model.pooled_norm: batch``), dropout, a linear classifier."""
+
+    def _build_head(self, dim: int, states: int, dropout, pooled_norm, task, n_classes) -> None:
+        from .blocks import LayerWeights
+
+        if task not in ("classification", "regression"):
+            raise ValueError(f"model.task must be regression|classification, got {task!r}")
+        if pooled_norm not in ("none", "batch"):
+            raise ValueError(f"model.pooled_norm must be none or batch, got {pooled_norm!r}")
+        self.layer_weights = nn.ModuleDict({"audio": LayerWeights(states)})
+        # the pooled statistics standardised over the batch (running averages at evaluation)
+        self.pooled_norm = nn.BatchNorm1d(2 * dim, affine=False) if pooled_norm == "batch" else None
+        self.dropout = nn.Dropout(float(dropout))
+        self.classifier = nn.Linear(2 * dim, 1 if task == "regression" else int(n_classes))
+
+    def weighted(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        weights = self.layer_weights["audio"].weights()
+        return torch.einsum("lbtd,l->btd", torch.stack(list(states)), weights.to(states[0].dtype))
+
+    @staticmethod
+    def state_mask(n_states: torch.Tensor, t: int) -> torch.Tensor:
+        return torch.arange(t, device=n_states.device)[None, :] < n_states[:, None]
+
+    def head(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...], n_states: torch.Tensor) -> torch.Tensor:
+        """Every hidden state [B, T, D] and each clip's real states -> logits: the learned layer
+        weighting, statistics pooling over real states, the optional batch standardisation,
+        dropout, the classifier."""
+        from .blocks import statistics_pooling
+
+        x = self.weighted(states)
+        pooled = statistics_pooling(x, self.state_mask(n_states, x.shape[1]))
+        norm = self.pooled_norm
+        if norm is not None:  # a batch of one clip has no spread to standardise by: the running averages serve
+            batch_stats = self.training and pooled.shape[0] > 1
+            if batch_stats:
+                norm.num_batches_tracked += 1
+            pooled = nn.functional.batch_norm(
+                pooled, norm.running_mean, norm.running_var, training=batch_stats, momentum=norm.momentum, eps=norm.eps
+            )
+        return self.classifier(self.dropout(pooled))
 
 
 def _check_modalities(mods, allowed=MODALITIES):

@@ -63,13 +63,16 @@ _NOT_ARCHITECTURE = (
 )
 
 
-def resolve_encoder(name) -> str:
+TEXT_ENCODER = "a BERT-family text model (minilm, a transformers folder or a hub id)"
+
+
+def resolve_encoder(name, what: str = TEXT_ENCODER) -> str:
     """The local folder of ``model.encoder`` (packaged alias, folder or hub id); a one-line ValueError if none."""
     from sertool.features.base import ExtractorError
     from sertool.features.hub import resolve_model
 
     if name is None or not str(name).strip():
-        raise ValueError("model.encoder: give a BERT-family text model (minilm, a transformers folder or a hub id)")
+        raise ValueError(f"model.encoder: give {what}")
     try:
         resolved = resolve_model(str(name), option="--set model.encoder=DIR")
     except ExtractorError as e:
@@ -81,11 +84,11 @@ def resolve_encoder(name) -> str:
     return str(resolved.path)
 
 
-def encoder_config_of(name) -> dict:
+def encoder_config_of(name, what: str = TEXT_ENCODER) -> dict:
     """The architecture of ``model.encoder``'s checkpoint: its transformers config as a plain dict."""
     from transformers import AutoConfig
 
-    path = resolve_encoder(name)
+    path = resolve_encoder(name, what)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
@@ -94,7 +97,7 @@ def encoder_config_of(name) -> dict:
             f"model.encoder {str(name)!r}: cannot read a transformers config in {path} ({first})"
         ) from None
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"model.encoder {str(name)!r}: an encoder-decoder model; give a BERT-family encoder")
+        raise ValueError(f"model.encoder {str(name)!r}: an encoder-decoder model; give {what}")
     return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
 
 

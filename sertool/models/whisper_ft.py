@@ -50,10 +50,8 @@ import hashlib
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .blocks import LayerWeights, statistics_pooling
-from .registry import OwnEncoderModel, register
+from .registry import PooledAudioModel, register
 from .whisper_encoder import WhisperAudioEncoder, load_whisper_encoder
 
 WAVE_RMS = 0.05  # the level (-26 dBFS) the z-normalised waveform is scaled to before the log-Mel
@@ -108,7 +106,7 @@ def empty_encoder(sizes: dict) -> WhisperAudioEncoder:
 
 
 @register("whisper_ft")
-class WhisperFT(OwnEncoderModel):
+class WhisperFT(PooledAudioModel):
     """A trainable Whisper encoder + layer weights + statistics pooling + linear classifier."""
 
     def __init__(
@@ -129,8 +127,6 @@ class WhisperFT(OwnEncoderModel):
         super().__init__()
         if modality != "audio":
             raise ValueError(f"model whisper_ft reads audio (model.modality: audio), got {modality!r}")
-        if task not in ("classification", "regression"):
-            raise ValueError(f"model.task must be regression|classification, got {task!r}")
         self.modalities = ("audio",)
         self.encoder_name = encoder
         sizes = encoder_config or encoder_sizes(pretrained_encoder(encoder))
@@ -154,13 +150,7 @@ class WhisperFT(OwnEncoderModel):
         self.frozen_cache: dict[str, torch.Tensor] | None = {} if cache_frozen and self.n_frozen else None
         # the encoder parameters fine-tuning trains (positions are fixed in Whisper)
         self._trained = [n for n, p in self.encoder.named_parameters() if p.requires_grad]
-        self.layer_weights = nn.ModuleDict({"audio": LayerWeights(n_layers + 1)})
-        if pooled_norm not in ("none", "batch"):
-            raise ValueError(f"model.pooled_norm must be none or batch, got {pooled_norm!r}")
-        # the pooled statistics standardised over the batch (running averages at evaluation)
-        self.pooled_norm = nn.BatchNorm1d(2 * self.encoder.dim, affine=False) if pooled_norm == "batch" else None
-        self.dropout = nn.Dropout(float(dropout))
-        self.classifier = nn.Linear(2 * self.encoder.dim, 1 if task == "regression" else int(n_classes))
+        self._build_head(self.encoder.dim, n_layers + 1, dropout, pooled_norm, task, n_classes)
 
     # ------------------------------------------------------------------ train-stage hooks
     def load_pretrained(self) -> None:
@@ -213,29 +203,6 @@ class WhisperFT(OwnEncoderModel):
         device = batch["audio"].device
         mel, frames = self.encoder.log_mel(self._waves(batch))
         return list(self.encoder(mel.to(device), frames.to(device))), (frames.to(device) + 1) // 2
-
-    def weighted(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        weights = self.layer_weights["audio"].weights()
-        return torch.einsum("lbtd,l->btd", torch.stack(states), weights.to(states[0].dtype))
-
-    @staticmethod
-    def state_mask(n_states: torch.Tensor, t: int) -> torch.Tensor:
-        return torch.arange(t, device=n_states.device)[None, :] < n_states[:, None]
-
-    def head(self, states: list[torch.Tensor] | tuple[torch.Tensor, ...], n_states: torch.Tensor) -> torch.Tensor:
-        """Every hidden state [B, T, D] and each clip's real states -> logits: the learned layer
-        weighting, statistics pooling over real states, dropout, the classifier."""
-        x = self.weighted(states)
-        pooled = statistics_pooling(x, self.state_mask(n_states, x.shape[1]))
-        norm = self.pooled_norm
-        if norm is not None:  # a batch of one clip has no spread to standardise by: the running averages serve
-            batch_stats = self.training and pooled.shape[0] > 1
-            if batch_stats:
-                norm.num_batches_tracked += 1
-            pooled = F.batch_norm(
-                pooled, norm.running_mean, norm.running_var, training=batch_stats, momentum=norm.momentum, eps=norm.eps
-            )
-        return self.classifier(self.dropout(pooled))
 
     def _from_cache(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every hidden state of the batch, the frozen ones from ``frozen_cache`` (computed for the
