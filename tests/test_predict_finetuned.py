@@ -200,15 +200,20 @@ def test_cmd_student_on_the_waveform_predicts_and_exports(cmd_exp, tmp_path):
     assert json.loads((tmp_path / "m.pt.json").read_text())["check"]["max_abs_diff"] < 1e-4
 
 
-def test_text_ft_predict_with_transcripts_reproduces_evaluate(text_exp, tmp_path):
+def write_transcripts(feats: Path, table: Path) -> Path:
+    """A --transcripts table of the corpus's own files and texts."""
     from sertool.corpora.base import read_manifest
 
-    table = tmp_path / "transcripts.csv"
     with open(table, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "text"])
-        for u in read_manifest(text_exp["feats"] / "manifest.jsonl"):
+        for u in read_manifest(feats / "manifest.jsonl"):
             w.writerow([Path(u.audio).name, u.text])
+    return table
+
+
+def test_text_ft_predict_with_transcripts_reproduces_evaluate(text_exp, tmp_path):
+    table = write_transcripts(text_exp["feats"], tmp_path / "transcripts.csv")
     out = tmp_path / "p.csv"
     wav = text_exp["feats"] / "wav"
     res = predict([text_exp["exp"], wav, "-o", out, "-q", "--device", "cpu", "--transcripts", table])
@@ -365,18 +370,11 @@ def cmd_tokens_exp(tmp_path_factory, tiny_bert):  # noqa: F811
 def test_cmd_student_on_store_tokens_predicts_with_transcripts(cmd_tokens_exp, tmp_path):
     """data.text: tokens:STORE: predict rebuilds the store's extractor, tokenises each transcript as
     the store did and maps the tokens through the training vocabulary: evaluate's probabilities."""
-    from sertool.corpora.base import read_manifest
-
     ctx = cmd_tokens_exp
     spec = json.loads((ctx["exp"] / "predictor.json").read_text())
     assert spec["inputs"]["text"].startswith("tokens:") and spec["vocab"][:2] == ["<pad>", "<unk>"]
     assert spec["features"]["text"]["extractor"]["name"] == "bert"
-    table = tmp_path / "transcripts.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "text"])
-        for u in read_manifest(ctx["feats"] / "manifest.jsonl"):
-            w.writerow([Path(u.audio).name, u.text])
+    table = write_transcripts(ctx["feats"], tmp_path / "transcripts.csv")
     out = tmp_path / "p.csv"
     wav = ctx["feats"] / "wav"
     res = predict([ctx["exp"], wav, "-o", out, "-q", "--device", "cpu", "--transcripts", table])
