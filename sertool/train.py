@@ -1560,6 +1560,9 @@ def _prepare_exp(
                 raise TrainError(f"--resume: {e}") from None
             old_settings = {k: v for k, v in old.items() if k not in RECORD_KEYS}
             _fill(old_settings, json.loads(json.dumps(STAGE_DEFAULTS)))  # keys added since then: defaults
+            from sertool.models.registry import fill_legacy_defaults
+
+            fill_legacy_defaults(old_settings.get("model") or {})  # ... or the behaviour before them
             _fill(old_settings, _model_defaults((old_settings.get("model") or {}).get("name")))
             new_settings = json.loads(json.dumps({k: v for k, v in cfg.items()}))
             if old_settings != new_settings:

@@ -341,6 +341,12 @@ def test_pooled_norm_standardises_over_the_batch_and_evaluates_on_running_averag
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="pooled_norm"):
         WhisperFT(**{**kwargs, "pooled_norm": "layer"})
+    # an experiment recorded before the key existed is rebuilt as it was made: no standardisation
+    from sertool.models import build_model
+
+    recorded = {k: v for k, v in cfg["model"].items() if k != "pooled_norm"}
+    assert build_model({"model": recorded}).pooled_norm is None
+    assert build_model({"model": {**recorded, "pooled_norm": "batch"}}).pooled_norm is not None
 
 
 def test_layer_decay_gives_each_depth_its_learning_rate(tiny_whisper):

@@ -249,6 +249,18 @@ def _check_modalities(mods, allowed=MODALITIES):
 
 # model keys build_model reads itself, not the model class: its name and the encoders it owns
 BUILD_KEYS = ("name", "input_encoders")
+# keys added with a default other than the behaviour before them: an experiment recorded without the
+# key was made with this value (build_model rebuilds it so; --resume compares with it)
+LEGACY_DEFAULTS = {"whisper_ft": {"pooled_norm": "none"}}
+
+
+def fill_legacy_defaults(model_cfg: dict) -> None:
+    """Give a recorded ``model`` section the values its missing keys had before they existed."""
+    for k, v in LEGACY_DEFAULTS.get(model_cfg.get("name"), {}).items():
+        model_cfg.setdefault(k, v)
+    for spec in (model_cfg.get("input_encoders") or {}).values():
+        if isinstance(spec, dict) and spec.get("name"):
+            fill_legacy_defaults(spec)
 
 
 def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), **dims) -> nn.Module:
@@ -266,6 +278,7 @@ def build_model(key_or_config: Union[str, dict], overrides: Iterable[str] = (), 
         key = (given.get("model") or {}).get("name")
         if key is None:
             raise ValueError("config has no model.name")
+        fill_legacy_defaults(given["model"])
         cfg = default_config(key)
         merge(cfg, given)
         apply_overrides(cfg, overrides)
