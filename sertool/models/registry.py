@@ -306,7 +306,8 @@ def count_parameters(model: nn.Module, trainable: bool = True) -> int:
 
 def describe_models(overrides: Iterable[str] = ()) -> list[tuple[str, int]]:
     """``(key, trainable parameter count)`` for every model with its default config (``None`` for a
-    model built from another experiment, ``model.init``: its size is that experiment's).
+    model built from another experiment, ``model.init``, or from a checkpoint the user names,
+    ``model.encoder: null`` (wav2vec2_ft): its size is that one's).
 
     Each override ``a.b=v`` is applied to every model whose config has the key ``a.b``; an
     override prefixed by a model key (``lgcct.model.gates=false``) applies to that model only.
@@ -328,8 +329,10 @@ def describe_models(overrides: Iterable[str] = ()) -> list[tuple[str, int]]:
             elif _has_path(cfg, path):
                 mine.append(ov)
                 used[i] = True
-        if "init" in cfg["model"] and cfg["model"]["init"] is None:
-            rows.append((key, None))  # built from another experiment (cmd: a distilled student)
+        if ("init" in cfg["model"] and cfg["model"]["init"] is None) or (
+            "encoder" in cfg["model"] and cfg["model"]["encoder"] is None
+        ):  # built from another experiment (cmd: a distilled student) or a checkpoint the user names
+            rows.append((key, None))
             continue
         with torch.device("meta"):
             model = build_model(key, mine)
