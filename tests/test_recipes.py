@@ -282,7 +282,8 @@ def test_meld_recipe_on_a_generated_text_corpus(tmp_path):
 
 @pytest.mark.slow
 def test_ravdess_recipe_on_demo_clips(tmp_path):
-    """The RAVDESS reader on 32 of the demo's RAVDESS-named clips (1 per actor x emotion), probe only."""
+    """The RAVDESS reader on 32 of the demo's RAVDESS-named clips (1 per actor x emotion): the probe,
+    then the speaker-normalised probe and whisper_ft from stage 3."""
     corpus = tmp_path / "ravdess"
     seen = set()
     for path in sorted((RECIPES / "demo" / "data" / "audio").rglob("*.flac")):
@@ -325,7 +326,7 @@ def test_ravdess_recipe_on_demo_clips(tmp_path):
         "--exp_root",
         str(exp),
         "--models",
-        "probe-whisper-spk probe",
+        "probe-whisper-spk probe whisper_ft",
         "--ssl_feat",
         "mfcc",
         "--stage",
@@ -343,5 +344,9 @@ def test_ravdess_recipe_on_demo_clips(tmp_path):
     cfg = yaml.safe_load((exp / "probe-whisper-spk" / "config.yaml").read_text())
     assert cfg["data"]["normalize"]["audio"] == "speaker"
     assert not (exp / "probe-whisper-spk" / "predictions-sample.csv").exists()
+    # the fine-tuned Whisper (recipe conf: top two blocks, pooled statistics standardised) reads the waveform
+    cfg = yaml.safe_load((exp / "whisper_ft" / "config.yaml").read_text())
+    assert cfg["model"]["train_layers"] == 2 and cfg["model"]["pooled_norm"] == "batch"
+    check_evaluated(exp / "whisper_ft", 1)
     assert "skip probe-whisper-spk (speaker-level normalisation" in out  # listed first: skipped, probe predicts
     assert len((exp / "probe" / "predictions-sample.csv").read_text().splitlines()) == 1 + 8

@@ -29,7 +29,7 @@ lgcct_audio=covarep          # LGCCT: COVAREP-74 aligned with GloVe per word
 align_length=50
 protocol=speaker-kfold:6
 labels=ravdess8
-models="probe probe-whisper probe-whisper-spk self_attn cross_attn cma lgcct cmd"   # ks_transformer: add it on a GPU (RESULTS.md)
+models="probe probe-whisper probe-whisper-spk self_attn cross_attn cma lgcct cmd whisper_ft"   # ks_transformer: add it on a GPU (RESULTS.md)
 seeds=1
 epochs=
 folds=                       # empty: all folds (e.g. "fold1" for a smoke run)
@@ -71,6 +71,7 @@ if stage_on 3; then
   train_exp ks_transformer ks_transformer --audio "${ssl_feat}" --text "${lm_feat}" "${p[@]}"
   train_exp cma cma --audio "${ssl_feat}" --text "${lm_feat}" "${p[@]}"
   train_exp lgcct lgcct --audio "${aligned}" --text "${aligned}" "${p[@]}"
+  train_exp whisper_ft whisper_ft "${p[@]}"   # fine-tunes tiny.en on the waveform (no store)
 fi
 
 if stage_on 4 && in_list cmd "${models}"; then
