@@ -77,7 +77,7 @@ def test_a_clips_logits_do_not_depend_on_its_batch(fixture, request):
     assert float(states[-1][1, 27:].abs().max()) == 0.0  # zeros past a clip's frames
 
 
-def test_front_end_frozen_train_layers_and_layer_decay(w2v_group):
+def test_front_end_frozen_train_layers_and_layer_decay(w2v_group, wavlm_layer):
     cfg, model = build(w2v_group, "model.train_layers=1", "optim.layer_decay=0.5")
     names = {id(p): n for n, p in model.encoder.named_parameters()}
     trained = {names[id(p)] for p in model.encoder_parameters()}
@@ -88,6 +88,10 @@ def test_front_end_frozen_train_layers_and_layer_decay(w2v_group):
     assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
         {"encoder.2/2": lr * cfg["optim"]["encoder_lr_scale"], "head": lr}
     )
+    # WavLM here has stable layer norm: its final layer norm (registered before the layers) trains with the top
+    _, stable = build(wavlm_layer, "model.train_layers=1")
+    trained = {n for n, p in stable.encoder.named_parameters() if p.requires_grad}
+    assert "encoder.layer_norm.weight" in trained and not any(n.startswith("encoder.layers.0.") for n in trained)
     _, every = build(w2v_group)  # train_layers 0: all but the convolutional front end
     trained = {n for n, p in every.encoder.named_parameters() if p.requires_grad}
     assert "encoder.layers.0.attention.q_proj.weight" in trained and "feature_projection.projection.weight" in trained

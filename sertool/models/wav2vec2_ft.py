@@ -123,6 +123,16 @@ class Wav2Vec2FT(PooledAudioModel):
     def encoder_layers(self) -> nn.ModuleList:
         return self.encoder.encoder.layers
 
+    def encoder_depths(self) -> dict[int, tuple[int, int]]:
+        """As registered, except the stable-layer-norm variants' final layer norm: registered before the
+        layers, applied after them, so it belongs with the top layer."""
+        depths = super().encoder_depths()
+        if getattr(self.encoder.config, "do_stable_layer_norm", False):
+            n = len(self.encoder_layers())
+            for p in self.encoder.encoder.layer_norm.parameters():
+                depths[id(p)] = (n, n)
+        return depths
+
     @staticmethod
     def min_wave_samples(model_cfg: dict) -> int:
         """The fewest samples that give one frame: the convolutional front end's receptive field
