@@ -24,7 +24,7 @@ from whisper_synth import tiny_whisper_config
 from sertool.audio import file_checksum
 from sertool.cli import cli
 from sertool.distill import DEFAULTS, TextFTTeacher, WhisperFTTeacher, make_student, open_teacher
-from sertool.models.blocks import masked_mean, statistics_pooling
+from sertool.models.blocks import masked_mean
 from sertool.models.cmd import load_student
 from sertool.models.cmd_inputs import LogMelStem, TeacherTokenEncoder
 from sertool.predict import load_predictor
@@ -101,7 +101,7 @@ def test_whisper_ft_teacher_states_are_what_the_experiments_head_pools(corpus):
     model = load_predictor(corpus["wexp"], "cpu").model
     with torch.no_grad():
         want = model({"audio": wave, "audio_mask": mask})
-        got = model.classifier(statistics_pooling(x, m))
+        got = model.classifier(model.pool(x, m))  # statistics pooling (+ the head's standardisation)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # a clip's states do not depend on its batch
     short = int(n.argmin())

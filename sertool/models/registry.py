@@ -224,10 +224,14 @@ class PooledAudioModel(OwnEncoderModel):
         """Every hidden state [B, T, D] and each clip's real states -> logits: the learned layer
         weighting, statistics pooling over real states, the optional batch standardisation,
         dropout, the classifier."""
+        x = self.weighted(states)
+        return self.classifier(self.dropout(self.pool(x, self.state_mask(n_states, x.shape[1]))))
+
+    def pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Frames [B, T, D] and their real-frame mask -> the statistics the classifier reads [B, 2D]."""
         from .blocks import statistics_pooling
 
-        x = self.weighted(states)
-        pooled = statistics_pooling(x, self.state_mask(n_states, x.shape[1]))
+        pooled = statistics_pooling(x, mask)
         norm = self.pooled_norm
         if norm is not None:  # a batch of one clip has no spread to standardise by: the running averages serve
             batch_stats = self.training and pooled.shape[0] > 1
@@ -236,7 +240,7 @@ class PooledAudioModel(OwnEncoderModel):
             pooled = nn.functional.batch_norm(
                 pooled, norm.running_mean, norm.running_var, training=batch_stats, momentum=norm.momentum, eps=norm.eps
             )
-        return self.classifier(self.dropout(pooled))
+        return pooled
 
 
 def _check_modalities(mods, allowed=MODALITIES):
