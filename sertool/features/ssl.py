@@ -44,6 +44,15 @@ DEFAULT_SSL_MODEL = "facebook/wav2vec2-base"
 _PADDING_CHANGES_RESULTS = {"data2vec-audio"}
 
 
+def receptive_field(kernels, strides) -> int:
+    """Samples one frame of a convolutional front end reads (400 for wav2vec2's): the fewest that give a frame."""
+    field, jump = 1, 1
+    for k, s in zip(kernels, strides):
+        field += (int(k) - 1) * jump
+        jump *= int(s)
+    return field
+
+
 @register_extractor("wav2vec2")
 class SSLFeatures(Extractor):
     """Frame states of wav2vec2 / HuBERT / WavLM / data2vec-audio (--ssl-model), 50 Hz."""
@@ -97,7 +106,7 @@ class SSLFeatures(Extractor):
         self.sample_rate = int(getattr(self.feature_extractor, "sampling_rate", 16000) or 16000)
         self.do_normalize = bool(getattr(self.feature_extractor, "do_normalize", False))
         self.stride = int(np.prod(cfg.conv_stride))
-        self.receptive = self._receptive_field(cfg.conv_kernel, cfg.conv_stride)
+        self.receptive = receptive_field(cfg.conv_kernel, cfg.conv_stride)
         self.frame_rate_hz = self.sample_rate / self.stride
         self.can_pad = (
             getattr(cfg, "feat_extract_norm", "layer") == "layer"
@@ -112,14 +121,6 @@ class SSLFeatures(Extractor):
         self.context_s = float(context_s)
         self.batch_size = int(batch_size)
         self._torch = torch
-
-    @staticmethod
-    def _receptive_field(kernels, strides) -> int:
-        field, jump = 1, 1
-        for k, s in zip(kernels, strides):
-            field += (k - 1) * jump
-            jump *= s
-        return field
 
     def params(self) -> dict[str, Any]:
         return {

@@ -60,6 +60,18 @@ def is_wav2vec2_family(encoder_config: dict) -> bool:
     return str(encoder_config.get("model_type", "")) in WAV2VEC2_FAMILY or "conv_stride" in encoder_config
 
 
+def family_config(encoder, config: dict | None = None) -> dict:
+    """The encoder's recorded (or checkpoint's) transformers config; a one-line ValueError when it is
+    not a wav2vec2-family model."""
+    config = config or encoder_config_of(encoder, what=_WHAT)
+    if not is_wav2vec2_family(config):
+        raise ValueError(
+            f"model.encoder {encoder!r}: a {config.get('model_type')!r} model, not {_WHAT}; "
+            "for Whisper checkpoints use -m whisper_ft"
+        )
+    return config
+
+
 @register("wav2vec2_ft")
 class Wav2Vec2FT(PooledAudioModel):
     """A trainable wav2vec2-family encoder + layer weights + statistics pooling + linear classifier."""
@@ -83,13 +95,7 @@ class Wav2Vec2FT(PooledAudioModel):
             raise ValueError(f"model wav2vec2_ft reads audio (model.modality: audio), got {modality!r}")
         self.modalities = ("audio",)
         self.encoder_name = encoder
-        config = encoder_config or encoder_config_of(encoder, what=_WHAT)
-        if not is_wav2vec2_family(config):
-            raise ValueError(
-                f"model.encoder {encoder!r}: a {config.get('model_type')!r} model, not {_WHAT}; "
-                "for Whisper checkpoints use -m whisper_ft"
-            )
-        self.encoder = build_encoder(config)
+        self.encoder = build_encoder(family_config(encoder, encoder_config))
         cfg = self.encoder.config
         cfg.layerdrop = 0.0  # a skipped layer would leave the layer weighting one hidden state short
         n_layers = int(cfg.num_hidden_layers)
@@ -137,13 +143,11 @@ class Wav2Vec2FT(PooledAudioModel):
     def min_wave_samples(model_cfg: dict) -> int:
         """The fewest samples that give one frame: the convolutional front end's receptive field
         (400 samples, 25 ms, for the standard front end)."""
+        from sertool.features.ssl import receptive_field
+
         config = model_cfg.get("encoder_config") or {}
-        kernels, strides = list(config.get("conv_kernel") or []), list(config.get("conv_stride") or [])
-        need, hop = 0, 1
-        for i, (k, st) in enumerate(zip(kernels, strides)):
-            need += int(k) if i == 0 else (int(k) - 1) * hop
-            hop *= int(st)
-        return need
+        kernels = config.get("conv_kernel") or []
+        return receptive_field(kernels, config.get("conv_stride") or []) if kernels else 0
 
     # ------------------------------------------------------------------ train-stage hooks
     def load_pretrained(self) -> None:
@@ -171,13 +175,7 @@ class Wav2Vec2FT(PooledAudioModel):
             raise ValueError(
                 f"model wav2vec2_ft reads the waveform (data.audio: wave), got data.audio {data.get('audio')!r}"
             )
-        config = encoder_config_of(m["encoder"], what=_WHAT)
-        if not is_wav2vec2_family(config):
-            raise ValueError(
-                f"model.encoder {m['encoder']!r}: a {config.get('model_type')!r} model, not {_WHAT}; "
-                "for Whisper checkpoints use -m whisper_ft"
-            )
-        m["encoder_config"] = config  # derived from model.encoder, never a setting of its own
+        m["encoder_config"] = family_config(m["encoder"])  # derived from model.encoder, never a setting of its own
 
     # ------------------------------------------------------------------ forward
     def _masked_front_norm(self, module, args, output):
