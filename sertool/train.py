@@ -331,14 +331,11 @@ def check_wave_lengths(cfg: dict, sources: dict[str, Source], utts: list) -> Non
     if src is None or cfg["data"].get("audio") != "wave":
         return
     owners = [cfg["model"], *(s for s in (cfg["model"].get("input_encoders") or {}).values() if isinstance(s, dict))]
-    need, who = 0, ""
-    for m in owners:
-        rule = getattr(_REGISTRY.get(m.get("name")), "min_wave_samples", None)
-        if rule is not None and rule(m) > need:
-            need, who = rule(m), m["name"]
+    rules = [(getattr(_REGISTRY.get(m.get("name")), "min_wave_samples", None), m) for m in owners]
+    need, who = max(((rule(m), m["name"]) for rule, m in rules if rule is not None), default=(0, ""))
     if not need:
         return
-    short = [(u.id, src.length(u.id)) for u in utts if src.length(u.id) < need]
+    short = [(u.id, n) for u in utts if (n := src.length(u.id)) < need]
     if short:
         uid, n = short[0]
         raise TrainError(
